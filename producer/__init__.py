@@ -1,0 +1,44 @@
+"""slotfill's client library: enqueue inference jobs on Redis and read their results.
+
+No vLLM, no torch: ``pip install slotfill`` is enough to use it.
+"""
+
+from producer.aio import AsyncClient
+from producer.client import Client
+from producer.errors import (
+    EngineDead,
+    ErrorCode,
+    InvalidRequest,
+    JobNotFound,
+    PayloadTooLarge,
+    QueueFull,
+    SlotfillError,
+    WaitTimeout,
+)
+from producer.keys import Priority, QueueKeys
+from producer.protocol import Job
+from producer.schema import ChatMessage, JobRequest, JobResult, JobStatus, Timings, Usage
+from producer.settings import ClientSettings
+
+__all__ = [
+    "AsyncClient",
+    "ChatMessage",
+    "Client",
+    "ClientSettings",
+    "EngineDead",
+    "ErrorCode",
+    "InvalidRequest",
+    "Job",
+    "JobNotFound",
+    "JobRequest",
+    "JobResult",
+    "JobStatus",
+    "PayloadTooLarge",
+    "Priority",
+    "QueueFull",
+    "QueueKeys",
+    "SlotfillError",
+    "Timings",
+    "Usage",
+    "WaitTimeout",
+]

@@ -1,0 +1,114 @@
+"""asyncio client (FastAPI, aiohttp, async Django views). Mirrors :class:`producer.Client`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from producer import protocol
+from producer.errors import JobNotFound, WaitTimeout
+from producer.keys import QueueKeys
+from producer.protocol import Job
+from producer.schema import JobRequest, JobResult, JobStatus
+from producer.scripts import source
+from producer.settings import ClientSettings
+
+
+class AsyncClient:
+    """Same methods as :class:`producer.Client`, awaitable."""
+
+    def __init__(self, redis_client: aioredis.Redis, settings: ClientSettings | None = None) -> None:
+        self.redis = redis_client
+        self.settings = settings or ClientSettings()
+        self._submit = self.redis.register_script(source("submit_job"))
+        self._cancel = self.redis.register_script(source("cancel_job"))
+
+    @classmethod
+    def from_url(cls, url: str | None = None, **settings: Any) -> AsyncClient:
+        cfg = ClientSettings(**({"redis_url": url} if url else {}), **settings)
+        return cls(aioredis.Redis.from_url(cfg.redis_url), cfg)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _keys(self, queue: str | None) -> QueueKeys:
+        return QueueKeys.for_queue(queue or self.settings.queue)
+
+    async def submit(
+        self,
+        prompt: str | list[int] | None = None,
+        *,
+        request: JobRequest | dict[str, Any] | None = None,
+        queue: str | None = None,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+        **params: Any,
+    ) -> Job:
+        if prompt is not None:
+            params["prompt"] = prompt
+        req = protocol.build_request(request, params, timeout)
+        keys = self._keys(queue)
+        key_list, args = protocol.submit_call(keys, self.settings, req, idempotency_key)
+        reply = await self._submit(keys=key_list, args=args)
+        return protocol.parse_submit(reply, keys.queue)
+
+    async def submit_many(
+        self, requests: Iterable[JobRequest | dict[str, Any]], *, queue: str | None = None,
+        chunk: int = 1000,
+    ) -> list[str]:
+        keys = self._keys(queue)
+        calls = protocol.submit_calls(keys, self.settings, requests)
+        accepted: list[str | None] = []
+        for start in range(0, len(calls), chunk):
+            pipe = self.redis.pipeline(transaction=False)
+            for key_list, args in calls[start:start + chunk]:
+                await self._submit(keys=key_list, args=args, client=pipe)
+            accepted.extend(protocol.parse_submit_many(await pipe.execute(), keys.queue))
+            protocol.raise_if_refused(accepted, len(calls), keys.queue)
+        return [i for i in accepted if i is not None]
+
+    async def status(self, job_id: str, *, queue: str | None = None) -> JobStatus:
+        raw = await self.redis.hget(self._keys(queue).job(job_id), "status")
+        st = protocol.parse_status(raw)
+        if st is None:
+            raise JobNotFound(job_id)
+        return st
+
+    async def result(self, job_id: str, *, queue: str | None = None) -> JobResult | None:
+        return protocol.parse_result(await self.redis.hget(self._keys(queue).job(job_id), "result"))
+
+    async def wait(
+        self, job_id: str, timeout: float = 30.0, *, queue: str | None = None
+    ) -> JobResult:
+        keys = self._keys(queue)
+        deadline = time.monotonic() + timeout
+        while True:
+            res = await self.result(job_id, queue=keys.queue)
+            if res is not None:
+                return res
+            if not await self.redis.exists(keys.job(job_id)):
+                raise JobNotFound(job_id)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WaitTimeout(f"job {job_id} not finished after {timeout}s")
+            await self.redis.blmove(
+                keys.done(job_id), keys.done(job_id), max(left, 0.01), "LEFT", "LEFT"
+            )
+
+    async def cancel(self, job_id: str, *, queue: str | None = None) -> str:
+        keys = self._keys(queue)
+        reply = await self._cancel(
+            keys=[keys.job(job_id), keys.done(job_id), keys.control],
+            args=[job_id, protocol.cancelled_result(job_id), repr(time.time()),
+                  self.settings.result_ttl],
+        )
+        return reply.decode() if isinstance(reply, bytes) else str(reply)

@@ -1,0 +1,126 @@
+"""Blocking client for backends (Django, Flask, Celery tasks, scripts)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import redis
+
+from producer import protocol
+from producer.errors import JobNotFound, WaitTimeout
+from producer.keys import QueueKeys
+from producer.protocol import Job
+from producer.schema import JobRequest, JobResult, JobStatus
+from producer.scripts import source
+from producer.settings import ClientSettings
+
+
+class Client:
+    """Submit jobs and read their results.
+
+    ``Client.from_url("redis://localhost:6379/0")``; every method takes ``queue=`` to use a
+    queue other than the client's default.
+    """
+
+    def __init__(self, redis_client: redis.Redis, settings: ClientSettings | None = None) -> None:
+        self.redis = redis_client
+        self.settings = settings or ClientSettings()
+        self._submit = self.redis.register_script(source("submit_job"))
+        self._cancel = self.redis.register_script(source("cancel_job"))
+
+    @classmethod
+    def from_url(cls, url: str | None = None, **settings: Any) -> Client:
+        cfg = ClientSettings(**({"redis_url": url} if url else {}), **settings)
+        return cls(redis.Redis.from_url(cfg.redis_url), cfg)
+
+    def close(self) -> None:
+        self.redis.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _keys(self, queue: str | None) -> QueueKeys:
+        return QueueKeys.for_queue(queue or self.settings.queue)
+
+    def submit(
+        self,
+        prompt: str | list[int] | None = None,
+        *,
+        request: JobRequest | dict[str, Any] | None = None,
+        queue: str | None = None,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+        **params: Any,
+    ) -> Job:
+        """Validate and enqueue one job. ``timeout``: seconds from now to its deadline.
+
+        Raises InvalidRequest (caller's fault) or QueueFull (retry later).
+        """
+        if prompt is not None:
+            params["prompt"] = prompt
+        req = protocol.build_request(request, params, timeout)
+        keys = self._keys(queue)
+        key_list, args = protocol.submit_call(keys, self.settings, req, idempotency_key)
+        return protocol.parse_submit(self._submit(keys=key_list, args=args), keys.queue)
+
+    def submit_many(
+        self, requests: Iterable[JobRequest | dict[str, Any]], *, queue: str | None = None,
+        chunk: int = 1000,
+    ) -> list[str]:
+        """Validate all, then enqueue in pipelined chunks. Returns the job ids in order.
+
+        If the queue fills, raises QueueFull whose ``accepted`` lists, in input order, each
+        request's job id or None where it was refused; no chunk after that one is sent.
+        """
+        keys = self._keys(queue)
+        calls = protocol.submit_calls(keys, self.settings, requests)
+        accepted: list[str | None] = []
+        for start in range(0, len(calls), chunk):
+            pipe = self.redis.pipeline(transaction=False)
+            for key_list, args in calls[start:start + chunk]:
+                self._submit(keys=key_list, args=args, client=pipe)
+            accepted.extend(protocol.parse_submit_many(pipe.execute(), keys.queue))
+            protocol.raise_if_refused(accepted, len(calls), keys.queue)
+        return [i for i in accepted if i is not None]
+
+    def status(self, job_id: str, *, queue: str | None = None) -> JobStatus:
+        st = protocol.parse_status(self.redis.hget(self._keys(queue).job(job_id), "status"))
+        if st is None:
+            raise JobNotFound(job_id)
+        return st
+
+    def result(self, job_id: str, *, queue: str | None = None) -> JobResult | None:
+        """The result if the job is finished, else None. Never blocks."""
+        return protocol.parse_result(self.redis.hget(self._keys(queue).job(job_id), "result"))
+
+    def wait(self, job_id: str, timeout: float = 30.0, *, queue: str | None = None) -> JobResult:
+        """Block until the job is finished (no polling: BLMOVE on its done list)."""
+        keys = self._keys(queue)
+        deadline = time.monotonic() + timeout
+        while True:
+            res = self.result(job_id, queue=keys.queue)
+            if res is not None:
+                return res
+            if not self.redis.exists(keys.job(job_id)):
+                raise JobNotFound(job_id)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WaitTimeout(f"job {job_id} not finished after {timeout}s")
+            # Rotating the list onto itself wakes every waiter without consuming the signal.
+            self.redis.blmove(keys.done(job_id), keys.done(job_id), max(left, 0.01), "LEFT", "LEFT")
+
+    def cancel(self, job_id: str, *, queue: str | None = None) -> str:
+        """Cancel a job: ``cancelled`` (was queued), ``requested`` (running: the worker aborts
+        it within one engine step), ``finished`` (too late) or ``unknown``."""
+        keys = self._keys(queue)
+        settings = self.settings
+        reply = self._cancel(
+            keys=[keys.job(job_id), keys.done(job_id), keys.control],
+            args=[job_id, protocol.cancelled_result(job_id), repr(time.time()), settings.result_ttl],
+        )
+        return reply.decode() if isinstance(reply, bytes) else str(reply)

@@ -1,0 +1,78 @@
+"""Typed errors. Each says whether retrying can help and whose fault it is."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class ErrorCode(str, Enum):
+    """Codes carried in a failed job's result (``error.code``)."""
+
+    invalid_request = "invalid_request"
+    """The request is malformed or its parameters are invalid. Caller's fault."""
+    prompt_too_long = "prompt_too_long"
+    """The prompt plus ``max_tokens`` does not fit ``max_model_len``. Caller's fault."""
+    undecodable = "undecodable"
+    """The stream entry is not a job (bad JSON, wrong encoding, missing fields). Caller's fault."""
+    payload_too_large = "payload_too_large"
+    poisoned = "poisoned"
+    """Delivered more often than the limit allows; moved to the dead-letter stream."""
+    engine_error = "engine_error"
+    """The engine raised for this request alone. Retryable."""
+    cancelled = "cancelled"
+    expired = "expired"
+
+
+class SlotfillError(Exception):
+    """Base of every slotfill error."""
+
+    retryable: bool = False
+    caller_fault: bool = False
+    engine_dead: bool = False
+
+
+class InvalidRequest(SlotfillError, ValueError):
+    """The request cannot run as given; fix it before resubmitting."""
+
+    caller_fault = True
+
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.invalid_request) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class PayloadTooLarge(InvalidRequest):
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"payload is {size} bytes, over the {limit}-byte limit", ErrorCode.payload_too_large
+        )
+
+
+class QueueFull(SlotfillError):
+    """The queue holds its maximum number of unfinished jobs. Retry later (backpressure)."""
+
+    retryable = True
+
+    def __init__(self, message: str, accepted: list[str | None] | None = None) -> None:
+        super().__init__(message)
+        self.accepted = accepted
+        """For ``submit_many``: each request's job id in input order, None where refused."""
+
+
+class JobNotFound(SlotfillError, KeyError):
+    """No record of this job id (never submitted, or its result expired)."""
+
+    caller_fault = True
+
+
+class WaitTimeout(SlotfillError, TimeoutError):
+    """The job did not finish within the wait's timeout; it may still finish later."""
+
+    retryable = True
+
+
+class EngineDead(SlotfillError):
+    """The inference engine died or hung; the worker exits and its jobs are reclaimed."""
+
+    engine_dead = True
+    retryable = True

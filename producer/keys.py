@@ -1,0 +1,90 @@
+"""Every Redis key and stream name slotfill uses, in one place.
+
+All keys of one queue share the hash tag ``{<queue>}`` so that each Lua step, which touches a
+job's record and its queue's streams together, stays inside one Redis Cluster slot. Shard by
+giving queues different names; a queue is never split across slots.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+PREFIX = "slotfill"
+GROUP = "workers"
+"""Consumer group every worker of a queue joins."""
+
+_QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+
+class Priority(str, Enum):
+    high = "high"
+    normal = "normal"
+    low = "low"
+
+
+PRIORITIES: tuple[Priority, ...] = (Priority.high, Priority.normal, Priority.low)
+"""Pull order: a worker drains ``high`` before ``normal`` before ``low``."""
+
+
+def valid_queue_name(name: str) -> bool:
+    return bool(_QUEUE_NAME.match(name))
+
+
+@dataclass(frozen=True)
+class QueueKeys:
+    """Key names of one queue. Construct with :meth:`for_queue`."""
+
+    queue: str
+
+    @classmethod
+    def for_queue(cls, queue: str) -> QueueKeys:
+        if not valid_queue_name(queue):
+            raise ValueError(f"queue name must match {_QUEUE_NAME.pattern!r}, got {queue!r}")
+        return cls(queue)
+
+    @property
+    def base(self) -> str:
+        return f"{PREFIX}:{{{self.queue}}}"
+
+    def stream(self, priority: Priority | str = Priority.normal) -> str:
+        """The job stream of one priority level (entries: ``id``, ``body``)."""
+        return f"{self.base}:stream:{Priority(priority).value}"
+
+    @property
+    def streams(self) -> list[str]:
+        return [self.stream(p) for p in PRIORITIES]
+
+    def job(self, job_id: str) -> str:
+        """Hash holding a job's state, timings and, once terminal, its result."""
+        return f"{self.base}:job:{job_id}"
+
+    def done(self, job_id: str) -> str:
+        """List that gets one element when the job is terminal; waiters block on it."""
+        return f"{self.base}:done:{job_id}"
+
+    def idempotency(self, key: str) -> str:
+        return f"{self.base}:idem:{key}"
+
+    @property
+    def dead_letter(self) -> str:
+        """Stream of entries that failed delivery too often or could not be parsed."""
+        return f"{self.base}:dead"
+
+    @property
+    def control(self) -> str:
+        """Pub/Sub channel: cancellations of running jobs."""
+        return f"{self.base}:control"
+
+    @property
+    def stats(self) -> str:
+        """Hash of counters (duplicates suppressed, reclaims, dead-letters, ...)."""
+        return f"{self.base}:stats"
+
+    def worker(self, name: str) -> str:
+        """Heartbeat hash of one worker (TTL)."""
+        return f"{self.base}:worker:{name}"
+
+    def worker_pattern(self) -> str:
+        return f"{self.base}:worker:*"

@@ -1,0 +1,147 @@
+"""Pure helpers shared by the sync and async clients: argument building and reply parsing."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from producer.errors import InvalidRequest, PayloadTooLarge, QueueFull
+from producer.keys import QueueKeys
+from producer.schema import JobRequest, JobResult, JobStatus, Timings, dump
+from producer.settings import ClientSettings
+
+
+@dataclass(frozen=True)
+class Job:
+    """Handle of a submitted job."""
+
+    id: str
+    queue: str
+    created: bool = True
+    """False when an idempotency key returned an existing job."""
+
+
+def new_job_id() -> str:
+    """A random 128-bit id, hex."""
+    return secrets.token_hex(16)
+
+
+def build_request(
+    request: JobRequest | dict[str, Any] | None,
+    params: dict[str, Any],
+    timeout: float | None,
+) -> JobRequest:
+    try:
+        if isinstance(request, JobRequest) and not params:
+            req = request
+        else:
+            data = (request.model_dump(exclude_none=True) if isinstance(request, JobRequest)
+                    else dict(request or {}))
+            req = JobRequest.model_validate({**data, **params})
+    except ValidationError as e:
+        raise InvalidRequest(_describe(e)) from None
+    if timeout is not None:
+        if timeout <= 0:
+            raise InvalidRequest("timeout must be positive")
+        req = req.model_copy(update={"deadline": time.time() + timeout})
+    return req
+
+
+def _describe(e: ValidationError) -> str:
+    parts = [f"{'.'.join(str(p) for p in err['loc']) or 'request'}: {err['msg']}"
+             for err in e.errors()]
+    return "invalid request: " + "; ".join(parts)
+
+
+def submit_call(
+    keys: QueueKeys,
+    settings: ClientSettings,
+    req: JobRequest,
+    idempotency_key: str | None,
+) -> tuple[list[str], list[str | int | float]]:
+    """KEYS and ARGV of ``submit_job`` for one validated request."""
+    body = dump(req)
+    size = len(body.encode("utf-8"))
+    if size > settings.max_payload_bytes:
+        raise PayloadTooLarge(size, settings.max_payload_bytes)
+    if idempotency_key is not None and not (0 < len(idempotency_key) <= 256):
+        raise InvalidRequest("idempotency_key must be 1..256 characters")
+    job_id = new_job_id()
+    key_list = [
+        keys.stream(req.priority),
+        keys.job(job_id),
+        keys.idempotency(idempotency_key or "-"),
+        *keys.streams,
+    ]
+    args: list[str | int | float] = [
+        job_id,
+        body,
+        repr(time.time()),
+        settings.max_pending,
+        settings.idempotency_ttl if idempotency_key else "",
+        repr(req.deadline) if req.deadline is not None else "",
+        req.priority.value,
+    ]
+    return key_list, args
+
+
+def parse_submit(reply: list[Any], queue: str) -> Job:
+    kind, value = (_s(x) for x in reply)
+    if kind == "full":
+        raise QueueFull(f"queue {queue!r} holds {value} unfinished jobs, its cap")
+    return Job(id=value, queue=queue, created=kind == "ok")
+
+
+def submit_calls(
+    keys: QueueKeys, settings: ClientSettings, requests: Iterable[JobRequest | dict[str, Any]]
+) -> list[tuple[list[str], list[str | int | float]]]:
+    """Validate every request before any is sent, so a bad one refuses the whole batch."""
+    return [submit_call(keys, settings, build_request(r, {}, None), None) for r in requests]
+
+
+def parse_submit_many(replies: list[Any], queue: str) -> list[str | None]:
+    out: list[str | None] = []
+    for reply in replies:
+        try:
+            out.append(parse_submit(reply, queue).id)
+        except QueueFull:
+            out.append(None)
+    return out
+
+
+def raise_if_refused(accepted: list[str | None], total: int, queue: str) -> None:
+    refused = sum(1 for i in accepted if i is None)
+    if refused:
+        raise QueueFull(
+            f"queue {queue!r} is full: {refused} of {len(accepted)} sent refused, "
+            f"{total - len(accepted)} not sent",
+            accepted=accepted,
+        )
+
+
+def parse_status(raw: Any) -> JobStatus | None:
+    return None if raw is None else JobStatus(_s(raw))
+
+
+def parse_result(raw: Any) -> JobResult | None:
+    return None if raw is None else JobResult.model_validate_json(raw)
+
+
+def cancelled_result(job_id: str) -> str:
+    now = time.time()
+    return dump(JobResult(id=job_id, status=JobStatus.cancelled,
+                          timings=Timings(finished_at=now), finish_reason="cancelled"))
+
+
+def _s(x: Any) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def loads(raw: str | bytes) -> Any:
+    return json.loads(raw)

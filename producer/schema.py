@@ -1,0 +1,154 @@
+"""Wire schemas: the job request (OpenAI-shaped) and the job result. JSON only."""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from producer.keys import Priority
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+MAX_TOKENS_LIMIT = 1_000_000
+"""Upper bound checked at submit; the worker checks the real bound (``max_model_len``)."""
+
+
+class JobStatus(str, Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+    expired = "expired"
+
+    @property
+    def terminal(self) -> bool:
+        return self not in (JobStatus.queued, JobStatus.running)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+
+
+class JobRequest(BaseModel):
+    """One inference job, as OpenAI's completions / chat completions shape it.
+
+    Exactly one of ``prompt`` (text or token ids) and ``messages`` (chat, rendered with the
+    model's chat template) is given. Unknown fields are rejected.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | list[int] | None = None
+    messages: list[ChatMessage] | None = None
+    max_tokens: int = Field(16, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    n: Literal[1] = 1
+    min_tokens: int = Field(0, ge=0, le=MAX_TOKENS_LIMIT)
+    ignore_eos: bool = False
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    priority: Priority = Priority.normal
+    deadline: float | None = Field(None, gt=0)
+    """Unix time after which the job must not start, and at which a running job is aborted."""
+    model: str | None = None
+    """Informational: the worker runs its own model; a mismatch is not checked."""
+    metadata: dict[str, str] | None = None
+
+    @field_validator("temperature", "top_p", "presence_penalty", "frequency_penalty", "deadline")
+    @classmethod
+    def _finite(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("must be a finite number")
+        return v
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_nonempty(cls, v: str | list[int] | None) -> str | list[int] | None:
+        if v is not None and len(v) == 0:
+            raise ValueError("prompt must not be empty")
+        if isinstance(v, list) and any(t < 0 for t in v):
+            raise ValueError("token ids must be non-negative")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_shape(cls, v: str | list[str] | None) -> list[str] | None:
+        if v is None:
+            return None
+        stops = [v] if isinstance(v, str) else v
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        if any(not s or len(s) > MAX_STOP_LENGTH for s in stops):
+            raise ValueError(f"stop strings must be 1..{MAX_STOP_LENGTH} characters")
+        return stops
+
+    @model_validator(mode="after")
+    def _one_input(self) -> JobRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of 'prompt' and 'messages'")
+        if self.messages is not None and not self.messages:
+            raise ValueError("messages must not be empty")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError("min_tokens must not exceed max_tokens")
+        return self
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+class Timings(BaseModel):
+    """Unix times in seconds; None where the job never reached that point."""
+
+    queued_at: float | None = None
+    started_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    retryable: bool = False
+
+
+class JobResult(BaseModel):
+    """A job's terminal record, written once to its reply key."""
+
+    id: str
+    status: JobStatus
+    text: str = ""
+    token_ids: list[int] | None = None
+    finish_reason: str | None = None
+    usage: Usage = Field(default_factory=Usage)
+    timings: Timings = Field(default_factory=Timings)
+    error: JobError | None = None
+    worker: str | None = None
+    attempts: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return self.status is JobStatus.succeeded
+
+
+def dump(model: BaseModel) -> str:
+    return model.model_dump_json(exclude_none=True)
+
+
+def as_request(value: JobRequest | dict[str, Any]) -> JobRequest:
+    return value if isinstance(value, JobRequest) else JobRequest.model_validate(value)

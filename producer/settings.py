@@ -1,0 +1,25 @@
+"""Client settings (environment prefix ``SLOTFILL_``, also read from ``.env``)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ClientSettings(BaseSettings):
+    """Settings shared by producers and workers."""
+
+    model_config = SettingsConfigDict(env_prefix="SLOTFILL_", env_file=".env", extra="ignore")
+
+    redis_url: str = "redis://localhost:6379/0"
+    """Redis to use; ``rediss://`` for TLS, ``redis://user:password@host`` for ACL users."""
+    queue: str = "default"
+    """Queue name; all its keys share the Redis Cluster hash tag ``{queue}``."""
+    max_pending: int = Field(100_000, ge=1)
+    """Cap on unfinished jobs (queued + running) per queue; submit past it raises QueueFull."""
+    result_ttl: int = Field(86_400, ge=1)
+    """Seconds a finished job's record and result stay readable."""
+    idempotency_ttl: int = Field(86_400, ge=1)
+    """Seconds an idempotency key keeps returning the job it first created."""
+    max_payload_bytes: int = Field(1_048_576, ge=1024)
+    """Largest request body accepted at submit (JSON bytes)."""

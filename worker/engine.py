@@ -1,0 +1,73 @@
+"""The engine interface the feeder drives, and per-step engine statistics.
+
+``VllmEngine`` (worker/vllm_engine.py) wraps vLLM's ``AsyncLLM``; ``SimEngine``
+(worker/sim_engine.py) models batch steps without a model, for fault tests and soaks. Both
+satisfy :class:`Engine`, so the feeder cannot tell them apart.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import IO, Protocol
+
+from producer.schema import JobRequest
+
+
+@dataclass
+class Generation:
+    """What one request produced."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    first_token_at: float | None = None
+    aborted: bool = False
+
+
+@dataclass
+class StepStats:
+    """Engine state, updated every step by the engine's stat logger."""
+
+    steps: int = 0
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0
+    last_step_at: float = field(default_factory=time.monotonic)
+    full_steps: int = 0
+    """Steps with every slot busy."""
+    starved_steps: int = 0
+    """Steps with a free slot while the feeder saw jobs waiting in Redis."""
+    backlog: bool = False
+    """Set by the feeder: its last read filled every free place, so more jobs wait."""
+    log: IO[str] | None = None
+
+    def record(self, running: int, waiting: int, kv: float, slots: int) -> None:
+        self.steps += 1
+        self.running, self.waiting, self.kv_cache_usage = running, waiting, kv
+        self.last_step_at = time.monotonic()
+        if running >= slots:
+            self.full_steps += 1
+        elif self.backlog:
+            self.starved_steps += 1
+        if self.log is not None:
+            self.log.write(json.dumps({"t": time.time(), "running": running, "waiting": waiting,
+                                       "kv": round(kv, 4), "backlog": self.backlog}) + "\n")
+
+
+class Engine(Protocol):
+    max_model_len: int
+    slots: int
+    stats: StepStats
+
+    async def generate(self, job_id: str, request: JobRequest) -> Generation:
+        """Run one request to completion (or abort). Raises InvalidRequest for bad input
+        (the job alone fails) and EngineDead when the engine is gone."""
+        ...
+
+    async def abort(self, job_id: str) -> None: ...
+
+    def close(self) -> None: ...

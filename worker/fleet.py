@@ -1,0 +1,88 @@
+"""Start worker processes locally (the demo, tests and the bench share this)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+from producer.keys import QueueKeys
+
+
+class WorkerProcess:
+    """``slotfill worker`` as a child process, configured through ``SLOTFILL_*`` variables."""
+
+    def __init__(self, redis_url: str, consumer: str, log_path: str | Path,
+                 **settings: str | int | float) -> None:
+        self.redis_url = redis_url
+        self.consumer = consumer
+        self.queue = str(settings.get("queue", "default"))
+        self.log_path = Path(log_path)
+        env = dict(os.environ)
+        env.update({"SLOTFILL_REDIS_URL": redis_url, "SLOTFILL_CONSUMER": consumer,
+                    "PYTHONUNBUFFERED": "1"})
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        for k, v in settings.items():
+            env[f"SLOTFILL_{k.upper()}"] = str(v)
+        self.env = env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> WorkerProcess:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
+        self.proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"],
+                                     env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        log.close()
+        return self
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        """Until the worker's heartbeat appears (engine loaded, pulling)."""
+        r = redis.Redis.from_url(self.redis_url)
+        key = QueueKeys.for_queue(self.queue).worker(self.consumer)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}; log: "
+                                   f"{self.log_path}\n{self.tail()}")
+            if r.exists(key):
+                return
+            time.sleep(0.2)
+        raise TimeoutError(f"worker not ready after {timeout}s; log: {self.log_path}")
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL the worker and every engine process it spawned."""
+        self.signal(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait()
+
+    def stop(self, timeout: float = 60.0) -> int | None:
+        """SIGTERM (graceful drain), then SIGKILL if it overstays."""
+        if self.proc is None:
+            return None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        try:  # engine processes left behind by a killed parent
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        return self.proc.returncode

@@ -1,0 +1,86 @@
+"""Start a private ``redis-server`` on a free port in a temp dir (demo, tests, bench)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A ``redis-server`` child process. ``appendfsync``: ``always``/``everysec``/``no``;
+    None turns AOF off. Extra config lines go in ``extra``."""
+
+    def __init__(self, appendfsync: str | None = "everysec", extra: list[str] | None = None,
+                 port: int | None = None, workdir: str | None = None) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError(
+                "redis-server not found on PATH: install it (Debian/Ubuntu: apt-get install "
+                "redis-server; macOS: brew install redis) or set SLOTFILL_REDIS_URL")
+        self.binary = binary
+        self.port = port or free_port()
+        self.dir = Path(workdir or tempfile.mkdtemp(prefix="slotfill-redis-"))
+        self.appendfsync = appendfsync
+        self.extra = extra or []
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _config(self) -> str:
+        lines = [f"port {self.port}", "bind 127.0.0.1", f"dir {self.dir}", "save \"\"",
+                 "maxmemory-policy noeviction", "daemonize no",
+                 f"logfile {self.dir / 'redis.log'}"]
+        if self.appendfsync:
+            lines += ["appendonly yes", f"appendfsync {self.appendfsync}"]
+        return "\n".join(lines + self.extra) + "\n"
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        conf = self.dir / "redis.conf"
+        conf.write_text(self._config())
+        self.proc = subprocess.Popen([self.binary, str(conf)], stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited: see {self.dir / 'redis.log'}")
+            try:
+                if redis.Redis(port=self.port, socket_timeout=0.5).ping():
+                    return self
+            except (redis.ConnectionError, redis.AuthenticationError):
+                time.sleep(0.05)
+            except redis.ResponseError:
+                return self  # running; needs AUTH
+        raise RuntimeError("redis-server did not start in time")
+
+    def kill(self) -> None:
+        """SIGKILL: what a crash looks like (no shutdown save)."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,53 @@
+"""Turn what happened to a job into its terminal ``JobResult``."""
+
+from __future__ import annotations
+
+import time
+
+from pydantic import ValidationError
+
+from producer.errors import ErrorCode, InvalidRequest
+from producer.schema import JobError, JobRequest, JobResult, JobStatus, Timings, dump
+from worker.engine import Generation
+from worker.store import Row
+
+
+def parse_request(row: Row) -> JobRequest:
+    """The row's body as a request; InvalidRequest (code ``undecodable`` or
+    ``invalid_request``) when it is not one."""
+    try:
+        return JobRequest.model_validate_json(row.body)
+    except ValidationError as e:
+        undecodable = any(err["type"] in ("json_invalid", "json_type") for err in e.errors())
+        code = ErrorCode.undecodable if undecodable else ErrorCode.invalid_request
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise InvalidRequest(f"{where}: {first['msg']}", code) from None
+
+
+def timings(queued_at: float | None, started_at: float | None,
+            first_token_at: float | None = None) -> Timings:
+    return Timings(queued_at=queued_at, started_at=started_at, first_token_at=first_token_at,
+                   finished_at=time.time())
+
+
+def from_generation(row: Row, gen: Generation, status: JobStatus, worker: str,
+                    t: Timings) -> str:
+    return dump(JobResult(
+        id=row.job_id, status=status, text=gen.text,
+        token_ids=gen.token_ids if not gen.text else None,
+        finish_reason=status.value if gen.aborted else gen.finish_reason,
+        usage={"prompt_tokens": gen.prompt_tokens,  # type: ignore[arg-type]
+               "completion_tokens": gen.completion_tokens},
+        timings=t, worker=worker, attempts=row.attempts,
+    ))
+
+
+def failure(row: Row, code: ErrorCode | str, message: str, worker: str, t: Timings,
+            status: JobStatus = JobStatus.failed, retryable: bool = False) -> str:
+    return dump(JobResult(
+        id=row.job_id, status=status, finish_reason=status.value,
+        error=JobError(code=str(getattr(code, "value", code)), message=message,
+                       retryable=retryable),
+        timings=t, worker=worker, attempts=row.attempts,
+    ))

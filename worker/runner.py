@@ -1,0 +1,122 @@
+"""A worker process: one engine, one feeder, its upkeep tasks, signals and exit codes.
+
+Exit codes: 0 after a clean drain, 3 when the engine died or hung (jobs stay un-acked and
+are reclaimed by peers), 4 for a settings error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from worker import upkeep
+from worker.engine import Engine
+from worker.feeder import Feeder
+from worker.settings import WorkerSettings
+from worker.store import WorkerStore
+
+log = logging.getLogger("slotfill.worker")
+
+EXIT_OK, EXIT_ENGINE_DEAD, EXIT_SETTINGS = 0, 3, 4
+REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def default_model_dir() -> Path:
+    return Path.home() / ".cache" / "slotfill" / "tiny-model"
+
+
+def build_engine(settings: WorkerSettings) -> Engine:
+    """Create the engine the settings name. An empty model means the generated tiny model."""
+    if settings.engine == "sim":
+        from worker.sim_engine import SimEngine
+
+        return SimEngine(settings.max_num_seqs, settings.sim_step_ms, settings.max_model_len)
+    from worker.vllm_engine import VllmEngine
+
+    model = settings.model
+    if not model:
+        from worker.tiny_model import make_tiny_model
+
+        model = str(make_tiny_model(default_model_dir()))
+        settings.load_format = "dummy"
+    return VllmEngine(settings, model)
+
+
+async def _resilient(name: str, loop_fn: Callable[[], Awaitable[None]]) -> None:
+    """Run a loop forever; a Redis outage (restart, failover) pauses it instead of killing
+    the worker."""
+    while True:
+        try:
+            await loop_fn()
+            return
+        except REDIS_ERRORS as e:
+            log.warning("%s: redis unavailable (%s); retrying in 1s", name, e)
+            await asyncio.sleep(1.0)
+
+
+async def serve(settings: WorkerSettings, engine: Engine | None = None) -> int:
+    """Run until SIGTERM/SIGINT (drain, exit 0) or engine death (exit 3)."""
+    engine = engine or build_engine(settings)
+    client = aioredis.Redis.from_url(settings.redis_url)
+    store = WorkerStore(client, settings.queue, settings.consumer)
+    await store.ensure_groups()
+    step_log = open(settings.step_log, "a", buffering=1) if settings.step_log else None  # noqa: SIM115
+    engine.stats.log = step_log
+    feeder = Feeder(engine, store, settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    duties = {
+        "pull": feeder.run, "leases": lambda: upkeep.renew_leases(feeder),
+        "reclaim": lambda: upkeep.reclaim(feeder), "cancels": lambda: upkeep.listen_for_cancels(feeder),
+        "heartbeat": lambda: upkeep.heartbeat(feeder), "watchdog": lambda: upkeep.watchdog(feeder),
+    }
+    tasks = {name: asyncio.create_task(_resilient(name, fn), name=name)
+             for name, fn in duties.items()}
+    log.info("worker %s pulling queue %r, capacity %d (%d slots + %d headroom)",
+             settings.consumer, settings.queue, feeder.capacity, engine.slots, settings.headroom)
+    stopper = asyncio.create_task(stop.wait())
+    dead = asyncio.create_task(feeder.dead.wait())
+    await asyncio.wait({stopper, dead, tasks["pull"]}, return_when=asyncio.FIRST_COMPLETED)
+    code = EXIT_OK
+    pull = tasks["pull"]
+    if pull.done() and not pull.cancelled() and pull.exception() is not None:
+        feeder.die(pull.exception() or RuntimeError("pull loop failed"))
+    if feeder.fatal is not None:
+        log.error("engine dead: %s; leaving %d jobs to be reclaimed", feeder.fatal,
+                  len(feeder.in_flight))
+        code = EXIT_ENGINE_DEAD
+    else:
+        handed_back = await feeder.drain(settings.grace_seconds)
+        log.info("drained; %d unfinished jobs handed back for reclaim", handed_back)
+    for t in (*tasks.values(), stopper, dead):
+        t.cancel()
+    await asyncio.gather(*tasks.values(), stopper, dead, return_exceptions=True)
+    if code == EXIT_OK:
+        try:
+            await store.drop_heartbeat()
+        except REDIS_ERRORS:
+            pass
+    await client.aclose()
+    if step_log:
+        step_log.close()
+    return code
+
+
+def run_worker(settings: WorkerSettings) -> int:
+    async def main() -> int:
+        engine = build_engine(settings)
+        try:
+            return await serve(settings, engine)
+        finally:
+            engine.close()
+
+    return asyncio.run(main())

@@ -1,0 +1,121 @@
+"""A step-simulating stand-in for the vLLM engine (``SLOTFILL_ENGINE=sim``).
+
+It models what the feeder depends on: a fixed number of batch slots, a waiting queue inside
+the engine, one token per running request per step, abort, and death. Fault tests use it to
+kill workers many times in little time; at least one fault test still uses the real engine.
+A prompt containing ``__crash_engine__`` kills the engine (a poison request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from producer.errors import EngineDead, ErrorCode, InvalidRequest
+from producer.schema import JobRequest
+from worker.engine import Generation, StepStats
+
+POISON = "__crash_engine__"
+
+
+@dataclass
+class _Seq:
+    job_id: str
+    prompt_tokens: int
+    max_tokens: int
+    done: asyncio.Future[None]
+    generated: int = 0
+    first_token_at: float | None = None
+    aborted: bool = False
+    poison: bool = False
+    tokens: list[int] = field(default_factory=list)
+
+
+class SimEngine:
+    def __init__(self, slots: int, step_ms: float, max_model_len: int = 2048) -> None:
+        self.slots = slots
+        self.step_s = step_ms / 1000
+        self.max_model_len = max_model_len
+        self.stats = StepStats()
+        self._waiting: deque[_Seq] = deque()
+        self._running: dict[str, _Seq] = {}
+        self._dead = False
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None:
+            self._loop_task = asyncio.create_task(self._step_loop())
+
+    async def generate(self, job_id: str, request: JobRequest) -> Generation:
+        if self._dead:
+            raise EngineDead("sim engine is dead")
+        n_prompt = (len(request.prompt) if isinstance(request.prompt, list)
+                    else len((request.prompt or "").split()) + sum(
+                        len(m.content.split()) for m in request.messages or []))
+        if n_prompt + request.max_tokens > self.max_model_len:
+            raise InvalidRequest("prompt + max_tokens exceeds max_model_len",
+                                 ErrorCode.prompt_too_long)
+        self._ensure_loop()
+        seq = _Seq(job_id, n_prompt, request.max_tokens, asyncio.get_running_loop().create_future(),
+                   poison=POISON in str(request.prompt))
+        self._waiting.append(seq)
+        self._wake.set()
+        try:
+            await seq.done
+        except asyncio.CancelledError:
+            await self.abort(job_id)
+            raise
+        if self._dead:
+            raise EngineDead("sim engine died")
+        text = " ".join(f"t{t}" for t in seq.tokens)
+        reason = "abort" if seq.aborted else "length"
+        return Generation(text, seq.tokens, reason, n_prompt, seq.generated,
+                          seq.first_token_at, aborted=seq.aborted)
+
+    async def _step_loop(self) -> None:
+        while True:
+            if not self._waiting and not self._running:
+                self._wake.clear()
+                await self._wake.wait()
+            while self._waiting and len(self._running) < self.slots:
+                s = self._waiting.popleft()
+                self._running[s.job_id] = s
+            await asyncio.sleep(self.step_s)
+            if any(s.poison for s in self._running.values()):
+                self._die()
+                return
+            now = time.time()
+            for s in list(self._running.values()):
+                s.generated += 1
+                s.tokens.append(s.generated % 997)
+                s.first_token_at = s.first_token_at or now
+                if s.generated >= s.max_tokens:
+                    self._finish(s)
+            self.stats.record(len(self._running), len(self._waiting), len(self._running) /
+                              self.slots, self.slots)
+
+    def _finish(self, s: _Seq) -> None:
+        self._running.pop(s.job_id, None)
+        if not s.done.done():
+            s.done.set_result(None)
+
+    def _die(self) -> None:
+        self._dead = True
+        for s in [*self._running.values(), *self._waiting]:
+            if not s.done.done():
+                s.done.set_result(None)
+
+    async def abort(self, job_id: str) -> None:
+        for s in [*self._running.values(), *self._waiting]:
+            if s.job_id == job_id:
+                s.aborted = True
+                if s in self._waiting:
+                    self._waiting.remove(s)
+                self._finish(s)
+
+    def close(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()

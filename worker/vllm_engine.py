@@ -1,0 +1,149 @@
+"""``Engine`` on vLLM's ``AsyncLLM`` (CPU or CUDA build: the same code path)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from producer.errors import EngineDead, ErrorCode, InvalidRequest
+from producer.keys import Priority
+from producer.schema import JobRequest
+from worker.engine import Generation, StepStats
+from worker.settings import WorkerSettings
+
+_PRIORITY = {Priority.high: -1, Priority.normal: 0, Priority.low: 1}
+
+
+def _stat_logger_factory(stats: StepStats, slots: int) -> Any:
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class SlotStatLogger(StatLoggerBase):  # type: ignore[misc]
+        """Sees the scheduler's state every engine step."""
+
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            pass
+
+        def record(self, scheduler_stats: Any, iteration_stats: Any,
+                   mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
+            if scheduler_stats is not None:
+                stats.record(scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs,
+                             scheduler_stats.kv_cache_usage, slots)
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return SlotStatLogger
+
+
+class VllmEngine:
+    def __init__(self, settings: WorkerSettings, model_path: str) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.settings = settings
+        self.slots = settings.max_num_seqs
+        self.stats = StepStats()
+        args = AsyncEngineArgs(
+            model=model_path,
+            max_num_seqs=settings.max_num_seqs,
+            max_num_batched_tokens=settings.max_num_batched_tokens,
+            max_model_len=settings.max_model_len,
+            dtype=settings.dtype,
+            load_format=settings.load_format,
+            skip_tokenizer_init=settings.skip_tokenizer_init,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            enforce_eager=settings.enforce_eager,
+            scheduling_policy="priority" if settings.priority_scheduling else "fcfs",
+            disable_log_stats=False,
+            enable_log_requests=False,
+        )
+        self.llm = AsyncLLM.from_engine_args(
+            args, stat_loggers=[_stat_logger_factory(self.stats, self.slots)]
+        )
+        self.max_model_len: int = self.llm.model_config.max_model_len
+        self.tokenizer = None if settings.skip_tokenizer_init else self.llm.get_tokenizer()
+
+    def _prompt_ids(self, req: JobRequest) -> list[int]:
+        if isinstance(req.prompt, list):
+            return req.prompt
+        if self.tokenizer is None:
+            raise InvalidRequest("this worker has no tokenizer: send the prompt as token ids")
+        if req.messages is not None:
+            msgs = [m.model_dump() for m in req.messages]
+            try:
+                text = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True,
+                                                          tokenize=False)
+            except Exception as e:  # a template error is about this request's messages
+                raise InvalidRequest(f"chat template failed: {e}") from None
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return list(self.tokenizer.encode(req.prompt or ""))
+
+    def _sampling_params(self, req: JobRequest) -> Any:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        extra: dict[str, Any] = {}
+        if req.top_k is not None:
+            extra["top_k"] = req.top_k
+        try:
+            return SamplingParams(
+                max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
+                stop=req.stop, seed=req.seed, min_tokens=req.min_tokens,
+                ignore_eos=req.ignore_eos, presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty,
+                detokenize=self.tokenizer is not None,
+                output_kind=RequestOutputKind.FINAL_ONLY, **extra,
+            )
+        except (ValueError, TypeError) as e:
+            raise InvalidRequest(f"invalid sampling parameters: {e}") from None
+
+    def _check_length(self, n_prompt: int, req: JobRequest) -> None:
+        if n_prompt + req.max_tokens > self.max_model_len:
+            raise InvalidRequest(
+                f"prompt ({n_prompt} tokens) + max_tokens ({req.max_tokens}) exceeds the "
+                f"model's context of {self.max_model_len} tokens", ErrorCode.prompt_too_long)
+
+    async def generate(self, job_id: str, request: JobRequest) -> Generation:
+        from vllm.exceptions import VLLMClientError
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        ids = self._prompt_ids(request)
+        self._check_length(len(ids), request)
+        params = self._sampling_params(request)
+        priority = _PRIORITY[request.priority] if self.settings.priority_scheduling else 0
+        final = None
+        try:
+            async for out in self.llm.generate({"prompt_token_ids": ids}, params,
+                                               request_id=job_id, priority=priority):
+                final = out
+        except EngineDeadError as e:
+            raise EngineDead(str(e) or "engine died") from e
+        except (VLLMClientError, ValueError, TypeError) as e:
+            raise InvalidRequest(f"rejected by the engine: {e}") from None
+        if self.llm.errored:
+            raise EngineDead("engine died")
+        assert final is not None
+        return self._generation(final, len(ids))
+
+    @staticmethod
+    def _generation(out: Any, n_prompt: int) -> Generation:
+        comp = out.outputs[0] if out.outputs else None
+        first = None
+        m = getattr(out, "metrics", None)
+        if m is not None and getattr(m, "first_token_latency", 0) and m.arrival_time:
+            first = m.arrival_time + m.first_token_latency
+        reason = comp.finish_reason if comp else None
+        return Generation(
+            text=comp.text if comp else "",
+            token_ids=list(comp.token_ids) if comp else [],
+            finish_reason=reason,
+            prompt_tokens=n_prompt,
+            completion_tokens=len(comp.token_ids) if comp else 0,
+            first_token_at=first,
+            aborted=reason == "abort",
+        )
+
+    async def abort(self, job_id: str) -> None:
+        await self.llm.abort(job_id)
+
+    def close(self) -> None:
+        self.llm.shutdown()
