@@ -32,7 +32,7 @@ class Client:
 
     @classmethod
     def from_url(cls, url: str | None = None, **settings: Any) -> Client:
-        cfg = ClientSettings(**({"redis_url": url} if url else {}), **settings)
+        cfg = ClientSettings.model_validate({**({"redis_url": url} if url else {}), **settings})
         return cls(redis.Redis.from_url(cfg.redis_url), cfg)
 
     def close(self) -> None:
@@ -112,7 +112,9 @@ class Client:
             if left <= 0:
                 raise WaitTimeout(f"job {job_id} not finished after {timeout}s")
             # Rotating the list onto itself wakes every waiter without consuming the signal.
-            self.redis.blmove(keys.done(job_id), keys.done(job_id), max(left, 0.01), "LEFT", "LEFT")
+            # Redis takes fractional seconds here; redis-py's stub says int.
+            self.redis.blmove(keys.done(job_id), keys.done(job_id), max(left, 0.01),  # type: ignore[arg-type]
+                              "LEFT", "LEFT")
 
     def cancel(self, job_id: str, *, queue: str | None = None) -> str:
         """Cancel a job: ``cancelled`` (was queued), ``requested`` (running: the worker aborts

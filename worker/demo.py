@@ -40,8 +40,8 @@ def demo_requests(n: int, seed: int = 0) -> list[dict[str, object]]:
 
 
 def _finished(r: redis.Redis, keys: QueueKeys) -> int:
-    stats = r.hgetall(keys.stats)
-    return sum(int(v) for k, v in stats.items() if k.decode().startswith("finished_"))
+    stats: dict[bytes, bytes] = r.hgetall(keys.stats)  # type: ignore[assignment]
+    return sum(int(v) for k, v in stats.items() if k.startswith(b"finished_"))
 
 
 def run_demo(model: str, n_jobs: int, engine: str, console: Console) -> int:

@@ -40,9 +40,12 @@ class StepStats:
     full_steps: int = 0
     """Steps with every slot busy."""
     starved_steps: int = 0
-    """Steps with a free slot while the feeder saw jobs waiting in Redis."""
+    """Steps with a free slot, nothing waiting inside the engine to take it, and jobs
+    waiting in Redis (as the feeder last saw it): the idle time slotfill is to blame for."""
     backlog: bool = False
     """Set by the feeder: its last read filled every free place, so more jobs wait."""
+    held: int = 0
+    """Set by the feeder: jobs it holds (in the engine, or being read/published)."""
     log: IO[str] | None = None
 
     def record(self, running: int, waiting: int, kv: float, slots: int) -> None:
@@ -51,11 +54,12 @@ class StepStats:
         self.last_step_at = time.monotonic()
         if running >= slots:
             self.full_steps += 1
-        elif self.backlog:
+        elif waiting == 0 and self.backlog:
             self.starved_steps += 1
         if self.log is not None:
             self.log.write(json.dumps({"t": time.time(), "running": running, "waiting": waiting,
-                                       "kv": round(kv, 4), "backlog": self.backlog}) + "\n")
+                                       "kv": round(kv, 4), "backlog": self.backlog,
+                                       "held": self.held}) + "\n")
 
 
 class Engine(Protocol):

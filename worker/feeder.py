@@ -32,6 +32,8 @@ class InFlight:
     started_at: float
     abort_reason: JobStatus | None = None
     deadline_handle: asyncio.TimerHandle | None = None
+    publishing: bool = False
+    """Out of the engine, result not yet written: holds no engine capacity."""
 
 
 @dataclass
@@ -60,10 +62,23 @@ class Feeder:
         self.dead = asyncio.Event()
         self._slot_freed = asyncio.Event()
         self._aborts: set[asyncio.Task[None]] = set()
+        self._publishing = 0
 
     @property
     def free(self) -> int:
-        return self.capacity - len(self.in_flight)
+        """Places to fill. A job whose generation ended frees its place at once, before its
+        result is written: measured here, a publish round trip occasionally took ~100 ms
+        under load and held slots idle meanwhile. Unwritten results beyond one capacity's
+        worth do count, so a slow Redis slows pulling instead of piling up results."""
+        backlog = max(0, self._publishing - self.capacity)
+        return self.capacity - (len(self.in_flight) - self._publishing) - backlog
+
+    def _out_of_engine(self, flight: InFlight) -> None:
+        if not flight.publishing:
+            flight.publishing = True
+            self._publishing += 1
+            self.engine.stats.held = len(self.in_flight) - self._publishing
+            self._slot_freed.set()
 
     async def run(self) -> None:
         """Pull until ``stop_pulling`` or engine death."""
@@ -104,7 +119,9 @@ class Feeder:
                 continue  # our own lease renewal raced a reclaim: it already runs here
             task = asyncio.create_task(self._run(row), name=f"job-{key}")
             self.in_flight[key] = InFlight(row, task, time.time())
-        self.counters.max_in_flight = max(self.counters.max_in_flight, len(self.in_flight))
+        held = len(self.in_flight) - self._publishing
+        self.counters.max_in_flight = max(self.counters.max_in_flight, held)
+        self.engine.stats.held = held
 
     async def _run(self, row: Row) -> None:
         key = row.job_id or f"entry:{row.stream}:{row.entry}"
@@ -119,6 +136,9 @@ class Feeder:
             flight = self.in_flight.pop(key, None)
             if flight and flight.deadline_handle:
                 flight.deadline_handle.cancel()
+            if flight and flight.publishing:
+                self._publishing -= 1
+            self.engine.stats.held = len(self.in_flight) - self._publishing
             self._slot_freed.set()
 
     def die(self, e: BaseException) -> None:
@@ -152,7 +172,9 @@ class Feeder:
             req = results.parse_request(row)
             self._arm_deadline(flight, req)
             gen = await self.engine.generate(row.job_id, req)
+            self._out_of_engine(flight)
         except InvalidRequest as e:
+            self._out_of_engine(flight)
             await self._publish(row, JobStatus.failed, results.failure(
                 row, e.code, str(e), s.consumer, results.timings(t0, flight.started_at)))
             return

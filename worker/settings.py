@@ -38,6 +38,10 @@ class WorkerSettings(ClientSettings):
     """No tokenizer: prompts must be token ids and results carry token ids, not text."""
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     enforce_eager: bool = False
+    executor: str = ""
+    """vLLM ``distributed_executor_backend`` (``uni``, ``mp``, ``ray``); empty: vLLM's choice
+    (the CPU build always uses ``mp``)."""
+    tensor_parallel_size: int = Field(1, ge=1)
     priority_scheduling: bool = False
     """Pass job priority to vLLM's priority scheduler (``scheduling_policy="priority"``)."""
     lease_seconds: float = Field(30.0, gt=0)

@@ -105,7 +105,7 @@ class WorkerStore:
             args=[row.entry, GROUP, reason, row.body, row.deliveries, repr(time.time())],
         )
 
-    async def renew_leases(self, entries_by_stream: dict[str, list[str]]) -> None:
+    async def renew_leases(self, entries_by_stream: dict[str, list[Any]]) -> None:
         """Reset the idle time of our in-flight entries (delivery count unchanged)."""
         pipe = self.redis.pipeline(transaction=False)
         for stream, ids in entries_by_stream.items():
@@ -113,7 +113,7 @@ class WorkerStore:
                 pipe.xclaim(stream, GROUP, self.consumer, 0, ids, justid=True)
         await pipe.execute()
 
-    async def heartbeat(self, fields: dict[str, str | int | float], ttl_s: float) -> None:
+    async def heartbeat(self, fields: dict[Any, Any], ttl_s: float) -> None:
         key = self.keys.worker(self.consumer)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(key, mapping=fields)

@@ -57,7 +57,7 @@ async def listen_for_cancels(feeder: Feeder) -> None:
                 log.info("job %s cancel requested", job_id)
                 feeder.abort(job_id, JobStatus.cancelled)
     finally:
-        await pubsub.aclose()
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
 async def heartbeat(feeder: Feeder) -> None:

@@ -34,6 +34,20 @@ def _stat_logger_factory(stats: StepStats, slots: int) -> Any:
     return SlotStatLogger
 
 
+def _engine_input_builder() -> Any:
+    """Token ids in the engine's already-rendered input form where this vLLM has one.
+
+    A plain ``{"prompt_token_ids": ...}`` is treated as a raw prompt and preprocessed in a
+    thread pool: measured here, that delayed refills enough to leave slots idle for several
+    steps. Older vLLM releases (the GPU's 0.26) lack the rendered form and take the dict.
+    """
+    try:
+        from vllm.inputs.engine import tokens_input
+    except ImportError:
+        return lambda ids: {"prompt_token_ids": ids}
+    return tokens_input
+
+
 class VllmEngine:
     def __init__(self, settings: WorkerSettings, model_path: str) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -52,6 +66,8 @@ class VllmEngine:
             skip_tokenizer_init=settings.skip_tokenizer_init,
             gpu_memory_utilization=settings.gpu_memory_utilization,
             enforce_eager=settings.enforce_eager,
+            distributed_executor_backend=settings.executor or None,
+            tensor_parallel_size=settings.tensor_parallel_size,
             scheduling_policy="priority" if settings.priority_scheduling else "fcfs",
             disable_log_stats=False,
             enable_log_requests=False,
@@ -61,6 +77,7 @@ class VllmEngine:
         )
         self.max_model_len: int = self.llm.model_config.max_model_len
         self.tokenizer = None if settings.skip_tokenizer_init else self.llm.get_tokenizer()
+        self._engine_input = _engine_input_builder()
 
     def _prompt_ids(self, req: JobRequest) -> list[int]:
         if isinstance(req.prompt, list):
@@ -112,7 +129,7 @@ class VllmEngine:
         priority = _PRIORITY[request.priority] if self.settings.priority_scheduling else 0
         final = None
         try:
-            async for out in self.llm.generate({"prompt_token_ids": ids}, params,
+            async for out in self.llm.generate(self._engine_input(ids), params,
                                                request_id=job_id, priority=priority):
                 final = out
         except EngineDeadError as e:
@@ -129,7 +146,7 @@ class VllmEngine:
         comp = out.outputs[0] if out.outputs else None
         first = None
         m = getattr(out, "metrics", None)
-        if m is not None and getattr(m, "first_token_latency", 0) and m.arrival_time:
+        if m is not None and getattr(m, "first_token_latency", None) and m.arrival_time:
             first = m.arrival_time + m.first_token_latency
         reason = comp.finish_reason if comp else None
         return Generation(

@@ -26,8 +26,8 @@ try:  # pragma: no cover - depends on the interpreter
     from packaging.requirements import Requirement
     from packaging.version import InvalidVersion, Version
 except ImportError:  # pragma: no cover
-    from pip._vendor.packaging.requirements import Requirement  # type: ignore[no-redef]
-    from pip._vendor.packaging.version import InvalidVersion, Version  # type: ignore[no-redef]
+    from pip._vendor.packaging.requirements import Requirement  # type: ignore[no-redef,assignment]
+    from pip._vendor.packaging.version import InvalidVersion, Version  # type: ignore[no-redef,assignment]
 
 TARGET_ENV = {
     "python_version": "3.12",
@@ -123,7 +123,7 @@ def cmd_prune(d: str, req: str) -> int:
         if name not in pins:
             print(f"prune (not listed): {whl.name}")
             whl.unlink()
-        elif pins[name] is not None and not same_version(ver, pins[name]):
+        elif (pin := pins[name]) is not None and not same_version(ver, pin):
             print(f"prune (other version): {whl.name}")
             whl.unlink()
     return 0

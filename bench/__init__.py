@@ -1,0 +1,1 @@
+"""Benchmarks: slotfill vs the engine alone, an in-process feeder and Celery."""
