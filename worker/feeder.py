@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from producer.errors import EngineDead, ErrorCode, InvalidRequest
@@ -63,6 +64,9 @@ class Feeder:
         self._slot_freed = asyncio.Event()
         self._aborts: set[asyncio.Task[None]] = set()
         self._publishing = 0
+        self.on_published: list[Callable[[Row, str, str], None]] = []
+        """Called with (row, status, result JSON) after a result is published (metrics,
+        completion callbacks). Must not block: schedule I/O as a task."""
 
     @property
     def free(self) -> int:
@@ -211,6 +215,8 @@ class Feeder:
         if published:
             self.counters.count(status.value)
             log.info("job %s %s", row.job_id, status.value)
+            for listener in self.on_published:
+                listener(row, status.value, result_json)
         else:
             self.counters.duplicates += 1
             log.info("job %s: duplicate result suppressed", row.job_id)
