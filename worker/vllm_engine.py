@@ -34,6 +34,20 @@ def _stat_logger_factory(stats: StepStats, slots: int) -> Any:
     return SlotStatLogger
 
 
+def _client_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions vLLM raises for a bad request (not a broken engine). ``VLLMClientError``
+    appeared after 0.26, whose validation error is a plain ValueError subclass."""
+    errors: list[type[BaseException]] = [ValueError, TypeError]
+    try:
+        from vllm import exceptions
+    except ImportError:
+        return tuple(errors)
+    client_error = getattr(exceptions, "VLLMClientError", None)
+    if isinstance(client_error, type) and issubclass(client_error, BaseException):
+        errors.append(client_error)
+    return tuple(errors)
+
+
 def _engine_input_builder() -> Any:
     """Token ids in the engine's already-rendered input form where this vLLM has one.
 
@@ -72,6 +86,7 @@ class VllmEngine:
             disable_log_stats=False,
             enable_log_requests=False,
         )
+        self._client_errors = _client_errors()
         self.llm = AsyncLLM.from_engine_args(
             args, stat_loggers=[_stat_logger_factory(self.stats, self.slots)]
         )
@@ -120,7 +135,6 @@ class VllmEngine:
                 f"model's context of {self.max_model_len} tokens", ErrorCode.prompt_too_long)
 
     async def generate(self, job_id: str, request: JobRequest) -> Generation:
-        from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError
 
         ids = self._prompt_ids(request)
@@ -134,7 +148,7 @@ class VllmEngine:
                 final = out
         except EngineDeadError as e:
             raise EngineDead(str(e) or "engine died") from e
-        except (VLLMClientError, ValueError, TypeError) as e:
+        except self._client_errors as e:
             raise InvalidRequest(f"rejected by the engine: {e}") from None
         if self.llm.errored:
             raise EngineDead("engine died")
