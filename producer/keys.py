@@ -88,3 +88,27 @@ class QueueKeys:
 
     def worker_pattern(self) -> str:
         return f"{self.base}:worker:*"
+
+    def batch(self, batch_id: str) -> str:
+        """Hash of one batch file run (``slotfill batch``): input, output, totals, state."""
+        return f"{self.base}:batch:{batch_id}"
+
+    def batch_jobs(self, batch_id: str) -> str:
+        """Hash ``custom_id`` → job id of one batch: what was already submitted."""
+        return f"{self.base}:batch:{batch_id}:jobs"
+
+    @property
+    def batches(self) -> str:
+        """Sorted set of the queue's batch ids, scored by creation time."""
+        return f"{self.base}:batches"
+
+
+def stream_pattern() -> str:
+    """``SCAN`` pattern matching every queue's normal-priority stream (queue discovery)."""
+    return f"{PREFIX}:{{*}}:stream:{Priority.normal.value}"
+
+
+def queue_of_key(key: str) -> str | None:
+    """The queue name inside a slotfill key (``slotfill:{q}:...`` → ``q``), else None."""
+    m = re.match(rf"^{PREFIX}:\{{([^}}]*)\}}:", key)
+    return m.group(1) if m and valid_queue_name(m.group(1)) else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from enum import Enum
 from typing import Any, Literal
 
@@ -35,6 +36,39 @@ class ChatMessage(BaseModel):
     content: str
 
 
+CELERY_TASK_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:\-]{0,199}$")
+CALLBACK_BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp", "sqs")
+
+
+class CeleryCallback(BaseModel):
+    """Completion callback: when the job is terminal, the worker sends Celery task
+    ``celery_task`` with the job's result (a dict, the JSON result below) as its one
+    argument, to ``broker_url`` (or the worker's ``celery_broker_url``) and ``queue``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    celery_task: str = Field(min_length=1, max_length=200)
+    """Registered task name, e.g. ``myapp.tasks.on_llm_result``."""
+    broker_url: str | None = Field(None, max_length=1024)
+    """Celery broker URL; workers only send to brokers their settings allow."""
+    queue: str | None = Field(None, min_length=1, max_length=200)
+    """Celery queue to route the task to (default: the task's own routing)."""
+
+    @field_validator("celery_task")
+    @classmethod
+    def _task_name(cls, v: str) -> str:
+        if not CELERY_TASK_NAME.match(v):
+            raise ValueError("celery_task must be a dotted task name")
+        return v
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker(cls, v: str | None) -> str | None:
+        if v is not None and v.split("://", 1)[0] not in CALLBACK_BROKER_SCHEMES:
+            raise ValueError(f"broker_url scheme must be one of {', '.join(CALLBACK_BROKER_SCHEMES)}")
+        return v
+
+
 class JobRequest(BaseModel):
     """One inference job, as OpenAI's completions / chat completions shape it.
 
@@ -63,6 +97,8 @@ class JobRequest(BaseModel):
     model: str | None = None
     """Informational: the worker runs its own model; a mismatch is not checked."""
     metadata: dict[str, str] | None = None
+    callback: CeleryCallback | None = None
+    """Optional completion callback (a Celery task sent the result when the job finishes)."""
 
     @field_validator("temperature", "top_p", "presence_penalty", "frequency_penalty", "deadline")
     @classmethod

@@ -9,7 +9,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class ClientSettings(BaseSettings):
     """Settings shared by producers and workers."""
 
-    model_config = SettingsConfigDict(env_prefix="SLOTFILL_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="SLOTFILL_", env_file=".env", extra="ignore",
+                                      use_attribute_docstrings=True)
 
     redis_url: str = "redis://localhost:6379/0"
     """Redis to use; ``rediss://`` for TLS, ``redis://user:password@host`` for ACL users."""
@@ -23,3 +24,6 @@ class ClientSettings(BaseSettings):
     """Seconds an idempotency key keeps returning the job it first created."""
     max_payload_bytes: int = Field(1_048_576, ge=1024)
     """Largest request body accepted at submit (JSON bytes)."""
+    batch_ttl: int = Field(7 * 86_400, ge=60)
+    """Seconds a batch's bookkeeping (``slotfill batch``: custom id → job id) is kept after
+    its last change; a batch resumed within this time never submits a line twice."""

@@ -46,6 +46,10 @@ def worker(
     except Exception as e:
         console.print(f"[red]bad settings:[/red] {e}")
         raise typer.Exit(EXIT_SETTINGS) from None
+    from worker.observability import configure_logging, init_sentry
+
+    configure_logging(settings)
+    init_sentry(settings)
     raise typer.Exit(run_worker(settings))
 
 

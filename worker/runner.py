@@ -19,6 +19,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from worker import upkeep
 from worker.engine import Engine
 from worker.feeder import Feeder
+from worker.ops import install as install_ops
 from worker.settings import WorkerSettings
 from worker.store import WorkerStore
 
@@ -71,6 +72,7 @@ async def serve(settings: WorkerSettings, engine: Engine | None = None) -> int:
     step_log = open(settings.step_log, "a", buffering=1) if settings.step_log else None  # noqa: SIM115, ASYNC230
     engine.stats.log = step_log
     feeder = Feeder(engine, store, settings)
+    ops = install_ops(feeder, settings)  # metrics, job log lines, Celery callbacks
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -106,6 +108,7 @@ async def serve(settings: WorkerSettings, engine: Engine | None = None) -> int:
             await store.drop_heartbeat()
         except REDIS_ERRORS:
             pass
+    await asyncio.to_thread(ops.close)
     await client.aclose()
     if step_log:
         step_log.close()

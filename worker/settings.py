@@ -18,7 +18,8 @@ def default_consumer_name() -> str:
 class WorkerSettings(ClientSettings):
     """Everything ``slotfill worker`` reads. Also the engine's settings, passed to vLLM."""
 
-    model_config = SettingsConfigDict(env_prefix="SLOTFILL_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="SLOTFILL_", env_file=".env", extra="ignore",
+                                      use_attribute_docstrings=True)
 
     model: str = ""
     """Hugging Face model name or local directory. Empty: generate the tiny test model."""
@@ -30,18 +31,24 @@ class WorkerSettings(ClientSettings):
     """Jobs held waiting inside the engine beyond its slots, so a freed slot is refilled in
     the same engine step instead of after a Redis round trip. Capacity = slots + headroom."""
     max_num_batched_tokens: int = Field(2048, ge=16)
+    """Tokens the engine schedules per step (vLLM ``max_num_batched_tokens``)."""
     max_model_len: int = Field(512, ge=16)
+    """Longest prompt + output in tokens; longer jobs fail with ``prompt_too_long``."""
     dtype: str = "auto"
+    """Weight dtype passed to vLLM (``auto``, ``bfloat16``, ``float16``, ...)."""
     load_format: str = "auto"
     """``dummy`` gives random weights (benchmarks, the tiny test model)."""
     skip_tokenizer_init: bool = False
     """No tokenizer: prompts must be token ids and results carry token ids, not text."""
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    """Share of GPU memory vLLM may take (weights + KV cache)."""
     enforce_eager: bool = False
+    """Disable CUDA graphs (vLLM ``enforce_eager``): faster start, slower steps."""
     executor: str = ""
     """vLLM ``distributed_executor_backend`` (``uni``, ``mp``, ``ray``); empty: vLLM's choice
     (the CPU build always uses ``mp``)."""
     tensor_parallel_size: int = Field(1, ge=1)
+    """GPUs one engine spans (vLLM tensor parallelism)."""
     priority_scheduling: bool = False
     """Pass job priority to vLLM's priority scheduler (``scheduling_policy="priority"``)."""
     lease_seconds: float = Field(30.0, gt=0)
@@ -53,9 +60,34 @@ class WorkerSettings(ClientSettings):
     engine_hang_seconds: float = Field(120.0, gt=0)
     """No engine step for this long while jobs are in flight = a hung engine: exit non-zero."""
     heartbeat_seconds: float = Field(2.0, gt=0)
+    """How often the worker refreshes its heartbeat hash (it expires after 3 periods)."""
     step_log: str = ""
     """If set, a JSON-lines file of every engine step (time, running, waiting, kv use)."""
     engine: str = "vllm"
     """``vllm`` (the real engine) or ``sim`` (a step-simulating stand-in for fault tests)."""
     sim_step_ms: float = Field(5.0, gt=0)
     """Step time of the ``sim`` engine."""
+    metrics_port: int = Field(0, ge=0, le=65535)
+    """Port of the Prometheus ``/metrics`` endpoint; 0 turns it off. A port already taken
+    only logs a warning: metrics never stop a worker."""
+    metrics_host: str = "0.0.0.0"
+    """Address the metrics endpoint listens on."""
+    log_json: bool = False
+    """Log one JSON object per line (for log shippers) instead of plain text."""
+    log_job_events: bool = True
+    """One log line per job transition (started, reclaimed, finished, failed, ...)."""
+    sentry_dsn: str = ""
+    """Sentry DSN; empty: Sentry off. Events carry job id / queue / worker tags."""
+    sentry_environment: str = ""
+    """Sentry ``environment`` tag (e.g. ``production``)."""
+    sentry_include_prompts: bool = False
+    """Send stack-frame variables (which may hold prompt text) to Sentry. Off: no prompt
+    or completion text leaves the worker."""
+    celery_broker_url: str = ""
+    """Broker for completion callbacks (jobs whose request names ``callback``) that give no
+    ``broker_url`` of their own. Empty: such callbacks are refused (logged, counted)."""
+    celery_brokers: list[str] = Field(default_factory=list)
+    """Other broker URLs a job's callback may name (JSON list). Any other URL is refused, so
+    a submitter cannot make workers connect to arbitrary hosts."""
+    celery_send_timeout: float = Field(10.0, gt=0)
+    """Seconds one callback send may take (connection and publish retries included)."""
