@@ -113,6 +113,20 @@ def demo(
     sys.exit(run_demo(model or "", jobs, engine, console))
 
 
+def _register_ops_commands() -> None:
+    """``slotfill status``, ``slotfill dlq ...``, ``slotfill batch ...`` (worker/status.py,
+    worker/batch.py)."""
+    from worker.batch import batch_app
+    from worker.status import dlq_app, status
+
+    app.command(name="status")(status)
+    app.add_typer(dlq_app, name="dlq")
+    app.add_typer(batch_app, name="batch")
+
+
+_register_ops_commands()
+
+
 def _json(obj: Any) -> str:
     return json.dumps(obj, indent=2, default=str)
 

@@ -1,0 +1,551 @@
+"""``slotfill batch``: run an OpenAI Batch API input file through the queue.
+
+Input lines: ``{"custom_id": "...", "method": "POST", "url": "/v1/completions" |
+"/v1/chat/completions", "body": {...}}``. Output lines (succeeded requests, ``--out``):
+``{"id", "custom_id", "response": {"status_code": 200, "request_id", "body": <completion or
+chat.completion object>}, "error": null}``. Error lines (``--errors``, default
+``<out>.errors.jsonl``): the same with ``status_code`` 400 (bad request) or 500 (failed in
+the worker) and an OpenAI error object as body, or ``response: null`` and
+``error: {"code", "message"}`` for jobs cancelled, expired or whose result expired.
+
+Resumable: run the same command again after an interrupt (Ctrl-C, kill -9, a crash). Each
+line's job is submitted with the idempotency key ``batch:<batch id>:<hash of custom_id>`` and
+recorded in the batch's ``custom_id → job id`` hash, so a line is never submitted twice;
+lines already in the output files are skipped, a torn last line is cut, every other line
+gets its result written. The batch id defaults to a hash of the input file's content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Annotated, Any, cast
+
+import redis
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from producer import protocol
+from producer.errors import InvalidRequest
+from producer.keys import Priority, QueueKeys
+from producer.schema import JobRequest, JobResult, JobStatus
+from producer.scripts import source
+from producer.settings import ClientSettings
+
+console = Console()
+
+URLS = {"/v1/completions": "text_completion", "/v1/chat/completions": "chat.completion"}
+SUBMIT_CHUNK = 500
+POLL_CHUNK = 1000
+MAX_OUTSTANDING = 20_000
+"""Submitted-but-unwritten lines held at once: bounds each poll pass over Redis."""
+
+
+class BatchFileError(ValueError):
+    """The input file is not a batch file; nothing was submitted."""
+
+
+@dataclass
+class Line:
+    n: int
+    custom_id: str
+    url: str
+    body: dict[str, Any]
+    request: JobRequest | None = None
+    error: str = ""
+
+
+@dataclass
+class BatchReport:
+    batch_id: str
+    total: int
+    written_before: int = 0
+    submitted: int = 0
+    """Jobs submitted by this run (not counting ones an earlier run submitted)."""
+    resumed: int = 0
+    """Lines an earlier run had submitted whose results this run wrote."""
+    succeeded: int = 0
+    failed: int = 0
+    invalid: int = 0
+
+
+def default_batch_id(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return "batch_" + h.hexdigest()[:24]
+
+
+def idempotency_key(batch_id: str, custom_id: str) -> str:
+    return f"batch:{batch_id}:{hashlib.sha256(custom_id.encode()).hexdigest()[:32]}"
+
+
+def errors_path_for(out: Path) -> Path:
+    return out.with_name(out.stem + ".errors" + (out.suffix or ".jsonl"))
+
+
+# -- input ---------------------------------------------------------------------------------
+
+def to_request(url: str, body: dict[str, Any], priority: Priority) -> JobRequest:
+    """An OpenAI request body as a slotfill job. Raises InvalidRequest."""
+    b = dict(body)
+    if b.pop("stream", False):
+        raise InvalidRequest("stream: not supported in a batch")
+    b.pop("user", None)
+    if "max_completion_tokens" in b:
+        b.setdefault("max_tokens", b.pop("max_completion_tokens"))
+    if url == "/v1/completions":
+        if "messages" in b:
+            raise InvalidRequest("messages: use /v1/chat/completions for chat requests")
+        if isinstance(b.get("prompt"), list) and b["prompt"] and isinstance(b["prompt"][0], str):
+            if len(b["prompt"]) != 1:
+                raise InvalidRequest("prompt: one prompt per line (a list of prompts is not "
+                                     "supported)")
+            b["prompt"] = b["prompt"][0]
+    else:
+        if "prompt" in b:
+            raise InvalidRequest("prompt: use /v1/completions for plain prompts")
+        msgs = b.get("messages")
+        if isinstance(msgs, list):
+            b["messages"] = [_flatten_message(m) for m in msgs]
+    b.setdefault("priority", priority.value)
+    try:
+        return JobRequest.model_validate(b)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        raise InvalidRequest(f"{where}: {err['msg']}") from None
+
+
+def _flatten_message(m: Any) -> Any:
+    """Chat content given as text parts becomes one string; other parts are refused."""
+    if isinstance(m, dict) and isinstance(m.get("content"), list):
+        parts = m["content"]
+        if all(isinstance(p, dict) and p.get("type") == "text" for p in parts):
+            return {**m, "content": "".join(str(p.get("text", "")) for p in parts)}
+    return m
+
+
+def read_input(path: Path, priority: Priority = Priority.low) -> list[Line]:
+    """Parse and check the whole file first; raises BatchFileError naming the bad lines."""
+    lines: list[Line] = []
+    problems: list[str] = []
+    seen: set[str] = set()
+    with open(path, encoding="utf-8") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except ValueError as e:
+                problems.append(f"line {n}: not JSON ({e})")
+                continue
+            if not isinstance(obj, dict):
+                problems.append(f"line {n}: not a JSON object")
+                continue
+            cid, method, url, body = (obj.get(k) for k in ("custom_id", "method", "url", "body"))
+            if not isinstance(cid, str) or not cid:
+                problems.append(f"line {n}: custom_id must be a non-empty string")
+            elif cid in seen:
+                problems.append(f"line {n}: duplicate custom_id {cid!r}")
+            elif method != "POST":
+                problems.append(f"line {n}: method must be POST")
+            elif url not in URLS:
+                problems.append(f"line {n}: url must be one of {', '.join(URLS)}")
+            elif not isinstance(body, dict):
+                problems.append(f"line {n}: body must be an object")
+            else:
+                seen.add(cid)
+                line = Line(n, cid, url, body)
+                try:
+                    line.request = to_request(url, body, priority)
+                except InvalidRequest as e:
+                    line.error = str(e)
+                lines.append(line)
+            if len(problems) >= 20:
+                break
+    if problems:
+        raise BatchFileError("\n".join(problems))
+    return lines
+
+
+# -- output --------------------------------------------------------------------------------
+
+def _completion_body(line: Line, res: JobResult) -> dict[str, Any]:
+    usage = {"prompt_tokens": res.usage.prompt_tokens,
+             "completion_tokens": res.usage.completion_tokens,
+             "total_tokens": res.usage.total_tokens}
+    created = int(res.timings.finished_at or time.time())
+    model = str(line.body.get("model") or "slotfill")
+    choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": res.finish_reason}
+    if line.url == "/v1/completions":
+        choice["text"] = res.text
+        body = {"id": f"cmpl-{res.id}", "object": "text_completion", "created": created,
+                "model": model, "choices": [choice], "usage": usage}
+    else:
+        choice["message"] = {"role": "assistant", "content": res.text}
+        body = {"id": f"chatcmpl-{res.id}", "object": "chat.completion", "created": created,
+                "model": model, "choices": [choice], "usage": usage}
+    if res.token_ids is not None:
+        choice["token_ids"] = res.token_ids
+    return body
+
+
+def _error_body(message: str, code: str, kind: str) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def output_line(line: Line, res: JobResult) -> tuple[bool, dict[str, Any]]:
+    """(succeeded?, the OpenAI-shaped line) for one finished job."""
+    base: dict[str, Any] = {"id": f"batch_req_{res.id}", "custom_id": line.custom_id}
+    if res.status is JobStatus.succeeded:
+        return True, {**base, "response": {"status_code": 200, "request_id": res.id,
+                                           "body": _completion_body(line, res)}, "error": None}
+    if res.status is JobStatus.failed and res.error is not None:
+        caller = res.error.code in ("invalid_request", "prompt_too_long", "undecodable",
+                                    "payload_too_large")
+        status_code, kind = (400, "invalid_request_error") if caller else (500, "server_error")
+        return False, {**base, "response": {
+            "status_code": status_code, "request_id": res.id,
+            "body": _error_body(res.error.message, res.error.code, kind)}, "error": None}
+    message = res.error.message if res.error else f"job {res.status.value}"
+    return False, {**base, "response": None,
+                   "error": {"code": res.status.value, "message": message}}
+
+
+def invalid_line(line: Line) -> dict[str, Any]:
+    h = hashlib.sha256(line.custom_id.encode()).hexdigest()[:32]
+    return {"id": f"batch_req_{h}", "custom_id": line.custom_id,
+            "response": {"status_code": 400, "request_id": None,
+                         "body": _error_body(line.error, "invalid_request",
+                                             "invalid_request_error")},
+            "error": None}
+
+
+def done_custom_ids(path: Path) -> set[str]:
+    """custom_ids already written to an output file; cuts a torn (unterminated) last line."""
+    if not path.exists():
+        return set()
+    done: set[str] = set()
+    with open(path, "rb+") as f:
+        data = f.read()
+        end = data.rfind(b"\n") + 1
+        if end < len(data):
+            f.truncate(end)
+        for raw in data[:end].splitlines():
+            try:
+                cid = json.loads(raw).get("custom_id")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(cid, str):
+                done.add(cid)
+    return done
+
+
+# -- the run -------------------------------------------------------------------------------
+
+@dataclass
+class _Writer:
+    out: IO[str]
+    err: IO[str]
+    report: BatchReport
+    on_line: Callable[[], None]
+    written: int = 0
+
+    def write(self, ok: bool, obj: dict[str, Any]) -> None:
+        f = self.out if ok else self.err
+        f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        f.flush()
+        self.written += 1
+        if ok:
+            self.report.succeeded += 1
+        else:
+            self.report.failed += 1
+        self.on_line()
+
+
+@dataclass
+class BatchRun:
+    r: redis.Redis
+    settings: ClientSettings
+    queue: str
+    batch_id: str
+    lines: list[Line]
+    keys: QueueKeys = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.keys = QueueKeys.for_queue(self.queue)
+        self._submit = self.r.register_script(source("submit_job"))
+
+    def touch(self, **fields: Any) -> None:
+        pipe = self.r.pipeline(transaction=False)
+        b = self.keys.batch(self.batch_id)
+        pipe.hset(b, mapping={**{k: str(v) for k, v in fields.items()},
+                              "updated_at": repr(time.time())})
+        pipe.expire(b, self.settings.batch_ttl)
+        pipe.expire(self.keys.batch_jobs(self.batch_id), self.settings.batch_ttl)
+        pipe.execute()
+
+    def register(self, input_path: Path, out: Path, errors: Path) -> None:
+        b = self.keys.batch(self.batch_id)
+        now = time.time()
+        self.r.hsetnx(b, "created_at", repr(now))
+        self.r.zadd(self.keys.batches, {self.batch_id: now}, nx=True)
+        self.touch(input=str(input_path.resolve()), output=str(out.resolve()),
+                   errors=str(errors.resolve()), total=len(self.lines), state="running")
+
+    def known_jobs(self) -> dict[str, str]:
+        raw = self.r.hgetall(self.keys.batch_jobs(self.batch_id))
+        return {_s(k): _s(v) for k, v in raw.items()}
+
+    def submit(self, lines: list[Line]) -> tuple[dict[str, str], list[Line]]:
+        """Submit (idempotently); returns custom_id → job id for those accepted and the
+        lines refused because the queue is full."""
+        accepted: dict[str, str] = {}
+        refused: list[Line] = []
+        pipe = self.r.pipeline(transaction=False)
+        for line in lines:
+            assert line.request is not None
+            key_list, args = protocol.submit_call(
+                self.keys, self.settings, line.request,
+                idempotency_key(self.batch_id, line.custom_id))
+            self._submit(keys=key_list, args=args, client=pipe)
+        for line, reply in zip(lines, pipe.execute(), strict=True):
+            kind, value = _s(reply[0]), _s(reply[1])
+            if kind == "full":
+                refused.append(line)
+            else:
+                accepted[line.custom_id] = value
+        if accepted:
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hset(self.keys.batch_jobs(self.batch_id), mapping=cast(Any, accepted))
+            pipe.expire(self.keys.batch_jobs(self.batch_id), self.settings.batch_ttl)
+            pipe.execute()
+        return accepted, refused
+
+    def poll(self, outstanding: dict[str, str]) -> Iterator[tuple[str, JobResult | None]]:
+        """(custom_id, result) for finished jobs among the first POLL_CHUNK outstanding;
+        result None when the job's record is gone (expired before it was collected)."""
+        items = list(outstanding.items())[:POLL_CHUNK]
+        pipe = self.r.pipeline(transaction=False)
+        for _, job in items:
+            pipe.hget(self.keys.job(job), "result")
+            pipe.exists(self.keys.job(job))
+        replies = pipe.execute()
+        for i, (cid, _) in enumerate(items):
+            raw, exists = replies[2 * i], replies[2 * i + 1]
+            if raw is not None:
+                yield cid, JobResult.model_validate_json(raw)
+            elif not exists:
+                yield cid, None
+
+    def wait_any(self, outstanding: dict[str, str], timeout: float) -> None:
+        """Block until the oldest outstanding job finishes, or ``timeout``."""
+        if not outstanding:
+            return
+        job = next(iter(outstanding.values()))
+        done = self.keys.done(job)
+        self.r.blmove(done, done, timeout, "LEFT", "LEFT")  # type: ignore[arg-type]
+
+
+def _s(x: Any) -> str:
+    return x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x)
+
+
+def run_batch(
+    r: redis.Redis, settings: ClientSettings, input_path: Path, out: Path,
+    errors: Path | None = None, *, queue: str | None = None, batch_id: str | None = None,
+    priority: Priority = Priority.low, progress: bool = True,
+    on_written: Callable[[int], None] | None = None,
+) -> BatchReport:
+    """Submit every line not yet answered, write each result as it comes. Resumable."""
+    errors = errors or errors_path_for(out)
+    lines = read_input(input_path, priority)
+    batch_id = batch_id or default_batch_id(input_path)
+    run = BatchRun(r, settings, queue or settings.queue, batch_id, lines)
+    report = BatchReport(batch_id, len(lines))
+    done = done_custom_ids(out) | done_custom_ids(errors)
+    report.written_before = sum(1 for line in lines if line.custom_id in done)
+    run.register(input_path, out, errors)
+    known = run.known_jobs()
+    by_id = {line.custom_id: line for line in lines}
+    todo = [line for line in lines if line.custom_id not in done]
+    outstanding: dict[str, str] = {}
+    to_submit: list[Line] = []
+    bar = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
+                   MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                   disable=not progress)
+    with bar, open(out, "a", encoding="utf-8") as fo, open(errors, "a", encoding="utf-8") as fe:
+        task = bar.add_task(f"{batch_id}", total=len(lines), completed=report.written_before)
+        writer = _Writer(fo, fe, report, lambda: bar.advance(task))
+        if on_written is not None:
+            inner = writer.on_line
+
+            def tell() -> None:
+                inner()
+                on_written(writer.written)
+
+            writer.on_line = tell
+        for line in todo:
+            if line.request is None:
+                report.invalid += 1
+                writer.write(False, invalid_line(line))
+            elif line.custom_id in known:
+                outstanding[line.custom_id] = known[line.custom_id]
+                report.resumed += 1
+            else:
+                to_submit.append(line)
+        to_submit.reverse()  # pop() from the end keeps input order
+        backoff = 0.05
+        while to_submit or outstanding:
+            room = MAX_OUTSTANDING - len(outstanding)
+            if to_submit and room > 0:
+                chunk = [to_submit.pop() for _ in range(min(SUBMIT_CHUNK, room, len(to_submit)))]
+                accepted, refused = run.submit(chunk)
+                outstanding.update(accepted)
+                report.submitted += len(accepted)
+                to_submit.extend(reversed(refused))
+                if refused:  # queue full: collect results, back off, try again
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+                else:
+                    backoff = 0.05
+                bar.update(task, description=f"{batch_id} ({len(outstanding)} running)")
+            got = 0
+            for cid, res in run.poll(outstanding):
+                job = outstanding.pop(cid)
+                got += 1
+                if res is None:
+                    writer.write(False, {
+                        "id": f"batch_req_{job}", "custom_id": cid, "response": None,
+                        "error": {"code": "result_expired",
+                                  "message": "the job's record expired before its result was "
+                                             "collected (result_ttl)"}})
+                else:
+                    ok, obj = output_line(by_id[cid], res)
+                    writer.write(ok, obj)
+            if got:
+                run.touch(written=report.written_before + writer.written)
+            elif outstanding and not (to_submit and len(outstanding) < MAX_OUTSTANDING):
+                run.wait_any(outstanding, 0.5)
+    state = "completed"
+    run.touch(state=state, written=report.written_before + writer.written,
+              finished_at=repr(time.time()))
+    return report
+
+
+def batch_state(r: redis.Redis, queue: str, batch_id: str) -> dict[str, Any] | None:
+    keys = QueueKeys.for_queue(queue)
+    meta = {_s(k): _s(v) for k, v in r.hgetall(keys.batch(batch_id)).items()}
+    if not meta:
+        return None
+    jobs = {_s(k): _s(v) for k, v in r.hgetall(keys.batch_jobs(batch_id)).items()}
+    counts: dict[str, int] = {}
+    ids = list(jobs.values())
+    for start in range(0, len(ids), 1000):
+        pipe = r.pipeline(transaction=False)
+        for job in ids[start:start + 1000]:
+            pipe.hget(keys.job(job), "status")
+        for st in pipe.execute():
+            name = _s(st) if st is not None else "expired_record"
+            counts[name] = counts.get(name, 0) + 1
+    return {"batch_id": batch_id, **meta, "submitted": len(jobs), "jobs": counts}
+
+
+# -- CLI -----------------------------------------------------------------------------------
+
+batch_app = typer.Typer(help="OpenAI Batch API files: submit a JSONL file, collect the "
+                        "results as JSONL (resumable).", no_args_is_help=True)
+
+RedisUrl = Annotated[str | None, typer.Option(help="Redis URL (default: SLOTFILL_REDIS_URL)")]
+QueueOpt = Annotated[str | None, typer.Option("--queue", "-q",
+                                              help="queue (default: SLOTFILL_QUEUE)")]
+
+
+@batch_app.command("submit")
+def batch_submit(
+    input_file: Annotated[Path, typer.Argument(help="input JSONL (custom_id, method, url, body)",
+                                               exists=True, dir_okay=False)],
+    out: Annotated[Path, typer.Option("--out", "-o", help="output JSONL (succeeded lines)")],
+    errors: Annotated[Path | None, typer.Option(
+        help="error JSONL (default: <out>.errors.jsonl)")] = None,
+    batch_id: Annotated[str | None, typer.Option(
+        help="batch id (default: hash of the input file; the same id resumes)")] = None,
+    priority: Annotated[Priority, typer.Option(help="job priority")] = Priority.low,
+    queue: QueueOpt = None, redis_url: RedisUrl = None,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+) -> None:
+    """Submit every line, write each result as it arrives. Re-run the same command after an
+    interrupt: nothing is submitted twice and nothing is lost."""
+    settings = ClientSettings.model_validate({"redis_url": redis_url} if redis_url else {})
+    r = redis.Redis.from_url(settings.redis_url)
+    if batch_id is not None and not all(ch.isalnum() or ch in "_.-" for ch in batch_id):
+        console.print("[red]batch id: letters, digits, _ . - only[/red]")
+        raise typer.Exit(2)
+    try:
+        rep = run_batch(r, settings, input_file, out, errors, queue=queue, batch_id=batch_id,
+                        priority=priority, progress=progress and console.is_terminal)
+    except BatchFileError as e:
+        console.print(f"[red]not a valid batch file, nothing submitted:[/red]\n{e}")
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: run the same command again to resume[/yellow]")
+        raise typer.Exit(130) from None
+    console.print(f"batch {rep.batch_id}: {rep.total} lines, {rep.written_before} already "
+                  f"written, {rep.submitted} submitted now, {rep.resumed} resumed; "
+                  f"{rep.succeeded} succeeded, {rep.failed} failed ({rep.invalid} invalid)")
+
+
+@batch_app.command("status")
+def batch_status_cmd(
+    batch_id: Annotated[str | None, typer.Argument(help="batch id (default: list batches)")] = None,
+    queue: QueueOpt = None, redis_url: RedisUrl = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """One batch's progress (jobs by status), or the list of batches of the queue."""
+    settings = ClientSettings.model_validate({"redis_url": redis_url} if redis_url else {})
+    r = redis.Redis.from_url(settings.redis_url)
+    q = queue or settings.queue
+    keys = QueueKeys.for_queue(q)
+    if batch_id is None:
+        ids = [_s(x) for x in r.zrange(keys.batches, 0, -1)]
+        rows = []
+        for b in ids:
+            meta = {_s(k): _s(v) for k, v in r.hgetall(keys.batch(b)).items()}
+            if meta:
+                rows.append({"batch_id": b, **meta})
+        if as_json:
+            print(json.dumps(rows, indent=2))
+            return
+        t = Table(title=f"batches of queue {q!r}", title_justify="left")
+        t.add_column("batch", no_wrap=True, min_width=max([5, *(len(b) for b in ids)]))
+        for col in ("state", "lines", "written"):
+            t.add_column(col, no_wrap=True)
+        for col in ("input", "output"):
+            t.add_column(col, overflow="fold")
+        for row in rows:
+            t.add_row(row["batch_id"], row.get("state", ""), row.get("total", ""),
+                      row.get("written", "0"), row.get("input", ""), row.get("output", ""))
+        console.print(t)
+        return
+    st = batch_state(r, q, batch_id)
+    if st is None:
+        console.print(f"[red]no batch {batch_id!r} in queue {q!r}[/red]")
+        raise typer.Exit(1)
+    if as_json:
+        print(json.dumps(st, indent=2))
+        return
+    t = Table(title=f"batch {batch_id}", title_justify="left", show_header=False)
+    for k in ("state", "total", "submitted", "written", "input", "output", "errors"):
+        t.add_row(k, str(st.get(k, "")))
+    for k, v in sorted(st["jobs"].items()):
+        t.add_row(f"jobs {k}", str(v))
+    console.print(t)

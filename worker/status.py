@@ -1,0 +1,342 @@
+"""``slotfill status`` (the fleet at a glance) and ``slotfill dlq`` (the dead-letter stream).
+
+Everything here reads Redis only: run it from any machine that reaches the fleet's Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import redis
+import typer
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+
+from producer.keys import Priority, QueueKeys
+from producer.protocol import new_job_id
+from producer.scripts import source
+from producer.settings import ClientSettings
+from worker.queue_stats import QueueSnapshot, WorkerBeat, discover_queues, entry_time, snapshot
+
+console = Console()
+
+_ENTRY_ID = re.compile(r"^\d+-\d+$")
+_JOB_ID = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
+
+RedisUrl = Annotated[str | None, typer.Option(help="Redis URL (default: SLOTFILL_REDIS_URL)")]
+QueueOpt = Annotated[str | None, typer.Option("--queue", "-q",
+                                              help="queue (default: SLOTFILL_QUEUE)")]
+
+
+def _connect(redis_url: str | None) -> tuple[redis.Redis, ClientSettings]:
+    settings = ClientSettings.model_validate({"redis_url": redis_url} if redis_url else {})
+    return redis.Redis.from_url(settings.redis_url), settings
+
+
+def _s(x: Any) -> str:
+    return x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x)
+
+
+def _age(seconds: float) -> str:
+    if seconds <= 0:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+# -- status --------------------------------------------------------------------------------
+
+def render(snaps: list[QueueSnapshot], now: float | None = None) -> Group:
+    """The two tables of ``slotfill status``: workers, then queues."""
+    now = time.time() if now is None else now
+    workers = Table(title="workers (live heartbeats)", title_justify="left")
+    for col in ("worker", "queue", "model", "up", "in flight", "running/slots", "occupancy",
+                "waiting", "tokens/s", "tokens", "state", "seen"):
+        workers.add_column(col, justify="left" if col in ("worker", "queue", "model", "state")
+                           else "right")
+    beats: list[tuple[str, WorkerBeat]] = [(s.queue, b) for s in snaps for b in s.workers]
+    for queue, b in beats:
+        slots = int(b.num("slots"))
+        workers.add_row(
+            b.name, queue, b.fields.get("model") or "tiny",
+            _age(now - b.num("started_at", now)),
+            f"{int(b.num('in_flight'))}/{int(b.num('capacity'))}",
+            f"{int(b.num('running'))}/{slots}", f"{b.occupancy:.0%}",
+            str(int(b.num("waiting"))), f"{b.num('output_tokens_per_s'):.0f}",
+            str(int(b.num("output_tokens"))),
+            "pulling" if b.fields.get("pulling", "1") == "1" else "draining",
+            _age(now - b.num("seen_at", now)) + " ago" if b.num("seen_at") else "-",
+        )
+    if not beats:
+        workers.add_row("(none)", *[""] * 11)
+    queues = Table(title="queues", title_justify="left")
+    for col in ("queue", "workers", "depth", "running", "waiting (lag)", "oldest waiting",
+                "dead letters", "succeeded", "failed", "cancelled", "expired"):
+        queues.add_column(col, justify="left" if col == "queue" else "right")
+    for s in snaps:
+        fin = s.finished
+        queues.add_row(s.queue, str(len(s.workers)), str(s.depth), str(s.pending), str(s.lag),
+                       _age(s.oldest_waiting_age), str(s.dead_letters),
+                       str(fin.get("succeeded", 0)), str(fin.get("failed", 0)),
+                       str(fin.get("cancelled", 0)), str(fin.get("expired", 0)))
+    return Group(workers, queues)
+
+
+def collect(r: redis.Redis, queues: list[str]) -> list[QueueSnapshot]:
+    return [snapshot(r, q) for q in queues]
+
+
+def status(
+    queue: Annotated[list[str] | None, typer.Option(
+        "--queue", "-q", help="queue to show (repeatable; default: every queue in Redis)")] = None,
+    redis_url: RedisUrl = None,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="refresh until Ctrl-C")] = False,
+    interval: Annotated[float, typer.Option(help="seconds between refreshes")] = 2.0,
+    count: Annotated[int, typer.Option(hidden=True, help="with --watch: stop after N frames")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of tables")] = False,
+) -> None:
+    """Workers alive (heartbeats) with in-flight, occupancy and tokens/s; per queue depth,
+    lag, oldest waiting job and dead letters."""
+    r, settings = _connect(redis_url)
+
+    def queues() -> list[str]:
+        return list(queue) if queue else (discover_queues(r) or [settings.queue])
+
+    if as_json:
+        print(json.dumps([_as_dict(s) for s in collect(r, queues())], indent=2))
+        return
+    if not watch:
+        console.print(render(collect(r, queues())))
+        return
+    frames = 0
+    try:
+        with Live(render(collect(r, queues())), console=console, auto_refresh=False) as live:
+            while True:
+                frames += 1
+                if count and frames >= count:
+                    break
+                time.sleep(interval)
+                live.update(render(collect(r, queues())), refresh=True)
+    except KeyboardInterrupt:
+        pass
+
+
+def _as_dict(s: QueueSnapshot) -> dict[str, Any]:
+    return {
+        "queue": s.queue, "depth": s.depth, "running": s.pending, "lag": s.lag,
+        "oldest_waiting_s": round(s.oldest_waiting_age, 3), "dead_letters": s.dead_letters,
+        "finished": s.finished,
+        "streams": [{"priority": x.priority, "depth": x.depth, "pending": x.pending,
+                     "lag": x.lag, "oldest_waiting_s": round(x.oldest_waiting_age, 3)}
+                    for x in s.streams],
+        "workers": [{"name": b.name, **b.fields} for b in s.workers],
+    }
+
+
+# -- dead letters --------------------------------------------------------------------------
+
+@dataclass
+class DeadLetter:
+    id: str
+    """The dead-letter stream entry id."""
+    fields: dict[str, str]
+
+    @property
+    def job(self) -> str:
+        return self.fields.get("job", "")
+
+    @property
+    def stream(self) -> str:
+        return self.fields.get("stream", "")
+
+    @property
+    def priority(self) -> str:
+        return self.stream.rsplit(":", 1)[-1]
+
+    @property
+    def at(self) -> float:
+        try:
+            return float(self.fields.get("at", ""))
+        except ValueError:
+            return entry_time(self.id) or 0.0
+
+
+@dataclass
+class Replay:
+    dead_id: str
+    outcome: str
+    """``ok`` | ``missing`` | ``mismatch`` | ``active`` | ``full`` | ``invalid``."""
+    job: str = ""
+    detail: str = ""
+
+
+class DeadLetters:
+    """The dead-letter stream of one queue: list, show, replay."""
+
+    def __init__(self, r: redis.Redis, queue: str, max_pending: int = 100_000) -> None:
+        self.r = r
+        self.keys = QueueKeys.for_queue(queue)
+        self.max_pending = max_pending
+        self._replay = r.register_script(source("replay_dead_letter"))
+
+    def entries(self, limit: int = 100) -> list[DeadLetter]:
+        return _letters(self.r.xrange(self.keys.dead_letter, count=limit))
+
+    def size(self) -> int:
+        return int(self.r.xlen(self.keys.dead_letter))
+
+    def get(self, ident: str) -> DeadLetter | None:
+        """By dead-letter entry id, or by job id (the newest dead letter of that job)."""
+        if _ENTRY_ID.match(ident):
+            found = _letters(self.r.xrange(self.keys.dead_letter, min=ident, max=ident))
+            return found[0] if found else None
+        last = None
+        for page in _scan_ids(self.r, self.keys.dead_letter):
+            for d in page:
+                if d.job == ident:
+                    last = d
+        return last
+
+    def replay(self, d: DeadLetter) -> Replay:
+        """Put the dead letter's body back on its stream as a fresh entry, same job id."""
+        if not d.stream.startswith(self.keys.base + ":stream:"):
+            return Replay(d.id, "invalid", d.job, f"stream {d.stream!r} is not this queue's")
+        try:
+            priority = Priority(d.priority).value
+        except ValueError:
+            return Replay(d.id, "invalid", d.job, f"unknown stream {d.stream!r}")
+        job = d.job or new_job_id()
+        if not _JOB_ID.match(job):
+            return Replay(d.id, "invalid", job, "job id not usable")
+        reply = self._replay(
+            keys=[self.keys.dead_letter, self.keys.job(job), self.keys.done(job), d.stream,
+                  self.keys.stats, *self.keys.streams],
+            args=[d.id, job, repr(time.time()), self.max_pending, priority],
+        )
+        outcome, detail = _s(reply[0]), _s(reply[1])
+        if outcome == "ok":
+            return Replay(d.id, "ok", job, _s(reply[2]))
+        return Replay(d.id, outcome, job, detail)
+
+
+def _letters(raw: Any) -> list[DeadLetter]:
+    return [DeadLetter(_s(i), {_s(k): _s(v) for k, v in (f or {}).items()}) for i, f in raw or []]
+
+
+def _scan_ids(r: redis.Redis, stream: str, page: int = 500) -> Iterator[list[DeadLetter]]:
+    start = "-"
+    while True:
+        letters = _letters(r.xrange(stream, min=start, count=page))
+        if not letters:
+            return
+        yield letters
+        if len(letters) < page:
+            return
+        start = "(" + letters[-1].id
+
+
+dlq_app = typer.Typer(help="The dead-letter stream: entries delivered too often (poisoned) "
+                      "or not jobs at all (malformed).", no_args_is_help=True)
+
+
+def _dlq(redis_url: str | None, queue: str | None) -> DeadLetters:
+    r, settings = _connect(redis_url)
+    return DeadLetters(r, queue or settings.queue, settings.max_pending)
+
+
+@dlq_app.command("list")
+def dlq_list(
+    queue: QueueOpt = None, redis_url: RedisUrl = None,
+    limit: Annotated[int, typer.Option(help="most entries to show")] = 100,
+) -> None:
+    """Dead letters, oldest first."""
+    dl = _dlq(redis_url, queue)
+    items = dl.entries(limit)
+    t = Table(title=f"dead letters of {dl.keys.queue!r}: {dl.size()}", title_justify="left")
+    for col in ("id", "at", "job", "reason", "deliveries", "priority", "body"):
+        t.add_column(col)
+    for d in items:
+        t.add_row(d.id, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.at)),
+                  d.job or "(none)", d.fields.get("reason", ""), d.fields.get("deliveries", ""),
+                  d.priority, _preview(d.fields.get("body", "")))
+    console.print(t)
+
+
+def _preview(body: str, n: int = 48) -> str:
+    flat = " ".join(body.split())
+    return flat if len(flat) <= n else flat[: n - 1] + "…"
+
+
+@dlq_app.command("show")
+def dlq_show(
+    ident: Annotated[str, typer.Argument(metavar="ID", help="dead-letter entry id or job id")],
+    queue: QueueOpt = None, redis_url: RedisUrl = None,
+) -> None:
+    """One dead letter in full (body included) and its job's current record."""
+    dl = _dlq(redis_url, queue)
+    d = dl.get(ident)
+    if d is None:
+        console.print(f"[red]no dead letter {ident!r} in queue {dl.keys.queue!r}[/red]")
+        raise typer.Exit(1)
+    out: dict[str, Any] = {"id": d.id, **d.fields}
+    try:
+        out["body"] = json.loads(d.fields.get("body", ""))
+    except ValueError:
+        pass
+    if d.job:
+        raw: Any = dl.r.hgetall(dl.keys.job(d.job))
+        rec = {_s(k): _s(v) for k, v in (raw or {}).items()}
+        if "result" in rec:
+            try:
+                rec["result"] = json.loads(rec["result"])
+            except ValueError:
+                pass
+        out["job_record"] = rec or None
+    print(json.dumps(out, indent=2, default=str))
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    ids: Annotated[list[str] | None, typer.Argument(metavar="[ID]...",
+                                                    help="dead-letter entry ids or job ids")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="replay every dead letter")] = False,
+    queue: QueueOpt = None, redis_url: RedisUrl = None,
+) -> None:
+    """Re-queue dead letters: each body goes back on its stream as a fresh entry for the
+    same job id (atomically; its failed result is dropped, waiters wait again)."""
+    dl = _dlq(redis_url, queue)
+    if bool(ids) == all_:
+        console.print("[red]give dead-letter ids or --all (not both)[/red]")
+        raise typer.Exit(2)
+    targets: list[DeadLetter] = []
+    missing: list[str] = []
+    if all_:
+        for page in _scan_ids(dl.r, dl.keys.dead_letter):
+            targets.extend(page)
+    else:
+        for ident in ids or []:
+            d = dl.get(ident)
+            if d is None:
+                missing.append(ident)
+            else:
+                targets.append(d)
+    results = [dl.replay(d) for d in targets]
+    for res in results:
+        colour = "green" if res.outcome == "ok" else "red"
+        console.print(f"[{colour}]{res.outcome}[/{colour}] {res.dead_id} job {res.job or '-'} "
+                      f"{res.detail}")
+    for ident in missing:
+        console.print(f"[red]missing[/red] {ident}")
+    ok = sum(1 for x in results if x.outcome == "ok")
+    console.print(f"{ok} replayed, {len(results) - ok + len(missing)} not")
+    if ok < len(results) + len(missing):
+        raise typer.Exit(1)
