@@ -39,7 +39,10 @@ from producer.schema import JobRequest, JobResult, JobStatus
 from producer.scripts import source
 from producer.settings import ClientSettings
 
-console = Console()
+
+def _console() -> Console:
+    """A console per use, so the terminal width (``COLUMNS``) is read when printing."""
+    return Console()
 
 URLS = {"/v1/completions": "text_completion", "/v1/chat/completions": "chat.completion"}
 SUBMIT_CHUNK = 500
@@ -381,7 +384,7 @@ def run_batch(
     outstanding: dict[str, str] = {}
     to_submit: list[Line] = []
     bar = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
-                   MofNCompleteColumn(), TimeElapsedColumn(), console=console,
+                   MofNCompleteColumn(), TimeElapsedColumn(), console=_console(),
                    disable=not progress)
     with bar, open(out, "a", encoding="utf-8") as fo, open(errors, "a", encoding="utf-8") as fe:
         task = bar.add_task(f"{batch_id}", total=len(lines), completed=report.written_before)
@@ -488,18 +491,18 @@ def batch_submit(
     settings = ClientSettings.model_validate({"redis_url": redis_url} if redis_url else {})
     r = redis.Redis.from_url(settings.redis_url)
     if batch_id is not None and not all(ch.isalnum() or ch in "_.-" for ch in batch_id):
-        console.print("[red]batch id: letters, digits, _ . - only[/red]")
+        _console().print("[red]batch id: letters, digits, _ . - only[/red]")
         raise typer.Exit(2)
     try:
         rep = run_batch(r, settings, input_file, out, errors, queue=queue, batch_id=batch_id,
-                        priority=priority, progress=progress and console.is_terminal)
+                        priority=priority, progress=progress and _console().is_terminal)
     except BatchFileError as e:
-        console.print(f"[red]not a valid batch file, nothing submitted:[/red]\n{e}")
+        _console().print(f"[red]not a valid batch file, nothing submitted:[/red]\n{e}")
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted: run the same command again to resume[/yellow]")
+        _console().print("[yellow]interrupted: run the same command again to resume[/yellow]")
         raise typer.Exit(130) from None
-    console.print(f"batch {rep.batch_id}: {rep.total} lines, {rep.written_before} already "
+    _console().print(f"batch {rep.batch_id}: {rep.total} lines, {rep.written_before} already "
                   f"written, {rep.submitted} submitted now, {rep.resumed} resumed; "
                   f"{rep.succeeded} succeeded, {rep.failed} failed ({rep.invalid} invalid)")
 
@@ -534,11 +537,11 @@ def batch_status_cmd(
         for row in rows:
             t.add_row(row["batch_id"], row.get("state", ""), row.get("total", ""),
                       row.get("written", "0"), row.get("input", ""), row.get("output", ""))
-        console.print(t)
+        _console().print(t)
         return
     st = batch_state(r, q, batch_id)
     if st is None:
-        console.print(f"[red]no batch {batch_id!r} in queue {q!r}[/red]")
+        _console().print(f"[red]no batch {batch_id!r} in queue {q!r}[/red]")
         raise typer.Exit(1)
     if as_json:
         print(json.dumps(st, indent=2))
@@ -548,4 +551,4 @@ def batch_status_cmd(
         t.add_row(k, str(st.get(k, "")))
     for k, v in sorted(st["jobs"].items()):
         t.add_row(f"jobs {k}", str(v))
-    console.print(t)
+    _console().print(t)

@@ -24,7 +24,10 @@ from producer.scripts import source
 from producer.settings import ClientSettings
 from worker.queue_stats import QueueSnapshot, WorkerBeat, discover_queues, entry_time, snapshot
 
-console = Console()
+
+def _console() -> Console:
+    """A console per use, so the terminal width (``COLUMNS``) is read when printing."""
+    return Console()
 
 _ENTRY_ID = re.compile(r"^\d+-\d+$")
 _JOB_ID = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
@@ -62,7 +65,8 @@ def render(snaps: list[QueueSnapshot], now: float | None = None) -> Group:
     for col in ("worker", "queue", "model", "up", "in flight", "running/slots", "occupancy",
                 "waiting", "tokens/s", "tokens", "state", "seen"):
         workers.add_column(col, justify="left" if col in ("worker", "queue", "model", "state")
-                           else "right")
+                           else "right", no_wrap=col in ("worker", "queue", "state"),
+                           overflow="fold")
     beats: list[tuple[str, WorkerBeat]] = [(s.queue, b) for s in snaps for b in s.workers]
     for queue, b in beats:
         slots = int(b.num("slots"))
@@ -81,7 +85,8 @@ def render(snaps: list[QueueSnapshot], now: float | None = None) -> Group:
     queues = Table(title="queues", title_justify="left")
     for col in ("queue", "workers", "depth", "running", "waiting (lag)", "oldest waiting",
                 "dead letters", "succeeded", "failed", "cancelled", "expired"):
-        queues.add_column(col, justify="left" if col == "queue" else "right")
+        queues.add_column(col, justify="left" if col == "queue" else "right",
+                          no_wrap=col == "queue", overflow="fold")
     for s in snaps:
         fin = s.finished
         queues.add_row(s.queue, str(len(s.workers)), str(s.depth), str(s.pending), str(s.lag),
@@ -115,11 +120,11 @@ def status(
         print(json.dumps([_as_dict(s) for s in collect(r, queues())], indent=2))
         return
     if not watch:
-        console.print(render(collect(r, queues())))
+        _console().print(render(collect(r, queues())))
         return
     frames = 0
     try:
-        with Live(render(collect(r, queues())), console=console, auto_refresh=False) as live:
+        with Live(render(collect(r, queues())), console=_console(), auto_refresh=False) as live:
             while True:
                 frames += 1
                 if count and frames >= count:
@@ -262,16 +267,20 @@ def dlq_list(
     dl = _dlq(redis_url, queue)
     items = dl.entries(limit)
     t = Table(title=f"dead letters of {dl.keys.queue!r}: {dl.size()}", title_justify="left")
-    for col in ("id", "at", "job", "reason", "deliveries", "priority", "body"):
-        t.add_column(col)
+    t.add_column("id", no_wrap=True, min_width=15)
+    t.add_column("at", no_wrap=True)
+    t.add_column("job", no_wrap=True, min_width=32)
+    for col in ("reason", "deliveries", "priority"):
+        t.add_column(col, no_wrap=True)
+    t.add_column("body", overflow="ellipsis", no_wrap=True, max_width=24)
     for d in items:
-        t.add_row(d.id, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.at)),
+        t.add_row(d.id, time.strftime("%m-%d %H:%M:%S", time.localtime(d.at)),
                   d.job or "(none)", d.fields.get("reason", ""), d.fields.get("deliveries", ""),
                   d.priority, _preview(d.fields.get("body", "")))
-    console.print(t)
+    _console().print(t)
 
 
-def _preview(body: str, n: int = 48) -> str:
+def _preview(body: str, n: int = 24) -> str:
     flat = " ".join(body.split())
     return flat if len(flat) <= n else flat[: n - 1] + "…"
 
@@ -285,7 +294,7 @@ def dlq_show(
     dl = _dlq(redis_url, queue)
     d = dl.get(ident)
     if d is None:
-        console.print(f"[red]no dead letter {ident!r} in queue {dl.keys.queue!r}[/red]")
+        _console().print(f"[red]no dead letter {ident!r} in queue {dl.keys.queue!r}[/red]")
         raise typer.Exit(1)
     out: dict[str, Any] = {"id": d.id, **d.fields}
     try:
@@ -315,7 +324,7 @@ def dlq_replay(
     same job id (atomically; its failed result is dropped, waiters wait again)."""
     dl = _dlq(redis_url, queue)
     if bool(ids) == all_:
-        console.print("[red]give dead-letter ids or --all (not both)[/red]")
+        _console().print("[red]give dead-letter ids or --all (not both)[/red]")
         raise typer.Exit(2)
     targets: list[DeadLetter] = []
     missing: list[str] = []
@@ -332,11 +341,11 @@ def dlq_replay(
     results = [dl.replay(d) for d in targets]
     for res in results:
         colour = "green" if res.outcome == "ok" else "red"
-        console.print(f"[{colour}]{res.outcome}[/{colour}] {res.dead_id} job {res.job or '-'} "
+        _console().print(f"[{colour}]{res.outcome}[/{colour}] {res.dead_id} job {res.job or '-'} "
                       f"{res.detail}")
     for ident in missing:
-        console.print(f"[red]missing[/red] {ident}")
+        _console().print(f"[red]missing[/red] {ident}")
     ok = sum(1 for x in results if x.outcome == "ok")
-    console.print(f"{ok} replayed, {len(results) - ok + len(missing)} not")
+    _console().print(f"{ok} replayed, {len(results) - ok + len(missing)} not")
     if ok < len(results) + len(missing):
         raise typer.Exit(1)

@@ -1,0 +1,166 @@
+"""``slotfill status`` and ``slotfill dlq`` against a real Redis and a simulated-engine worker.
+
+Dead letters are made the real way: a job delivered more often than ``max_deliveries``
+(a ghost consumer takes it and goes silent; the worker reclaims it on its second delivery)
+and a stream entry that is not a job."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from typer.testing import CliRunner
+
+from producer import Client, JobStatus, QueueKeys
+from producer.keys import GROUP
+from worker.cli import app
+from worker.fleet import WorkerProcess
+from worker.queue_stats import snapshot
+from worker.redis_server import RedisServer
+from worker.status import DeadLetters
+
+runner = CliRunner()
+
+
+def cli(url: str, *args: str) -> tuple[int, str]:
+    res = runner.invoke(app, [*args, "--redis-url", url], env={"COLUMNS": "160"})
+    return res.exit_code, res.output
+
+
+@pytest.fixture
+def worker(redis_server: RedisServer, queue: str, tmp_path: Path) -> Iterator[WorkerProcess]:
+    w = WorkerProcess(redis_server.url, f"ops-{queue}", tmp_path / "w.log", queue=queue,
+                      engine="sim", sim_step_ms=3, max_num_seqs=8, headroom=4,
+                      lease_seconds=0.3, max_deliveries=1, heartbeat_seconds=0.2).start()
+    try:
+        w.wait_ready(60)
+        yield w
+    finally:
+        w.stop()
+
+
+def test_status_shows_workers_and_queue(redis_server: RedisServer, client: Client, queue: str,
+                                        worker: WorkerProcess) -> None:
+    ids = client.submit_many([{"prompt": "x", "max_tokens": 60} for _ in range(150)])
+    time.sleep(0.6)  # a heartbeat or two with work in flight
+    code, out = cli(redis_server.url, "status", "--queue", queue, "--json")
+    assert code == 0, out
+    [q] = json.loads(out)
+    assert q["queue"] == queue and q["depth"] > 0 and q["lag"] > 0
+    assert q["running"] > 0 and q["oldest_waiting_s"] > 0
+    [w] = q["workers"]
+    assert w["name"] == worker.consumer and int(w["in_flight"]) > 0
+    assert int(w["running"]) == 8 and float(w["output_tokens_per_s"]) > 0
+    code, out = cli(redis_server.url, "status", "--queue", queue)
+    assert code == 0, out
+    assert worker.consumer in out and "pulling" in out and queue in out
+    code, out = cli(redis_server.url, "status", "--queue", queue, "--watch", "--interval", "0.05",
+                    "--count", "3")
+    assert code == 0, out
+    for i in ids:
+        client.wait(i, timeout=60)
+    # Without --queue it finds every queue in this Redis.
+    code, out = cli(redis_server.url, "status", "--json")
+    assert code == 0 and queue in [x["queue"] for x in json.loads(out)]
+
+
+def _poison(r: redis.Redis, client: Client, queue: str) -> str:
+    """A job delivered to a consumer that dies silently: the worker's reclaim counts its
+    second delivery, over max_deliveries=1, and dead-letters it."""
+    keys = QueueKeys.for_queue(queue)
+    for stream in keys.streams:
+        try:
+            r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+        except redis.ResponseError:
+            pass
+    job = client.submit(prompt="poison me", max_tokens=3)
+    r.xreadgroup(GROUP, "ghost", {keys.stream("normal"): ">"}, count=1)
+    return job.id
+
+
+def test_dlq_list_show_replay(redis_server: RedisServer, r: redis.Redis, client: Client,
+                              queue: str, tmp_path: Path) -> None:
+    keys = QueueKeys.for_queue(queue)
+    job_id = _poison(r, client, queue)
+    w = WorkerProcess(redis_server.url, f"dlq-{queue}", tmp_path / "w.log", queue=queue,
+                      engine="sim", sim_step_ms=3, lease_seconds=0.3, max_deliveries=1).start()
+    try:
+        w.wait_ready(60)
+        res = client.wait(job_id, timeout=30)
+        assert res.status is JobStatus.failed and res.error and res.error.code == "poisoned"
+        r.xadd(keys.stream("normal"), {"body": "not a job"})  # malformed: no id
+        deadline = time.monotonic() + 10
+        while r.xlen(keys.dead_letter) < 2:
+            assert time.monotonic() < deadline, w.tail()
+            time.sleep(0.05)
+
+        code, out = cli(redis_server.url, "dlq", "list", "--queue", queue)
+        assert code == 0, out
+        assert job_id in out and "poisoned" in out and "malformed" in out
+
+        code, out = cli(redis_server.url, "dlq", "show", job_id, "--queue", queue)
+        assert code == 0, out
+        shown = json.loads(out)
+        assert shown["job"] == job_id and shown["reason"] == "poisoned"
+        assert shown["body"]["prompt"] == "poison me"
+        assert shown["job_record"]["status"] == "failed"
+
+        code, out = cli(redis_server.url, "dlq", "replay", job_id, "--queue", queue)
+        assert code == 0, out
+        assert "1 replayed" in out
+        again = client.wait(job_id, timeout=30)  # the same job id, now run for real
+        assert again.status is JobStatus.succeeded and again.usage.completion_tokens == 3
+        assert r.hget(keys.job(job_id), "replayed_from") is not None
+
+        code, out = cli(redis_server.url, "dlq", "replay", job_id, "--queue", queue)
+        assert code == 1 and "missing" in out  # no longer dead-lettered
+
+        code, out = cli(redis_server.url, "dlq", "replay", "--all", "--queue", queue)
+        assert code == 0 and "1 replayed" in out  # the malformed entry, under a new job id
+        assert r.xlen(keys.dead_letter) == 0
+        assert int(r.hget(keys.stats, "dead_replayed") or 0) == 2
+    finally:
+        w.stop()
+
+
+def test_replay_refuses_active_jobs_and_full_queues(r: redis.Redis, redis_server: RedisServer,
+                                                    queue: str) -> None:
+    keys = QueueKeys.for_queue(queue)
+    c = Client.from_url(redis_server.url, queue=queue, max_pending=1)
+    queued = c.submit(prompt="still queued")
+    stream = keys.stream("normal")
+    dead = r.xadd(keys.dead_letter, {"stream": stream, "entry": "1-1", "reason": "poisoned",
+                                     "deliveries": 4, "job": queued.id, "body": "{}",
+                                     "at": time.time()}).decode()
+    dl = DeadLetters(r, queue, max_pending=1)
+    letter = dl.get(dead)
+    assert letter is not None
+    assert dl.replay(letter).outcome == "active"  # never two entries for one job
+    other = r.xadd(keys.dead_letter, {"stream": stream, "entry": "1-2", "reason": "poisoned",
+                                      "deliveries": 4, "job": "f" * 32, "body": "{}",
+                                      "at": time.time()}).decode()
+    letter = dl.get(other)
+    assert letter is not None
+    rep = dl.replay(letter)
+    assert rep.outcome == "full"  # the cap holds for replays too
+    assert r.xlen(keys.dead_letter) == 2 and r.xlen(stream) == 1
+    c.close()
+
+
+def test_snapshot_counts_lag_pending_and_age(r: redis.Redis, client: Client, queue: str) -> None:
+    keys = QueueKeys.for_queue(queue)
+    client.submit_many([{"prompt": "x"} for _ in range(5)])
+    client.submit(prompt="urgent", priority="high")
+    r.xgroup_create(keys.stream("normal"), GROUP, id="0", mkstream=True)
+    r.xreadgroup(GROUP, "someone", {keys.stream("normal"): ">"}, count=2)
+    time.sleep(0.05)
+    s = snapshot(r, queue)
+    normal = next(x for x in s.streams if x.priority == "normal")
+    high = next(x for x in s.streams if x.priority == "high")
+    assert (normal.depth, normal.pending, normal.lag) == (5, 2, 3)
+    assert (high.depth, high.pending, high.lag) == (1, 0, 1)  # no group yet: all waiting
+    assert s.depth == 6 and s.lag == 4 and 0.04 < s.oldest_waiting_age < 10
