@@ -43,7 +43,7 @@ class AsyncClient:
         await self.close()
 
     def _keys(self, queue: str | None) -> QueueKeys:
-        return QueueKeys.for_queue(queue or self.settings.queue)
+        return protocol.queue_keys(queue or self.settings.queue)
 
     async def submit(
         self,

@@ -45,7 +45,7 @@ class Client:
         self.close()
 
     def _keys(self, queue: str | None) -> QueueKeys:
-        return QueueKeys.for_queue(queue or self.settings.queue)
+        return protocol.queue_keys(queue or self.settings.queue)
 
     def submit(
         self,

@@ -32,6 +32,14 @@ def new_job_id() -> str:
     return secrets.token_hex(16)
 
 
+def queue_keys(queue: str) -> QueueKeys:
+    """Key names of ``queue``; InvalidRequest for a name that cannot be a queue."""
+    try:
+        return QueueKeys.for_queue(queue)
+    except ValueError as e:
+        raise InvalidRequest(str(e)) from None
+
+
 def build_request(
     request: JobRequest | dict[str, Any] | None,
     params: dict[str, Any],

@@ -3,7 +3,9 @@
 It models what the feeder depends on: a fixed number of batch slots, a waiting queue inside
 the engine, one token per running request per step, abort, and death. Fault tests use it to
 kill workers many times in little time; at least one fault test still uses the real engine.
-A prompt containing ``__crash_engine__`` kills the engine (a poison request).
+A prompt containing ``__crash_engine__`` kills the engine once it runs (a poison request);
+one containing ``__hang_engine__`` stops it stepping for good (a hung engine, for the
+watchdog). Token-id prompts are checked against a vocabulary of ``VOCAB_SIZE`` ids.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from producer.schema import JobRequest
 from worker.engine import Generation, StepStats
 
 POISON = "__crash_engine__"
+HANG = "__hang_engine__"
+VOCAB_SIZE = 50_000
 
 
 @dataclass
@@ -30,6 +34,7 @@ class _Seq:
     first_token_at: float | None = None
     aborted: bool = False
     poison: bool = False
+    hang: bool = False
     tokens: list[int] = field(default_factory=list)
 
 
@@ -52,6 +57,8 @@ class SimEngine:
     async def generate(self, job_id: str, request: JobRequest) -> Generation:
         if self._dead:
             raise EngineDead("sim engine is dead")
+        if isinstance(request.prompt, list) and any(t >= VOCAB_SIZE for t in request.prompt):
+            raise InvalidRequest(f"token id out of the vocabulary (size {VOCAB_SIZE})")
         n_prompt = (len(request.prompt) if isinstance(request.prompt, list)
                     else len((request.prompt or "").split()) + sum(
                         len(m.content.split()) for m in request.messages or []))
@@ -59,8 +66,9 @@ class SimEngine:
             raise InvalidRequest("prompt + max_tokens exceeds max_model_len",
                                  ErrorCode.prompt_too_long)
         self._ensure_loop()
+        text = str(request.prompt) + " ".join(m.content for m in request.messages or [])
         seq = _Seq(job_id, n_prompt, request.max_tokens, asyncio.get_running_loop().create_future(),
-                   poison=POISON in str(request.prompt))
+                   poison=POISON in text, hang=HANG in text)
         self._waiting.append(seq)
         self._wake.set()
         try:
@@ -87,6 +95,8 @@ class SimEngine:
             if any(s.poison for s in self._running.values()):
                 self._die()
                 return
+            if any(s.hang for s in self._running.values()):
+                await asyncio.Event().wait()  # never set: no step ever again
             now = time.time()
             for s in list(self._running.values()):
                 s.generated += 1

@@ -1,16 +1,43 @@
-"""The worker's side of the protocol: every Redis call a worker makes, one method each."""
+"""The worker's side of the protocol: every Redis call a worker makes, one method each.
+
+A Redis that is down, restarting, loading its AOF, read-only (a failover in progress) or out
+of memory raises a ``redis.ConnectionError`` (:class:`RedisUnavailable` for the reply errors
+among these), which the worker's loops treat as "wait and retry", never as a reason to die.
+Streams or groups that vanished (a Redis that lost its data) are created again.
+"""
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer.keys import GROUP, QueueKeys
 from producer.scripts import source
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+CRASH_LIMIT = 2
+"""A job that took its engine down this many times while it was the only job inside is
+dead-lettered (``poisoned``) whatever its delivery count."""
+
+_TRANSIENT = ("OOM", "READONLY", "MISCONF", "LOADING", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN")
+
+
+class RedisUnavailable(RedisConnectionError):
+    """Redis answered, but cannot serve the worker right now (restart, failover, full)."""
+
+
+REDIS_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
+"""What a Redis outage looks like from redis-py: wait and retry, never die of it."""
 
 
 @dataclass
@@ -24,12 +51,45 @@ class Row:
     attempts: int
     deliveries: int
     flag: str
-    """"" | "cancel" (cancel requested) | "expired" (past deadline) | "malformed" (no id)."""
+    """"" | "cancel" (cancel requested) | "expired" (past deadline) | "malformed" (no id) |
+    "poisoned" (delivered too often, or crashed its engine too often: dead-letter it)."""
     queued_at: float
+    solo: bool = False
+    """Run it alone in the engine (culprit isolation; see ``reclaim_jobs.lua``)."""
+
+    @property
+    def key(self) -> str:
+        """The feeder's in-flight key: the job id, or the entry for rows without one."""
+        return self.job_id or f"entry:{self.stream}:{self.entry}"
 
 
 def _s(x: Any) -> str:
     return x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x)
+
+
+def _common(name: str) -> str:
+    return source("_common") + "\n" + source(name)
+
+
+def _redis_call(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """Map Redis' transient reply errors to :class:`RedisUnavailable`; recreate lost groups."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except ResponseError as e:
+            msg = str(e)
+            if msg.startswith("NOGROUP") or "no such key" in msg:
+                store = args[0]
+                assert isinstance(store, WorkerStore)
+                await store.ensure_groups()
+                raise RedisUnavailable(f"stream or group was missing, recreated: {msg}") from e
+            if msg.split(" ", 1)[0] in _TRANSIENT:
+                raise RedisUnavailable(msg) from e
+            raise
+
+    return wrapper
 
 
 class WorkerStore:
@@ -41,6 +101,8 @@ class WorkerStore:
         self._reclaim = redis_client.register_script(source("reclaim_jobs"))
         self._finish = redis_client.register_script(source("finish_job"))
         self._dead = redis_client.register_script(source("dead_letter_entry"))
+        self._renew = redis_client.register_script(source("renew_leases"))
+        self._release = redis_client.register_script(_common("release_jobs"))
 
     async def ensure_groups(self) -> None:
         for stream in self.keys.streams:
@@ -52,9 +114,10 @@ class WorkerStore:
 
     def _rows(self, raw: list[Any]) -> list[Row]:
         return [Row(_s(r[0]), _s(r[1]), _s(r[2]), _s(r[3]), int(r[4]), int(r[5]), _s(r[6]),
-                    float(r[7]))
+                    float(r[7]), bool(int(r[8])))
                 for r in raw]
 
+    @_redis_call
     async def start_jobs(self, count: int) -> list[Row]:
         raw = await self._start(
             keys=self.keys.streams,
@@ -62,14 +125,21 @@ class WorkerStore:
         )
         return self._rows(raw)
 
-    async def reclaim_jobs(self, count: int, lease_seconds: float) -> list[Row]:
+    @_redis_call
+    async def reclaim_jobs(self, count: int, lease_seconds: float, max_deliveries: int,
+                           solo_allowed: bool, forget_after_s: float = 0.0) -> list[Row]:
+        """Take over entries idle past the lease. At most one ``solo`` row, and only when
+        ``solo_allowed``; rows past their delivery or crash limit come flagged ``poisoned``.
+        ``forget_after_s`` > 0 also deletes consumers silent that long with nothing pending."""
         raw = await self._reclaim(
             keys=self.keys.streams,
             args=[GROUP, self.consumer, count, repr(time.time()), self.keys.base,
-                  int(lease_seconds * 1000)],
+                  int(lease_seconds * 1000), max_deliveries, int(solo_allowed), CRASH_LIMIT,
+                  int(forget_after_s * 1000)],
         )
         return self._rows(raw)
 
+    @_redis_call
     async def wait_for_work(self, timeout_s: float) -> None:
         """Block until an entry not yet delivered to the group may exist, or the timeout.
 
@@ -81,9 +151,13 @@ class WorkerStore:
         for stream in self.keys.streams:
             groups = await self.redis.xinfo_groups(stream)
             mine = [g for g in groups if _s(g["name"]) == GROUP]
-            positions[stream] = _s(mine[0]["last-delivered-id"]) if mine else "0-0"
+            if not mine:
+                await self.ensure_groups()
+                return
+            positions[stream] = _s(mine[0]["last-delivered-id"])
         await self.redis.xread(positions, count=1, block=max(1, int(timeout_s * 1000)))
 
+    @_redis_call
     async def finish(
         self, row: Row, status: str, result_json: str, result_ttl: int,
         dead_reason: str = "",
@@ -99,19 +173,45 @@ class WorkerStore:
         )
         return bool(published)
 
+    @_redis_call
     async def dead_letter_entry(self, row: Row, reason: str) -> None:
         await self._dead(
             keys=[row.stream, self.keys.dead_letter, self.keys.stats],
             args=[row.entry, GROUP, reason, row.body, row.deliveries, repr(time.time())],
         )
 
-    async def renew_leases(self, entries_by_stream: dict[str, list[Any]]) -> None:
-        """Reset the idle time of our in-flight entries (delivery count unchanged)."""
-        pipe = self.redis.pipeline(transaction=False)
-        for stream, ids in entries_by_stream.items():
-            if ids:
-                pipe.xclaim(stream, GROUP, self.consumer, 0, ids, justid=True)
-        await pipe.execute()
+    def _entry_keys(self, rows: Sequence[Row]) -> tuple[list[str], list[str]]:
+        keys: list[str] = []
+        args: list[str] = []
+        for r in rows:
+            keys += [r.stream, self.keys.job(r.job_id or "-")]
+            args += [r.entry, "1" if r.job_id else "0"]
+        return keys, args
+
+    @_redis_call
+    async def renew_leases(self, rows: Sequence[Row]) -> list[str]:
+        """Reset the idle time of our in-flight entries (delivery count unchanged). Returns
+        one code per row: ``ok``, ``cancel`` (cancellation requested), ``done`` (the job
+        already has a result) or ``lost`` (a peer took the entry over)."""
+        if not rows:
+            return []
+        keys, args = self._entry_keys(rows)
+        raw = await self._renew(keys=keys, args=[GROUP, self.consumer, *args])
+        return [_s(x) for x in raw]
+
+    @_redis_call
+    async def release(self, rows: Sequence[Row], lease_seconds: float, why: str,
+                      alone: bool = False) -> int:
+        """Give entries back for a peer's next reclaim sweep (they stay unacknowledged).
+        ``why`` = ``engine_crash`` also marks their jobs ``suspect`` (and, when ``alone``,
+        counts a crash against the one job that was inside)."""
+        if not rows:
+            return 0
+        keys, args = self._entry_keys(rows)
+        n = await self._release(keys=keys, args=[
+            GROUP, self.consumer, repr(time.time()), int(lease_seconds * 1000), why,
+            "1" if alone else "0", *args])
+        return int(n)
 
     async def heartbeat(self, fields: dict[Any, Any], ttl_s: float) -> None:
         key = self.keys.worker(self.consumer)

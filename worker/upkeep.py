@@ -6,41 +6,33 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
 
 from producer.errors import EngineDead
-from producer.schema import JobStatus
 from worker.feeder import Feeder
 
 log = logging.getLogger("slotfill.worker")
 
 
 async def renew_leases(feeder: Feeder) -> None:
-    """Renew every in-flight entry well inside the lease, so a live worker's long generation
-    is never stolen."""
+    """Renew every held entry well inside the lease, so a live worker's long generation is
+    never stolen. The same pass finds cancellations the control channel missed (it was down,
+    or the cancel overtook the job) and jobs already finished elsewhere."""
     period = feeder.settings.lease_seconds / 3
     while True:
         await asyncio.sleep(period)
-        by_stream: dict[str, list[str]] = defaultdict(list)
-        for f in list(feeder.in_flight.values()):
-            by_stream[f.row.stream].append(f.row.entry)
-        if by_stream:
-            await feeder.store.renew_leases(by_stream)
+        rows = feeder.held_rows()
+        if rows:
+            codes = await feeder.store.renew_leases(rows)
+            feeder.lease_report(rows, codes)
 
 
 async def reclaim(feeder: Feeder) -> None:
-    """Take over entries whose worker stopped renewing (idle past the lease)."""
-    lease = feeder.settings.lease_seconds
-    period = max(0.2, lease / 4)
+    """Ask the pull loop for a reclaim sweep (entries whose worker stopped renewing, idle past
+    the lease) every quarter lease; the loop runs it before its next read, even when full."""
+    period = max(0.2, feeder.settings.lease_seconds / 4)
     while True:
         await asyncio.sleep(period)
-        if feeder.pulling and feeder.free > 0:
-            rows = await feeder.store.reclaim_jobs(feeder.free, lease)
-            if rows:
-                feeder.counters.reclaimed += len(rows)
-                for r in rows:
-                    log.info("job %s reclaimed (delivery %d)", r.job_id, r.deliveries)
-                feeder.launch(rows)
+        feeder.request_reclaim()
 
 
 async def listen_for_cancels(feeder: Feeder) -> None:
@@ -52,10 +44,7 @@ async def listen_for_cancels(feeder: Feeder) -> None:
             if msg.get("type") != "message":
                 continue
             data = msg["data"]
-            job_id = data.decode() if isinstance(data, bytes) else str(data)
-            if job_id in feeder.in_flight:
-                log.info("job %s cancel requested", job_id)
-                feeder.abort(job_id, JobStatus.cancelled)
+            feeder.cancel_requested(data.decode() if isinstance(data, bytes) else str(data))
     finally:
         await pubsub.aclose()  # type: ignore[no-untyped-call]
 
@@ -89,7 +78,8 @@ async def watchdog(feeder: Feeder) -> None:
     while True:
         await asyncio.sleep(min(5.0, limit / 4))
         idle = time.monotonic() - feeder.engine.stats.last_step_at
-        busy = any(f.row.flag == "" for f in feeder.in_flight.values())
+        # Only jobs inside the engine count: results waiting for Redis are not the engine's.
+        busy = any(not f.publishing and f.row.flag == "" for f in feeder.in_flight.values())
         if busy and idle > limit:
             log.error("engine made no step for %.0fs with jobs in flight: hung", idle)
             feeder.die(EngineDead(f"engine hung: no step for {idle:.0f}s"))

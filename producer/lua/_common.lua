@@ -14,15 +14,34 @@ local function fields_of(flat)
   return t
 end
 
+-- Append one event to a job's history (JSON array, kept short): reclaims, engine crashes and
+-- hand-backs, so a dead letter shows what happened to its job. Never on the hot path.
+local HISTORY_MAX = 20
+local function add_history(jkey, event)
+  local raw = redis.call("HGET", jkey, "history")
+  local h = {}
+  if raw then
+    local ok, decoded = pcall(cjson.decode, raw)
+    if ok and type(decoded) == "table" then h = decoded end
+  end
+  h[#h + 1] = event
+  while #h > HISTORY_MAX do table.remove(h, 1) end
+  redis.call("HSET", jkey, "history", cjson.encode(h))
+end
+
+local function valid_job_id(jid)
+  return type(jid) == "string" and #jid <= 128 and string.match(jid, "^[%w_%-]+$") ~= nil
+end
+
 -- Take one delivered entry into this worker: mark its job running, or drop it when its job is
 -- already terminal (cancelled while queued, a duplicate id). Returns the row the worker runs,
 -- or nil. A row is {stream, entry id, job id or "", body or "", attempts, deliveries, flag,
--- queued_at}.
+-- queued_at, solo}; solo is 1 when the row must run alone in the engine (set by reclaim).
 local function take(base, stream, group, consumer, entry, flat, now, deliveries)
   local f = fields_of(flat)
   local jid = f["id"]
-  if type(jid) ~= "string" or not string.match(jid, "^[%w_%-]+$") or #jid > 128 then
-    return {stream, entry, "", f["body"] or "", 0, deliveries, "malformed", now}
+  if not valid_job_id(jid) then
+    return {stream, entry, "", f["body"] or "", 0, deliveries, "malformed", now, 0}
   end
   local jkey = base .. ":job:" .. jid
   local st = redis.call("HGET", jkey, "status")
@@ -50,5 +69,5 @@ local function take(base, stream, group, consumer, entry, flat, now, deliveries)
   if redis.call("HGET", jkey, "cancel_requested") then flag = "cancel" end
   local deadline = tonumber(redis.call("HGET", jkey, "deadline") or "")
   if flag == "" and deadline and deadline <= tonumber(now) then flag = "expired" end
-  return {stream, entry, jid, f["body"] or "", attempts, deliveries, flag, queued_at}
+  return {stream, entry, jid, f["body"] or "", attempts, deliveries, flag, queued_at, 0}
 end

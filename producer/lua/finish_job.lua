@@ -20,8 +20,10 @@ redis.call("XACK", KEYS[1], ARGV[2], ARGV[1])
 redis.call("XDEL", KEYS[1], ARGV[1])
 redis.call("HINCRBY", KEYS[4], "finished_" .. ARGV[3], 1)
 if ARGV[7] ~= "" then
+  local h = redis.call("HMGET", KEYS[2], "history", "attempts", "solo_crashes")
   redis.call("XADD", KEYS[5], "*", "stream", KEYS[1], "entry", ARGV[1], "reason", ARGV[7],
-    "deliveries", ARGV[9], "job", string.match(KEYS[2], ":job:(.*)$"), "body", ARGV[8], "at", ARGV[5])
+    "deliveries", ARGV[9], "job", string.match(KEYS[2], ":job:(.*)$"), "body", ARGV[8], "at", ARGV[5],
+    "attempts", h[2] or "0", "solo_crashes", h[3] or "0", "history", h[1] or "[]")
   redis.call("HINCRBY", KEYS[4], "dead_lettered", 1)
 end
 return 1

@@ -1,23 +1,89 @@
 -- reclaim_jobs: running on a silent worker -> running here, for entries idle past the lease.
 -- KEYS[1..3] streams high, normal, low
 -- ARGV[1] group  ARGV[2] consumer  ARGV[3] count  ARGV[4] now  ARGV[5] key base
--- ARGV[6] lease in milliseconds
+-- ARGV[6] lease in milliseconds  ARGV[7] max deliveries  ARGV[8] solo rows allowed (0 or 1)
+-- ARGV[9] crash limit (times a job may take its engine down while alone in it)
+-- ARGV[10] idle milliseconds after which a consumer with nothing pending is forgotten
 -- Returns rows (see take()); deliveries is the entry's delivery count after this claim.
+--
+-- Culprit isolation: a job whose engine died while it was inside (``suspect``), or that
+-- reached its last allowed delivery, comes back with solo = 1 and runs alone, so only the
+-- real poison gathers deliveries and crashes. Such a row is claimed only when the caller can
+-- run it now (ARGV[8]); left unclaimed, it waits for a worker that can, and gathers nothing.
+-- A job delivered more than ARGV[7] times, or that crashed an engine ARGV[9] times while
+-- alone in it, comes back flagged ``poisoned`` (the worker dead-letters it).
+local group, consumer, base = ARGV[1], ARGV[2], ARGV[5]
+local now, lease = ARGV[4], tonumber(ARGV[6])
+local max_deliveries, crash_limit = tonumber(ARGV[7]), tonumber(ARGV[9])
 local out = {}
 local remaining = tonumber(ARGV[3])
+local solo_left = tonumber(ARGV[8])
+local SCAN_LIMIT = 1000
+
 for _, stream in ipairs(KEYS) do
-  if remaining <= 0 then break end
-  local res = redis.call("XAUTOCLAIM", stream, ARGV[1], ARGV[2], ARGV[6], "0-0",
-    "COUNT", remaining)
-  for _, e in ipairs(res[2]) do
-    local p = redis.call("XPENDING", stream, ARGV[1], e[1], e[1], 1)
-    local deliveries = 1
-    if p[1] then deliveries = tonumber(p[1][4]) end
-    local row = take(ARGV[5], stream, ARGV[1], ARGV[2], e[1], e[2], ARGV[4], deliveries)
-    if row then
-      out[#out + 1] = row
-      remaining = remaining - 1
-      redis.call("HINCRBY", ARGV[5] .. ":stats", "reclaimed", 1)
+  local start = "-"
+  local scanned = 0
+  while remaining > 0 and scanned < SCAN_LIMIT do
+    local pend = redis.call("XPENDING", stream, group, "IDLE", lease, start, "+", 100)
+    if #pend == 0 then break end
+    for _, p in ipairs(pend) do
+      scanned = scanned + 1
+      local id = p[1]
+      start = "(" .. id
+      if remaining <= 0 then break end
+      local deliveries = tonumber(p[4]) + 1
+      local e = redis.call("XRANGE", stream, id, id)
+      if #e == 0 then
+        redis.call("XACK", stream, group, id)  -- deleted meanwhile: nothing left to run
+      else
+        local jid = fields_of(e[1][2])["id"]
+        local suspect, crashes = false, 0
+        if valid_job_id(jid) then
+          local h = redis.call("HMGET", base .. ":job:" .. jid, "suspect", "solo_crashes")
+          suspect = h[1] ~= false and h[1] ~= nil
+          crashes = tonumber(h[2] or "0") or 0
+        end
+        local poisoned = deliveries > max_deliveries or crashes >= crash_limit
+        local solo = (not poisoned) and (suspect or deliveries >= max_deliveries)
+        if not (solo and solo_left <= 0) then
+          local claimed = redis.call("XCLAIM", stream, group, consumer, lease, id)
+          if #claimed > 0 and claimed[1] then
+            local row = take(base, stream, group, consumer, id, claimed[1][2], now, deliveries)
+            if row then
+              if row[3] ~= "" then
+                add_history(base .. ":job:" .. row[3], {at = tonumber(now), event = "reclaimed",
+                  worker = consumer, delivery = deliveries, solo = solo})
+              end
+              if row[7] == "" and poisoned then
+                row[7] = "poisoned"
+              elseif row[7] == "" and solo then
+                row[9] = 1
+                solo_left = solo_left - 1
+              end
+              out[#out + 1] = row
+              remaining = remaining - 1
+              redis.call("HINCRBY", base .. ":stats", "reclaimed", 1)
+            end
+          end
+        end
+      end
+    end
+  end
+end
+
+-- Forget consumers (dead workers) that hold nothing and have been silent for long.
+local forget_after = tonumber(ARGV[10])
+if forget_after > 0 then
+  for _, stream in ipairs(KEYS) do
+    local ok, consumers = pcall(redis.call, "XINFO", "CONSUMERS", stream, group)
+    if ok then
+      for _, c in ipairs(consumers) do
+        local info = fields_of(c)
+        if info["name"] ~= consumer and tonumber(info["pending"]) == 0
+            and tonumber(info["idle"]) > forget_after then
+          redis.call("XGROUP", "DELCONSUMER", stream, group, info["name"])
+        end
+      end
     end
   end
 end

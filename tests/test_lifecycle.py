@@ -1,0 +1,308 @@
+"""A job's life on real worker processes (step-simulating engine, short leases): leases and
+reclaim, deadlines, cancellation, priorities, idempotency, backpressure and graceful drain."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from producer import Client, JobStatus, QueueFull, QueueKeys
+from worker.fleet import WorkerProcess
+from worker.redis_server import RedisServer
+
+pytestmark = pytest.mark.fault
+
+
+def sim_worker(url: str, queue: str, tmp: Path, name: str, **settings: Any) -> WorkerProcess:
+    cfg: dict[str, Any] = dict(queue=queue, engine="sim", sim_step_ms=10, max_num_seqs=4,
+                               headroom=2, lease_seconds=2, heartbeat_seconds=0.5,
+                               grace_seconds=10)
+    cfg.update(settings)
+    return WorkerProcess(url, name, tmp / f"{name}.log", **cfg).start()
+
+
+@contextlib.contextmanager
+def workers(*ws: WorkerProcess) -> Iterator[tuple[WorkerProcess, ...]]:
+    try:
+        for w in ws:
+            w.wait_ready(60)
+        yield ws
+    finally:
+        for w in ws:
+            w.stop(30)
+
+
+def job_field(r: redis.Redis, queue: str, job_id: str, name: str) -> str | None:
+    v = r.hget(QueueKeys.for_queue(queue).job(job_id), name)
+    return v.decode() if v is not None else None
+
+
+def wait_status(c: Client, job_id: str, status: JobStatus, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while c.status(job_id) is not status:
+        assert time.monotonic() < end, f"job {job_id} never became {status.value}"
+        time.sleep(0.01)
+
+
+def stats(r: redis.Redis, queue: str) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in r.hgetall(QueueKeys.for_queue(queue).stats).items()}
+
+
+# -- leases and reclaim ----------------------------------------------------------------------
+
+def test_a_long_generation_is_never_stolen_from_a_live_worker(
+        redis_server: RedisServer, client: Client, r: redis.Redis, queue: str,
+        tmp_path: Path) -> None:
+    """A 4 s job under a 1 s lease, with an idle peer sweeping for idle entries: the lease is
+    renewed every third of a lease, so the peer never takes it."""
+    a = sim_worker(redis_server.url, queue, tmp_path, "a", lease_seconds=1, sim_step_ms=20)
+    with workers(a):
+        job = client.submit(prompt="long", max_tokens=200)
+        wait_status(client, job.id, JobStatus.running)
+        b = sim_worker(redis_server.url, queue, tmp_path, "b", lease_seconds=1)
+        with workers(b):
+            res = client.wait(job.id, timeout=30)
+    assert res.status is JobStatus.succeeded and res.usage.completion_tokens == 200
+    assert res.worker == "a" and res.attempts == 1
+    assert stats(r, queue).get("reclaimed", 0) == 0
+
+
+def test_a_killed_workers_jobs_are_reclaimed_by_a_peer_within_the_lease(
+        redis_server: RedisServer, client: Client, r: redis.Redis, queue: str,
+        tmp_path: Path) -> None:
+    lease = 2.0
+    a = sim_worker(redis_server.url, queue, tmp_path, "a", lease_seconds=lease, sim_step_ms=20)
+    b = sim_worker(redis_server.url, queue, tmp_path, "b", lease_seconds=lease, sim_step_ms=20,
+                   max_num_seqs=1, headroom=0)
+    with workers(a, b):
+        b.stop(10)  # b only starts after a died
+        ids = client.submit_many([{"prompt": "x", "max_tokens": 100} for _ in range(4)])
+        for i in ids:
+            wait_status(client, i, JobStatus.running)
+        assert {job_field(r, queue, i, "worker") for i in ids} == {"a"}
+        b = sim_worker(redis_server.url, queue, tmp_path, "b2", lease_seconds=lease,
+                       sim_step_ms=5)
+        b.wait_ready(30)
+        a.kill()
+        killed_at = time.monotonic()
+        taken = {}
+        while len(taken) < len(ids):
+            for i in ids:
+                if i not in taken and job_field(r, queue, i, "worker") == "b2":
+                    taken[i] = time.monotonic() - killed_at
+            assert time.monotonic() - killed_at < 3 * lease, taken
+            time.sleep(0.02)
+        results = [client.wait(i, timeout=30) for i in ids]
+        b.stop(10)
+    # Idle past the lease, then within one sweep period (a quarter lease), plus slack.
+    assert max(taken.values()) <= lease * 1.25 + 0.75, taken
+    assert all(res.status is JobStatus.succeeded and res.attempts == 2 for res in results)
+    assert all(res.worker == "b2" and res.usage.completion_tokens == 100 for res in results)
+
+
+# -- deadlines -------------------------------------------------------------------------------
+
+def test_a_job_not_started_by_its_deadline_expires_without_running(
+        redis_server: RedisServer, client: Client, r: redis.Redis, queue: str,
+        tmp_path: Path) -> None:
+    late = client.submit(prompt="too late", max_tokens=5, timeout=0.2)
+    fine = client.submit(prompt="in time", max_tokens=5, timeout=60)
+    time.sleep(0.4)
+    with workers(sim_worker(redis_server.url, queue, tmp_path, "a")):
+        res = client.wait(late.id, timeout=10)
+        assert client.wait(fine.id, timeout=10).status is JobStatus.succeeded
+    assert res.status is JobStatus.expired
+    assert res.error is not None and res.error.code == "expired"
+    assert res.usage.completion_tokens == 0 and res.timings.started_at is None
+
+
+def test_a_job_running_at_its_deadline_is_aborted_with_its_partial_text(
+        redis_server: RedisServer, client: Client, queue: str, tmp_path: Path) -> None:
+    with workers(sim_worker(redis_server.url, queue, tmp_path, "a")):
+        job = client.submit(prompt="slow", max_tokens=400, timeout=0.6)  # 4 s of steps
+        other = client.submit(prompt="neighbour", max_tokens=30)
+        res = client.wait(job.id, timeout=10)
+        assert client.wait(other.id, timeout=10).status is JobStatus.succeeded
+    assert res.status is JobStatus.expired and res.finish_reason == "expired"
+    assert 0 < res.usage.completion_tokens < 400
+    assert res.text.startswith("t1 t2")
+    t = res.timings
+    assert t.started_at and t.finished_at and t.queued_at
+    assert t.finished_at - t.queued_at < 1.2
+
+
+# -- cancellation ----------------------------------------------------------------------------
+
+def test_a_cancelled_queued_job_never_runs(redis_server: RedisServer, client: Client,
+                                           r: redis.Redis, queue: str, tmp_path: Path) -> None:
+    w = sim_worker(redis_server.url, queue, tmp_path, "a", max_num_seqs=1, headroom=0)
+    with workers(w):
+        busy = client.submit(prompt="busy", max_tokens=60)
+        wait_status(client, busy.id, JobStatus.running)
+        queued = client.submit(prompt="never", max_tokens=5)
+        assert client.status(queued.id) is JobStatus.queued
+        assert client.cancel(queued.id) == "cancelled"
+        after = client.submit(prompt="after", max_tokens=5)
+        assert client.wait(after.id, timeout=10).status is JobStatus.succeeded
+        res = client.wait(queued.id, timeout=1)
+    assert res.status is JobStatus.cancelled
+    assert job_field(r, queue, queued.id, "started_at") is None
+    assert job_field(r, queue, queued.id, "attempts") == "0"
+    assert r.llen(QueueKeys.for_queue(queue).done(queued.id)) == 1
+
+
+def test_a_running_job_is_aborted_within_one_step_of_its_cancellation(
+        redis_server: RedisServer, client: Client, queue: str, tmp_path: Path) -> None:
+    with workers(sim_worker(redis_server.url, queue, tmp_path, "a", sim_step_ms=20)):
+        job = client.submit(prompt="long", max_tokens=500)
+        wait_status(client, job.id, JobStatus.running)
+        time.sleep(0.3)
+        t_cancel = time.time()
+        assert client.cancel(job.id) == "requested"
+        res = client.wait(job.id, timeout=5)
+        assert client.cancel(job.id) == "finished"
+    assert res.status is JobStatus.cancelled and res.finish_reason == "cancelled"
+    assert 0 < res.usage.completion_tokens < 500
+    assert res.timings.finished_at is not None
+    # One 20 ms step, the pub/sub hop and the result write; generous for a busy 2-core box.
+    assert res.timings.finished_at - t_cancel < 0.3
+
+
+def test_a_cancel_missed_by_the_control_channel_is_found_by_lease_renewal(
+        redis_server: RedisServer, client: Client, r: redis.Redis, queue: str,
+        tmp_path: Path) -> None:
+    """The worker was not listening when the cancel was published (Redis restart, a cancel
+    that overtook the job): the flag in the job record is seen at the next renewal."""
+    with workers(sim_worker(redis_server.url, queue, tmp_path, "a", lease_seconds=1.5,
+                            sim_step_ms=20)):
+        job = client.submit(prompt="long", max_tokens=500)
+        wait_status(client, job.id, JobStatus.running)
+        t0 = time.time()
+        r.hset(QueueKeys.for_queue(queue).job(job.id), "cancel_requested", t0)  # no PUBLISH
+        res = client.wait(job.id, timeout=5)
+    assert res.status is JobStatus.cancelled
+    assert res.timings.finished_at is not None and res.timings.finished_at - t0 < 1.5
+
+
+# -- priorities, idempotency, backpressure ---------------------------------------------------
+
+def test_high_priority_jobs_are_pulled_first(redis_server: RedisServer, client: Client,
+                                             queue: str, tmp_path: Path) -> None:
+    order = ["low", "normal", "high"] * 4
+    jobs = [(p, client.submit(prompt=p, max_tokens=2, priority=p).id) for p in order]
+    with workers(sim_worker(redis_server.url, queue, tmp_path, "a", max_num_seqs=1,
+                            headroom=0)):
+        results = {i: client.wait(i, timeout=10) for _, i in jobs}
+    started = sorted(jobs, key=lambda pj: results[pj[1]].timings.started_at or 0)
+    assert [p for p, _ in started] == ["high"] * 4 + ["normal"] * 4 + ["low"] * 4
+
+
+def test_an_idempotent_submit_runs_once(redis_server: RedisServer, client: Client,
+                                        r: redis.Redis, queue: str, tmp_path: Path) -> None:
+    with workers(sim_worker(redis_server.url, queue, tmp_path, "a")):
+        a = client.submit(prompt="pay", max_tokens=3, idempotency_key="invoice-7")
+        b = client.submit(prompt="pay", max_tokens=3, idempotency_key="invoice-7")
+        res = client.wait(a.id, timeout=10)
+        c = client.submit(prompt="pay", max_tokens=3, idempotency_key="invoice-7")
+    assert a.id == b.id == c.id and a.created and not b.created and not c.created
+    assert res.attempts == 1 and r.llen(QueueKeys.for_queue(queue).done(a.id)) == 1
+    assert stats(r, queue).get("finished_succeeded") == 1
+
+
+def test_overload_at_twice_the_cap_refuses_at_submit_and_drops_nothing(
+        redis_server: RedisServer, r: redis.Redis, queue: str, tmp_path: Path) -> None:
+    cap = 24
+    c = Client.from_url(redis_server.url, queue=queue, max_pending=cap)
+    keys = QueueKeys.for_queue(queue)
+    peak = {"n": 0}
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak["n"] = max(peak["n"], sum(int(r.xlen(s)) for s in keys.streams))
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    reqs = [{"prompt": f"p{i}", "max_tokens": 20} for i in range(2 * cap)]
+    accepted: list[str | None] = [None] * len(reqs)
+    refusals = 0
+    with workers(sim_worker(redis_server.url, queue, tmp_path, "a")):
+        while any(a is None for a in accepted):
+            todo = [n for n, a in enumerate(accepted) if a is None]
+            try:
+                ids = c.submit_many([reqs[n] for n in todo])
+                got: list[str | None] = list(ids)
+            except QueueFull as e:
+                refusals += 1
+                got = list(e.accepted or [])
+                got += [None] * (len(todo) - len(got))
+                time.sleep(0.05)
+            for n, i in zip(todo, got, strict=True):
+                accepted[n] = i
+        results = [c.wait(str(i), timeout=30) for i in accepted]
+    stop.set()
+    sampler.join()
+    assert refusals >= 1
+    assert len(set(accepted)) == 2 * cap
+    assert all(res.status is JobStatus.succeeded for res in results)
+    assert peak["n"] <= cap
+
+
+# -- graceful drain --------------------------------------------------------------------------
+
+def test_sigterm_finishes_in_flight_work_within_the_grace_period(
+        redis_server: RedisServer, client: Client, queue: str, tmp_path: Path) -> None:
+    a = sim_worker(redis_server.url, queue, tmp_path, "a", grace_seconds=10)
+    b = sim_worker(redis_server.url, queue, tmp_path, "b", max_num_seqs=1, headroom=0)
+    with workers(a, b):
+        b.stop(10)
+        ids = client.submit_many([{"prompt": "x", "max_tokens": 50 + 10 * k}
+                                  for k in range(12)])
+        time.sleep(0.3)  # a holds 6 (capacity), 6 wait in Redis
+        held = [i for i in ids if client.status(i) is JobStatus.running]
+        assert len(held) == 6
+        b = sim_worker(redis_server.url, queue, tmp_path, "b2")
+        b.wait_ready(30)
+        assert a.stop(30) == 0
+        results = {i: client.wait(i, timeout=30) for i in ids}
+        b.stop(10)
+    # Nothing was aborted or run twice: every job ran once, where it started.
+    assert all(res.status is JobStatus.succeeded and res.attempts == 1
+               for res in results.values())
+    assert all(results[i].worker == "a" for i in held)
+    assert "b2" in {res.worker for res in results.values()}  # the rest waited for a peer
+    assert "0 unfinished jobs handed back" in a.tail(5)
+
+
+def test_sigterm_past_the_grace_period_hands_jobs_back_for_a_quick_reclaim(
+        redis_server: RedisServer, client: Client, queue: str, tmp_path: Path) -> None:
+    lease = 4.0
+    a = sim_worker(redis_server.url, queue, tmp_path, "a", grace_seconds=0.3,
+                   lease_seconds=lease, sim_step_ms=20)
+    b = sim_worker(redis_server.url, queue, tmp_path, "b", lease_seconds=lease)
+    with workers(a, b):
+        b.stop(10)
+        ids = client.submit_many([{"prompt": "x", "max_tokens": 150} for _ in range(3)])
+        for i in ids:
+            wait_status(client, i, JobStatus.running)
+        b = sim_worker(redis_server.url, queue, tmp_path, "b2", lease_seconds=lease)
+        b.wait_ready(30)
+        t0 = time.monotonic()
+        assert a.stop(30) == 0
+        assert time.monotonic() - t0 < 2.0
+        results = [client.wait(i, timeout=30) for i in ids]
+        elapsed = time.monotonic() - t0
+        b.stop(10)
+    assert all(res.status is JobStatus.succeeded and res.worker == "b2" for res in results)
+    assert all(res.attempts == 2 for res in results)
+    # Handed back idle-past-the-lease: taken at the peer's next sweep (a quarter lease),
+    # not a whole lease later; then 150 steps of 5 ms.
+    assert elapsed < lease, elapsed
