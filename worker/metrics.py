@@ -24,7 +24,13 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import redis
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -93,6 +99,7 @@ class WorkerMetrics:
         self.feeder = feeder
         self.settings = settings
         self.queue = settings.queue
+        disable_created_metrics()  # no *_created series: noise for dashboards and alerts
         self.registry = registry or CollectorRegistry(auto_describe=True)
         lbl = ["queue"]
         self.ttft = Histogram("slotfill_ttft_seconds", "Time to first token, from submit "
@@ -108,6 +115,8 @@ class WorkerMetrics:
         self.callbacks = Counter("slotfill_callbacks", "Completion callbacks (Celery tasks) by "
                                  "outcome: sent, refused, error", ["queue", "outcome"],
                                  registry=self.registry)
+        for outcome in ("sent", "refused", "error"):
+            self.callbacks.labels(self.queue, outcome)
         self.registry.register(_Collector(self))
         self._redis: redis.Redis | None = None
         self._cache: tuple[float, queue_stats.QueueSnapshot | None] = (0.0, None)

@@ -1,0 +1,184 @@
+"""The worker's /metrics, scraped over HTTP from a real worker process (simulated engine), and
+the Grafana dashboard checked against what it exports."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from producer import Client, JobStatus, QueueKeys
+from producer.keys import GROUP
+from worker.fleet import WorkerProcess
+from worker.metrics import METRICS
+from worker.redis_server import RedisServer, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+DASHBOARD = ROOT / "config" / "grafana" / "dashboards" / "slotfill.json"
+SLOTS = 8
+QUEUE = f"metrics{os.getpid()}"
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(port: int) -> tuple[Samples, dict[str, str]]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    samples: Samples = {}
+    types: dict[str, str] = {}
+    for fam in text_string_to_metric_families(text):
+        types[fam.name] = fam.type
+        for s in fam.samples:
+            samples[(s.name, frozenset(s.labels.items()))] = s.value
+    return samples, types
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    want = {"queue": QUEUE, **labels}
+    hits = [v for (n, lbl), v in samples.items() if n == name and all(
+        (k, w) in lbl for k, w in want.items())]
+    assert hits, f"{name}{labels} not exported"
+    return sum(hits)
+
+
+@pytest.fixture(scope="module")
+def port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def worker(redis_server: RedisServer, port: int, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[WorkerProcess]:
+    d = tmp_path_factory.mktemp("metrics")
+    r = redis.Redis.from_url(redis_server.url)
+    keys = QueueKeys.for_queue(QUEUE)
+    for stream in keys.streams:
+        r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    # A job taken by a consumer that goes silent: the worker reclaims it on its second
+    # delivery, over max_deliveries=1, and dead-letters it.
+    c = Client.from_url(redis_server.url, queue=QUEUE)
+    c.submit(prompt="ghost", max_tokens=2)
+    r.xreadgroup(GROUP, "ghost", {keys.stream("normal"): ">"}, count=1)
+    w = WorkerProcess(redis_server.url, f"metrics-{os.getpid()}", d / "w.log", queue=QUEUE,
+                      engine="sim", sim_step_ms=4, max_num_seqs=SLOTS, headroom=4,
+                      metrics_port=port, lease_seconds=0.3, max_deliveries=1).start()
+    try:
+        w.wait_ready(60)
+        yield w
+    finally:
+        w.stop()
+        c.close()
+
+
+@pytest.fixture(scope="module")
+def final(worker: WorkerProcess, redis_server: RedisServer, port: int
+          ) -> tuple[Samples, dict[str, str], dict[str, float]]:
+    """Scrapes during a backlog and after it drained."""
+    c = Client.from_url(redis_server.url, queue=QUEUE)
+    ids = c.submit_many([{"prompt": "x y z", "max_tokens": 25} for _ in range(120)])
+    bad = c.submit(prompt="x " * 600, max_tokens=5).id  # too long: fails in the worker
+    time.sleep(0.5)
+    busy, _ = scrape(port)
+    during = {name: value(busy, name) for name in (
+        "slotfill_queue_lag", "slotfill_queue_oldest_waiting_seconds", "slotfill_queue_depth",
+        "slotfill_queue_pending", "slotfill_engine_running", "slotfill_slot_occupancy",
+        "slotfill_worker_in_flight")}
+    results = [c.wait(i, timeout=60) for i in [*ids, bad]]
+    assert sum(r.status is JobStatus.succeeded for r in results) == 120
+    time.sleep(1.1)  # past the queue snapshot cache
+    samples, types = scrape(port)
+    c.close()
+    return samples, types, during
+
+
+def test_every_metric_family_is_exported(final: tuple[Samples, dict[str, str], dict[str, float]]
+                                         ) -> None:
+    types = final[1]
+    for name, kind in METRICS.items():
+        assert types.get(name) == kind, (name, types.get(name))
+    assert {n for n in types if n.startswith("slotfill_")} == set(METRICS)
+
+
+def test_values_during_a_backlog(final: tuple[Samples, dict[str, str], dict[str, float]]) -> None:
+    during = final[2]
+    assert during["slotfill_queue_lag"] > 0  # what an autoscaler scales on
+    assert during["slotfill_queue_oldest_waiting_seconds"] > 0.1
+    assert during["slotfill_queue_depth"] >= during["slotfill_queue_lag"] + 1
+    assert during["slotfill_queue_pending"] >= SLOTS
+    assert during["slotfill_engine_running"] == SLOTS
+    assert during["slotfill_slot_occupancy"] == 1.0
+    assert SLOTS <= during["slotfill_worker_in_flight"] <= SLOTS + 4
+
+
+def test_values_after_the_run(final: tuple[Samples, dict[str, str], dict[str, float]]) -> None:
+    s = final[0]
+    assert value(s, "slotfill_results_total", status="succeeded") == 120
+    assert value(s, "slotfill_results_total", status="failed") == 2  # too long + poisoned
+    assert value(s, "slotfill_reclaims_total") >= 1
+    assert value(s, "slotfill_dead_letters_total") == 1
+    assert value(s, "slotfill_duplicate_results_total") == 0
+    assert value(s, "slotfill_output_tokens_total") == 120 * 25
+    assert value(s, "slotfill_output_tokens_per_second") > 0
+    assert value(s, "slotfill_engine_steps_total") > 0
+    assert value(s, "slotfill_engine_full_steps_total") > 0
+    assert value(s, "slotfill_ttft_seconds_count") == 120
+    assert value(s, "slotfill_e2e_seconds_count") == 122
+    assert value(s, "slotfill_queue_wait_seconds_count") == 121  # the poisoned job never started
+    assert value(s, "slotfill_queue_wait_seconds_sum") < value(s, "slotfill_e2e_seconds_sum")
+    assert value(s, "slotfill_queue_finished_total", status="succeeded") == 120
+    assert value(s, "slotfill_queue_finished_total", status="failed") == 2
+    assert value(s, "slotfill_queue_reclaimed_total") >= 1
+    assert value(s, "slotfill_queue_dead_lettered_total") == 1
+    assert value(s, "slotfill_queue_dead_letter_size") == 1
+    assert value(s, "slotfill_queue_depth") == 0 and value(s, "slotfill_queue_lag") == 0
+    assert value(s, "slotfill_queue_workers") == 1
+    assert value(s, "slotfill_redis_up") == 1
+    assert value(s, "slotfill_worker_pulling") == 1
+    assert value(s, "slotfill_worker_capacity") == SLOTS + 4
+    assert value(s, "slotfill_engine_slots") == SLOTS
+
+
+def _dashboard_metric_names() -> set[str]:
+    dash = json.loads(DASHBOARD.read_text())
+    exprs: list[str] = []
+
+    def walk(panels: list[dict[str, object]]) -> None:
+        for p in panels:
+            for t in p.get("targets", []) or []:  # type: ignore[attr-defined]
+                exprs.append(t["expr"])
+            walk(p.get("panels", []) or [])  # type: ignore[arg-type]
+
+    walk(dash["panels"])
+    for var in dash["templating"]["list"]:
+        exprs.append(var["definition"])
+    assert exprs
+    return {m for e in exprs for m in re.findall(r"\bslotfill_[a-z0-9_]+", e)}
+
+
+def test_dashboard_uses_exactly_the_exported_metrics(
+        final: tuple[Samples, dict[str, str], dict[str, float]]) -> None:
+    samples, types, _ = final
+    exported = {name for name, _ in samples} | set(types)
+    used = _dashboard_metric_names()
+    assert used <= exported, f"dashboard uses metrics the worker does not export: {used - exported}"
+    # ...and shows every family the worker exports.
+    families = {re.sub(r"_(total|bucket|sum|count)$", "", n) for n in used}
+    assert set(METRICS) <= families, set(METRICS) - families
+
+
+def test_metrics_off_by_default_and_a_taken_port_is_not_fatal(
+        redis_server: RedisServer, port: int, worker: WorkerProcess, tmp_path: Path) -> None:
+    w = WorkerProcess(redis_server.url, f"metrics-clash-{os.getpid()}", tmp_path / "w.log",
+                      queue=QUEUE + "b", engine="sim", metrics_port=port).start()
+    try:
+        w.wait_ready(60)  # the port is the first worker's: this one runs without metrics
+    finally:
+        w.stop()
+    assert "metrics endpoint not started" in w.tail(200)
