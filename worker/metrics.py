@@ -99,7 +99,7 @@ class WorkerMetrics:
         self.feeder = feeder
         self.settings = settings
         self.queue = settings.queue
-        disable_created_metrics()  # no *_created series: noise for dashboards and alerts
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # no *_created series
         self.registry = registry or CollectorRegistry(auto_describe=True)
         lbl = ["queue"]
         self.ttft = Histogram("slotfill_ttft_seconds", "Time to first token, from submit "
