@@ -85,6 +85,8 @@ def run_demo(model: str, n_jobs: int, engine: str, console: Console) -> int:
                 table.add_row(res.id[:8], res.status.value, str(res.usage.completion_tokens),
                               res.text[:60].replace("\n", " "))
         console.print(table)
+        if not model:
+            console.print("[dim](the tiny model has random weights: its text is noise)[/dim]")
         ok = sum(1 for res in results if res and res.ok)
         console.print(f"{ok}/{len(ids)} succeeded in {elapsed:.1f}s: "
                       f"{len(ids) / elapsed:.1f} jobs/s, {tokens / elapsed:.0f} output tokens/s")
