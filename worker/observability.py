@@ -202,11 +202,13 @@ def init_sentry(settings: WorkerSettings, transport: Any = None) -> bool:
         dsn=settings.sentry_dsn,
         environment=settings.sentry_environment or None,
         release=f"slotfill@{_version()}",
-        send_default_pii=False,
-        include_local_variables=settings.sentry_include_prompts,
+        include_local_variables=settings.sentry_include_prompts,  # PII stays off by default
         max_request_body_size="never",
         before_send=make_before_send(settings),  # type: ignore[arg-type]
         integrations=[LoggingIntegration(level=logging.INFO, event_level=logging.ERROR)],
+        # No auto-enabled integrations (redis, celery, ...): their breadcrumbs and spans
+        # could carry request bodies, and the worker needs none of them.
+        auto_enabling_integrations=False,
         transport=transport,
     )
     scope = sentry_sdk.get_global_scope()
