@@ -113,6 +113,15 @@ def demo(
     sys.exit(run_demo(model or "", jobs, engine, console))
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             add_help_option=False)
+def bench(ctx: typer.Context) -> None:
+    """Benchmark vs offline LLM.generate, an asyncio feeder and Celery (`slotfill bench -h`)."""
+    from bench.cli import main
+
+    main(ctx.args)
+
+
 def _register_ops_commands() -> None:
     """``slotfill status``, ``slotfill dlq ...``, ``slotfill batch ...`` (worker/status.py,
     worker/batch.py)."""

@@ -1,0 +1,5 @@
+"""``python -m bench`` = ``slotfill bench``."""
+
+from bench.cli import main
+
+main()

@@ -1,0 +1,161 @@
+"""``slotfill bench``: the benchmark's command line (imports stay light until a run starts).
+
+    slotfill bench                       # every mode, CPU defaults (tiny model), + soak
+    slotfill bench --modes offline,slotfill --requests 200
+    slotfill bench soak --jobs 100000    # the soak alone
+    slotfill bench report a.json b.json  # merge runs (e.g. GPU modes run in several calls)
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help="Benchmark slotfill against the engine's own limit, an in-process "
+                       "feeder and Celery.", add_completion=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
+console = Console()
+
+
+@app.callback(invoke_without_command=True)
+def run(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Option(help="model directory or name; default: the generated "
+                                       "tiny model")] = "",
+    load_format: Annotated[str, typer.Option(help="vLLM load format (dummy = random "
+                                             "weights)")] = "dummy",
+    skip_tokenizer_init: Annotated[bool, typer.Option(
+        help="no tokenizer (prompts are token ids anyway)")] = False,
+    max_num_seqs: Annotated[int, typer.Option(help="engine batch slots")] = 32,
+    max_num_batched_tokens: Annotated[int, typer.Option()] = 2048,
+    max_model_len: Annotated[int, typer.Option()] = 512,
+    gpu_memory_utilization: Annotated[float, typer.Option()] = 0.9,
+    enforce_eager: Annotated[bool, typer.Option()] = False,
+    headroom: Annotated[int, typer.Option(help="slotfill/asyncio: requests held waiting "
+                                          "inside the engine beyond its slots")] = 8,
+    requests: Annotated[int, typer.Option(help="requests in the workload")] = 1000,
+    prompt_tokens: Annotated[int, typer.Option(help="prompt length (max if "
+                                               "--min-prompt-tokens is set)")] = 64,
+    min_prompt_tokens: Annotated[int, typer.Option(help="0 = fixed prompt length")] = 0,
+    min_output: Annotated[int, typer.Option(help="output tokens, uniform from")] = 16,
+    max_output: Annotated[int, typer.Option(help="output tokens, uniform to")] = 256,
+    seed: Annotated[int, typer.Option()] = 0,
+    modes: Annotated[str, typer.Option(
+        help="comma-separated: offline,slotfill,asyncio,celery_batch,celery_per_request")] = (
+        "offline,slotfill,asyncio,celery_batch,celery_per_request"),
+    celery_requests: Annotated[int, typer.Option(
+        help="requests for the (slow) celery per-request mode")] = 64,
+    celery_batch: Annotated[int, typer.Option(
+        help="requests per task in celery batch mode; 0 = max_num_seqs")] = 0,
+    submit: Annotated[bool, typer.Option(help="measure submit jobs/s and Redis "
+                                         "commands/job")] = True,
+    submit_jobs: Annotated[int, typer.Option(help="jobs for submit_many jobs/s (one by one: a "
+                                             "tenth)")] = 20_000,
+    submit_depth: Annotated[int, typer.Option(help="queue depth of the second commands/job "
+                                              "probe")] = 100_000,
+    soak_jobs: Annotated[int, typer.Option(help="jobs of the sim-engine soak at the end "
+                                           "(0 = none)")] = 100_000,
+    results_dir: Annotated[Path, typer.Option(help="where JSON/PNG go")] = Path("bench/results"),
+    out: Annotated[str, typer.Option(help="output path prefix (default: "
+                                     "RESULTS_DIR/cpu|gpu-DATE)")] = "",
+) -> None:
+    """Run every chosen mode on one seeded workload with one engine configuration."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from bench.config import ALL_MODES, BenchConfig, EngineConfig, WorkloadConfig
+    from bench.report import print_report
+    from bench.run import Runner
+
+    chosen = [m.strip() for m in modes.split(",") if m.strip()]
+    bad = [m for m in chosen if m not in ALL_MODES]
+    if bad:
+        raise typer.BadParameter(f"unknown modes {bad}; choose from {', '.join(ALL_MODES)}")
+    cfg = BenchConfig(
+        engine=EngineConfig(model=model, load_format=load_format,
+                            skip_tokenizer_init=skip_tokenizer_init, max_num_seqs=max_num_seqs,
+                            max_num_batched_tokens=max_num_batched_tokens,
+                            max_model_len=max_model_len,
+                            gpu_memory_utilization=gpu_memory_utilization,
+                            enforce_eager=enforce_eager, headroom=headroom),
+        workload=WorkloadConfig(requests=requests, prompt_tokens=prompt_tokens,
+                                min_prompt_tokens=min_prompt_tokens, min_output=min_output,
+                                max_output=max_output, seed=seed),
+        modes=[m for m in ALL_MODES if m in chosen],
+        celery_requests=celery_requests, celery_batch=celery_batch)
+    if cfg.workload.prompt_tokens + cfg.workload.max_output > max_model_len:
+        raise typer.BadParameter("prompt_tokens + max_output exceeds max_model_len")
+    argv = sys.argv[sys.argv.index("bench") + 1:] if "bench" in sys.argv else sys.argv[1:]
+    submit_sizes = {"single": max(1, submit_jobs // 10), "many": submit_jobs,
+                    "depth": submit_depth, "probe": max(1, min(5000, submit_jobs // 4))}
+    results = Runner(cfg, console, results_dir).run(
+        argv, submit=submit_sizes if submit else None, soak_jobs=soak_jobs,
+        out_prefix=out or None)
+    print_report(results, console)
+    failed = [m for m, r in results["modes"].items() if "error" in r]
+    if failed:
+        console.print(f"[red]failed modes: {', '.join(failed)}[/red]")
+        raise typer.Exit(1)
+
+
+@app.command()
+def soak(
+    jobs: Annotated[int, typer.Option(help="jobs to push through one sim-engine worker")] = 100_000,
+    slots: Annotated[int, typer.Option(help="sim engine slots")] = 256,
+    step_ms: Annotated[float, typer.Option(help="sim engine step time")] = 2.0,
+    out: Annotated[str, typer.Option(help="JSON file to write (default: print only)")] = "",
+) -> None:
+    """Worker memory over a long run on the step-simulating engine (RSS start/end)."""
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from bench.soak import run_soak
+
+    with Progress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as bar:
+        task = bar.add_task("soak", total=jobs)
+        res = run_soak(jobs, slots=slots, step_ms=step_ms,
+                       progress=lambda p, d, t: bar.update(task, description=p, completed=d))
+    shown = {k: v for k, v in res.items() if k != "rss_samples"}
+    console.print_json(json.dumps(shown))
+    if out:
+        Path(out).write_text(json.dumps({"soak": res}, indent=1))
+
+
+@app.command(name="report")
+def report_cmd(
+    files: Annotated[list[Path], typer.Argument(help="bench JSON files; later ones' modes "
+                                                "override earlier ones'")],
+    out: Annotated[str, typer.Option(help="write the merged JSON/PNG with this prefix")] = "",
+) -> None:
+    """Print (and optionally merge) bench results, e.g. modes run in separate calls."""
+    import json
+
+    from bench import report
+
+    merged: dict[str, Any] = {}
+    for f in files:
+        data = json.loads(f.read_text())
+        modes = {**merged.get("modes", {}), **data.get("modes", {})}
+        merged = {**merged, **{k: v for k, v in data.items() if v}, "modes": modes}
+    report.add_ratios(merged)
+    merged["targets"] = report.targets(merged)
+    if out:
+        prefix = Path(out)
+        merged["files"] = {"json": str(prefix.with_suffix(".json")),
+                           "png": str(prefix.with_suffix(".png"))}
+        report.write_json(merged, prefix.with_suffix(".json"))
+        report.plot(merged, prefix.with_suffix(".png"))
+    report.print_report(merged, console)
+
+
+def main(args: list[str] | None = None) -> None:
+    app(args=args, prog_name="slotfill bench")
+
+
+if __name__ == "__main__":
+    main()

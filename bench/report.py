@@ -1,0 +1,208 @@
+"""Ratios, targets, the terminal tables, the JSON file and the occupancy plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+MODE_LABELS = {
+    "offline": "offline LLM.generate",
+    "slotfill": "slotfill (Redis + worker)",
+    "asyncio": "asyncio feeder, no Redis",
+    "celery_batch": "celery, static batch/task",
+    "celery_per_request": "celery, 1 request/task",
+}
+
+
+def _num(v: Any, fmt: str = "{:,.0f}") -> str:
+    return "–" if v is None else fmt.format(v)
+
+
+def _pair(a: Any, b: Any, fmt: str = "{:,.0f}") -> str:
+    return f"{_num(a, fmt)} / {_num(b, fmt)}"
+
+
+def add_ratios(results: dict[str, Any]) -> None:
+    modes = results.get("modes", {})
+    base = modes.get("offline", {}).get("output_tok_s")
+    for m in modes.values():
+        tps = m.get("output_tok_s")
+        m["ratio_to_offline"] = tps / base if base and tps else None
+
+
+def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The design targets, each with the measured value and whether it was met."""
+    modes = results.get("modes", {})
+    gpu = results.get("meta", {}).get("gpu") is not None
+    out: dict[str, dict[str, Any]] = {}
+
+    def put(name: str, value: Any, target: str, ok: bool | None) -> None:
+        out[name] = {"value": value, "target": target, "met": ok}
+
+    sf = modes.get("slotfill", {})
+    ratio = sf.get("ratio_to_offline")
+    want = 0.99 if gpu else 0.97
+    put("slotfill / offline (output tok/s)", ratio, f">= {want}",
+        None if ratio is None else ratio >= want)
+    share = (sf.get("slot_idle") or {}).get("free_slot_share")
+    put("slotfill free-slot steps while jobs wait", share, "<= 0.5 %",
+        None if share is None else share <= 0.005)
+    p99 = (sf.get("refill") or {}).get("p99_ms")
+    put("slotfill refill latency p99 (ms)", p99, "<= 2 ms", None if p99 is None else p99 <= 2)
+    cel = modes.get("celery_per_request", {}).get("output_tok_s")
+    x = sf["output_tok_s"] / cel if cel and sf.get("output_tok_s") else None
+    put("slotfill / celery per-request (tok/s)", x, ">= 10x", None if x is None else x >= 10)
+    sub = results.get("submit") or {}
+    sm = sub.get("submit_many_jobs_s")
+    put("submit_many jobs/s (one client)", sm, ">= 20000", None if sm is None else sm >= 20_000)
+    depths = sub.get("depths") or {}
+    if "empty" in depths and "deep" in depths:
+        a, b = depths["empty"]["commands_per_job"], depths["deep"]["commands_per_job"]
+        put("submit Redis commands/job, empty vs deep queue", [a, b], "equal",
+            abs(a - b) <= 0.02 * a)
+    soak = results.get("soak") or {}
+    if soak.get("rss_mib"):
+        rss = soak["rss_mib"]
+        warm = rss.get("warm", rss.get("ready"))
+        growth = soak.get("rss_growth_after_warmup_mib")
+        put(f"soak worker RSS (MiB) warm -> end, {soak['jobs']:,} jobs", [warm, rss["end"]],
+            "flat (<= 5 % growth)", None if growth is None else growth <= 0.05 * warm)
+    return out
+
+
+def mode_table(results: dict[str, Any]) -> Table:
+    t = Table(title="slotfill bench: one workload, one engine configuration, each mode",
+              show_lines=False)
+    for col in ("mode", "done/exact", "out tok/s", "x offline", "req/s", "TTFT p50/p99 ms",
+                "E2E p50/p99 ms", "queue wait p50/p99 ms", "mean occ.", "free-slot steps",
+                "refill p50/p99 ms", "startup s"):
+        t.add_column(col, justify="left" if col == "mode" else "right")
+    for name, m in results.get("modes", {}).items():
+        label = MODE_LABELS.get(name, name)
+        if "error" in m:
+            t.add_row(label, "[red]failed[/red]", *["–"] * 9, m.get("error", "")[:30])
+            continue
+        idle = m.get("slot_idle") or {}
+        refill = m.get("refill") or {}
+        share = idle.get("free_slot_share")
+        t.add_row(
+            label,
+            f"{m['completed']}/{m['exact_token_counts']} of {m['requests']}",
+            _num(m["output_tok_s"]),
+            _num(m.get("ratio_to_offline"), "{:.3f}"),
+            _num(m["req_s"], "{:,.1f}"),
+            _pair(m["ttft_p50_ms"], m["ttft_p99_ms"]),
+            _pair(m["e2e_p50_ms"], m["e2e_p99_ms"]),
+            _pair(m["queue_wait_p50_ms"], m["queue_wait_p99_ms"]),
+            _num(None if m.get("mean_occupancy") is None else 100 * m["mean_occupancy"],
+                 "{:.1f} %"),
+            _num(None if share is None else 100 * share, "{:.2f} %"),
+            _pair(refill.get("p50_ms"), refill.get("p99_ms"), "{:,.2f}") if refill else "–",
+            _num(m.get("startup_s"), "{:.0f}"),
+        )
+    return t
+
+
+def redis_table(results: dict[str, Any]) -> Table | None:
+    sub = results.get("submit")
+    sf = results.get("modes", {}).get("slotfill", {})
+    soak = results.get("soak")
+    if not (sub or sf.get("redis") or soak):
+        return None
+    t = Table(title="Redis: submit throughput, commands per job, soak")
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    if sub:
+        t.add_row("submit one by one (jobs/s)", _num(sub.get("submit_jobs_s")))
+        t.add_row("submit_many, pipelined (jobs/s)", _num(sub.get("submit_many_jobs_s")))
+        for d in (sub.get("depths") or {}).values():
+            t.add_row(f"submit: commands/job, queue depth {d['depth_before']:,}",
+                      f"{d['commands_per_job']:.3f} ({d['script_calls_per_job']:.3f} scripts; "
+                      f"{_num(d['submit_many_jobs_s'])} jobs/s)")
+    if sf.get("redis"):
+        d = sf["redis"]
+        t.add_row("slotfill run: commands/job, whole lifecycle",
+                  f"{d['commands_per_job']:.2f} ({d['script_calls_per_job']:.2f} scripts)")
+    if soak:
+        for name, d in (soak.get("redis_per_job") or {}).items():
+            t.add_row(f"soak: commands/job while {name} (depth {d['queue_depth'][0]:,}→"
+                      f"{d['queue_depth'][1]:,})",
+                      f"{d['commands_per_job']:.2f} ({d['script_calls_per_job']:.2f} scripts)")
+        rss = soak["rss_mib"]
+        t.add_row(f"soak: {soak['jobs']:,} jobs, {soak['jobs_s']:,.0f} jobs/s, worker RSS MiB",
+                  f"ready {rss.get('ready')} · warm {rss.get('warm')} · end {rss.get('end')} · "
+                  f"peak {rss.get('peak')}")
+    return t
+
+
+def target_table(tg: dict[str, dict[str, Any]]) -> Table:
+    t = Table(title="targets")
+    t.add_column("target")
+    t.add_column("measured", justify="right")
+    t.add_column("wanted", justify="right")
+    t.add_column("met")
+    for name, d in tg.items():
+        v = d["value"]
+        if isinstance(v, float):
+            shown = f"{100 * v:.2f} %" if "%" in d["target"] else f"{v:,.3f}"
+        elif isinstance(v, list):
+            shown = " → ".join(_num(x, "{:,.2f}") for x in v)
+        else:
+            shown = _num(v, "{}")
+        met = {True: "[green]yes[/green]", False: "[red]no[/red]", None: "–"}[d["met"]]
+        t.add_row(name, shown, d["target"], met)
+    return t
+
+
+def print_report(results: dict[str, Any], console: Console) -> None:
+    console.print(mode_table(results))
+    rt = redis_table(results)
+    if rt is not None:
+        console.print(rt)
+    console.print(target_table(results.get("targets", {})))
+    files = results.get("files", {})
+    if files:
+        console.print(f"JSON: {files.get('json')}  plot: {files.get('png')}")
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Engine occupancy (running requests) over time, one panel per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = {k: v for k, v in results.get("modes", {}).items() if v.get("occupancy")}
+    if not modes:
+        return
+    slots = results["config"]["engine"]["max_num_seqs"]
+    fig, axes = plt.subplots(len(modes), 1, figsize=(11, 2.3 * len(modes)), squeeze=False)
+    for ax, (name, m) in zip(axes[:, 0], modes.items(), strict=True):
+        xs, ys = m["occupancy"]
+        ax.step(xs, ys, where="post", color="tab:blue", linewidth=0.8)
+        ax.fill_between(xs, ys, step="post", alpha=0.3, color="tab:blue")
+        ax.axhline(slots, color="tab:red", linestyle="--", linewidth=0.8)
+        ax.set_ylim(0, slots * 1.15)
+        ax.set_xlim(0, max(xs[-1], 1e-3))
+        ratio = m.get("ratio_to_offline")
+        occ = m.get("mean_occupancy")
+        ax.set_title(f"{MODE_LABELS.get(name, name)}: {m['output_tok_s']:,.0f} out tok/s"
+                     + (f" ({ratio:.2f}x offline)" if ratio else "")
+                     + (f", mean occupancy {100 * occ:.0f} %" if occ is not None else "")
+                     + f", {m['completed']} requests", fontsize=9)
+        ax.set_ylabel("running")
+    axes[-1, 0].set_xlabel("seconds since the first submit")
+    meta = results.get("meta", {})
+    fig.suptitle(f"engine occupancy (dashed: max_num_seqs={slots}) — {meta.get('device', '')}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_json(results: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(results, indent=1, default=str))

