@@ -55,6 +55,8 @@ def write_input(path: Path, n: int, seed: int = 0, extras: bool = True) -> list[
                       "body": {"prompt": "x", "temperature": 7}})
         lines.append({"custom_id": "too-long", "method": "POST", "url": "/v1/completions",
                       "body": {"prompt": "x " * 600, "max_tokens": 5}})
+        lines.append({"custom_id": "huge", "method": "POST", "url": "/v1/completions",
+                      "body": {"prompt": "x" * 1_100_000}})
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     return [x["custom_id"] for x in lines]
 
@@ -72,7 +74,8 @@ def test_batch_file_round_trip(redis_server: RedisServer, r: redis.Redis, queue:
     assert res.exit_code == 0, res.output
     ok, errors = read_jsonl(out), read_jsonl(tmp_path / "out.errors.jsonl")
     assert sorted(str(x["custom_id"]) for x in ok + errors) == sorted(ids)
-    assert len(ok) == 30 and {e["custom_id"] for e in errors} == {"bad-temp", "too-long"}
+    assert len(ok) == 30
+    assert {e["custom_id"] for e in errors} == {"bad-temp", "too-long", "huge"}
     by_id = {x["custom_id"]: x for x in ok + errors}
     chat = by_id["req-0"]["response"]
     assert isinstance(chat, dict) and chat["status_code"] == 200
@@ -85,6 +88,8 @@ def test_batch_file_round_trip(redis_server: RedisServer, r: redis.Redis, queue:
     bad = by_id["bad-temp"]["response"]
     assert isinstance(bad, dict) and bad["status_code"] == 400
     assert "temperature" in bad["body"]["error"]["message"]
+    huge = by_id["huge"]["response"]
+    assert isinstance(huge, dict) and "over the" in huge["body"]["error"]["message"]
     long_ = by_id["too-long"]["response"]
     assert isinstance(long_, dict) and long_["status_code"] == 400
     assert long_["body"]["error"]["code"] == "prompt_too_long"
@@ -97,7 +102,7 @@ def test_batch_file_round_trip(redis_server: RedisServer, r: redis.Redis, queue:
                                   redis_server.url, "--json"])
     assert st.exit_code == 0, st.output
     state = json.loads(st.output)
-    assert state["state"] == "completed" and state["total"] == "32"
+    assert state["state"] == "completed" and state["total"] == "33"
     assert state["submitted"] == 31 and state["jobs"] == {"succeeded": 30, "failed": 1}
     listing = CliRunner().invoke(app, ["batch", "status", "--queue", queue, "--redis-url",
                                        redis_server.url])
@@ -106,7 +111,7 @@ def test_batch_file_round_trip(redis_server: RedisServer, r: redis.Redis, queue:
     # Running it again writes nothing new and submits nothing.
     again = run_batch(r, ClientSettings(redis_url=redis_server.url), inp, out, queue=queue,
                       progress=False)
-    assert again.written_before == 32 and again.submitted == 0
+    assert again.written_before == 33 and again.submitted == 0
     assert len(read_jsonl(out)) == 30
 
 

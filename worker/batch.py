@@ -33,9 +33,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from producer import protocol
-from producer.errors import InvalidRequest
+from producer.errors import InvalidRequest, PayloadTooLarge
 from producer.keys import Priority, QueueKeys
-from producer.schema import JobRequest, JobResult, JobStatus
+from producer.schema import JobRequest, JobResult, JobStatus, dump
 from producer.scripts import source
 from producer.settings import ClientSettings
 
@@ -137,8 +137,10 @@ def _flatten_message(m: Any) -> Any:
     return m
 
 
-def read_input(path: Path, priority: Priority = Priority.low) -> list[Line]:
-    """Parse and check the whole file first; raises BatchFileError naming the bad lines."""
+def read_input(path: Path, priority: Priority = Priority.low,
+               max_payload_bytes: int | None = None) -> list[Line]:
+    """Parse and check the whole file first; raises BatchFileError naming the bad lines.
+    Lines whose request is invalid are kept with ``error`` set (they get error lines)."""
     lines: list[Line] = []
     problems: list[str] = []
     seen: set[str] = set()
@@ -170,6 +172,10 @@ def read_input(path: Path, priority: Priority = Priority.low) -> list[Line]:
                 line = Line(n, cid, url, body)
                 try:
                     line.request = to_request(url, body, priority)
+                    size = len(dump(line.request).encode("utf-8"))
+                    if max_payload_bytes is not None and size > max_payload_bytes:
+                        line.request = None
+                        line.error = str(PayloadTooLarge(size, max_payload_bytes))
                 except InvalidRequest as e:
                     line.error = str(e)
                 lines.append(line)
@@ -371,7 +377,7 @@ def run_batch(
 ) -> BatchReport:
     """Submit every line not yet answered, write each result as it comes. Resumable."""
     errors = errors or errors_path_for(out)
-    lines = read_input(input_path, priority)
+    lines = read_input(input_path, priority, settings.max_payload_bytes)
     batch_id = batch_id or default_batch_id(input_path)
     run = BatchRun(r, settings, queue or settings.queue, batch_id, lines)
     report = BatchReport(batch_id, len(lines))
