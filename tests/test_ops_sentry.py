@@ -46,7 +46,7 @@ def sentry() -> Iterator[list[dict[str, Any]]]:
     Capture.events = []
     yield Capture.events
     sentry_sdk.get_client().close(timeout=0)
-    sentry_sdk.init()  # no DSN: off again
+    sentry_sdk.init(default_integrations=False, auto_enabling_integrations=False)  # off again
 
 
 def _settings(**kw: Any) -> WorkerSettings:
