@@ -283,6 +283,12 @@ class Feeder:
                                      f"{s.max_payload_bytes}-byte limit",
                                      ErrorCode.payload_too_large)
             req = results.parse_request(row)
+            if req.deadline is not None and req.deadline <= time.time():
+                self._out_of_engine(flight)  # a plain XADD carries its deadline in the body
+                await self._publish(row, JobStatus.expired, results.failure(
+                    row, "expired", "deadline passed before start", s.consumer,
+                    results.timings(t0, None), JobStatus.expired))
+                return
             self._arm_deadline(flight, req)
             gen = await self._generate(row, req)
             self._out_of_engine(flight)
