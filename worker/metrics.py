@@ -66,6 +66,10 @@ METRICS: dict[str, str] = {
     "slotfill_reclaims": "counter",
     "slotfill_dead_letters": "counter",
     "slotfill_duplicate_results": "counter",
+    "slotfill_solo_runs": "counter",
+    "slotfill_leases_lost": "counter",
+    "slotfill_released": "counter",
+    "slotfill_publish_retries": "counter",
     "slotfill_callbacks": "counter",
     "slotfill_ttft_seconds": "histogram",
     "slotfill_e2e_seconds": "histogram",
@@ -258,6 +262,14 @@ class _Collector(Collector):
                       "stream", c.dead_lettered)
         yield counter("slotfill_duplicate_results", "Results this worker computed for a job "
                       "that already had one (suppressed, never visible)", c.duplicates)
+        yield counter("slotfill_solo_runs", "Reclaimed suspects run alone in the engine "
+                      "(culprit isolation after an engine crash)", c.solo_runs)
+        yield counter("slotfill_leases_lost", "In-flight entries a peer took over because this "
+                      "worker renewed too late", c.leases_lost)
+        yield counter("slotfill_released", "Entries handed back unfinished (drain past the grace "
+                      "period, engine death)", c.released)
+        yield counter("slotfill_publish_retries", "Result writes retried while Redis was "
+                      "unavailable", c.publish_retries)
         yield from self._queue_metrics()
 
     def _queue_metrics(self) -> Iterator[Metric]:

@@ -104,30 +104,8 @@ def attach_job_events(feeder: Feeder, settings: WorkerSettings) -> JobEvents | N
         return None
     ev = JobEvents(settings)
     feeder.on_published.append(ev.published)
-    on_started(feeder, ev.started)
+    feeder.on_started.append(ev.started)
     return ev
-
-
-def on_started(feeder: Feeder, listener: Callable[[Row], None]) -> None:
-    """Call ``listener(row)`` for every row the feeder starts (a reclaim included).
-
-    Uses ``Feeder.on_started`` where the feeder has that hook; until then it wraps the
-    feeder's ``launch`` (the single entry point of pulled and reclaimed rows)."""
-    hooks = getattr(feeder, "on_started", None)
-    if isinstance(hooks, list):
-        hooks.append(listener)
-        return
-    launch = feeder.launch
-
-    def launch_and_tell(rows: list[Row]) -> None:
-        fresh = [r for r in rows if (r.job_id or f"entry:{r.stream}:{r.entry}")
-                 not in feeder.in_flight]
-        launch(rows)
-        for r in fresh:
-            if r.flag != "malformed":
-                listener(r)
-
-    setattr(feeder, "launch", launch_and_tell)  # noqa: B010
 
 
 # -- Sentry --------------------------------------------------------------------------------
