@@ -29,6 +29,10 @@ QUEUE = f"metrics{os.getpid()}"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
+def tokens(i: int) -> int:
+    return 10 + (i * 7) % 30
+
+
 def scrape(port: int) -> tuple[Samples, dict[str, str]]:
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     samples: Samples = {}
@@ -82,7 +86,7 @@ def final(worker: WorkerProcess, redis_server: RedisServer, port: int
           ) -> tuple[Samples, dict[str, str], dict[str, float]]:
     """Scrapes during a backlog and after it drained."""
     c = Client.from_url(redis_server.url, queue=QUEUE)
-    ids = c.submit_many([{"prompt": "x y z", "max_tokens": 25} for _ in range(120)])
+    ids = c.submit_many([{"prompt": "x y z", "max_tokens": tokens(i)} for i in range(120)])
     bad = c.submit(prompt="x " * 600, max_tokens=5).id  # too long: fails in the worker
     time.sleep(0.5)
     busy, _ = scrape(port)
@@ -111,10 +115,12 @@ def test_values_during_a_backlog(final: tuple[Samples, dict[str, str], dict[str,
     assert during["slotfill_queue_lag"] > 0  # what an autoscaler scales on
     assert during["slotfill_queue_oldest_waiting_seconds"] > 0.1
     assert during["slotfill_queue_depth"] >= during["slotfill_queue_lag"] + 1
-    assert during["slotfill_queue_pending"] >= SLOTS
-    assert during["slotfill_engine_running"] == SLOTS
-    assert during["slotfill_slot_occupancy"] == 1.0
-    assert SLOTS <= during["slotfill_worker_in_flight"] <= SLOTS + 4
+    # Engine figures are the last step's: one between two finishing jobs and their refills
+    # can show a slot free, so only "busy" is asserted here (test_refill measures refills).
+    assert during["slotfill_queue_pending"] >= 1
+    assert 0 < during["slotfill_engine_running"] <= SLOTS
+    assert 0 < during["slotfill_slot_occupancy"] <= 1.0
+    assert 1 <= during["slotfill_worker_in_flight"] <= SLOTS + 4
 
 
 def test_values_after_the_run(final: tuple[Samples, dict[str, str], dict[str, float]]) -> None:
@@ -124,7 +130,7 @@ def test_values_after_the_run(final: tuple[Samples, dict[str, str], dict[str, fl
     assert value(s, "slotfill_reclaims_total") >= 1
     assert value(s, "slotfill_dead_letters_total") == 1
     assert value(s, "slotfill_duplicate_results_total") == 0
-    assert value(s, "slotfill_output_tokens_total") == 120 * 25
+    assert value(s, "slotfill_output_tokens_total") == sum(tokens(i) for i in range(120))
     assert value(s, "slotfill_output_tokens_per_second") > 0
     assert value(s, "slotfill_engine_steps_total") > 0
     assert value(s, "slotfill_engine_full_steps_total") > 0

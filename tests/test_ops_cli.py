@@ -45,8 +45,8 @@ def worker(redis_server: RedisServer, queue: str, tmp_path: Path) -> Iterator[Wo
 
 def test_status_shows_workers_and_queue(redis_server: RedisServer, client: Client, queue: str,
                                         worker: WorkerProcess) -> None:
-    ids = client.submit_many([{"prompt": "x", "max_tokens": 60} for _ in range(150)])
-    time.sleep(0.6)  # a heartbeat or two with work in flight
+    ids = client.submit_many([{"prompt": "x", "max_tokens": 20 + i % 40} for i in range(150)])
+    time.sleep(0.8)  # a few heartbeats with work in flight
     code, out = cli(redis_server.url, "status", "--queue", queue, "--json")
     assert code == 0, out
     [q] = json.loads(out)
@@ -54,7 +54,10 @@ def test_status_shows_workers_and_queue(redis_server: RedisServer, client: Clien
     assert q["running"] > 0 and q["oldest_waiting_s"] > 0
     [w] = q["workers"]
     assert w["name"] == worker.consumer and int(w["in_flight"]) > 0
-    assert int(w["running"]) == 8 and float(w["output_tokens_per_s"]) > 0
+    # The heartbeat's engine figures are its last step's: a step between two waves of
+    # finishing jobs can show fewer than all slots running.
+    assert 0 < int(w["running"]) <= 8 and int(w["slots"]) == 8
+    assert int(w["output_tokens"]) > 0 and float(w["output_tokens_per_s"]) >= 0
     code, out = cli(redis_server.url, "status", "--queue", queue)
     assert code == 0, out
     assert worker.consumer in out and "pulling" in out and queue in out
