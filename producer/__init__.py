@@ -17,11 +17,20 @@ from producer.errors import (
 )
 from producer.keys import Priority, QueueKeys
 from producer.protocol import Job
-from producer.schema import ChatMessage, JobRequest, JobResult, JobStatus, Timings, Usage
+from producer.schema import (
+    CeleryCallback,
+    ChatMessage,
+    JobRequest,
+    JobResult,
+    JobStatus,
+    Timings,
+    Usage,
+)
 from producer.settings import ClientSettings
 
 __all__ = [
     "AsyncClient",
+    "CeleryCallback",
     "ChatMessage",
     "Client",
     "ClientSettings",
