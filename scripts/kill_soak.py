@@ -284,6 +284,7 @@ def soak(redis_url: str, queue: str, *, kills: int, jobs: int, log_dir: Path,
         sub.join()
         if not wait_all_terminal(r, queue, ids, drain_timeout):
             rep.notes.append("timed out waiting for every job to finish")
+        fleet.wait_ready()  # a SIGTERM before its handlers are installed is no drain
     finally:
         stop.set()
         sub.join()

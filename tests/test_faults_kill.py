@@ -1,0 +1,124 @@
+"""kill -9 workers while jobs flow: every job ends with exactly one result.
+
+The many-kills run uses the step-simulating engine (a worker starts in under a second); one
+test kills a worker running the real vLLM engine mid-generation. The 50-kill, 10 000-job run
+is ``scripts/kill_soak.py``, the same code with bigger numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from producer import Client, JobStatus, QueueKeys
+from scripts.kill_soak import check_invariants, held_by, soak, wait_all_terminal
+from worker.fleet import WorkerProcess
+from worker.redis_server import RedisServer
+
+pytestmark = pytest.mark.fault
+
+
+def _live_group_members(pgid: int, wait_s: float) -> list[int]:
+    """Processes of group ``pgid`` that are not zombies, once they had ``wait_s`` to die."""
+    end = time.monotonic() + wait_s
+    while True:
+        live = []
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                live.append(int(d.name))
+        if not live or time.monotonic() > end:
+            return live
+        time.sleep(0.1)
+
+
+def test_twenty_kills_lose_no_job_and_show_no_duplicate(
+        redis_server: RedisServer, queue: str, tmp_path: Path) -> None:
+    t0 = time.monotonic()
+    rep = soak(redis_server.url, queue, kills=20, jobs=1500, log_dir=tmp_path, workers=2,
+               lease=2.0, kill_gap=(1.5, 2.5), slots=8, headroom=4, step_ms=5,
+               tokens=(4, 40), seed=7)
+    print("\nkill test:", rep.summary())
+    assert rep.kills == 20 and rep.submitted == 1500
+    assert not rep.lost and not rep.duplicate_visible and not rep.wrong, rep.summary()
+    assert rep.statuses == {"succeeded": 1500} and rep.completed == 1500
+    assert rep.unfinished_entries == 0
+    assert rep.held_at_kills > 0  # the kills hit workers holding jobs
+    assert rep.re_executions <= rep.held_at_kills, rep.summary()
+    killed = [c for c in rep.worker_exit_codes.values() if c == -9]
+    assert len(killed) == 20
+    assert sorted(c for c in rep.worker_exit_codes.values() if c != -9) == [0, 0]
+    assert time.monotonic() - t0 < 120
+
+
+@pytest.mark.engine
+def test_killing_a_real_engine_worker_mid_generation_loses_nothing(
+        redis_server: RedisServer, r: redis.Redis, tmp_path: Path) -> None:
+    """Two workers with the real vLLM engine (CPU build, tiny model; started together to
+    share the start-up time) pull one queue; one is SIGKILLed with its engine processes while
+    it generates. The survivor takes its jobs over after the lease, and each job ends with
+    exactly one result. The survivor's engine then shows cancellation and a deadline abort
+    on the real engine."""
+    queue = "kill-e2e"
+    settings = dict(queue=queue, max_num_seqs=8, headroom=4, max_model_len=2048,
+                    max_num_batched_tokens=1024, lease_seconds=3, engine_hang_seconds=300,
+                    heartbeat_seconds=0.5)
+    a = WorkerProcess(redis_server.url, "real-a", tmp_path / "a.log", **settings).start()
+    b = WorkerProcess(redis_server.url, "real-b", tmp_path / "b.log", **settings).start()
+    c = Client.from_url(redis_server.url, queue=queue)
+    keys = QueueKeys.for_queue(queue)
+    try:
+        a.wait_ready(600)
+        b.wait_ready(600)
+        ids = c.submit_many([{"prompt": f"kill test {i}", "max_tokens": 96, "ignore_eos": True,
+                              "seed": i} for i in range(40)])
+        end = time.monotonic() + 120
+        while sum(r.hget(keys.job(i), "worker") == b"real-a" and
+                  c.status(i) is JobStatus.running for i in ids) < 4:
+            assert time.monotonic() < end
+            time.sleep(0.02)
+        time.sleep(0.3)  # mid-generation
+        assert a.proc is not None
+        pgid = a.proc.pid
+        a.kill()
+        held = held_by(r, queue, "real-a")
+        assert held > 0
+        assert _live_group_members(pgid, wait_s=10) == []  # no engine process outlived it
+        assert wait_all_terminal(r, queue, ids, timeout=300)
+        rep = check_invariants(r, queue, ids)
+        assert not rep.lost and not rep.duplicate_visible and not rep.wrong, rep.summary()
+        assert rep.statuses == {"succeeded": 40} and rep.unfinished_entries == 0
+        assert 0 < rep.re_executions <= held
+        results = [c.result(i) for i in ids]
+        for res in results:
+            assert res is not None and res.usage.completion_tokens == 96 and res.text
+        assert {res.worker for res in results if res and res.attempts > 1} == {"real-b"}
+        # Cancellation and a deadline, aborted inside the real engine.
+        # ~3 s of generation each on this box (the tiny model makes ~500 tokens/s).
+        long = c.submit(prompt="cancel me", max_tokens=1500, ignore_eos=True)
+        timed = c.submit(prompt="expire me", max_tokens=1500, ignore_eos=True, timeout=1.0)
+        while c.status(long.id) is not JobStatus.running:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        assert c.cancel(long.id) == "requested", c.result(long.id)
+        cancelled = c.wait(long.id, timeout=30)
+        expired = c.wait(timed.id, timeout=30)
+        assert cancelled.status is JobStatus.cancelled
+        assert 0 < cancelled.usage.completion_tokens < 1500
+        assert expired.status is JobStatus.expired, expired
+        assert 0 < expired.usage.completion_tokens < 1500 and expired.text
+        assert b.proc is not None and b.proc.poll() is None
+    finally:
+        c.close()
+        a.kill()
+        assert b.stop(60) == 0
+    assert r.exists(QueueKeys.for_queue(queue).worker("real-b")) == 0
