@@ -59,6 +59,9 @@ def run(
                                               "probe")] = 100_000,
     soak_jobs: Annotated[int, typer.Option(help="jobs of the sim-engine soak at the end "
                                            "(0 = none)")] = 100_000,
+    redis_boost: Annotated[bool, typer.Option(
+        help="give the private redis-server its own session with autogroup nice -10 (see "
+             "bench/redis_boost.py); --no-redis-boost = RedisServer's plain renice")] = True,
     results_dir: Annotated[Path, typer.Option(help="where JSON/PNG go")] = Path("bench/results"),
     out: Annotated[str, typer.Option(help="output path prefix (default: "
                                      "RESULTS_DIR/cpu|gpu-DATE)")] = "",
@@ -91,7 +94,7 @@ def run(
     argv = sys.argv[sys.argv.index("bench") + 1:] if "bench" in sys.argv else sys.argv[1:]
     submit_sizes = {"single": max(1, submit_jobs // 10), "many": submit_jobs,
                     "depth": submit_depth, "probe": max(1, min(5000, submit_jobs // 4))}
-    results = Runner(cfg, console, results_dir).run(
+    results = Runner(cfg, console, results_dir, redis_boost=redis_boost).run(
         argv, submit=submit_sizes if submit else None, soak_jobs=soak_jobs,
         out_prefix=out or None)
     print_report(results, console)

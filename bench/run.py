@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import platform
 import shutil
@@ -100,16 +101,16 @@ def _series(steps_file: str | None, t0: float, t1: float) -> list[list[float]]:
 
 
 class Runner:
-    def __init__(self, cfg: BenchConfig, console: Console, results_dir: Path) -> None:
+    def __init__(self, cfg: BenchConfig, console: Console, results_dir: Path,
+                 redis_boost: bool = True) -> None:
         self.cfg = cfg
+        self.redis_boost = redis_boost
         self.console = console
         self.results_dir = results_dir
 
     def _run_inproc(self, mode: str, run_dir: Path, progress: Callable[[str, int, int], None],
                     total: int) -> dict[str, Any]:
         """offline / asyncio in a fresh Python process (one engine; clean shutdown)."""
-        import json
-
         log = run_dir / f"{mode}.log"
         prog = run_dir / f"{mode}.progress"
         progress("starting engine", 0, total)
@@ -170,12 +171,14 @@ class Runner:
                            f"model {cfg.model_path} ({cfg.engine.load_format}); "
                            f"{len(reqs)} requests, {results['workload']['output_tokens']:,} "
                            f"output tokens; modes {', '.join(cfg.modes)}; logs in {run_dir}")
-        from worker.redis_server import RedisServer
+        from bench.redis_boost import BenchRedisServer
 
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn())
         with Progress(*columns, console=self.console) as bar, \
-                RedisServer(workdir=str(run_dir / "redis")) as server:
+                BenchRedisServer(workdir=str(run_dir / "redis"),
+                                 priority_boost=self.redis_boost) as server:
+            results["meta"]["redis_scheduling"] = server.scheduling()
             overall = bar.add_task("all", total=len(cfg.modes) + int(submit is not None)
                                    + int(soak_jobs > 0))
             for mode in cfg.modes:
@@ -193,14 +196,16 @@ class Runner:
 
                 try:
                     results["submit"] = run_submit_bench(
-                        reqs, **submit, progress=lambda s: bar.update(task, description=s))
+                        reqs, **submit, boost=self.redis_boost,
+                        progress=lambda s: bar.update(task, description=s))
                 except Exception as e:
                     self.console.print(f"[red]submit bench failed:[/red] {e}")
                     results["submit"] = {"error": str(e)}
                 bar.update(task, total=1, completed=1)
                 bar.advance(overall)
             if soak_jobs:
-                results["soak"] = run_soak_with_bar(bar, soak_jobs, run_dir / "soak")
+                results["soak"] = run_soak_with_bar(bar, soak_jobs, run_dir / "soak",
+                                                    self.redis_boost)
                 bar.advance(overall)
         report.add_ratios(results)
         results["targets"] = report.targets(results)
@@ -234,13 +239,14 @@ class Runner:
             reqs = sub
         else:
             raise ValueError(f"unknown mode {mode!r}")
+        (run_dir / f"{mode}.raw.json").write_text(json.dumps(raw))
         expected = {r.index: r.max_tokens for r in reqs}
         summary = summarize(raw, expected, cfg.engine.max_num_seqs, capacity)
         summary["occupancy"] = _series(raw.get("steps_file"), raw["t_start"], raw["t_end"])
         return summary
 
 
-def run_soak_with_bar(bar: Progress, jobs: int, workdir: Path) -> dict[str, Any]:
+def run_soak_with_bar(bar: Progress, jobs: int, workdir: Path, boost: bool) -> dict[str, Any]:
     from bench.soak import run_soak
 
     task = bar.add_task("soak", total=jobs)
@@ -250,7 +256,7 @@ def run_soak_with_bar(bar: Progress, jobs: int, workdir: Path) -> dict[str, Any]
 
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        return run_soak(jobs, progress=progress, workdir=str(workdir))
+        return run_soak(jobs, progress=progress, workdir=str(workdir), boost=boost)
     except Exception as e:
         bar.console.print(f"[red]soak failed:[/red] {e}")
         return {"error": str(e)}

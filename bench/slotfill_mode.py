@@ -13,7 +13,7 @@ import redis
 from bench.config import BenchConfig
 from bench.redis_stats import command_calls, delta, per_job
 from bench.workload import Request
-from producer import Client, JobStatus, QueueKeys, WaitTimeout
+from producer import Client, JobStatus, WaitTimeout
 from worker.fleet import WorkerProcess
 
 QUEUE = "bench"
@@ -59,7 +59,6 @@ def _measure(reqs: list[Request], w: WorkerProcess, redis_url: str, startup: flo
             progress("running", n + 1, len(ids))
     t1 = time.time()
     after = command_calls(r)
-    hb: dict[bytes, bytes] = r.hgetall(QueueKeys.for_queue(QUEUE).worker(CONSUMER))  # type: ignore[assignment]
     progress("running", len(ids), len(ids))
     records = []
     failed = []
@@ -72,12 +71,9 @@ def _measure(reqs: list[Request], w: WorkerProcess, redis_url: str, startup: flo
         records.append({"index": q.index, "output_tokens": res.usage.completion_tokens,
                         "submitted": t.queued_at, "started": t.started_at, "scheduled": None,
                         "first_token": t.first_token_at, "finished": t.finished_at})
-    worker_stats = {k.decode(): v.decode() for k, v in hb.items()
-                    if k.decode() in ("steps", "full_steps", "starved_steps", "capacity")}
     client.close()
     r.close()
     return {"t_start": t0, "t_end": t1, "startup_s": startup, "records": records,
             "steps_file": str(steps_file),
             "extra": {"submit_many_s": t_submitted - t0, "failed": failed,
-                      "worker_heartbeat": worker_stats,
                       "redis": per_job(delta(before, after), len(ids))}}

@@ -17,10 +17,10 @@ from typing import Any
 
 import redis
 
+from bench.redis_boost import BenchRedisServer
 from bench.redis_stats import command_calls, delta, per_job
 from producer import Client, QueueKeys
 from worker.fleet import WorkerProcess
-from worker.redis_server import RedisServer
 
 QUEUE = "soak"
 
@@ -33,12 +33,12 @@ def _finished(r: redis.Redis, keys: QueueKeys) -> int:
 def run_soak(jobs: int = 100_000, slots: int = 256, headroom: int = 32, step_ms: float = 2.0,
              max_tokens: tuple[int, int] = (1, 8), seed: int = 0,
              progress: Callable[[str, int, int], None] = lambda s, d, t: None,
-             workdir: str | None = None) -> dict[str, Any]:
+             workdir: str | None = None, boost: bool = True) -> dict[str, Any]:
     import psutil  # type: ignore[import-untyped]
 
     wd = Path(workdir or tempfile.mkdtemp(prefix="slotfill-bench-soak-")).resolve()
     (wd / "redis").mkdir(parents=True, exist_ok=True)
-    with RedisServer(workdir=str(wd / "redis")) as server:
+    with BenchRedisServer(workdir=str(wd / "redis"), priority_boost=boost) as server:
         w = WorkerProcess(server.url, "soak-worker", wd / "worker.log", queue=QUEUE,
                           engine="sim", sim_step_ms=step_ms, max_num_seqs=slots,
                           headroom=headroom).start()

@@ -16,10 +16,10 @@ from typing import Any
 
 import redis
 
+from bench.redis_boost import BenchRedisServer
 from bench.redis_stats import command_calls, delta, per_job
 from bench.workload import Request
 from producer import Client, QueueKeys
-from worker.redis_server import RedisServer
 
 
 def _bodies(reqs: list[Request], n: int) -> list[dict[str, object]]:
@@ -28,8 +28,10 @@ def _bodies(reqs: list[Request], n: int) -> list[dict[str, object]]:
 
 def run_submit_bench(reqs: list[Request], single: int = 2000, many: int = 20_000,
                      depth: int = 100_000, probe: int = 5000,
-                     progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    with RedisServer(workdir=tempfile.mkdtemp(prefix="slotfill-bench-submit-")) as server:
+                     progress: Callable[[str], None] = lambda s: None,
+                     boost: bool = True) -> dict[str, Any]:
+    with BenchRedisServer(workdir=tempfile.mkdtemp(prefix="slotfill-bench-submit-"),
+                          priority_boost=boost) as server:
         r = redis.Redis.from_url(server.url)
         c = Client.from_url(server.url, max_pending=10 * (depth + probe + many + single))
         out: dict[str, Any] = {"redis_appendfsync": server.appendfsync,
