@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import subprocess
 import sys
 import threading
 import time
@@ -210,11 +211,21 @@ class Fleet:
             w.wait_ready(timeout)
 
     def stop(self, timeout: float = 30.0) -> dict[str, int | None]:
+        """SIGTERM every worker at once (they drain in parallel), then wait; SIGKILL what
+        overstays. One SIGTERM each: a second one may land after a drained worker restored
+        the default handler on its way out."""
         for w in self.workers:
             if w.proc is not None and w.proc.poll() is None:
-                w.signal(15)
+                w.proc.send_signal(15)
+        end = time.monotonic() + timeout
         for w in self.workers:
-            self.exit_codes[w.consumer] = w.stop(timeout)
+            if w.proc is None:
+                continue
+            try:
+                w.proc.wait(max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                w.kill()
+            self.exit_codes[w.consumer] = w.proc.returncode
         return self.exit_codes
 
 

@@ -60,6 +60,47 @@ def test_twenty_kills_lose_no_job_and_show_no_duplicate(
     assert time.monotonic() - t0 < 120
 
 
+def test_a_frozen_workers_late_result_is_suppressed_not_shown(
+        redis_server: RedisServer, r: redis.Redis, queue: str, tmp_path: Path) -> None:
+    """A worker frozen past its lease (SIGSTOP: a VM stall, a long GC pause) loses its job to
+    a peer, which publishes. Thawed, the frozen worker computes a duplicate: acknowledged and
+    counted, never shown (the job has exactly one visible result, the peer's)."""
+    common = dict(queue=queue, engine="sim", max_num_seqs=2, headroom=0, lease_seconds=1,
+                  heartbeat_seconds=0.5)
+    a = WorkerProcess(redis_server.url, "frozen", tmp_path / "a.log", sim_step_ms=20,
+                      **common).start()
+    b = WorkerProcess(redis_server.url, "peer", tmp_path / "b.log", sim_step_ms=5,
+                      **common)
+    c = Client.from_url(redis_server.url, queue=queue)
+    keys = QueueKeys.for_queue(queue)
+    try:
+        a.wait_ready(60)
+        job = c.submit(prompt="slow", max_tokens=100)
+        end = time.monotonic() + 10
+        while c.status(job.id) is not JobStatus.running:
+            assert time.monotonic() < end
+            time.sleep(0.01)
+        time.sleep(0.2)
+        a.signal(19)  # SIGSTOP the whole process group
+        b.start().wait_ready(60)
+        res = c.wait(job.id, timeout=20)
+        assert res.worker == "peer" and res.attempts == 2
+        a.signal(18)  # SIGCONT: it carries on, unaware
+        end = time.monotonic() + 10
+        while int(r.hget(keys.stats, "duplicates_suppressed") or 0) < 1:
+            assert time.monotonic() < end, a.tail()
+            time.sleep(0.05)
+        assert r.llen(keys.done(job.id)) == 1
+        assert c.result(job.id) == res  # still the peer's result
+        assert r.xlen(keys.stream("normal")) == 0
+        assert a.proc is not None and a.proc.poll() is None  # the late worker lives on
+    finally:
+        c.close()
+        a.signal(18)
+        a.stop(20)
+        b.stop(20)
+
+
 @pytest.mark.engine
 def test_killing_a_real_engine_worker_mid_generation_loses_nothing(
         redis_server: RedisServer, r: redis.Redis, tmp_path: Path) -> None:

@@ -64,6 +64,8 @@ RAW_POISON: dict[str, tuple[dict[str, Any], str]] = {
                                 "invalid_request"),
     "bad priority": ({"body": _body(prompt="a", priority="urgent")}, "invalid_request"),
     "deadline already passed": ({"body": _body(prompt="a", deadline=1.0)}, "expired"),
+    "request the engine raises on": ({"body": _body(prompt="__engine_error__")},
+                                     "engine_error"),
 }
 
 
@@ -132,7 +134,10 @@ def test_every_kind_of_poison_gets_a_typed_error_and_harms_nobody(
     # Zero worker crashes: same process, still beating, no traceback in its log.
     assert sim_fleet.proc is not None and sim_fleet.proc.poll() is None
     assert r.exists(keys.worker("poison-eater"))
-    assert "Traceback" not in sim_fleet.log_path.read_text()
+    log = sim_fleet.log_path.read_text()
+    # The one traceback logged is the engine's own error, kept for the operator.
+    assert log.count("Traceback") == log.count("engine failed job") == 1
+    assert "engine dead" not in log and "crashed the feeder" not in log
 
 
 @pytest.mark.parametrize(("name", "call", "error"), [

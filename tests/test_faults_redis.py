@@ -155,9 +155,9 @@ def _run_restart(tmp: Path, fsync: str, power_loss_s: float = 0.0
     return out, server, ws
 
 
-def _cancel_after_restart(server: RedisServer) -> float:
-    """The cancel listener re-subscribed: a running job is cancelled in well under the
-    lease renewal period (2 s here), which only the control channel can do."""
+def _cancel_after_restart(server: RedisServer, ws: list[WorkerProcess]) -> float:
+    """The cancel listener re-subscribed: the cancellation of a running job arrives on the
+    control channel (not at the next lease renewal, the fallback)."""
     c = Client.from_url(server.url, queue=QUEUE)
     job = c.submit(prompt="long", max_tokens=500)  # 2.5 s of steps
     end = time.monotonic() + 10
@@ -169,6 +169,8 @@ def _cancel_after_restart(server: RedisServer) -> float:
     res = c.wait(job.id, timeout=5)
     c.close()
     assert res.status is JobStatus.cancelled and res.timings.finished_at
+    logs = "".join(w.log_path.read_text() for w in ws)
+    assert f"job {job.id} cancel requested (control channel)" in logs
     return res.timings.finished_at - t0
 
 
@@ -180,7 +182,7 @@ def test_redis_restart_with_fsync_always_loses_no_acknowledged_submit(tmp_path: 
         assert out["statuses"] == {"succeeded": out["acked_submits"]}
         assert out["refused_submit_calls"] >= 1  # the outage was real
         assert all(out["workers_alive"])
-        assert _cancel_after_restart(server) < 0.5
+        assert _cancel_after_restart(server, ws) < 0.5
         for w in ws:
             log = w.log_path.read_text()
             assert "redis unavailable" in log and "Traceback" not in log

@@ -180,14 +180,15 @@ def test_a_cancel_missed_by_the_control_channel_is_found_by_lease_renewal(
         tmp_path: Path) -> None:
     """The worker was not listening when the cancel was published (Redis restart, a cancel
     that overtook the job): the flag in the job record is seen at the next renewal."""
-    with workers(sim_worker(redis_server.url, queue, tmp_path, "a", lease_seconds=1.5,
-                            sim_step_ms=20)):
+    w = sim_worker(redis_server.url, queue, tmp_path, "a", lease_seconds=1.5, sim_step_ms=20)
+    with workers(w):
         job = client.submit(prompt="long", max_tokens=500)
         wait_status(client, job.id, JobStatus.running)
         t0 = time.time()
         r.hset(QueueKeys.for_queue(queue).job(job.id), "cancel_requested", t0)  # no PUBLISH
         res = client.wait(job.id, timeout=5)
     assert res.status is JobStatus.cancelled
+    assert f"job {job.id} cancel requested (lease renewal)" in w.log_path.read_text()
     assert res.timings.finished_at is not None and res.timings.finished_at - t0 < 1.5
 
 

@@ -346,10 +346,11 @@ class Feeder:
         self._aborts.add(task)
         task.add_done_callback(self._aborts.discard)
 
-    def cancel_requested(self, job_id: str) -> None:
-        """A client asked to cancel ``job_id`` (control channel or lease renewal)."""
+    def cancel_requested(self, job_id: str, source: str = "control channel") -> None:
+        """A client asked to cancel ``job_id`` (``source``: the control channel, or the flag
+        in its record found at lease renewal)."""
         if job_id in self.in_flight:
-            log.info("job %s cancel requested", job_id)
+            log.info("job %s cancel requested (%s)", job_id, source)
             self.abort(job_id, JobStatus.cancelled)
             return
         for row in self._solo_waiting:
@@ -367,7 +368,7 @@ class Feeder:
         jobs finished elsewhere (stop computing a duplicate), entries taken over by a peer."""
         for row, code in zip(rows, codes, strict=False):
             if code == "cancel":
-                self.cancel_requested(row.job_id)
+                self.cancel_requested(row.job_id, "lease renewal")
             elif code == "done":
                 if row in self._solo_waiting:
                     self._solo_waiting.remove(row)

@@ -5,7 +5,8 @@ the engine, one token per running request per step, abort, and death. Fault test
 kill workers many times in little time; at least one fault test still uses the real engine.
 A prompt containing ``__crash_engine__`` kills the engine once it runs (a poison request);
 one containing ``__hang_engine__`` stops it stepping for good (a hung engine, for the
-watchdog). Token-id prompts are checked against a vocabulary of ``VOCAB_SIZE`` ids.
+watchdog); one containing ``__engine_error__`` makes ``generate`` raise an unexpected error for
+that request alone. Token-id prompts are checked against a vocabulary of ``VOCAB_SIZE`` ids.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from worker.engine import Generation, StepStats
 
 POISON = "__crash_engine__"
 HANG = "__hang_engine__"
+RAISE = "__engine_error__"
 VOCAB_SIZE = 50_000
 
 
@@ -67,6 +69,8 @@ class SimEngine:
                                  ErrorCode.prompt_too_long)
         self._ensure_loop()
         text = str(request.prompt) + " ".join(m.content for m in request.messages or [])
+        if RAISE in text:
+            raise RuntimeError("simulated engine error for one request")
         seq = _Seq(job_id, n_prompt, request.max_tokens, asyncio.get_running_loop().create_future(),
                    poison=POISON in text, hang=HANG in text)
         self._waiting.append(seq)
