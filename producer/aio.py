@@ -102,9 +102,12 @@ class AsyncClient:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise WaitTimeout(f"job {job_id} not finished after {timeout}s")
-            await self.redis.blmove(  # fractional seconds: fine for Redis, not for the stub
-                keys.done(job_id), keys.done(job_id), max(left, 0.01), "LEFT", "LEFT"  # type: ignore[arg-type]
-            )
+            # In slices shorter than the socket timeout; fractional seconds are fine for
+            # Redis, not for redis-py's stub.
+            await self.redis.blmove(
+                keys.done(job_id), keys.done(job_id),
+                protocol.block_slice(left, self.redis.connection_pool.connection_kwargs),  # type: ignore[arg-type]
+                "LEFT", "LEFT")
 
     async def cancel(self, job_id: str, *, queue: str | None = None) -> str:
         keys = self._keys(queue)

@@ -32,6 +32,20 @@ def new_job_id() -> str:
     return secrets.token_hex(16)
 
 
+BLOCK_SLICE_S = 4.0
+"""Longest single blocking wait when the connection's socket timeout is unknown."""
+
+
+def block_slice(left: float, connection_kwargs: dict[str, Any]) -> float:
+    """Seconds one blocking command (``BLMOVE`` in ``wait``) may block: what is left of the
+    wait, but shorter than the connection's socket timeout, or the read times out first
+    (redis-py 8 gives every connection a 5 s socket timeout unless told otherwise)."""
+    timeout = (connection_kwargs.get("socket_timeout")
+               or connection_kwargs.get("orig_socket_timeout"))
+    cap = 0.8 * float(timeout) if timeout else BLOCK_SLICE_S
+    return max(0.01, min(left, max(0.1, cap)))
+
+
 def queue_keys(queue: str) -> QueueKeys:
     """Key names of ``queue``; InvalidRequest for a name that cannot be a queue."""
     try:

@@ -307,3 +307,32 @@ def test_sigterm_past_the_grace_period_hands_jobs_back_for_a_quick_reclaim(
     # Handed back idle-past-the-lease: taken at the peer's next sweep (a quarter lease),
     # not a whole lease later; then 150 steps of 5 ms.
     assert elapsed < lease, elapsed
+
+
+# -- waiting ---------------------------------------------------------------------------------
+
+async def test_a_wait_longer_than_the_socket_timeout_blocks_in_slices(
+        redis_server: RedisServer, client: Client, queue: str) -> None:
+    """redis-py 8 gives connections a 5 s socket timeout: a 6 s wait must still end in
+    WaitTimeout (sync and async clients), not in a socket timeout."""
+    import asyncio
+
+    from producer import AsyncClient, WaitTimeout
+
+    job = client.submit(prompt="nobody serves this queue")
+
+    def sync_wait() -> float:
+        t0 = time.monotonic()
+        with pytest.raises(WaitTimeout):
+            client.wait(job.id, timeout=6)
+        return time.monotonic() - t0
+
+    async def async_wait() -> float:
+        async with AsyncClient.from_url(redis_server.url, queue=queue) as ac:
+            t0 = time.monotonic()
+            with pytest.raises(WaitTimeout):
+                await ac.wait(job.id, timeout=6)
+            return time.monotonic() - t0
+
+    took = await asyncio.gather(asyncio.to_thread(sync_wait), async_wait())
+    assert all(5.9 <= t < 7.5 for t in took), took
