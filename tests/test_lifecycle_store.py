@@ -1,0 +1,109 @@
+"""The worker-side Lua steps on a real redis-server, one transition at a time (no worker
+process): lease renewal never takes an entry back, release makes entries reclaimable at
+once, reclaim isolates suspects and dead-letters poison, silent consumers are forgotten."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from producer import Client, QueueKeys
+from producer.keys import GROUP
+from worker.redis_server import RedisServer
+from worker.store import WorkerStore
+
+
+@pytest.fixture
+async def stores(redis_server: RedisServer, queue: str
+                 ) -> AsyncIterator[tuple[WorkerStore, WorkerStore]]:
+    conn = aioredis.Redis.from_url(redis_server.url)
+    a, b = WorkerStore(conn, queue, "a"), WorkerStore(conn, queue, "b")
+    await a.ensure_groups()
+    yield a, b
+    await conn.aclose()
+
+
+def owner(r: redis.Redis, queue: str, entry: str) -> tuple[str, int]:
+    p = r.xpending_range(QueueKeys.for_queue(queue).stream("normal"), GROUP, entry, entry, 1)
+    return p[0]["consumer"].decode(), int(p[0]["times_delivered"])
+
+
+async def test_renewal_keeps_a_lease_and_never_takes_one_back(
+        stores: tuple[WorkerStore, WorkerStore], client: Client, r: redis.Redis,
+        queue: str) -> None:
+    a, b = stores
+    job = client.submit(prompt="x")
+    [row] = await a.start_jobs(5)
+    await asyncio.sleep(0.05)
+    assert await a.renew_leases([row]) == ["ok"]
+    assert owner(r, queue, row.entry) == ("a", 1)  # renewed: no delivery counted
+    await asyncio.sleep(0.06)
+    [taken] = await b.reclaim_jobs(5, 0.05, 3, solo_allowed=True)
+    assert taken.job_id == job.id and taken.deliveries == 2
+    assert await a.renew_leases([row]) == ["lost"]
+    assert owner(r, queue, row.entry) == ("b", 2)  # still b's
+    client.cancel(job.id)
+    assert await b.renew_leases([taken]) == ["cancel"]
+    assert await b.finish(taken, "cancelled", "{}", 60)
+    assert await a.renew_leases([row]) == ["done"]
+    assert not await a.finish(row, "succeeded", "{}", 60)  # the late duplicate
+    stats = r.hgetall(QueueKeys.for_queue(queue).stats)
+    assert stats[b"duplicates_suppressed"] == b"1" and stats[b"reclaimed"] == b"1"
+
+
+async def test_released_entries_are_reclaimable_at_once_and_crashes_are_charged(
+        stores: tuple[WorkerStore, WorkerStore], client: Client, r: redis.Redis,
+        queue: str) -> None:
+    a, b = stores
+    keys = QueueKeys.for_queue(queue)
+    ids = [client.submit(prompt=f"p{i}").id for i in range(3)]
+    rows = await a.start_jobs(5)
+    assert await b.reclaim_jobs(5, 60, 3, solo_allowed=True) == []  # leased for a minute
+    assert await a.release(rows[:1], 60, "engine_crash", alone=True) == 1
+    assert await a.release(rows[1:], 60, "engine_crash") == 2
+    # Suspects run alone: one per claim, and only for a worker that can run it now.
+    assert await b.reclaim_jobs(5, 60, 3, solo_allowed=False) == []
+    first = await b.reclaim_jobs(5, 60, 3, solo_allowed=True)
+    assert len(first) == 1 and first[0].solo and first[0].job_id == ids[0]
+    assert r.hget(keys.job(ids[0]), "solo_crashes") == b"1"
+    assert r.hget(keys.job(ids[1]), "solo_crashes") is None
+    hist = json.loads(r.hget(keys.job(ids[0]), "history") or b"[]")
+    assert [h["event"] for h in hist] == ["engine_crash", "reclaimed"]
+    # A second solo crash makes it poison: dead-lettered, whatever the delivery count.
+    await b.release(first, 60, "engine_crash", alone=True)
+    rest = await a.reclaim_jobs(5, 60, 10, solo_allowed=True)
+    poisoned = [x for x in rest if x.job_id == ids[0]]
+    assert poisoned and poisoned[0].flag == "poisoned" and not poisoned[0].solo
+    assert sum(1 for x in rest if x.solo) == 1  # and one of the other two, alone
+
+
+async def test_the_last_allowed_delivery_runs_alone_and_the_next_is_poisoned(
+        stores: tuple[WorkerStore, WorkerStore], client: Client, queue: str) -> None:
+    a, b = stores
+    client.submit(prompt="x")
+    assert len(await a.start_jobs(1)) == 1
+    seen = []
+    for store in (b, a, b):
+        await asyncio.sleep(0.03)
+        got = await store.reclaim_jobs(1, 0.02, 3, solo_allowed=True)
+        seen.append((got[0].deliveries, got[0].solo, got[0].flag))
+    assert seen == [(2, False, ""), (3, True, ""), (4, False, "poisoned")]
+
+
+async def test_silent_consumers_with_nothing_pending_are_forgotten(
+        stores: tuple[WorkerStore, WorkerStore], client: Client, r: redis.Redis,
+        queue: str) -> None:
+    a, b = stores
+    client.submit(prompt="x")
+    [row] = await b.start_jobs(1)  # b joins the group ...
+    await b.finish(row, "succeeded", "{}", 60)  # ... and then holds nothing
+    stream = QueueKeys.for_queue(queue).stream("normal")
+    assert {c["name"] for c in r.xinfo_consumers(stream, GROUP)} == {b"b"}
+    await asyncio.sleep(0.05)
+    await a.reclaim_jobs(1, 1, 3, solo_allowed=True, forget_after_s=0.02)
+    assert {c["name"] for c in r.xinfo_consumers(stream, GROUP)} == set()
