@@ -20,6 +20,8 @@ Definitions (every mode is measured the same way):
   empty). slotfill: end = the worker's ``finished_at`` (taken when the generation returns,
   before the result is written), start = ``started_at`` (right after the ``start_jobs`` read
   returned, just before the request is handed to the engine).
+- **full-step ms**: time between consecutive engine steps that both ran every slot: the
+  engine's own speed, slowed on a small CPU box by whatever else takes CPU (``cpu_s``).
 - **mean occupancy**: time-weighted mean of ``running / max_num_seqs`` over the wall time;
   gaps between engine steps much longer than a step (an idle engine makes no steps) count as
   zero.
@@ -160,6 +162,9 @@ def summarize(raw: dict[str, Any], expected: dict[int, int], slots: int,
     steps = load_steps(raw.get("steps_file"))
     last_start = max((r["started"] for r in recs), default=t0)
     first_step = next((s["t"] for s in steps if s["t"] >= t0), t0)
+    in_run = [st for st in steps if t0 <= st["t"] <= t1]
+    full_dt = [b["t"] - a["t"] for a, b in itertools.pairwise(in_run)
+               if a["running"] >= slots and b["running"] >= slots]
     out: dict[str, Any] = {
         "requests": len(expected),
         "completed": len(recs),
@@ -173,7 +178,10 @@ def summarize(raw: dict[str, Any], expected: dict[int, int], slots: int,
         "ttft_p50_ms": _ms(pct(ttft, 50)), "ttft_p99_ms": _ms(pct(ttft, 99)),
         "e2e_p50_ms": _ms(pct(e2e, 50)), "e2e_p99_ms": _ms(pct(e2e, 99)),
         "queue_wait_p50_ms": _ms(pct(qwait, 50)), "queue_wait_p99_ms": _ms(pct(qwait, 99)),
-        "engine_steps": len([s for s in steps if t0 <= s["t"] <= t1]),
+        "engine_steps": len(in_run),
+        "tokens_per_step": tokens / len(in_run) if in_run else None,
+        "full_step_ms": {"mean": _ms(statistics.mean(full_dt)) if full_dt else None,
+                         "p50": _ms(pct(full_dt, 50)), "n": len(full_dt)},
         "mean_occupancy": mean_occupancy(steps, t0, t1, slots),
         "slot_idle": slot_idle(steps, first_step, last_start, slots),
     }

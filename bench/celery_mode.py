@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench import cpu
 from bench.config import BenchConfig
 from bench.workload import Request
 
@@ -24,7 +25,8 @@ def _db_url(redis_url: str, db: int) -> str:
 
 def run_celery(cfg: BenchConfig, reqs: list[Request], run_dir: Path, redis_url: str,
                mode: str, batch_size: int,
-               progress: Callable[[str, int, int], None]) -> dict[str, Any]:
+               progress: Callable[[str, int, int], None],
+               redis_pid: int | None = None) -> dict[str, Any]:
     broker, backend = _db_url(redis_url, 1), _db_url(redis_url, 2)
     env = dict(os.environ)
     env.update({"SLOTFILL_BENCH_RUN_DIR": str(run_dir), "SLOTFILL_BENCH_MODE": mode,
@@ -53,15 +55,16 @@ def run_celery(cfg: BenchConfig, reqs: list[Request], run_dir: Path, redis_url: 
                 raise TimeoutError("celery worker not ready after 1800 s")
             time.sleep(0.2)
         startup = time.time() - t_load
+        g = cpu.groups(proc.pid, redis_pid, os.getpid())
         return _measure(reqs, broker, backend, mode, batch_size, startup, run_dir, progress,
-                        proc)
+                        proc, g)
     finally:
         _stop(proc)
 
 
 def _measure(reqs: list[Request], broker: str, backend: str, mode: str, batch_size: int,
              startup: float, run_dir: Path, progress: Callable[[str, int, int], None],
-             proc: subprocess.Popen[bytes]) -> dict[str, Any]:
+             proc: subprocess.Popen[bytes], cpu_groups: dict[str, list[Any]]) -> dict[str, Any]:
     from celery import Celery
     from celery.exceptions import TimeoutError as CeleryTimeout
 
@@ -71,6 +74,7 @@ def _measure(reqs: list[Request], broker: str, backend: str, mode: str, batch_si
     client.conf.update(task_serializer="json", result_serializer="json",
                        accept_content=["json"])
     batches = [reqs[i:i + batch_size] for i in range(0, len(reqs), batch_size)]
+    c0 = cpu.snapshot(cpu_groups)
     t0 = time.time()
     pending = []
     for b in batches:
@@ -87,10 +91,11 @@ def _measure(reqs: list[Request], broker: str, backend: str, mode: str, batch_si
                     raise RuntimeError(f"celery worker exited with {proc.returncode}") from None
         progress("running", len(records), len(reqs))
     t1 = time.time()
+    cpu_s = cpu.delta(c0, cpu.snapshot(cpu_groups))
     client.close()
     return {"t_start": t0, "t_end": t1, "startup_s": startup, "records": records,
             "steps_file": str(run_dir / f"{mode}.steps.jsonl"),
-            "extra": {"batch_size": batch_size, "tasks": len(batches)}}
+            "extra": {"batch_size": batch_size, "tasks": len(batches), "cpu_s": cpu_s}}
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from bench import cpu
 from bench.config import BenchConfig
 from bench.workload import Request, make_workload
 
@@ -38,13 +40,17 @@ def run_offline(cfg: BenchConfig, reqs: list[Request], run_dir: Path) -> dict[st
     prompts = [token_prompt(r.prompt) for r in reqs]
     params = [sampling_params(cfg, r.max_tokens) for r in reqs]
     _progress(run_dir, "offline", 0, len(reqs))
+    g = cpu.groups(os.getpid())
+    c0 = cpu.snapshot(g)
     t0 = time.time()
     outs = llm.generate(prompts, params, use_tqdm=False)
     t1 = time.time()
+    cpu_s = cpu.delta(c0, cpu.snapshot(g))
     records = [output_record(o, r.index, t0, t0) for o, r in zip(outs, reqs, strict=True)]
     _progress(run_dir, "offline", len(reqs), len(reqs))
     steps.close()
-    return {"t_start": t0, "t_end": t1, "startup_s": startup, "records": records}
+    return {"t_start": t0, "t_end": t1, "startup_s": startup, "records": records,
+            "extra": {"cpu_s": cpu_s}}
 
 
 async def _feed(cfg: BenchConfig, reqs: list[Request], run_dir: Path) -> dict[str, Any]:
@@ -82,6 +88,8 @@ async def _feed(cfg: BenchConfig, reqs: list[Request], run_dir: Path) -> dict[st
             slots.release()
 
     _progress(run_dir, "asyncio", 0, total)
+    g = cpu.groups(os.getpid())
+    c0 = cpu.snapshot(g)
     t0 = time.time()
     tasks = []
     for r in reqs:  # every request is "submitted" at t0 and waits here for a place
@@ -89,11 +97,12 @@ async def _feed(cfg: BenchConfig, reqs: list[Request], run_dir: Path) -> dict[st
         tasks.append(asyncio.create_task(one(r, t0)))
     await asyncio.gather(*tasks)
     t1 = time.time()
+    cpu_s = cpu.delta(c0, cpu.snapshot(g))
     _progress(run_dir, "asyncio", total, total)
     llm.shutdown()
     steps.close()
     return {"t_start": t0, "t_end": t1, "startup_s": startup, "records": records,
-            "extra": {"capacity": capacity}}
+            "extra": {"capacity": capacity, "cpu_s": cpu_s}}
 
 
 def main(argv: list[str]) -> int:

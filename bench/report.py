@@ -67,7 +67,7 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     soak = results.get("soak") or {}
     if soak.get("rss_mib"):
         rss = soak["rss_mib"]
-        warm = rss.get("warm", rss.get("ready"))
+        warm = rss.get("warm", rss.get("start"))
         growth = soak.get("rss_growth_after_warmup_mib")
         put(f"soak worker RSS (MiB) warm -> end, {soak['jobs']:,} jobs", [warm, rss["end"]],
             "flat (<= 5 % growth)", None if growth is None else growth <= 0.05 * warm)
@@ -107,6 +107,25 @@ def mode_table(results: dict[str, Any]) -> Table:
     return t
 
 
+def engine_table(results: dict[str, Any]) -> Table:
+    """Why throughput differs: steps, tokens per step, step time, and CPU outside the engine."""
+    t = Table(title="engine steps and CPU seconds in the measured window")
+    for col in ("mode", "steps", "tokens/step", "full-step ms mean/p50", "CPU s engine",
+                "frontend", "redis", "client"):
+        t.add_column(col, justify="left" if col == "mode" else "right")
+    for name, m in results.get("modes", {}).items():
+        if "error" in m:
+            continue
+        fs = m.get("full_step_ms") or {}
+        c = m.get("cpu_s") or {}
+        t.add_row(MODE_LABELS.get(name, name), _num(m.get("engine_steps")),
+                  _num(m.get("tokens_per_step"), "{:.1f}"),
+                  _pair(fs.get("mean"), fs.get("p50"), "{:.2f}"),
+                  _num(c.get("engine"), "{:.1f}"), _num(c.get("frontend"), "{:.1f}"),
+                  _num(c.get("redis"), "{:.1f}"), _num(c.get("client"), "{:.1f}"))
+    return t
+
+
 def redis_table(results: dict[str, Any]) -> Table | None:
     sub = results.get("submit")
     sf = results.get("modes", {}).get("slotfill", {})
@@ -129,12 +148,12 @@ def redis_table(results: dict[str, Any]) -> Table | None:
                   f"{d['commands_per_job']:.2f} ({d['script_calls_per_job']:.2f} scripts)")
     if soak:
         for name, d in (soak.get("redis_per_job") or {}).items():
-            t.add_row(f"soak: commands/job while {name} (depth {d['queue_depth'][0]:,}→"
-                      f"{d['queue_depth'][1]:,})",
+            t.add_row(f"soak, worker side: commands/job while {name} (depth "
+                      f"{d['queue_depth'][0]:,}→{d['queue_depth'][1]:,})",
                       f"{d['commands_per_job']:.2f} ({d['script_calls_per_job']:.2f} scripts)")
         rss = soak["rss_mib"]
         t.add_row(f"soak: {soak['jobs']:,} jobs, {soak['jobs_s']:,.0f} jobs/s, worker RSS MiB",
-                  f"ready {rss.get('ready')} · warm {rss.get('warm')} · end {rss.get('end')} · "
+                  f"start {rss.get('start')} · warm {rss.get('warm')} · end {rss.get('end')} · "
                   f"peak {rss.get('peak')}")
     return t
 
@@ -160,6 +179,7 @@ def target_table(tg: dict[str, dict[str, Any]]) -> Table:
 
 def print_report(results: dict[str, Any], console: Console) -> None:
     console.print(mode_table(results))
+    console.print(engine_table(results))
     rt = redis_table(results)
     if rt is not None:
         console.print(rt)

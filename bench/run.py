@@ -184,8 +184,9 @@ class Runner:
             for mode in cfg.modes:
                 task = bar.add_task(mode, total=len(reqs))
                 try:
-                    results["modes"][mode] = self._mode(mode, reqs, run_dir, server.url,
-                                                        bar, task)
+                    results["modes"][mode] = self._mode(
+                        mode, reqs, run_dir, server.url,
+                        server.proc.pid if server.proc else None, bar, task)
                 except Exception as e:  # report it; the other modes still run
                     self.console.print(f"[red]{mode} failed:[/red] {e}")
                     results["modes"][mode] = {"error": str(e)}
@@ -214,7 +215,7 @@ class Runner:
         return results
 
     def _mode(self, mode: str, reqs: list[Request], run_dir: Path, redis_url: str,
-              bar: Progress, task: TaskID) -> dict[str, Any]:
+              redis_pid: int | None, bar: Progress, task: TaskID) -> dict[str, Any]:
         cfg = self.cfg
 
         def progress(phase: str, done: int, total: int) -> None:
@@ -228,14 +229,14 @@ class Runner:
         elif mode == "slotfill":
             from bench.slotfill_mode import run_slotfill
 
-            raw = run_slotfill(cfg, reqs, run_dir, redis_url, progress)
+            raw = run_slotfill(cfg, reqs, run_dir, redis_url, progress, redis_pid)
             capacity = cfg.engine.max_num_seqs + cfg.engine.headroom
         elif mode in ("celery_batch", "celery_per_request"):
             from bench.celery_mode import run_celery
 
             sub = reqs if mode == "celery_batch" else reqs[:cfg.celery_requests]
             size = cfg.batch_size if mode == "celery_batch" else 1
-            raw = run_celery(cfg, sub, run_dir, redis_url, mode, size, progress)
+            raw = run_celery(cfg, sub, run_dir, redis_url, mode, size, progress, redis_pid)
             reqs = sub
         else:
             raise ValueError(f"unknown mode {mode!r}")

@@ -3,6 +3,7 @@ into ``AsyncLLM``. Measured from the first submit to the last result the client 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 import redis
 
+from bench import cpu
 from bench.config import BenchConfig
 from bench.redis_stats import command_calls, delta, per_job
 from bench.workload import Request
@@ -21,7 +23,8 @@ CONSUMER = "bench-worker"
 
 
 def run_slotfill(cfg: BenchConfig, reqs: list[Request], run_dir: Path, redis_url: str,
-                 progress: Callable[[str, int, int], None]) -> dict[str, Any]:
+                 progress: Callable[[str, int, int], None],
+                 redis_pid: int | None = None) -> dict[str, Any]:
     steps_file = run_dir / "slotfill.steps.jsonl"
     w = WorkerProcess(redis_url, CONSUMER, run_dir / "slotfill.worker.log", queue=QUEUE,
                       step_log=str(steps_file), engine_hang_seconds=900,
@@ -32,17 +35,21 @@ def run_slotfill(cfg: BenchConfig, reqs: list[Request], run_dir: Path, redis_url
     try:
         w.wait_ready(timeout=1800)
         startup = time.time() - t_load
-        return _measure(reqs, w, redis_url, startup, steps_file, progress)
+        assert w.proc is not None
+        g = cpu.groups(w.proc.pid, redis_pid, os.getpid())
+        return _measure(reqs, w, redis_url, startup, steps_file, progress, g)
     finally:
         w.stop()
 
 
 def _measure(reqs: list[Request], w: WorkerProcess, redis_url: str, startup: float,
-             steps_file: Path, progress: Callable[[str, int, int], None]) -> dict[str, Any]:
+             steps_file: Path, progress: Callable[[str, int, int], None],
+             cpu_groups: dict[str, list[Any]]) -> dict[str, Any]:
     r = redis.Redis.from_url(redis_url)
     client = Client.from_url(redis_url, queue=QUEUE, max_pending=max(100_000, 2 * len(reqs)))
     bodies = [q.job() for q in reqs]
     before = command_calls(r)
+    c0 = cpu.snapshot(cpu_groups)
     t0 = time.time()
     ids = client.submit_many(bodies)
     t_submitted = time.time()
@@ -58,6 +65,7 @@ def _measure(reqs: list[Request], w: WorkerProcess, redis_url: str, startup: flo
         if n % 20 == 0:
             progress("running", n + 1, len(ids))
     t1 = time.time()
+    cpu_s = cpu.delta(c0, cpu.snapshot(cpu_groups))
     after = command_calls(r)
     progress("running", len(ids), len(ids))
     records = []
@@ -75,5 +83,5 @@ def _measure(reqs: list[Request], w: WorkerProcess, redis_url: str, startup: flo
     r.close()
     return {"t_start": t0, "t_end": t1, "startup_s": startup, "records": records,
             "steps_file": str(steps_file),
-            "extra": {"submit_many_s": t_submitted - t0, "failed": failed,
+            "extra": {"submit_many_s": t_submitted - t0, "failed": failed, "cpu_s": cpu_s,
                       "redis": per_job(delta(before, after), len(ids))}}

@@ -1,9 +1,8 @@
 """Soak: many jobs through one worker on the step-simulating engine (``SLOTFILL_ENGINE=sim``).
 
-Reports the worker process's RSS (psutil) when ready, after a warm-up share of the jobs, and
-at the end, plus its peak, and Redis commands per finished job (whole lifecycle: submit,
-pull, finish, result read by nobody) in a window while the queue is deep and one while it is
-shallow.
+Reports the worker process's RSS (psutil) at start, after a warm-up tenth of the jobs, and at
+the end, plus its peak, and the worker's Redis commands per finished job (pull, finish, lease
+renewals, heartbeats) in a window while the queue is deep and one while it is shallow.
 """
 
 from __future__ import annotations
@@ -34,11 +33,23 @@ def run_soak(jobs: int = 100_000, slots: int = 256, headroom: int = 32, step_ms:
              max_tokens: tuple[int, int] = (1, 8), seed: int = 0,
              progress: Callable[[str, int, int], None] = lambda s, d, t: None,
              workdir: str | None = None, boost: bool = True) -> dict[str, Any]:
+    """Submit every job first, then start the worker: the queue drains from ``jobs`` to 0,
+    so the two command windows (10-20 % and 80-90 % done) see only the worker's side."""
     import psutil  # type: ignore[import-untyped]
 
     wd = Path(workdir or tempfile.mkdtemp(prefix="slotfill-bench-soak-")).resolve()
     (wd / "redis").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
     with BenchRedisServer(workdir=str(wd / "redis"), priority_boost=boost) as server:
+        c = Client.from_url(server.url, queue=QUEUE, max_pending=jobs + 1)
+        t = time.perf_counter()
+        for i in range(0, jobs, 10_000):
+            n = min(10_000, jobs - i)
+            c.submit_many([{"prompt": "soak job", "max_tokens": rng.randint(*max_tokens),
+                            "ignore_eos": True} for _ in range(n)])
+            progress("soak: submitting", i + n, jobs)
+        submit_s = time.perf_counter() - t
+        c.close()
         w = WorkerProcess(server.url, "soak-worker", wd / "worker.log", queue=QUEUE,
                           engine="sim", sim_step_ms=step_ms, max_num_seqs=slots,
                           headroom=headroom).start()
@@ -46,40 +57,32 @@ def run_soak(jobs: int = 100_000, slots: int = 256, headroom: int = 32, step_ms:
             w.wait_ready(120)
             assert w.proc is not None
             proc = psutil.Process(w.proc.pid)
-            return _drive(server.url, w, proc, jobs, max_tokens, seed, progress)
+            out = _drive(server.url, w, proc, jobs, progress)
         finally:
             w.stop()
+    out.update({"submit_jobs_s": jobs / submit_s, "sim": {"slots": slots, "headroom": headroom,
+                                                          "step_ms": step_ms,
+                                                          "max_tokens": list(max_tokens)}})
+    return out
 
 
-def _drive(url: str, w: WorkerProcess, proc: Any, jobs: int, max_tokens: tuple[int, int],
-           seed: int, progress: Callable[[str, int, int], None]) -> dict[str, Any]:
+def _drive(url: str, w: WorkerProcess, proc: Any, jobs: int,
+           progress: Callable[[str, int, int], None]) -> dict[str, Any]:
     r = redis.Redis.from_url(url)
     keys = QueueKeys.for_queue(QUEUE)
-    c = Client.from_url(url, queue=QUEUE, max_pending=jobs + 1)
-    rng = random.Random(seed)
-    rss: dict[str, int] = {"ready": proc.memory_info().rss}
+    rss: dict[str, int] = {"start": proc.memory_info().rss}
     samples: list[tuple[float, int, int]] = []
-    progress("soak: submitting", 0, jobs)
     t0 = time.time()
-    chunk = 10_000
-    submitted = 0
     done = 0
     # Command windows: while deep (10%..20% done) and while shallow (80%..90% done).
     marks = {0.1: "deep_start", 0.2: "deep_end", 0.8: "shallow_start", 0.9: "shallow_end"}
     snaps: dict[str, tuple[dict[str, int], int, int]] = {}
     while done < jobs:
-        if submitted < jobs:
-            n = min(chunk, jobs - submitted)
-            c.submit_many([{"prompt": "soak job", "max_tokens": rng.randint(*max_tokens),
-                            "ignore_eos": True} for _ in range(n)])
-            submitted += n
-        else:
-            time.sleep(0.2)
+        time.sleep(0.1)
         done = _finished(r, keys)
-        depth = submitted - done
         for frac, name in marks.items():
             if name not in snaps and done >= frac * jobs:
-                snaps[name] = (command_calls(r), done, depth)
+                snaps[name] = (command_calls(r), done, jobs - done)
         m = proc.memory_info().rss
         samples.append((time.time() - t0, done, m))
         if "warm" not in rss and done >= 0.1 * jobs:
@@ -98,13 +101,13 @@ def _drive(url: str, w: WorkerProcess, proc: Any, jobs: int, max_tokens: tuple[i
             d["queue_depth"] = [a[2], b[2]]
             windows[name] = d
     stats: dict[bytes, bytes] = r.hgetall(keys.stats)  # type: ignore[assignment]
-    c.close()
     r.close()
     mib = 1024 * 1024
     return {
         "jobs": jobs, "elapsed_s": elapsed, "jobs_s": jobs / elapsed,
         "rss_mib": {k: round(v / mib, 1) for k, v in rss.items()},
-        "rss_growth_after_warmup_mib": round((rss["end"] - rss.get("warm", rss["ready"])) / mib, 1),
+        "rss_growth_after_warmup_mib": round((rss["end"] - rss.get("warm", rss["start"])) / mib,
+                                             1),
         "rss_samples": [(round(t, 2), d, round(m / mib, 1))
                         for t, d, m in samples[:: max(1, len(samples) // 200)]],
         "redis_per_job": windows,

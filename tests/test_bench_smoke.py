@@ -62,6 +62,6 @@ def test_bench_small_run(tmp_path: Path) -> None:
 
     soak = data["soak"]
     assert soak["finished"].get("finished_succeeded") == 2000
-    assert soak["rss_mib"]["ready"] > 0 and soak["rss_mib"]["end"] > 0
+    assert soak["rss_mib"]["start"] > 0 and soak["rss_mib"]["end"] > 0
     assert set(data["targets"]) >= {"slotfill / offline (output tok/s)",
                                     "slotfill refill latency p99 (ms)"}
