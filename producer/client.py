@@ -16,9 +16,6 @@ from producer.schema import JobRequest, JobResult, JobStatus
 from producer.scripts import source
 from producer.settings import ClientSettings
 
-MAX_BLOCK_S = 2.0
-"""Longest single blocking read of ``wait`` (it loops until its own timeout)."""
-
 
 class Client:
     """Submit jobs and read their results.
@@ -117,14 +114,8 @@ class Client:
             # Rotating the list onto itself wakes every waiter without consuming the signal.
             # Redis takes fractional seconds here; redis-py's stub says int.
             self.redis.blmove(keys.done(job_id), keys.done(job_id),
-                              self._block_slice(left), "LEFT", "LEFT")  # type: ignore[arg-type]
-
-    @staticmethod
-    def _block_slice(left: float) -> float:
-        # redis-py 8 gives sync connections a 5 s socket timeout by default: a longer
-        # blocking command fails with "Timeout reading from socket" (seen on the GPU box).
-        # Block in slices well under any such timeout; a waiter costs one command per slice.
-        return min(max(left, 0.01), MAX_BLOCK_S)
+                              protocol.block_slice(left, self.redis.connection_pool.connection_kwargs),
+                              "LEFT", "LEFT")  # type: ignore[arg-type]
 
     def cancel(self, job_id: str, *, queue: str | None = None) -> str:
         """Cancel a job: ``cancelled`` (was queued), ``requested`` (running: the worker aborts
