@@ -113,9 +113,9 @@ class Client:
                 raise WaitTimeout(f"job {job_id} not finished after {timeout}s")
             # Rotating the list onto itself wakes every waiter without consuming the signal.
             # Redis takes fractional seconds here; redis-py's stub says int.
-            self.redis.blmove(keys.done(job_id), keys.done(job_id),
-                              protocol.block_slice(left, self.redis.connection_pool.connection_kwargs),
-                              "LEFT", "LEFT")  # type: ignore[arg-type]
+            block = protocol.block_slice(left, self.redis.connection_pool.connection_kwargs)
+            self.redis.blmove(keys.done(job_id), keys.done(job_id), block,  # type: ignore[arg-type]
+                              "LEFT", "LEFT")
 
     def cancel(self, job_id: str, *, queue: str | None = None) -> str:
         """Cancel a job: ``cancelled`` (was queued), ``requested`` (running: the worker aborts
