@@ -46,6 +46,9 @@ class StepStats:
     """Set by the feeder: its last read filled every free place, so more jobs wait."""
     held: int = 0
     """Set by the feeder: jobs it holds (in the engine, or being read/published)."""
+    reading: bool = False
+    """Set by the feeder while a read of new jobs is on its way to Redis: a step with a free
+    slot then is Redis latency (or a starved CPU), not a feeder that forgot to pull."""
     log: IO[str] | None = None
 
     def record(self, running: int, waiting: int, kv: float, slots: int) -> None:
@@ -59,7 +62,7 @@ class StepStats:
         if self.log is not None:
             self.log.write(json.dumps({"t": time.time(), "running": running, "waiting": waiting,
                                        "kv": round(kv, 4), "backlog": self.backlog,
-                                       "held": self.held}) + "\n")
+                                       "held": self.held, "reading": self.reading}) + "\n")
 
 
 class Engine(Protocol):

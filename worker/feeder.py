@@ -149,14 +149,22 @@ class Feeder:
                 continue
             if self.reclaim_due:
                 self.reclaim_due = False
-                rows = await self.store.reclaim_jobs(
-                    self.free, self.settings.lease_seconds, self.settings.max_deliveries,
-                    solo_allowed=True, forget_after_s=FORGET_CONSUMERS_AFTER_S)
+                self.engine.stats.reading = True
+                try:
+                    rows = await self.store.reclaim_jobs(
+                        self.free, self.settings.lease_seconds, self.settings.max_deliveries,
+                        solo_allowed=True, forget_after_s=FORGET_CONSUMERS_AFTER_S)
+                finally:
+                    self.engine.stats.reading = False
                 if rows:
                     self._take_reclaimed(rows)
                     continue
             want = self.free
-            rows = await self.store.start_jobs(want)
+            self.engine.stats.reading = True
+            try:
+                rows = await self.store.start_jobs(want)
+            finally:
+                self.engine.stats.reading = False
             self.engine.stats.backlog = len(rows) >= want
             if rows:
                 self.launch(rows)
