@@ -411,7 +411,7 @@ class Feeder:
                 delay = min(delay * 2, 2.0)
         if published:
             self.counters.count(status.value)
-            log.info("job %s %s", row.job_id, status.value)
+            log.debug("job %s %s", row.job_id, status.value)  # slotfill.jobs logs it
             for listener in self.on_published:
                 listener(row, status.value, result_json)
         else:
