@@ -51,6 +51,8 @@ def run(
         help="requests for the (slow) celery per-request mode")] = 64,
     celery_batch: Annotated[int, typer.Option(
         help="requests per task in celery batch mode; 0 = max_num_seqs")] = 0,
+    repeat: Annotated[int, typer.Option(help="run the modes this many times (interleaved) "
+                                        "and report each mode's median-throughput run")] = 1,
     submit: Annotated[bool, typer.Option(help="measure submit jobs/s and Redis "
                                          "commands/job")] = True,
     submit_jobs: Annotated[int, typer.Option(help="jobs for submit_many jobs/s (one by one: a "
@@ -94,7 +96,7 @@ def run(
     argv = sys.argv[sys.argv.index("bench") + 1:] if "bench" in sys.argv else sys.argv[1:]
     submit_sizes = {"single": max(1, submit_jobs // 10), "many": submit_jobs,
                     "depth": submit_depth, "probe": max(1, min(5000, submit_jobs // 4))}
-    results = Runner(cfg, console, results_dir, redis_boost=redis_boost).run(
+    results = Runner(cfg, console, results_dir, redis_boost=redis_boost, repeat=repeat).run(
         argv, submit=submit_sizes if submit else None, soak_jobs=soak_jobs,
         out_prefix=out or None)
     print_report(results, console)

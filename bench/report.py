@@ -126,6 +126,22 @@ def engine_table(results: dict[str, Any]) -> Table:
     return t
 
 
+def repeats_table(results: dict[str, Any]) -> Table | None:
+    modes = {k: v for k, v in results.get("modes", {}).items() if v.get("repeats")}
+    if not modes:
+        return None
+    t = Table(title="repeats (the table above shows each mode's median run)")
+    t.add_column("mode")
+    t.add_column("out tok/s per run", justify="right")
+    t.add_column("full-step p50 ms per run", justify="right")
+    for name, m in modes.items():
+        reps = m["repeats"]
+        t.add_row(MODE_LABELS.get(name, name),
+                  " · ".join(_num(r.get("output_tok_s")) for r in reps),
+                  " · ".join(_num(r.get("full_step_p50_ms"), "{:.2f}") for r in reps))
+    return t
+
+
 def redis_table(results: dict[str, Any]) -> Table | None:
     sub = results.get("submit")
     sf = results.get("modes", {}).get("slotfill", {})
@@ -180,6 +196,9 @@ def target_table(tg: dict[str, dict[str, Any]]) -> Table:
 def print_report(results: dict[str, Any], console: Console) -> None:
     console.print(mode_table(results))
     console.print(engine_table(results))
+    rep = repeats_table(results)
+    if rep is not None:
+        console.print(rep)
     rt = redis_table(results)
     if rt is not None:
         console.print(rt)

@@ -102,8 +102,9 @@ def _series(steps_file: str | None, t0: float, t1: float) -> list[list[float]]:
 
 class Runner:
     def __init__(self, cfg: BenchConfig, console: Console, results_dir: Path,
-                 redis_boost: bool = True) -> None:
+                 redis_boost: bool = True, repeat: int = 1) -> None:
         self.cfg = cfg
+        self.repeat = max(1, repeat)
         self.redis_boost = redis_boost
         self.console = console
         self.results_dir = results_dir
@@ -155,7 +156,7 @@ class Runner:
         results: dict[str, Any] = {
             "meta": meta(argv),
             "config": {"engine": vars(cfg.engine), "workload": vars(cfg.workload),
-                       "modes": cfg.modes, "celery_requests": cfg.celery_requests,
+                       "modes": cfg.modes, "repeat": self.repeat, "celery_requests": cfg.celery_requests,
                        "celery_batch": cfg.batch_size, "model_path": cfg.model_path,
                        "run_dir": str(run_dir)},
             "workload": {"requests": len(reqs), "output_tokens": total_output_tokens(reqs),
@@ -179,18 +180,28 @@ class Runner:
                 BenchRedisServer(workdir=str(run_dir / "redis"),
                                  priority_boost=self.redis_boost) as server:
             results["meta"]["redis_scheduling"] = server.scheduling()
-            overall = bar.add_task("all", total=len(cfg.modes) + int(submit is not None)
+            overall = bar.add_task("all", total=len(cfg.modes) * self.repeat
+                                   + int(submit is not None)
                                    + int(soak_jobs > 0))
-            for mode in cfg.modes:
-                task = bar.add_task(mode, total=len(reqs))
-                try:
-                    results["modes"][mode] = self._mode(
-                        mode, reqs, run_dir, server.url,
-                        server.proc.pid if server.proc else None, bar, task)
-                except Exception as e:  # report it; the other modes still run
-                    self.console.print(f"[red]{mode} failed:[/red] {e}")
-                    results["modes"][mode] = {"error": str(e)}
-                bar.advance(overall)
+            runs: dict[str, list[dict[str, Any]]] = {m: [] for m in cfg.modes}
+            for rep in range(self.repeat):
+                rep_dir = run_dir if self.repeat == 1 else run_dir / f"rep{rep + 1}"
+                if rep_dir != run_dir:
+                    (rep_dir).mkdir(exist_ok=True)
+                    cfg.save(rep_dir / "config.json")
+                for mode in cfg.modes:
+                    label = mode if self.repeat == 1 else f"{mode} #{rep + 1}"
+                    task = bar.add_task(label, total=len(reqs))
+                    try:
+                        runs[mode].append(self._mode(
+                            mode, reqs, rep_dir, server.url,
+                            server.proc.pid if server.proc else None, bar, task))
+                    except Exception as e:  # report it; the other modes still run
+                        self.console.print(f"[red]{label} failed:[/red] {e}")
+                        runs[mode].append({"error": str(e)})
+                    bar.advance(overall)
+            for mode, got in runs.items():
+                results["modes"][mode] = pick_median(got)
             if submit is not None:
                 task = bar.add_task("submit throughput", total=None)
                 from bench.submit_bench import run_submit_bench
@@ -245,6 +256,24 @@ class Runner:
         summary = summarize(raw, expected, cfg.engine.max_num_seqs, capacity)
         summary["occupancy"] = _series(raw.get("steps_file"), raw["t_start"], raw["t_end"])
         return summary
+
+
+def pick_median(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """With repeats: the run of median throughput, plus every run's headline figures."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[0]
+    if len(runs) == 1:
+        return ok[0]
+    ordered = sorted(ok, key=lambda r: r["output_tok_s"])
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    chosen["repeats"] = [
+        {"output_tok_s": r.get("output_tok_s"), "wall_s": r.get("wall_s"),
+         "full_step_p50_ms": (r.get("full_step_ms") or {}).get("p50"),
+         "free_slot_share": (r.get("slot_idle") or {}).get("free_slot_share"),
+         "refill_p99_ms": (r.get("refill") or {}).get("p99_ms"), "error": r.get("error")}
+        for r in runs]
+    return chosen
 
 
 def run_soak_with_bar(bar: Progress, jobs: int, workdir: Path, boost: bool) -> dict[str, Any]:
