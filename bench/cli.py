@@ -145,6 +145,10 @@ def report_cmd(
     merged: dict[str, Any] = {}
     for f in files:
         data = json.loads(f.read_text())
+        if merged and any(merged.get("config", {}).get(k) != data.get("config", {}).get(k)
+                          for k in ("engine", "workload")):
+            console.print(f"[yellow]warning:[/yellow] {f} ran another engine configuration "
+                          "or workload than the files before it: ratios compare unlike runs")
         modes = {**merged.get("modes", {}), **data.get("modes", {})}
         merged = {**merged, **{k: v for k, v in data.items() if v}, "modes": modes}
     report.add_ratios(merged)
