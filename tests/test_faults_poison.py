@@ -214,7 +214,7 @@ def test_an_engine_killing_request_is_isolated_and_dead_lettered_alone(
     assert f["job"] == bad and f["reason"] == "poisoned" and poison in f["body"]
     history = json.loads(f["history"])
     assert [h["event"] for h in history].count("engine_crash") == 3
-    assert int(f["solo_crashes"]) == 2
+    assert int(f["solo_losses"]) == 2
     # Someone was batched with it at the first crash, and got through by running alone.
     suspects = [i for i in pool if r.hget(keys.job(i), "suspect")]
     assert suspects

@@ -70,8 +70,8 @@ async def test_released_entries_are_reclaimable_at_once_and_crashes_are_charged(
     assert await b.reclaim_jobs(5, 60, 3, solo_allowed=False) == []
     first = await b.reclaim_jobs(5, 60, 3, solo_allowed=True)
     assert len(first) == 1 and first[0].solo and first[0].job_id == ids[0]
-    assert r.hget(keys.job(ids[0]), "solo_crashes") == b"1"
-    assert r.hget(keys.job(ids[1]), "solo_crashes") is None
+    assert r.hget(keys.job(ids[0]), "solo_losses") == b"1"
+    assert r.hget(keys.job(ids[1]), "solo_losses") is None
     hist = json.loads(r.hget(keys.job(ids[0]), "history") or b"[]")
     assert [h["event"] for h in hist] == ["engine_crash", "reclaimed"]
     # A second solo crash makes it poison: dead-lettered, whatever the delivery count.
@@ -82,17 +82,46 @@ async def test_released_entries_are_reclaimable_at_once_and_crashes_are_charged(
     assert sum(1 for x in rest if x.solo) == 1  # and one of the other two, alone
 
 
-async def test_the_last_allowed_delivery_runs_alone_and_the_next_is_poisoned(
-        stores: tuple[WorkerStore, WorkerStore], client: Client, queue: str) -> None:
+async def test_only_losses_while_alone_count_against_a_job(
+        stores: tuple[WorkerStore, WorkerStore], client: Client, r: redis.Redis,
+        queue: str) -> None:
+    """Lost in a batch (or while held): no evidence. From ``max_deliveries`` on it runs
+    alone; lost twice while alone (its worker marked the run), it is poison. Past
+    3 × ``max_deliveries`` deliveries it is poison whatever happened."""
     a, b = stores
-    client.submit(prompt="x")
+    keys = QueueKeys.for_queue(queue)
+    job = client.submit(prompt="x")
     assert len(await a.start_jobs(1)) == 1
     seen = []
-    for store in (b, a, b):
+    for store in (b, a, b, a):
         await asyncio.sleep(0.03)
         got = await store.reclaim_jobs(1, 0.02, 3, solo_allowed=True)
         seen.append((got[0].deliveries, got[0].solo, got[0].flag))
-    assert seen == [(2, False, ""), (3, True, ""), (4, False, "poisoned")]
+        last = got[0]
+    assert seen == [(2, False, ""), (3, True, ""), (4, True, ""), (5, True, "")]
+    await b.mark_solo_run(last)  # 5th delivery runs alone, its worker vanishes
+    await asyncio.sleep(0.03)
+    [got] = await a.reclaim_jobs(1, 0.02, 3, solo_allowed=True)
+    assert (got.deliveries, got.solo, got.flag) == (6, True, "")
+    assert r.hget(keys.job(job.id), "solo_losses") == b"1"
+    await a.mark_solo_run(got)  # lost alone again
+    await asyncio.sleep(0.03)
+    [got] = await b.reclaim_jobs(1, 0.02, 3, solo_allowed=True)
+    assert (got.deliveries, got.flag) == (7, "poisoned")
+    events = [h["event"] for h in json.loads(r.hget(keys.job(job.id), "history") or b"[]")]
+    assert events.count("lost_alone") == 2
+    await b.finish(got, "failed", "{}", 60, "poisoned")
+    dead = r.xrange(keys.dead_letter)
+    assert len(dead) == 1 and dead[0][1][b"solo_losses"] == b"2"
+    # The backstop: a second job, never lost alone, is poison past 9 deliveries.
+    client.submit(prompt="y")
+    assert len(await a.start_jobs(1)) == 1
+    flags = []
+    for _ in range(9):
+        await asyncio.sleep(0.03)
+        [got] = await b.reclaim_jobs(1, 0.02, 3, solo_allowed=True)
+        flags.append(got.flag)
+    assert flags == [""] * 8 + ["poisoned"]
 
 
 async def test_silent_consumers_with_nothing_pending_are_forgotten(

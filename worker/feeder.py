@@ -10,10 +10,11 @@ Reliability duties that live here, beside the hot path:
   takes over entries idle past the lease, before it reads new ones, so a dead peer's jobs are
   picked up even while this worker is saturated.
 * Culprit isolation: a reclaimed row flagged ``solo`` (its engine died while it was inside, or
-  it is on its last allowed delivery) runs alone: the loop stops taking work, lets the engine
-  empty, runs that row by itself, then resumes. Only the real poison then gathers crashes.
+  it has been delivered ``max_deliveries`` times) runs alone: the loop stops taking work, lets
+  the engine empty, marks the run in Redis, runs that row by itself, then resumes. Only a job
+  lost while alone is charged for it, so only the real poison is dead-lettered.
 * Engine death: nothing more is pulled or acknowledged; the jobs that were inside the engine
-  are marked ``suspect`` (and, when one was alone inside, it is charged the crash) and given
+  are marked ``suspect`` (and, when one was alone inside, it is charged the loss) and given
   back for a peer's next reclaim sweep; then ``dead`` is set and the worker exits.
 * Results are written even through a Redis outage (retried until Redis answers).
 """
@@ -32,7 +33,7 @@ from producer.schema import JobRequest, JobStatus
 from worker import results
 from worker.engine import Engine, Generation
 from worker.settings import WorkerSettings
-from worker.store import REDIS_ERRORS, Row, WorkerStore
+from worker.store import HARD_DELIVERY_FACTOR, REDIS_ERRORS, SOLO_LOSS_LIMIT, Row, WorkerStore
 
 log = logging.getLogger("slotfill.worker")
 
@@ -141,7 +142,7 @@ class Feeder:
         while self.pulling and self.fatal is None:
             if self._solo_waiting or self._solo_key is not None:
                 if self._solo_key is None and self.in_engine == 0:
-                    self._launch_solo()
+                    await self._launch_solo()
                 await self._wait_slot()
                 continue
             if self.free <= 0:
@@ -212,7 +213,10 @@ class Feeder:
         if fresh:
             self.launch(fresh)
 
-    def _launch_solo(self) -> None:
+    async def _launch_solo(self) -> None:
+        await self.store.mark_solo_run(self._solo_waiting[0])
+        if not self._solo_waiting or self.in_engine:
+            return  # a cancel or a lost lease took it meanwhile; or the engine got busy
         row = self._solo_waiting.popleft()
         self.counters.solo_runs += 1
         log.info("job %s runs alone in the engine (delivery %d)", row.job_id, row.deliveries)
@@ -275,12 +279,13 @@ class Feeder:
             await self._publish(row, status, results.failure(
                 row, status.value, msg, s.consumer, results.timings(t0, None), status))
             return
-        if row.flag == "poisoned" or row.deliveries > s.max_deliveries:
+        if row.flag == "poisoned" or row.deliveries > s.max_deliveries * HARD_DELIVERY_FACTOR:
             self._out_of_engine(flight)
             await self._publish(row, JobStatus.failed, results.failure(
-                row, ErrorCode.poisoned, f"delivered {row.deliveries} times (limit "
-                f"{s.max_deliveries}) or crashed its engine repeatedly while running alone; "
-                "moved to the dead-letter stream", s.consumer,
+                row, ErrorCode.poisoned, f"lost {SOLO_LOSS_LIMIT} times while running alone "
+                f"(its engine died or hung, or its worker vanished), or delivered more than "
+                f"{s.max_deliveries * HARD_DELIVERY_FACTOR} times (this was delivery "
+                f"{row.deliveries}); moved to the dead-letter stream", s.consumer,
                 results.timings(t0, None)), dead_reason="poisoned")
             self.counters.dead_lettered += 1
             return
@@ -454,7 +459,7 @@ class Feeder:
                                         CRASH_REPORT_TIMEOUT_S)
             self.counters.released += n
             log.error("engine dead: %d jobs were inside%s; given back for reclaim",
-                      len(inside), " (alone: charged the crash)" if len(inside) == 1 else "")
+                      len(inside), " (alone: charged the loss)" if len(inside) == 1 else "")
         except _REPORT_ERRORS as err:
             log.error("engine dead; could not report the crash to Redis (%s)", err)
         finally:

@@ -25,9 +25,12 @@ from producer.scripts import source
 P = ParamSpec("P")
 T = TypeVar("T")
 
-CRASH_LIMIT = 2
-"""A job that took its engine down this many times while it was the only job inside is
-dead-lettered (``poisoned``) whatever its delivery count."""
+SOLO_LOSS_LIMIT = 2
+"""A job lost this many times while it ran alone (its engine died or hung, or its worker
+vanished, with nothing else inside to blame) is dead-lettered (``poisoned``)."""
+HARD_DELIVERY_FACTOR = 3
+"""Past ``max_deliveries`` × this many deliveries a job is dead-lettered whatever happened
+(a backstop: from ``max_deliveries`` on, it only runs alone, where losses are evidence)."""
 
 _TRANSIENT = ("OOM", "READONLY", "MISCONF", "LOADING", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN")
 
@@ -129,15 +132,23 @@ class WorkerStore:
     async def reclaim_jobs(self, count: int, lease_seconds: float, max_deliveries: int,
                            solo_allowed: bool, forget_after_s: float = 0.0) -> list[Row]:
         """Take over entries idle past the lease. At most one ``solo`` row, and only when
-        ``solo_allowed``; rows past their delivery or crash limit come flagged ``poisoned``.
+        ``solo_allowed``; rows past their loss or delivery limit come flagged ``poisoned``.
         ``forget_after_s`` > 0 also deletes consumers silent that long with nothing pending."""
         raw = await self._reclaim(
             keys=self.keys.streams,
             args=[GROUP, self.consumer, count, repr(time.time()), self.keys.base,
-                  int(lease_seconds * 1000), max_deliveries, int(solo_allowed), CRASH_LIMIT,
-                  int(forget_after_s * 1000)],
+                  int(lease_seconds * 1000), max_deliveries, int(solo_allowed),
+                  SOLO_LOSS_LIMIT, int(forget_after_s * 1000),
+                  max_deliveries * HARD_DELIVERY_FACTOR],
         )
         return self._rows(raw)
+
+    @_redis_call
+    async def mark_solo_run(self, row: Row) -> None:
+        """Record that ``row`` now runs alone here: if it is lost before it finishes, the
+        loss counts against it (see ``reclaim_jobs.lua``)."""
+        if row.job_id:
+            await self.redis.hset(self.keys.job(row.job_id), "solo_run", self.consumer)
 
     @_redis_call
     async def wait_for_work(self, timeout_s: float) -> None:
@@ -204,7 +215,7 @@ class WorkerStore:
                       alone: bool = False) -> int:
         """Give entries back for a peer's next reclaim sweep (they stay unacknowledged).
         ``why`` = ``engine_crash`` also marks their jobs ``suspect`` (and, when ``alone``,
-        counts a crash against the one job that was inside)."""
+        counts a loss against the one job that was inside)."""
         if not rows:
             return 0
         keys, args = self._entry_keys(rows)

@@ -12,7 +12,7 @@ if st == "succeeded" or st == "failed" or st == "cancelled" or st == "expired" t
   return 0
 end
 redis.call("HSET", KEYS[2], "status", ARGV[3], "result", ARGV[4], "finished_at", ARGV[5])
-redis.call("HDEL", KEYS[2], "cancel_requested")
+redis.call("HDEL", KEYS[2], "cancel_requested", "solo_run")
 redis.call("EXPIRE", KEYS[2], ARGV[6])
 redis.call("RPUSH", KEYS[3], ARGV[3])
 redis.call("EXPIRE", KEYS[3], ARGV[6])
@@ -20,10 +20,10 @@ redis.call("XACK", KEYS[1], ARGV[2], ARGV[1])
 redis.call("XDEL", KEYS[1], ARGV[1])
 redis.call("HINCRBY", KEYS[4], "finished_" .. ARGV[3], 1)
 if ARGV[7] ~= "" then
-  local h = redis.call("HMGET", KEYS[2], "history", "attempts", "solo_crashes")
+  local h = redis.call("HMGET", KEYS[2], "history", "attempts", "solo_losses")
   redis.call("XADD", KEYS[5], "*", "stream", KEYS[1], "entry", ARGV[1], "reason", ARGV[7],
     "deliveries", ARGV[9], "job", string.match(KEYS[2], ":job:(.*)$"), "body", ARGV[8], "at", ARGV[5],
-    "attempts", h[2] or "0", "solo_crashes", h[3] or "0", "history", h[1] or "[]")
+    "attempts", h[2] or "0", "solo_losses", h[3] or "0", "history", h[1] or "[]")
   redis.call("HINCRBY", KEYS[4], "dead_lettered", 1)
 end
 return 1

@@ -2,19 +2,22 @@
 -- KEYS[1..3] streams high, normal, low
 -- ARGV[1] group  ARGV[2] consumer  ARGV[3] count  ARGV[4] now  ARGV[5] key base
 -- ARGV[6] lease in milliseconds  ARGV[7] max deliveries  ARGV[8] solo rows allowed (0 or 1)
--- ARGV[9] crash limit (times a job may take its engine down while alone in it)
--- ARGV[10] idle milliseconds after which a consumer with nothing pending is forgotten
+-- ARGV[9] solo loss limit  ARGV[10] idle milliseconds after which a consumer with nothing
+-- pending is forgotten  ARGV[11] hard delivery limit
 -- Returns rows (see take()); deliveries is the entry's delivery count after this claim.
 --
--- Culprit isolation: a job whose engine died while it was inside (``suspect``), or that
--- reached its last allowed delivery, comes back with solo = 1 and runs alone, so only the
--- real poison gathers deliveries and crashes. Such a row is claimed only when the caller can
--- run it now (ARGV[8]); left unclaimed, it waits for a worker that can, and gathers nothing.
--- A job delivered more than ARGV[7] times, or that crashed an engine ARGV[9] times while
--- alone in it, comes back flagged ``poisoned`` (the worker dead-letters it).
+-- Culprit isolation: a job whose engine died while it was inside (``suspect``), or that has
+-- been delivered ARGV[7] times, comes back with solo = 1 and runs alone. Such a row is
+-- claimed only when the caller can take it now (ARGV[8]), one at a time; left unclaimed, it
+-- waits for a worker that can. A job lost while it ran alone (its worker marked the run with
+-- ``solo_run``, and it never finished) counts a ``solo_losses``: it took down whatever ran
+-- it, with nothing else to blame. After ARGV[9] of those, or past ARGV[11] deliveries whatever
+-- happened, it comes back flagged ``poisoned`` (the worker dead-letters it). Deliveries lost
+-- while merely batched with others, or held waiting for an empty engine, are no evidence.
 local group, consumer, base = ARGV[1], ARGV[2], ARGV[5]
 local now, lease = ARGV[4], tonumber(ARGV[6])
-local max_deliveries, crash_limit = tonumber(ARGV[7]), tonumber(ARGV[9])
+local max_deliveries, loss_limit = tonumber(ARGV[7]), tonumber(ARGV[9])
+local hard_limit = tonumber(ARGV[11])
 local out = {}
 local remaining = tonumber(ARGV[3])
 local solo_left = tonumber(ARGV[8])
@@ -37,17 +40,27 @@ for _, stream in ipairs(KEYS) do
         redis.call("XACK", stream, group, id)  -- deleted meanwhile: nothing left to run
       else
         local jid = fields_of(e[1][2])["id"]
-        local suspect, crashes = false, 0
+        local suspect, losses, lost_alone = false, 0, false
         if valid_job_id(jid) then
-          local h = redis.call("HMGET", base .. ":job:" .. jid, "suspect", "solo_crashes")
+          local h = redis.call("HMGET", base .. ":job:" .. jid, "suspect", "solo_losses",
+            "solo_run")
           suspect = h[1] ~= false and h[1] ~= nil
-          crashes = tonumber(h[2] or "0") or 0
+          losses = tonumber(h[2] or "0") or 0
+          lost_alone = h[3] ~= false and h[3] ~= nil
+          if lost_alone then losses = losses + 1 end
         end
-        local poisoned = deliveries > max_deliveries or crashes >= crash_limit
+        local poisoned = deliveries > hard_limit or losses >= loss_limit
         local solo = (not poisoned) and (suspect or deliveries >= max_deliveries)
         if not (solo and solo_left <= 0) then
           local claimed = redis.call("XCLAIM", stream, group, consumer, lease, id)
           if #claimed > 0 and claimed[1] then
+            if lost_alone then
+              local jkey = base .. ":job:" .. jid
+              local by = redis.call("HGET", jkey, "solo_run")
+              redis.call("HINCRBY", jkey, "solo_losses", 1)
+              redis.call("HDEL", jkey, "solo_run")
+              add_history(jkey, {at = tonumber(now), event = "lost_alone", worker = by})
+            end
             local row = take(base, stream, group, consumer, id, claimed[1][2], now, deliveries)
             if row then
               if row[3] ~= "" then
