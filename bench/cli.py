@@ -151,6 +151,11 @@ def report_cmd(
                           "or workload than the files before it: ratios compare unlike runs")
         modes = {**merged.get("modes", {}), **data.get("modes", {})}
         merged = {**merged, **{k: v for k, v in data.items() if v}, "modes": modes}
+    from bench.config import ALL_MODES
+
+    order = {m: i for i, m in enumerate(ALL_MODES)}
+    merged["modes"] = dict(sorted(merged.get("modes", {}).items(),
+                                  key=lambda kv: order.get(kv[0], len(order))))
     report.add_ratios(merged)
     merged["targets"] = report.targets(merged)
     if out:
