@@ -5,10 +5,12 @@ engine cannot starve it. On Linux with ``kernel.sched_autogroup_enabled=1`` (the
 many distributions, and on the 2-core box this bench was written on) nice values only rank
 processes *inside* one session's autogroup; between sessions the scheduler shares CPU per
 group. redis-server stays in its parent's session, the worker and its engine processes run in
-their own, so the renice does not help: measured here, redis-server spent 8.3 s of a 17 s run
-waiting for a CPU, and Redis calls from the worker stalled for up to ~1 s (refill p99
-~400 ms). Giving redis-server its own session with an autogroup nice of -10 brought the
-worker's Redis round trips to a p99 of ~14 ms on the same box.
+their own, so the renice does not help once several sessions are busy: measured here while
+another session's engine also ran on the box, redis-server spent 8.3 s of a 17 s run waiting
+for a CPU and the worker's Redis calls stalled for up to ~1 s (result writes p99 460-900 ms);
+with its own session at autogroup nice -10 the same calls had a p99 of ~14 ms. With no other
+busy session on the box the difference was within run-to-run noise (slotfill/offline 0.90
+without the boost, 0.80-0.93 with it, in single runs).
 
 This module applies that boost for the bench's own Redis (recorded in the results) until
 ``RedisServer`` does it itself.
