@@ -67,6 +67,11 @@ class Report:
     kills: int = 0
     held_at_kills: int = 0
     """Entries the killed workers held when they died: the bound on re-executions."""
+    stolen_from_live: int = 0
+    """Reclaims beyond the entries killed workers held: leases a live worker failed to renew
+    in time (a process stalled past the lease; its late result is suppressed)."""
+    lease_lost_logged: int = 0
+    """"lease lost to a peer" lines in the workers' logs (stalled workers noticing)."""
     worker_exit_codes: dict[str, int | None] = field(default_factory=dict)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -302,6 +307,9 @@ def soak(redis_url: str, queue: str, *, kills: int, jobs: int, log_dir: Path,
         codes = fleet.stop()
     checked = check_invariants(r, queue, ids, expected if engine == "sim" else None)
     checked.kills, checked.held_at_kills = rep.kills, rep.held_at_kills
+    checked.stolen_from_live = max(0, checked.reclaimed - rep.held_at_kills)
+    checked.lease_lost_logged = sum(f.read_text(errors="replace").count("lease lost to a peer")
+                                    for f in Path(log_dir).glob("*.log"))
     checked.worker_exit_codes = codes
     checked.notes = rep.notes
     checked.seconds = round(time.monotonic() - t0, 1)
