@@ -94,8 +94,8 @@ async def serve(settings: WorkerSettings, engine: Engine | None = None) -> int:
     if pull.done() and not pull.cancelled() and pull.exception() is not None:
         feeder.die(pull.exception() or RuntimeError("pull loop failed"))
     if feeder.fatal is not None:
-        log.error("engine dead: %s; leaving %d jobs to be reclaimed", feeder.fatal,
-                  len(feeder.in_flight))
+        # The feeder's crash report has already said which jobs it handed back.
+        log.error("engine dead: %s; exiting for the supervisor to restart us", feeder.fatal)
         code = EXIT_ENGINE_DEAD
     else:
         handed_back = await feeder.drain(settings.grace_seconds)
