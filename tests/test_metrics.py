@@ -65,11 +65,14 @@ def worker(redis_server: RedisServer, port: int, tmp_path_factory: pytest.TempPa
     keys = QueueKeys.for_queue(QUEUE)
     for stream in keys.streams:
         r.xgroup_create(stream, GROUP, id="0", mkstream=True)
-    # A job taken by a consumer that goes silent: the worker reclaims it on its second
-    # delivery, over max_deliveries=1, and dead-letters it.
+    # A job delivered again and again to a consumer that goes silent: past the backstop
+    # (3 x max_deliveries=1 deliveries) the worker's reclaim dead-letters it.
     c = Client.from_url(redis_server.url, queue=QUEUE)
     c.submit(prompt="ghost", max_tokens=2)
-    r.xreadgroup(GROUP, "ghost", {keys.stream("normal"): ">"}, count=1)
+    got = r.xreadgroup(GROUP, "ghost", {keys.stream("normal"): ">"}, count=1)
+    entry = got[0][1][0][0]
+    for _ in range(3):  # each XCLAIM without JUSTID counts one more delivery
+        r.xclaim(keys.stream("normal"), GROUP, "ghost", 0, [entry])
     w = WorkerProcess(redis_server.url, f"metrics-{os.getpid()}", d / "w.log", queue=QUEUE,
                       engine="sim", sim_step_ms=4, max_num_seqs=SLOTS, headroom=4,
                       metrics_port=port, lease_seconds=0.3, max_deliveries=1).start()

@@ -72,8 +72,8 @@ def test_status_shows_workers_and_queue(redis_server: RedisServer, client: Clien
 
 
 def _poison(r: redis.Redis, client: Client, queue: str) -> str:
-    """A job delivered to a consumer that dies silently: the worker's reclaim counts its
-    second delivery, over max_deliveries=1, and dead-letters it."""
+    """A job delivered again and again to a consumer that dies silently: past the backstop
+    (3 x max_deliveries=1 deliveries) the worker's reclaim dead-letters it."""
     keys = QueueKeys.for_queue(queue)
     for stream in keys.streams:
         try:
@@ -81,7 +81,10 @@ def _poison(r: redis.Redis, client: Client, queue: str) -> str:
         except redis.ResponseError:
             pass
     job = client.submit(prompt="poison me", max_tokens=3)
-    r.xreadgroup(GROUP, "ghost", {keys.stream("normal"): ">"}, count=1)
+    got = r.xreadgroup(GROUP, "ghost", {keys.stream("normal"): ">"}, count=1)
+    entry = got[0][1][0][0]
+    for _ in range(3):  # each XCLAIM without JUSTID counts one more delivery
+        r.xclaim(keys.stream("normal"), GROUP, "ghost", 0, [entry])
     return job.id
 
 
