@@ -117,7 +117,7 @@ class Feeder:
         under load and held slots idle meanwhile. Unwritten results beyond one capacity's
         worth do count, so a slow Redis slows pulling instead of piling up results."""
         backlog = max(0, self._publishing - self.capacity)
-        return self.capacity - (len(self.in_flight) - self._publishing) - backlog
+        return self.capacity - self.in_engine - backlog
 
     @property
     def in_engine(self) -> int:
@@ -132,7 +132,7 @@ class Feeder:
         if not flight.publishing:
             flight.publishing = True
             self._publishing += 1
-            self.engine.stats.held = len(self.in_flight) - self._publishing
+            self.engine.stats.held = self.in_engine
             self._slot_freed.set()
 
     # -- pull loop --------------------------------------------------------------------------
@@ -261,7 +261,7 @@ class Feeder:
                 self._publishing -= 1
             if self._solo_key == key:
                 self._solo_key = None
-            self.engine.stats.held = len(self.in_flight) - self._publishing
+            self.engine.stats.held = self.in_engine
             self._slot_freed.set()
 
     async def _run_row(self, row: Row, flight: InFlight) -> None:
