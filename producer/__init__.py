@@ -27,6 +27,7 @@ from producer.schema import (
     Usage,
 )
 from producer.settings import ClientSettings
+from producer.streaming import Restarted, StreamEvent, TokenDelta
 
 __all__ = [
     "AsyncClient",
@@ -46,8 +47,11 @@ __all__ = [
     "Priority",
     "QueueFull",
     "QueueKeys",
+    "Restarted",
     "SlotfillError",
+    "StreamEvent",
     "Timings",
+    "TokenDelta",
     "Usage",
     "WaitTimeout",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -15,6 +15,7 @@ from producer.protocol import Job
 from producer.schema import JobRequest, JobResult, JobStatus
 from producer.scripts import source
 from producer.settings import ClientSettings
+from producer.streaming import FIRST_ID, READ_COUNT, StreamCursor, StreamEvent
 
 
 class AsyncClient:
@@ -112,8 +113,46 @@ class AsyncClient:
     async def cancel(self, job_id: str, *, queue: str | None = None) -> str:
         keys = self._keys(queue)
         reply = await self._cancel(
-            keys=[keys.job(job_id), keys.done(job_id), keys.control],
+            keys=protocol.cancel_keys(keys, job_id),
             args=[job_id, protocol.cancelled_result(job_id), repr(time.time()),
                   self.settings.result_ttl],
         )
         return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+    async def stream(self, job_id: str, *, after: str = FIRST_ID, timeout: float | None = None,
+                     queue: str | None = None) -> AsyncIterator[StreamEvent]:
+        """Same as :meth:`producer.Client.stream`, as an async iterator."""
+        keys = self._keys(queue)
+        cursor = StreamCursor(after)
+        end = None if timeout is None else time.monotonic() + timeout
+        kwargs = self.redis.connection_pool.connection_kwargs
+        while True:
+            left = protocol.BLOCK_SLICE_S if end is None else end - time.monotonic()
+            if left <= 0:
+                raise WaitTimeout(f"job {job_id} not finished after {timeout}s")
+            block_ms = max(1, int(1000 * protocol.block_slice(left, kwargs)))
+            reply = await self.redis.xread({keys.tokens(job_id): cursor.last_id},
+                                           count=READ_COUNT, block=block_ms)
+            for entry_id, fields in protocol.stream_entries(reply):
+                event = cursor.feed(entry_id, fields)
+                if event is not None:
+                    yield event
+                if cursor.ended:
+                    yield await self._stream_result(job_id, keys)
+                    return
+            if not reply:
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.hmget(keys.job(job_id), "status", "streaming")
+                pipe.exists(keys.tokens(job_id))
+                (status, streaming), exists = await pipe.execute()
+                if protocol.stream_fallback(job_id, status, streaming, exists):
+                    for last in protocol.whole_result(
+                            await self._stream_result(job_id, keys), cursor):
+                        yield last
+                    return
+
+    async def _stream_result(self, job_id: str, keys: QueueKeys) -> JobResult:
+        res = await self.result(job_id, queue=keys.queue)
+        if res is None:
+            raise JobNotFound(job_id)
+        return res

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import redis
@@ -15,6 +15,7 @@ from producer.protocol import Job
 from producer.schema import JobRequest, JobResult, JobStatus
 from producer.scripts import source
 from producer.settings import ClientSettings
+from producer.streaming import FIRST_ID, READ_COUNT, StreamCursor, StreamEvent
 
 
 class Client:
@@ -123,7 +124,49 @@ class Client:
         keys = self._keys(queue)
         settings = self.settings
         reply = self._cancel(
-            keys=[keys.job(job_id), keys.done(job_id), keys.control],
+            keys=protocol.cancel_keys(keys, job_id),
             args=[job_id, protocol.cancelled_result(job_id), repr(time.time()), settings.result_ttl],
         )
         return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+    def stream(self, job_id: str, *, after: str = FIRST_ID, timeout: float | None = None,
+               queue: str | None = None) -> Iterator[StreamEvent]:
+        """Follow a job's output as it is generated: ``TokenDelta`` events, ``Restarted``
+        when the job starts over on another worker (drop the text so far), and last the
+        ``JobResult``. Resume after a disconnect with ``after=<entry_id of the last event>``:
+        nothing is lost or repeated. Any number of readers may follow one job. A job that
+        was not submitted with ``stream=True`` yields its whole text once it ends.
+        ``timeout``: seconds before WaitTimeout (None: until the job ends)."""
+        keys = self._keys(queue)
+        cursor = StreamCursor(after)
+        end = None if timeout is None else time.monotonic() + timeout
+        kwargs = self.redis.connection_pool.connection_kwargs
+        while True:
+            left = protocol.BLOCK_SLICE_S if end is None else end - time.monotonic()
+            if left <= 0:
+                raise WaitTimeout(f"job {job_id} not finished after {timeout}s")
+            block_ms = max(1, int(1000 * protocol.block_slice(left, kwargs)))
+            reply = self.redis.xread({keys.tokens(job_id): cursor.last_id}, count=READ_COUNT,
+                                     block=block_ms)
+            for entry_id, fields in protocol.stream_entries(reply):
+                event = cursor.feed(entry_id, fields)
+                if event is not None:
+                    yield event
+                if cursor.ended:
+                    yield self._stream_result(job_id, keys)
+                    return
+            if not reply:
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.hmget(keys.job(job_id), "status", "streaming")
+                pipe.exists(keys.tokens(job_id))
+                (status, streaming), exists = pipe.execute()
+                if protocol.stream_fallback(job_id, status, streaming, exists):
+                    yield from protocol.whole_result(
+                        self._stream_result(job_id, keys), cursor)
+                    return
+
+    def _stream_result(self, job_id: str, keys: QueueKeys) -> JobResult:
+        res = self.result(job_id, queue=keys.queue)
+        if res is None:
+            raise JobNotFound(job_id)
+        return res

@@ -64,6 +64,11 @@ class QueueKeys:
         """List that gets one element when the job is terminal; waiters block on it."""
         return f"{self.base}:done:{job_id}"
 
+    def tokens(self, job_id: str) -> str:
+        """Stream of a streaming job's output: ``start`` (an attempt begins), ``delta``
+        (coalesced new text of that attempt), ``end`` (terminal status). Capped, with a TTL."""
+        return f"{self.base}:tokens:{job_id}"
+
     def idempotency(self, key: str) -> str:
         return f"{self.base}:idem:{key}"
 

@@ -11,10 +11,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from producer.errors import InvalidRequest, PayloadTooLarge, QueueFull
+from producer.errors import InvalidRequest, JobNotFound, PayloadTooLarge, QueueFull
 from producer.keys import QueueKeys
 from producer.schema import JobRequest, JobResult, JobStatus, Timings, dump
 from producer.settings import ClientSettings
+from producer.streaming import StreamCursor, StreamEvent, whole_result_delta
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,7 @@ def submit_call(
         settings.idempotency_ttl if idempotency_key else "",
         repr(req.deadline) if req.deadline is not None else "",
         req.priority.value,
+        "1" if req.stream else "",
     ]
     return key_list, args
 
@@ -147,6 +149,11 @@ def raise_if_refused(accepted: list[str | None], total: int, queue: str) -> None
         )
 
 
+def cancel_keys(keys: QueueKeys, job_id: str) -> list[str]:
+    """KEYS of ``cancel_job``."""
+    return [keys.job(job_id), keys.done(job_id), keys.control, keys.tokens(job_id)]
+
+
 def parse_status(raw: Any) -> JobStatus | None:
     return None if raw is None else JobStatus(_s(raw))
 
@@ -159,6 +166,36 @@ def cancelled_result(job_id: str) -> str:
     now = time.time()
     return dump(JobResult(id=job_id, status=JobStatus.cancelled,
                           timings=Timings(finished_at=now), finish_reason="cancelled"))
+
+
+def stream_fallback(job_id: str, status: Any, streaming: Any, stream_exists: Any) -> bool:
+    """After a read of a job's token stream found nothing new: True when no ``end`` entry
+    will come (the job ended without streaming, or its stream expired), so the reader takes
+    the result instead. JobNotFound for an unknown job."""
+    st = parse_status(status)
+    if st is None:
+        raise JobNotFound(job_id)
+    # A streaming job that just ended has its ``end`` entry in place: the next read gets it.
+    return st.terminal and not (streaming and stream_exists)
+
+
+def whole_result(result: JobResult, cursor: StreamCursor) -> list[StreamEvent]:
+    delta = whole_result_delta(result, cursor)
+    return [result] if delta is None else [delta, result]
+
+
+def stream_entries(reply: Any) -> list[tuple[str, dict[Any, Any]]]:
+    """``(entry id, fields)`` of an ``XREAD`` reply on one stream (RESP2 or RESP3 shape)."""
+    if not reply:
+        return []
+    per_stream = reply.values() if isinstance(reply, dict) else [e for _k, e in reply]
+    out: list[tuple[str, dict[Any, Any]]] = []
+    for entries in per_stream:
+        if entries and isinstance(entries[0], list) and entries[0] and isinstance(
+                entries[0][0], list):
+            entries = entries[0]  # RESP3 wraps the entries once more
+        out.extend((_s(entry_id), dict(fields)) for entry_id, fields in entries)
+    return out
 
 
 def _s(x: Any) -> str:

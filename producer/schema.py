@@ -92,6 +92,9 @@ class JobRequest(BaseModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     priority: Priority = Priority.normal
+    stream: bool = False
+    """Append the output, as it is generated, to the job's token stream
+    (``Client.stream``); the result is written as usual when the job ends."""
     deadline: float | None = Field(None, gt=0)
     """Unix time after which the job must not start, and at which a running job is aborted."""
     model: str | None = None

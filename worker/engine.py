@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Protocol
 
@@ -50,6 +51,9 @@ class StepStats:
     """Set by the feeder while a read of new jobs is on its way to Redis: a step with a free
     slot then is Redis latency (or a starved CPU), not a feeder that forgot to pull."""
     log: IO[str] | None = None
+    on_step: Callable[[], None] | None = None
+    """Set by the feeder: called after each step, so admission that depends on the engine's
+    state (not only on finished jobs) is re-evaluated at once. Must not block."""
 
     def record(self, running: int, waiting: int, kv: float, slots: int) -> None:
         self.steps += 1
@@ -63,6 +67,8 @@ class StepStats:
             self.log.write(json.dumps({"t": time.time(), "running": running, "waiting": waiting,
                                        "kv": round(kv, 4), "backlog": self.backlog,
                                        "held": self.held, "reading": self.reading}) + "\n")
+        if self.on_step is not None:
+            self.on_step()
 
 
 class Engine(Protocol):

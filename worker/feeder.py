@@ -1,8 +1,10 @@
 """Keep the engine full: pull jobs the moment capacity frees, run them, publish results.
 
-Capacity = engine slots + headroom. The pull loop is event-driven: a finishing job sets
-``_slot_freed``; with capacity free it reads at once, and only blocks (on Redis, not a timer)
-when the queue is empty.
+How many jobs each read takes is worker/admission.py's rule (the engine's free slots plus a
+small ready queue, counted in jobs and in prompt tokens, held back when its KV cache runs
+full). The pull loop is event-driven: a finishing job or an engine step that lets admission
+take more sets ``_slot_freed``; it then reads at once, and only blocks (on Redis, not a
+timer) when the queue is empty.
 
 Reliability duties that live here, beside the hot path:
 
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 from producer.errors import EngineDead, ErrorCode, InvalidRequest
 from producer.schema import JobRequest, JobStatus
 from worker import results
+from worker.admission import Admission
 from worker.engine import Engine, Generation
 from worker.settings import WorkerSettings
 from worker.store import HARD_DELIVERY_FACTOR, REDIS_ERRORS, SOLO_LOSS_LIMIT, Row, WorkerStore
@@ -57,6 +60,8 @@ class InFlight:
     deadline_handle: asyncio.TimerHandle | None = None
     publishing: bool = False
     """Out of the engine, result not yet written: holds no engine capacity."""
+    prompt_tokens: int = 0
+    """Estimated at read time (worker/admission.py): what it costs the engine to start."""
 
 
 @dataclass
@@ -85,7 +90,11 @@ class Feeder:
         self.engine = engine
         self.store = store
         self.settings = settings
-        self.capacity = settings.max_num_seqs + settings.headroom
+        self.admission = Admission(settings, engine.stats, engine.slots)
+        self.capacity = self.admission.capacity
+        engine.stats.on_step = self._on_step
+        self._parked = False
+        """The pull loop waits because admission said to read nothing."""
         self.in_flight: dict[str, InFlight] = {}
         self.counters = Counters()
         self.pulling = True
@@ -112,12 +121,12 @@ class Feeder:
 
     @property
     def free(self) -> int:
-        """Places to fill. A job whose generation ended frees its place at once, before its
-        result is written: measured here, a publish round trip occasionally took ~100 ms
-        under load and held slots idle meanwhile. Unwritten results beyond one capacity's
-        worth do count, so a slow Redis slows pulling instead of piling up results."""
-        backlog = max(0, self._publishing - self.capacity)
-        return self.capacity - self.in_engine - backlog
+        """Jobs to read now (worker/admission.py). A job whose generation ended frees its
+        place at once, before its result is written: measured here, a publish round trip
+        occasionally took ~100 ms under load and held slots idle meanwhile."""
+        newest_first = (f.prompt_tokens for f in reversed(self.in_flight.values())
+                        if not f.publishing)
+        return self.admission.want(self.in_engine, self._publishing, newest_first)
 
     @property
     def in_engine(self) -> int:
@@ -146,7 +155,9 @@ class Feeder:
                 await self._wait_slot()
                 continue
             if self.free <= 0:
+                self._parked = True
                 await self._wait_slot()
+                self._parked = False
                 continue
             if self.reclaim_due:
                 self.reclaim_due = False
@@ -173,6 +184,10 @@ class Feeder:
                 await self._wait_for_work()
         if self.fatal is not None:
             await self.dead.wait()  # the crash report is written before the worker exits
+
+    def _on_step(self) -> None:
+        if self._parked and self.free > 0:
+            self._slot_freed.set()
 
     async def _wait_slot(self) -> None:
         self._slot_freed.clear()
@@ -234,7 +249,8 @@ class Feeder:
             if row.flag == "" and row.job_id in self._cancels_seen:
                 row.flag = "cancel"
             task = asyncio.create_task(self._run(row), name=f"job-{key}")
-            self.in_flight[key] = InFlight(row, task, time.time())
+            tokens = self.admission.observe(row.body, row.flag != "")
+            self.in_flight[key] = InFlight(row, task, time.time(), prompt_tokens=tokens)
             if row.flag != "malformed":
                 for listener in self.on_started:
                     listener(row)

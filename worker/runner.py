@@ -38,7 +38,8 @@ def build_engine(settings: WorkerSettings) -> Engine:
     if settings.engine == "sim":
         from worker.sim_engine import SimEngine
 
-        return SimEngine(settings.max_num_seqs, settings.sim_step_ms, settings.max_model_len)
+        return SimEngine(settings.max_num_seqs, settings.sim_step_ms, settings.max_model_len,
+                         settings.max_num_batched_tokens)
     from worker.vllm_engine import VllmEngine
 
     model = settings.model

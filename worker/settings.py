@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -28,8 +29,21 @@ class WorkerSettings(ClientSettings):
     max_num_seqs: int = Field(32, ge=1)
     """Engine batch slots (vLLM ``max_num_seqs``)."""
     headroom: int = Field(8, ge=0)
-    """Jobs held waiting inside the engine beyond its slots, so a freed slot is refilled in
-    the same engine step instead of after a Redis round trip. Capacity = slots + headroom."""
+    """Jobs held ready beyond the engine's free slots, so a freed slot is refilled in the
+    same engine step instead of after a Redis round trip. Capacity = slots + headroom; the
+    ``engine`` admission holds fewer when their prompts exceed ``ready_token_budget``."""
+    admission: Literal["engine", "fixed"] = "engine"
+    """How many jobs each read takes (``worker/admission.py``). ``engine``: fill the slots
+    the engine reports free, plus a ready queue of at most ``headroom`` jobs and
+    ``ready_token_budget`` prompt tokens; past ``kv_high_water`` only replace what starts.
+    ``fixed``: always hold ``max_num_seqs + headroom`` jobs, whatever the engine reports."""
+    ready_token_budget: int = Field(0, ge=0)
+    """Prompt tokens (token ids counted, text estimated at 4 bytes a token) the ready queue
+    may hold beyond the running batch; 0: ``max_num_batched_tokens`` (what one engine step
+    can prefill). Long prompts thus count by tokens, not as one job each."""
+    kv_high_water: float = Field(0.9, gt=0, le=1)
+    """KV-cache usage (vLLM's, 0..1) from which free slots are not refilled: the engine is
+    short of memory, so new jobs would only wait or be preempted inside it."""
     max_num_batched_tokens: int = Field(2048, ge=16)
     """Tokens the engine schedules per step (vLLM ``max_num_batched_tokens``)."""
     max_model_len: int = Field(512, ge=16)

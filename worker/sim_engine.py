@@ -1,7 +1,11 @@
 """A step-simulating stand-in for the vLLM engine (``SLOTFILL_ENGINE=sim``).
 
 It models what the feeder depends on: a fixed number of batch slots, a waiting queue inside
-the engine, one token per running request per step, abort, and death. Fault tests use it to
+the engine, one token per running request per step, abort, and death; and, like vLLM's
+chunked prefill, at most ``max_num_batched_tokens`` tokens per step (decodes first, then
+prompt chunks in arrival order), so a long prompt holds its slot for several steps before
+its first token. KV-cache usage is reported as the running requests' tokens over
+``slots * max_model_len`` (it never limits admission here). Fault tests use it to
 kill workers many times in little time; at least one fault test still uses the real engine.
 A prompt containing ``__crash_engine__`` kills the engine once it runs (a poison request);
 one containing ``__hang_engine__`` stops it stepping for good (a hung engine, for the
@@ -33,6 +37,7 @@ class _Seq:
     max_tokens: int
     done: asyncio.Future[None]
     generated: int = 0
+    prefilled: int = 0
     first_token_at: float | None = None
     aborted: bool = False
     poison: bool = False
@@ -41,10 +46,12 @@ class _Seq:
 
 
 class SimEngine:
-    def __init__(self, slots: int, step_ms: float, max_model_len: int = 2048) -> None:
+    def __init__(self, slots: int, step_ms: float, max_model_len: int = 2048,
+                 max_num_batched_tokens: int = 0) -> None:
         self.slots = slots
         self.step_s = step_ms / 1000
         self.max_model_len = max_model_len
+        self.token_budget = max_num_batched_tokens or 1 << 60
         self.stats = StepStats()
         self._waiting: deque[_Seq] = deque()
         self._running: dict[str, _Seq] = {}
@@ -92,9 +99,7 @@ class SimEngine:
             if not self._waiting and not self._running:
                 self._wake.clear()
                 await self._wake.wait()
-            while self._waiting and len(self._running) < self.slots:
-                s = self._waiting.popleft()
-                self._running[s.job_id] = s
+            advanced = self._schedule()
             await asyncio.sleep(self.step_s)
             if any(s.poison for s in self._running.values()):
                 self._die()
@@ -102,14 +107,39 @@ class SimEngine:
             if any(s.hang for s in self._running.values()):
                 await asyncio.Event().wait()  # never set: no step ever again
             now = time.time()
-            for s in list(self._running.values()):
+            for s in [s for s in advanced if s.job_id in self._running]:  # not aborted
                 s.generated += 1
                 s.tokens.append(s.generated % 997)
                 s.first_token_at = s.first_token_at or now
                 if s.generated >= s.max_tokens:
                     self._finish(s)
-            self.stats.record(len(self._running), len(self._waiting), len(self._running) /
-                              self.slots, self.slots)
+            kv = sum(s.prefilled + s.generated for s in self._running.values())
+            self.stats.record(len(self._running), len(self._waiting),
+                              kv / (self.slots * self.max_model_len), self.slots)
+
+    def _schedule(self) -> list[_Seq]:
+        """One step's token budget: decodes, then prompt chunks (running requests first, then
+        newly admitted ones). Returns the requests that produce a token this step."""
+        budget = self.token_budget
+        advanced = [s for s in self._running.values() if s.prefilled >= s.prompt_tokens]
+        budget -= len(advanced)
+        for s in [s for s in self._running.values() if s.prefilled < s.prompt_tokens]:
+            if budget <= 0:
+                break
+            budget = self._prefill(s, budget, advanced)
+        while self._waiting and len(self._running) < self.slots and budget > 0:
+            s = self._waiting.popleft()
+            self._running[s.job_id] = s
+            budget = self._prefill(s, budget, advanced)
+        return advanced
+
+    @staticmethod
+    def _prefill(s: _Seq, budget: int, advanced: list[_Seq]) -> int:
+        chunk = min(s.prompt_tokens - s.prefilled, budget)
+        s.prefilled += chunk
+        if s.prefilled >= s.prompt_tokens:
+            advanced.append(s)  # the step that completes a prompt also samples its first token
+        return budget - chunk
 
     def _finish(self, s: _Seq) -> None:
         self._running.pop(s.job_id, None)

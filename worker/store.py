@@ -106,6 +106,7 @@ class WorkerStore:
         self._dead = redis_client.register_script(source("dead_letter_entry"))
         self._renew = redis_client.register_script(source("renew_leases"))
         self._release = redis_client.register_script(_common("release_jobs"))
+        self._append = redis_client.register_script(source("append_tokens"))
 
     async def ensure_groups(self) -> None:
         for stream in self.keys.streams:
@@ -178,7 +179,7 @@ class WorkerStore:
         Returns False when the job already had a result (a duplicate run, suppressed)."""
         published = await self._finish(
             keys=[row.stream, self.keys.job(row.job_id), self.keys.done(row.job_id),
-                  self.keys.stats, self.keys.dead_letter],
+                  self.keys.stats, self.keys.dead_letter, self.keys.tokens(row.job_id)],
             args=[row.entry, GROUP, status, result_json, repr(time.time()), result_ttl,
                   dead_reason, row.body if dead_reason else "", row.deliveries],
         )
@@ -223,6 +224,20 @@ class WorkerStore:
             GROUP, self.consumer, repr(time.time()), int(lease_seconds * 1000), why,
             "1" if alone else "0", *args])
         return int(n)
+
+    @_redis_call
+    async def append_tokens(self, appends: Sequence[tuple[Row, str, str, int]],
+                            max_entries: int, ttl_s: int) -> list[bool]:
+        """Append each ``(row, text, token ids JSON, offset)`` to its job's token stream, in
+        one round trip. Per append: False when fenced off (the attempt is no longer the job's
+        current one)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for row, text, ids, offset in appends:
+            await self._append(
+                keys=[self.keys.job(row.job_id), self.keys.tokens(row.job_id)],
+                args=[row.attempts, max_entries, ttl_s, self.consumer, text, ids, offset],
+                client=pipe)
+        return [bool(x) for x in await pipe.execute()]
 
     async def heartbeat(self, fields: dict[Any, Any], ttl_s: float) -> None:
         key = self.keys.worker(self.consumer)

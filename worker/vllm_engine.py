@@ -7,7 +7,7 @@ from typing import Any
 from producer.errors import EngineDead, ErrorCode, InvalidRequest
 from producer.keys import Priority
 from producer.schema import JobRequest
-from worker.engine import Generation, StepStats
+from worker.engine import DeltaSink, Generation, StepStats
 from worker.settings import WorkerSettings
 
 _PRIORITY = {Priority.high: -1, Priority.normal: 0, Priority.low: 1}
@@ -60,6 +60,44 @@ def _engine_input_builder() -> Any:
     except ImportError:
         return lambda ids: {"prompt_token_ids": ids}
     return tokens_input
+
+
+class _Accumulator:
+    """Builds a request's ``Generation`` from its outputs: one final output, or (streaming)
+    one delta per step, each also handed to the job's delta sink."""
+
+    def __init__(self, on_delta: DeltaSink | None) -> None:
+        self.on_delta = on_delta
+        self.text: list[str] = []
+        self.token_ids: list[int] = []
+        self.finish_reason: str | None = None
+        self.first_token_at: float | None = None
+        self.seen = False
+
+    def add(self, out: Any) -> None:
+        self.seen = True
+        comp = out.outputs[0] if out.outputs else None
+        m = getattr(out, "metrics", None)
+        if (self.first_token_at is None and m is not None
+                and getattr(m, "first_token_latency", None) and m.arrival_time):
+            self.first_token_at = m.arrival_time + m.first_token_latency
+        if comp is None:
+            return
+        ids = list(comp.token_ids)
+        self.text.append(comp.text)
+        self.token_ids.extend(ids)
+        self.finish_reason = comp.finish_reason or self.finish_reason
+        if self.on_delta is not None:
+            self.on_delta(comp.text, ids)
+
+    def generation(self, n_prompt: int) -> Generation:
+        assert self.seen, "the engine returned no output"
+        return Generation(
+            text="".join(self.text), token_ids=self.token_ids,
+            finish_reason=self.finish_reason, prompt_tokens=n_prompt,
+            completion_tokens=len(self.token_ids), first_token_at=self.first_token_at,
+            aborted=self.finish_reason == "abort",
+        )
 
 
 class VllmEngine:
@@ -134,44 +172,30 @@ class VllmEngine:
                 f"prompt ({n_prompt} tokens) + max_tokens ({req.max_tokens}) exceeds the "
                 f"model's context of {self.max_model_len} tokens", ErrorCode.prompt_too_long)
 
-    async def generate(self, job_id: str, request: JobRequest) -> Generation:
+    async def generate(self, job_id: str, request: JobRequest,
+                       on_delta: DeltaSink | None = None) -> Generation:
         from vllm.v1.engine.exceptions import EngineDeadError
 
         ids = self._prompt_ids(request)
         self._check_length(len(ids), request)
         params = self._sampling_params(request)
+        if on_delta is not None:
+            # Only streaming jobs pay for an output per step; the rest get one at the end.
+            from vllm.sampling_params import RequestOutputKind
+            params.output_kind = RequestOutputKind.DELTA
         priority = _PRIORITY[request.priority] if self.settings.priority_scheduling else 0
-        final = None
+        acc = _Accumulator(on_delta)
         try:
             async for out in self.llm.generate(self._engine_input(ids), params,
                                                request_id=job_id, priority=priority):
-                final = out
+                acc.add(out)
         except EngineDeadError as e:
             raise EngineDead(str(e) or "engine died") from e
         except self._client_errors as e:
             raise InvalidRequest(f"rejected by the engine: {e}") from None
         if self.llm.errored:
             raise EngineDead("engine died")
-        assert final is not None
-        return self._generation(final, len(ids))
-
-    @staticmethod
-    def _generation(out: Any, n_prompt: int) -> Generation:
-        comp = out.outputs[0] if out.outputs else None
-        first = None
-        m = getattr(out, "metrics", None)
-        if m is not None and getattr(m, "first_token_latency", None) and m.arrival_time:
-            first = m.arrival_time + m.first_token_latency
-        reason = comp.finish_reason if comp else None
-        return Generation(
-            text=comp.text if comp else "",
-            token_ids=list(comp.token_ids) if comp else [],
-            finish_reason=reason,
-            prompt_tokens=n_prompt,
-            completion_tokens=len(comp.token_ids) if comp else 0,
-            first_token_at=first,
-            aborted=reason == "abort",
-        )
+        return acc.generation(len(ids))
 
     async def abort(self, job_id: str) -> None:
         await self.llm.abort(job_id)

@@ -1,5 +1,5 @@
 -- cancel_job: queued -> cancelled at once; running -> cancel requested (the worker aborts it).
--- KEYS[1] job hash  KEYS[2] done list  KEYS[3] control channel
+-- KEYS[1] job hash  KEYS[2] done list  KEYS[3] control channel  KEYS[4] token stream
 -- ARGV[1] job id  ARGV[2] result JSON for a queued job  ARGV[3] now  ARGV[4] result TTL
 -- Returns "cancelled" | "requested" | "finished" (already terminal) | "unknown"
 local st = redis.call("HGET", KEYS[1], "status")
@@ -13,6 +13,10 @@ if st == "queued" then
   redis.call("EXPIRE", KEYS[1], ARGV[4])
   redis.call("RPUSH", KEYS[2], "cancelled")
   redis.call("EXPIRE", KEYS[2], ARGV[4])
+  if redis.call("HGET", KEYS[1], "streaming") then
+    redis.call("XADD", KEYS[4], "*", "type", "end", "status", "cancelled")
+    redis.call("EXPIRE", KEYS[4], ARGV[4])
+  end
   return "cancelled"
 end
 if st == "running" then

@@ -1,0 +1,148 @@
+"""Engine-aware admission (worker/admission.py): the arithmetic, without Redis or an engine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from worker.admission import Admission, EngineView, Policy, newest, prompt_tokens, to_read
+from worker.engine import StepStats
+from worker.settings import WorkerSettings
+
+SLOTS, TARGET, BUDGET = 32, 8, 2048
+ENGINE = Policy(engine_aware=True, slots=SLOTS, ready_target=TARGET, token_budget=BUDGET,
+                kv_high_water=0.9)
+FIXED = Policy(engine_aware=False, slots=SLOTS, ready_target=TARGET, token_budget=BUDGET,
+               kv_high_water=0.9)
+
+
+def view(held: int, running: int, kv: float = 0.1, ready_tokens: int = 0,
+         publishing: int = 0) -> EngineView:
+    return EngineView(held=held, running=running, kv_usage=kv, ready_tokens=ready_tokens,
+                      publishing=publishing)
+
+
+def test_empty_engine_reads_its_slots_plus_the_ready_queue() -> None:
+    assert to_read(view(0, 0), ENGINE, None) == SLOTS + TARGET
+    assert to_read(view(0, 0), ENGINE, 16.0) == SLOTS + TARGET
+    # 32 x 64 prompt tokens fill one step's budget: the slots, plus the one ready job.
+    assert to_read(view(0, 0), ENGINE, 64.0) == SLOTS + 1
+
+
+def test_short_prompts_match_the_fixed_rule() -> None:
+    # 16-token prompts: the token budget (2048) is not what limits the ready queue.
+    for held, running in ((40, 32), (35, 32), (30, 28), (12, 4), (39, 39)):
+        tokens = (held - running) * 16
+        assert (to_read(view(held, running, ready_tokens=tokens), ENGINE, 16.0)
+                == to_read(view(held, running), FIXED, None) == SLOTS + TARGET - held)
+
+
+def test_long_prompts_count_by_tokens() -> None:
+    # Full batch, two 1500-token prompts waiting: 3000 tokens > one step's 2048 budget, so
+    # nothing more is read; the fixed rule would take 6 more jobs.
+    full = view(34, 32, ready_tokens=3000)
+    assert to_read(full, ENGINE, 1500.0) == 0
+    assert to_read(view(34, 32), FIXED, None) == 6
+    # One 1500-token prompt waiting, expected next prompt 400 tokens: room for one more.
+    assert to_read(view(33, 32, ready_tokens=1500), ENGINE, 400.0) == 1
+    # Mixed: a 256-token average leaves room for the whole ready queue.
+    assert to_read(view(32, 32), ENGINE, 256.0) == TARGET
+
+
+def test_one_job_stays_ready_whatever_the_token_budget() -> None:
+    # Prompts longer than a whole step's budget: still one ready job beyond the batch, so a
+    # slot that frees never waits for a round trip to Redis.
+    assert to_read(view(32, 32), ENGINE, 5000.0) == 1
+    assert to_read(view(33, 32, ready_tokens=5000), ENGINE, 5000.0) == 0
+
+
+def test_free_slots_are_filled_even_past_the_token_budget() -> None:
+    # 10 free slots, nothing ready: all 10 are read (occupancy first), plus the one ready job.
+    assert to_read(view(22, 22), ENGINE, 3000.0) == 11
+    # 10 free slots, 4 jobs already on their way: 6 to fill them.
+    assert to_read(view(26, 22, ready_tokens=4 * 3000), ENGINE, 3000.0) == 7
+
+
+def test_running_from_a_step_older_than_the_last_finishes_is_clamped() -> None:
+    # The step said 32 running, but 5 jobs left the engine since: 27 held, none ready.
+    assert to_read(view(27, 32), ENGINE, 64.0) == SLOTS + TARGET - 27
+
+
+def test_kv_cache_past_high_water_only_replaces_what_starts() -> None:
+    # Memory-bound at 28 running: the 4 free slots are not filled; the ready queue is.
+    assert to_read(view(30, 28, kv=0.95, ready_tokens=2 * 64), ENGINE, 64.0) == TARGET - 2
+    assert to_read(view(28 + TARGET, 28, kv=0.95, ready_tokens=TARGET * 64), ENGINE,
+                   64.0) == 0
+    # Below the mark the same state fills the free slots as well.
+    assert to_read(view(30, 28, kv=0.5, ready_tokens=2 * 64), ENGINE, 64.0) == 4 + TARGET - 2
+    # The fixed rule ignores memory.
+    assert to_read(view(30, 28, kv=0.95), FIXED, None) == SLOTS + TARGET - 30
+
+
+def test_preempted_requests_stop_reading() -> None:
+    # The engine preempted 12 requests back to waiting: 20 running, 20 ready (> target).
+    assert to_read(view(40, 20, kv=0.97, ready_tokens=20 * 64), ENGINE, 64.0) == 0
+
+
+def test_unwritten_results_beyond_a_capacity_slow_pulling() -> None:
+    cap = SLOTS + TARGET
+    for policy in (ENGINE, FIXED):
+        assert to_read(view(0, 0, publishing=cap), policy, 16.0) == cap
+        assert to_read(view(0, 0, publishing=cap + 5), policy, 16.0) == cap - 5
+        assert to_read(view(0, 0, publishing=3 * cap), policy, 16.0) == 0
+
+
+def test_no_headroom_means_no_ready_queue() -> None:
+    p = Policy(engine_aware=True, slots=4, ready_target=0, token_budget=BUDGET,
+               kv_high_water=0.9)
+    assert to_read(view(4, 4), p, 64.0) == 0
+    assert to_read(view(3, 4), p, 64.0) == 1
+
+
+@pytest.mark.parametrize(("body", "tokens"), [
+    ({"prompt": list(range(700))}, 700),
+    ({"prompt": "x" * 400}, 100),
+    ({"prompt": "é" * 10}, 5),  # 20 UTF-8 bytes
+    ({"messages": [{"role": "system", "content": "a" * 40},
+                   {"role": "user", "content": "b" * 8}]}, 4 + 10 + 4 + 2),
+])
+def test_prompt_tokens_exact_for_ids_estimated_for_text(body: object, tokens: int) -> None:
+    assert prompt_tokens(json.dumps(body)) == tokens
+
+
+@pytest.mark.parametrize("body", ["{not json", "[1, 2]", '{"max_tokens": 4}',
+                                  '{"prompt": 5}', '{"messages": "hi"}'])
+def test_bodies_that_are_not_requests_count_zero(body: str) -> None:
+    assert prompt_tokens(body) == 0
+
+
+def test_newest_sums_only_the_jobs_not_running() -> None:
+    assert newest(iter([5, 7, 100]), 2) == 12
+    assert newest(iter([5, 7]), 0) == 0
+    assert newest(iter([5]), 3) == 5
+
+
+def test_admission_reads_engine_stats_and_learns_prompt_sizes() -> None:
+    stats = StepStats()
+    adm = Admission(WorkerSettings(max_num_seqs=4, headroom=2, max_num_batched_tokens=1000),
+                    stats, slots=4)
+    assert adm.capacity == 6 and adm.next_prompt_tokens is None
+    assert adm.observe(json.dumps({"prompt": list(range(900))}), flagged=False) == 900
+    assert adm.observe("{not json", flagged=True) == 0  # flagged rows leave the estimate
+    assert adm.next_prompt_tokens == 900
+    stats.record(running=4, waiting=1, kv=0.2, slots=4)
+    # 5 held, 4 running: the newest (900 tokens) waits; 100 left of the budget < 900.
+    assert adm.want(5, 0, iter([900, 10, 10, 10, 10])) == 0
+    assert adm.want(4, 0, iter([10, 10, 10, 10])) == 1
+    fixed = Admission(WorkerSettings(max_num_seqs=4, headroom=2, admission="fixed"), stats, 4)
+    assert fixed.want(5, 0, iter([900])) == 1
+
+
+def test_a_step_wakes_the_feeder_hook() -> None:
+    stats = StepStats()
+    calls: list[int] = []
+    stats.on_step = lambda: calls.append(stats.running)
+    stats.record(running=3, waiting=0, kv=0.0, slots=4)
+    stats.record(running=4, waiting=0, kv=0.0, slots=4)
+    assert calls == [3, 4]

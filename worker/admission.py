@@ -1,0 +1,174 @@
+"""How many jobs the pull loop reads: engine-aware admission.
+
+A worker that reads more than its engine can start soon *hoards*: the extra jobs sit in its
+pending list, unstarted, while a peer with free slots could have run them. A worker that
+reads too little leaves slots idle while a refill crosses Redis. The rule, re-evaluated on
+every finished job and every engine step (vLLM's stat logger, :class:`StepStats`):
+
+* **Fill the free slots.** ``slots - running`` jobs (minus held jobs not yet running, which
+  take those slots first) are always read: occupancy never waits on admission.
+* **Keep a small ready queue.** Beyond the slots, hold up to ``headroom`` jobs ready, so a
+  slot that frees is refilled within the same engine step rather than after a round trip to
+  Redis, and at least one whenever ``headroom`` > 0.
+* **Count prompts by tokens.** The ready queue (held jobs not running, plus the reads that
+  fill free slots) is also capped by ``ready_token_budget`` prompt tokens, by default one
+  step's ``max_num_batched_tokens``: prefill beyond that could not start in the next step
+  anyway, so a few long prompts fill the queue as many short ones do.
+* **KV cache past the high-water mark: only refill what finishes.** Slots that are free
+  because memory is short cannot take more work; new jobs would wait inside the engine or
+  be preempted. Then only the ready queue is topped up, i.e. a job is read when one of the
+  ready ones got into the batch.
+
+``admission = "fixed"`` keeps the earlier rule (capacity minus held jobs, whatever the engine
+reports) for comparison. Both subtract a publish backlog (see :meth:`Admission.want`).
+
+What the engine runs is known per step in aggregate only, so which held jobs wait is
+inferred: the engine schedules first come first served, so the *newest* ``held - running``
+held jobs are the ones not running yet (``prompt_tokens`` of those is what the feeder passes).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from worker.engine import StepStats
+from worker.settings import WorkerSettings
+
+TEXT_BYTES_PER_TOKEN = 4
+"""Text prompts are estimated, not tokenized (that would cost the pull loop a tokenizer run
+per job, and the engine tokenizes again): about 4 bytes of UTF-8 per token for English with
+the usual BPE vocabularies; token-id prompts are counted exactly."""
+MESSAGE_OVERHEAD_TOKENS = 4
+"""Chat-template tokens per message (role markers), roughly."""
+EWMA_WEIGHT = 1 / 32
+"""Weight of each new job in the running estimate of the next job's prompt size."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    engine_aware: bool
+    slots: int
+    ready_target: int
+    """Jobs held ready beyond the free slots (``headroom``)."""
+    token_budget: int
+    """Prompt tokens the ready queue may hold."""
+    kv_high_water: float
+
+    @classmethod
+    def from_settings(cls, s: WorkerSettings, slots: int) -> Policy:
+        return cls(engine_aware=s.admission == "engine", slots=slots, ready_target=s.headroom,
+                   token_budget=s.ready_token_budget or s.max_num_batched_tokens,
+                   kv_high_water=s.kv_high_water)
+
+    @property
+    def capacity(self) -> int:
+        """Most jobs ever held in the engine (and on their way to it)."""
+        return self.slots + self.ready_target
+
+
+@dataclass(frozen=True)
+class EngineView:
+    """What one admission decision looks at."""
+
+    held: int
+    """Jobs the worker holds that have not left the engine (including ones on their way)."""
+    running: int
+    """Requests in the engine's batch at its last step."""
+    kv_usage: float
+    ready_tokens: int
+    """Prompt tokens of the held jobs that are not running."""
+    publishing: int = 0
+    """Jobs out of the engine whose results are still being written."""
+
+
+def to_read(view: EngineView, p: Policy, next_prompt_tokens: float | None) -> int:
+    """Jobs to read now. ``next_prompt_tokens``: expected prompt size of a job still in Redis
+    (None before any was seen: no token cap yet)."""
+    # Results not yet written beyond one capacity's worth slow pulling, so a slow Redis
+    # cannot pile up finished work in memory.
+    backlog = max(0, view.publishing - p.capacity)
+    if not p.engine_aware:
+        return max(0, p.capacity - view.held - backlog)
+    # The step may predate jobs that left since; and no engine runs more than its slots.
+    running = min(view.running, view.held, p.slots)
+    ready = view.held - running
+    kv_bound = view.kv_usage >= p.kv_high_water
+    free_slots = 0 if kv_bound else max(0, p.slots - running)
+    fill = max(0, free_slots - ready)
+    queued = max(0, ready - free_slots)  # ready jobs the free slots will not absorb
+    extra = p.ready_target - queued
+    if next_prompt_tokens:
+        left = p.token_budget - view.ready_tokens - fill * next_prompt_tokens
+        extra = min(extra, math.floor(left / next_prompt_tokens))
+    if p.ready_target > 0:
+        extra = max(extra, 1 - queued)  # one job always ready to take the next free slot
+    return max(0, fill + max(0, extra) - backlog)
+
+
+def prompt_tokens(body: str) -> int:
+    """A job body's prompt size in tokens: exact for token ids, estimated for text and chat
+    messages; 0 for a body that is not a request (it fails without reaching the engine)."""
+    try:
+        req = json.loads(body)
+    except ValueError:
+        return 0
+    if not isinstance(req, dict):
+        return 0
+    prompt = req.get("prompt")
+    if isinstance(prompt, list):
+        return len(prompt)
+    if isinstance(prompt, str):
+        return _text_tokens(prompt)
+    messages = req.get("messages")
+    if isinstance(messages, list):
+        return sum(MESSAGE_OVERHEAD_TOKENS + _text_tokens(m.get("content"))
+                   for m in messages if isinstance(m, dict))
+    return 0
+
+
+def _text_tokens(text: object) -> int:
+    if not isinstance(text, str):
+        return 0
+    return math.ceil(len(text.encode("utf-8", "replace")) / TEXT_BYTES_PER_TOKEN)
+
+
+def newest(tokens: Iterable[int], n: int) -> int:
+    """Sum of the first ``n`` values (the feeder passes its held jobs newest first)."""
+    return sum(itertools.islice(tokens, n)) if n > 0 else 0
+
+
+class Admission:
+    """The feeder's admission state: the policy, the engine's stats, and a running estimate
+    of the prompt size of the jobs still in Redis."""
+
+    def __init__(self, settings: WorkerSettings, stats: StepStats, slots: int) -> None:
+        self.policy = Policy.from_settings(settings, slots)
+        self.stats = stats
+        self.next_prompt_tokens: float | None = None
+
+    @property
+    def capacity(self) -> int:
+        return self.policy.capacity
+
+    def observe(self, body: str, flagged: bool) -> int:
+        """A job was read: its prompt tokens (estimated), which also update the estimate for
+        the next ones. Flagged rows (cancelled, malformed, ...) never reach the engine: 0."""
+        if flagged:
+            return 0
+        n = prompt_tokens(body)
+        prev = self.next_prompt_tokens
+        self.next_prompt_tokens = n if prev is None else prev + EWMA_WEIGHT * (n - prev)
+        return n
+
+    def want(self, held: int, publishing: int, newest_first: Iterable[int]) -> int:
+        """Jobs to read now. ``newest_first``: prompt tokens of the held jobs still in the
+        engine, newest first (only as many as are not running are consumed)."""
+        s = self.stats
+        waiting = max(0, held - min(s.running, held, self.policy.slots))
+        view = EngineView(held, s.running, s.kv_cache_usage, newest(newest_first, waiting),
+                          publishing)
+        return to_read(view, self.policy, self.next_prompt_tokens)
