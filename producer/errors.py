@@ -15,6 +15,9 @@ class ErrorCode(str, Enum):
     undecodable = "undecodable"
     """The stream entry is not a job (bad JSON, wrong encoding, missing fields). Caller's fault."""
     payload_too_large = "payload_too_large"
+    unknown_adapter = "unknown_adapter"
+    """The job names a LoRA adapter this worker does not have (or runs without LoRA).
+    Caller's fault."""
     poisoned = "poisoned"
     """Delivered more often than the limit allows; moved to the dead-letter stream."""
     engine_error = "engine_error"

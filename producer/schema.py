@@ -9,6 +9,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from producer.features import (
+    ADAPTER_NAME,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TOP_LOGPROBS,
+    ResponseFormat,
+    StructuredOutputs,
+    TokenLogprob,
+)
 from producer.keys import Priority
 
 MAX_STOP_STRINGS = 16
@@ -85,6 +93,8 @@ class JobRequest(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1)
     stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    """Token ids that end the generation (finish reason ``stop``); each ≥ 0, at most 64."""
     seed: int | None = Field(None, ge=0, lt=2**63)
     n: Literal[1] = 1
     min_tokens: int = Field(0, ge=0, le=MAX_TOKENS_LIMIT)
@@ -99,6 +109,16 @@ class JobRequest(BaseModel):
     """Unix time after which the job must not start, and at which a running job is aborted."""
     model: str | None = None
     """Informational: the worker runs its own model; a mismatch is not checked."""
+    response_format: ResponseFormat | None = None
+    """OpenAI's structured output: ``text``, ``json_object`` or ``json_schema``."""
+    structured_outputs: StructuredOutputs | None = None
+    """vLLM's constraints beyond OpenAI's: one of ``regex``, ``choice``, ``json``."""
+    logprobs: bool = False
+    """Return each generated token's logprob (chat-completions style)."""
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    """With ``logprobs``: how many of the most likely tokens to list at each position."""
+    adapter: str | None = None
+    """Name of a LoRA adapter in the worker's ``lora_dir`` to run this job with."""
     metadata: dict[str, str] | None = None
     callback: CeleryCallback | None = None
     """Optional completion callback (a Celery task sent the result when the job finishes)."""
@@ -130,6 +150,31 @@ class JobRequest(BaseModel):
         if any(not s or len(s) > MAX_STOP_LENGTH for s in stops):
             raise ValueError(f"stop strings must be 1..{MAX_STOP_LENGTH} characters")
         return stops
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _stop_ids(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (len(v) > MAX_STOP_TOKEN_IDS or any(t < 0 for t in v)):
+            raise ValueError(f"at most {MAX_STOP_TOKEN_IDS} stop token ids, each >= 0")
+        return v
+
+    @field_validator("adapter")
+    @classmethod
+    def _adapter_name(cls, v: str | None) -> str | None:
+        if v is not None and not ADAPTER_NAME.match(v):
+            raise ValueError("adapter must be a name (1..128 of A-Z a-z 0-9 _ . -, "
+                             "not starting with . _ or -)")
+        return v
+
+    @model_validator(mode="after")
+    def _features(self) -> JobRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        constrained = self.response_format is not None and self.response_format.type != "text"
+        if constrained and self.structured_outputs is not None:
+            raise ValueError("give one structured output constraint: response_format or "
+                             "structured_outputs, not both")
+        return self
 
     @model_validator(mode="after")
     def _one_input(self) -> JobRequest:
@@ -173,6 +218,8 @@ class JobResult(BaseModel):
     status: JobStatus
     text: str = ""
     token_ids: list[int] | None = None
+    logprobs: list[TokenLogprob] | None = None
+    """One entry per generated token when the request asked for ``logprobs``."""
     finish_reason: str | None = None
     usage: Usage = Field(default_factory=Usage)
     timings: Timings = Field(default_factory=Timings)

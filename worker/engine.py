@@ -11,7 +11,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 from producer.schema import JobRequest
 
@@ -27,6 +27,8 @@ class Generation:
     completion_tokens: int
     first_token_at: float | None = None
     aborted: bool = False
+    logprobs: list[dict[str, Any]] | None = None
+    """Per generated token (worker/logprobs.py's shape) when the request asked for them."""
 
 
 @dataclass

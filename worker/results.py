@@ -36,6 +36,7 @@ def from_generation(row: Row, gen: Generation, status: JobStatus, worker: str,
     return dump(JobResult(
         id=row.job_id, status=status, text=gen.text,
         token_ids=gen.token_ids if not gen.text else None,
+        logprobs=gen.logprobs,  # type: ignore[arg-type]  # dicts, validated into TokenLogprob
         finish_reason=status.value if gen.aborted else gen.finish_reason,
         usage={"prompt_tokens": gen.prompt_tokens,  # type: ignore[arg-type]
                "completion_tokens": gen.completion_tokens},

@@ -65,6 +65,25 @@ class WorkerSettings(ClientSettings):
     """GPUs one engine spans (vLLM tensor parallelism)."""
     priority_scheduling: bool = False
     """Pass job priority to vLLM's priority scheduler (``scheduling_policy="priority"``)."""
+    max_logprobs: int = Field(20, ge=0)
+    """Most ``top_logprobs`` a job may ask for (vLLM ``max_logprobs``); more fails the job
+    with ``invalid_request``."""
+    lora_dir: str = ""
+    """Directory of LoRA adapters, one subdirectory per adapter (PEFT layout), named after
+    it; jobs pick one with ``adapter``. Empty: LoRA off (jobs naming an adapter fail with
+    ``unknown_adapter``). An adapter is read once per worker: to change one, use a new name."""
+    max_loras: int = Field(1, ge=1)
+    """Adapters one engine batch may mix (vLLM ``max_loras``); only with ``lora_dir``."""
+    max_lora_rank: int = Field(16, ge=1)
+    """Largest adapter rank the engine accepts (vLLM ``max_lora_rank``: 1, 8, 16, 32, 64,
+    ...); adapters of a higher rank are refused (``unknown_adapter``). Only with
+    ``lora_dir``."""
+    stream_interval_ms: float = Field(50.0, ge=0)
+    """Streaming jobs: how long new output is collected before it is written to the job's
+    token stream (all jobs' output in one round trip). 0 writes as fast as Redis answers."""
+    stream_max_entries: int = Field(10_000, ge=16)
+    """Streaming jobs: entries kept per token stream (approximate cap); a reader that falls
+    further behind misses the oldest deltas (the result still has the whole text)."""
     lease_seconds: float = Field(30.0, gt=0)
     """A job's entry may be reclaimed by a peer after this long without a lease renewal."""
     max_deliveries: int = Field(3, ge=1)

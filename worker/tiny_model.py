@@ -20,6 +20,17 @@ WORDS = (
     "deadline priority chat user system assistant hello world data fast slow one two three"
 ).split()
 
+TINY_CONFIG: dict[str, object] = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+    "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+    "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "bos_token_id": 0, "eos_token_id": 1,
+}
+"""The model's shape (``config.json`` less the vocabulary size, which the tokenizer sets);
+tiny_lora.py sizes its adapters from it."""
+
 
 def _corpus(n_lines: int = 4000, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
@@ -56,15 +67,8 @@ def make_tiny_model(out_dir: str | Path, max_position_embeddings: int = 2048) ->
         return out
     out.mkdir(parents=True, exist_ok=True)
     vocab = _train_tokenizer(out)
-    config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
-        "vocab_size": vocab, "max_position_embeddings": max_position_embeddings,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
-        "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-        "bos_token_id": 0, "eos_token_id": 1,
-    }
+    config = {**TINY_CONFIG, "vocab_size": vocab,
+              "max_position_embeddings": max_position_embeddings}
     (out / "config.json").write_text(json.dumps(config, indent=1))
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 0, "eos_token_id": 1}))
     return out

@@ -9,6 +9,7 @@ from producer.keys import Priority
 from producer.schema import JobRequest
 from worker.engine import DeltaSink, Generation, StepStats
 from worker.settings import WorkerSettings
+from worker.vllm_features import Adapters, lora_request, structured_outputs_kwargs
 
 _PRIORITY = {Priority.high: -1, Priority.normal: 0, Priority.low: 1}
 
@@ -100,6 +101,15 @@ class _Accumulator:
         )
 
 
+def _lora_args(settings: WorkerSettings) -> dict[str, Any]:
+    """LoRA engine arguments: only with a ``lora_dir``, since LoRA layers cost every step
+    (and on the CPU build turn off torch.compile) even for jobs without an adapter."""
+    if not settings.lora_dir:
+        return {}
+    return {"enable_lora": True, "max_loras": settings.max_loras,
+            "max_lora_rank": settings.max_lora_rank}
+
+
 class VllmEngine:
     def __init__(self, settings: WorkerSettings, model_path: str) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -123,7 +133,10 @@ class VllmEngine:
             scheduling_policy="priority" if settings.priority_scheduling else "fcfs",
             disable_log_stats=False,
             enable_log_requests=False,
+            max_logprobs=settings.max_logprobs,
+            **_lora_args(settings),
         )
+        self.adapters = Adapters(settings.lora_dir, settings.max_lora_rank)
         self._client_errors = _client_errors()
         self.llm = AsyncLLM.from_engine_args(
             args, stat_loggers=[_stat_logger_factory(self.stats, self.slots)]
@@ -154,17 +167,30 @@ class VllmEngine:
         extra: dict[str, Any] = {}
         if req.top_k is not None:
             extra["top_k"] = req.top_k
+        if req.logprobs:
+            top = req.top_logprobs or 0
+            if top > self.settings.max_logprobs:
+                raise InvalidRequest(f"top_logprobs {top} is over this worker's max_logprobs "
+                                     f"{self.settings.max_logprobs}")
+            extra["logprobs"] = top
         try:
+            extra.update(structured_outputs_kwargs(req))
             return SamplingParams(
                 max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                stop=req.stop, seed=req.seed, min_tokens=req.min_tokens,
+                stop=req.stop, stop_token_ids=req.stop_token_ids, seed=req.seed,
+                min_tokens=req.min_tokens,
                 ignore_eos=req.ignore_eos, presence_penalty=req.presence_penalty,
                 frequency_penalty=req.frequency_penalty,
                 detokenize=self.tokenizer is not None,
                 output_kind=RequestOutputKind.FINAL_ONLY, **extra,
             )
-        except (ValueError, TypeError) as e:
+        except self._client_errors as e:  # 0.32's VLLMValidationError is no ValueError
             raise InvalidRequest(f"invalid sampling parameters: {e}") from None
+
+    def _lora_request(self, req: JobRequest) -> Any:
+        """vLLM's ``LoRARequest`` for the job's ``adapter`` (None: the base model); raises
+        InvalidRequest ``unknown_adapter`` when this worker has no such adapter."""
+        return lora_request(self.adapters, req.adapter)
 
     def _check_length(self, n_prompt: int, req: JobRequest) -> None:
         if n_prompt + req.max_tokens > self.max_model_len:
