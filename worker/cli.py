@@ -60,20 +60,26 @@ def submit(
     temperature: Annotated[float, typer.Option()] = 1.0,
     chat: Annotated[bool, typer.Option(help="send as one chat user message")] = False,
     wait: Annotated[bool, typer.Option(help="wait and print the result")] = False,
+    stream: Annotated[bool, typer.Option(help="print the output as it is generated")] = False,
     timeout: Annotated[float, typer.Option(help="seconds to wait")] = 60.0,
     queue: Annotated[str | None, typer.Option()] = None,
 ) -> None:
-    """Submit one job; print its id (or, with --wait, its result as JSON)."""
+    """Submit one job; print its id (or, with --wait, its result as JSON; with --stream, its
+    text as it comes, then its status on stderr)."""
     from producer import Client, SlotfillError
 
     c = Client.from_url(**({"queue": queue} if queue else {}))
-    params: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature}
+    params: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature,
+                              "stream": stream}
     if chat:
         params["messages"] = [{"role": "user", "content": prompt}]
     else:
         params["prompt"] = prompt
     try:
         job = c.submit(**params)
+        if stream:
+            Console(stderr=True, highlight=False).print(f"job {job.id}")
+            raise typer.Exit(_follow(c, job.id, None, timeout))
         if not wait:
             print(job.id)
             return
@@ -81,6 +87,51 @@ def submit(
     except SlotfillError as e:
         console.print(f"[red]{type(e).__name__}:[/red] {e}")
         raise typer.Exit(2) from None
+
+
+@app.command(name="stream")
+def stream_cmd(
+    job_id: str,
+    after: Annotated[str | None, typer.Option(help="resume after this stream entry id")] = None,
+    timeout: Annotated[float, typer.Option(help="seconds to wait")] = 600.0,
+    queue: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Follow a job's output as it is generated (from the start, or after --after)."""
+    from producer import Client
+
+    c = Client.from_url(**({"queue": queue} if queue else {}))
+    raise typer.Exit(_follow(c, job_id, after, timeout))
+
+
+def _follow(c: Any, job_id: str, after: str | None, timeout: float) -> int:
+    """Print a job's stream: text to stdout, restarts and the final status to stderr.
+    Exit code 0 when it succeeded, 1 when it ended otherwise, 2 on a client error."""
+    from producer import JobResult, Restarted, SlotfillError, TokenDelta
+    from producer.streaming import FIRST_ID
+
+    err = Console(stderr=True, highlight=False)
+    last = after or FIRST_ID
+    try:
+        for event in c.stream(job_id, after=last, timeout=timeout):
+            if isinstance(event, TokenDelta):
+                # A worker without a tokenizer streams token ids only.
+                sys.stdout.write(event.text if event.text
+                                 else "".join(f"{t} " for t in event.token_ids))
+                sys.stdout.flush()
+                last = event.entry_id
+            elif isinstance(event, Restarted):
+                err.print(f"\n[yellow][restarted: attempt {event.attempt} on "
+                          f"{event.worker or 'another worker'}; output starts over][/yellow]")
+            elif isinstance(event, JobResult):
+                sys.stdout.write("\n")
+                note = f": {event.error.message}" if event.error else ""
+                err.print(f"{event.status.value} ({event.finish_reason}, "
+                          f"{event.usage.completion_tokens} tokens){note}")
+                return 0 if event.ok else 1
+    except SlotfillError as e:
+        err.print(f"[red]{type(e).__name__}:[/red] {e} (resume with --after {last})")
+        return 2
+    return 1
 
 
 @app.command(name="wait")

@@ -1,0 +1,44 @@
+"""Streaming on the real vLLM engine (CPU build, tiny model), through the client and the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from producer import Client, JobResult, JobStatus, TokenDelta
+from worker.fleet import WorkerProcess
+
+pytestmark = pytest.mark.engine
+
+
+def test_real_engine_streams_deltas_that_add_up_to_the_result(engine_client: Client) -> None:
+    plain = engine_client.submit("queue slot engine", max_tokens=48, ignore_eos=True,
+                                 temperature=0, seed=3)
+    job = engine_client.submit("queue slot engine", max_tokens=48, ignore_eos=True,
+                               temperature=0, seed=3, stream=True)
+    events = list(engine_client.stream(job.id, timeout=180))
+    res = events[-1]
+    assert isinstance(res, JobResult) and res.status is JobStatus.succeeded
+    deltas = [e for e in events if isinstance(e, TokenDelta)]
+    assert len(deltas) >= 2, "the output came in one piece: nothing was streamed"
+    assert "".join(d.text for d in deltas) == res.text
+    assert sum(len(d.token_ids) for d in deltas) == res.usage.completion_tokens == 48
+    # Streaming changes how the output travels, not what it is.
+    assert engine_client.wait(plain.id, timeout=180).text == res.text
+
+
+def test_cli_submit_stream_prints_the_text_as_it_comes(
+        engine_client: Client, engine_worker: WorkerProcess) -> None:
+    env = {**os.environ, "SLOTFILL_REDIS_URL": engine_worker.redis_url, "SLOTFILL_QUEUE": "e2e"}
+    out = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "submit", "--stream", "--max-tokens", "24",
+         "--timeout", "180", "hello stream"], env=env, capture_output=True, text=True,
+        timeout=240, check=False)
+    assert out.returncode == 0, out.stderr
+    job_id = out.stderr.split("job ", 1)[1].split()[0]
+    res = engine_client.wait(job_id, timeout=5)
+    assert out.stdout == res.text + "\n"
+    assert "succeeded" in out.stderr and f"{res.usage.completion_tokens} tokens" in out.stderr
