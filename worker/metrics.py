@@ -71,6 +71,9 @@ METRICS: dict[str, str] = {
     "slotfill_released": "counter",
     "slotfill_publish_retries": "counter",
     "slotfill_callbacks": "counter",
+    "slotfill_stream_appends": "counter",
+    "slotfill_stream_fenced": "counter",
+    "slotfill_stream_writes": "counter",
     "slotfill_ttft_seconds": "histogram",
     "slotfill_e2e_seconds": "histogram",
     "slotfill_queue_wait_seconds": "histogram",
@@ -270,6 +273,13 @@ class _Collector(Collector):
                       "period, engine death)", c.released)
         yield counter("slotfill_publish_retries", "Result writes retried while Redis was "
                       "unavailable", c.publish_retries)
+        sc = f.streamer.counters
+        yield counter("slotfill_stream_appends", "Entries appended to streaming jobs' token "
+                      "streams (coalesced deltas and attempt starts)", sc.appends)
+        yield counter("slotfill_stream_fenced", "Token-stream appends refused because the job "
+                      "had moved on (reclaimed by a peer, or ended)", sc.fenced)
+        yield counter("slotfill_stream_writes", "Round trips of the token-stream writer (each "
+                      "carries every streaming job's new output)", sc.flushes)
         yield from self._queue_metrics()
 
     def _queue_metrics(self) -> Iterator[Metric]:
