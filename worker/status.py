@@ -224,7 +224,7 @@ class DeadLetters:
             return Replay(d.id, "invalid", job, "job id not usable")
         reply = self._replay(
             keys=[self.keys.dead_letter, self.keys.job(job), self.keys.done(job), d.stream,
-                  self.keys.stats, *self.keys.streams],
+                  self.keys.stats, *self.keys.streams, self.keys.tokens(job)],
             args=[d.id, job, repr(time.time()), self.max_pending, priority],
         )
         outcome, detail = _s(reply[0]), _s(reply[1])
