@@ -141,13 +141,28 @@ class Client:
         cursor = StreamCursor(after)
         end = None if timeout is None else time.monotonic() + timeout
         kwargs = self.redis.connection_pool.connection_kwargs
+        probe = True
         while True:
             left = protocol.BLOCK_SLICE_S if end is None else end - time.monotonic()
             if left <= 0:
                 raise WaitTimeout(f"job {job_id} not finished after {timeout}s")
-            block_ms = max(1, int(1000 * protocol.block_slice(left, kwargs)))
+            block = protocol.block_slice(left, kwargs)
+            if probe:
+                pipe = self.redis.pipeline(transaction=False)
+                pipe.hmget(keys.job(job_id), "status", "streaming")
+                pipe.exists(keys.tokens(job_id))
+                (status, streaming), exists = pipe.execute()
+                how = protocol.stream_probe(job_id, status, streaming, exists)
+                if how == "result":
+                    yield from protocol.whole_result(self._stream_result(job_id, keys), cursor)
+                    return
+                if how == "wait":  # nothing streams (yet): the done list wakes us at the end
+                    self.redis.blmove(keys.done(job_id), keys.done(job_id),
+                                      min(block, protocol.STREAM_PROBE_S),  # type: ignore[arg-type]
+                                      "LEFT", "LEFT")
+                    continue
             reply = self.redis.xread({keys.tokens(job_id): cursor.last_id}, count=READ_COUNT,
-                                     block=block_ms)
+                                     block=max(1, int(1000 * block)))
             for entry_id, fields in protocol.stream_entries(reply):
                 event = cursor.feed(entry_id, fields)
                 if event is not None:
@@ -155,15 +170,7 @@ class Client:
                 if cursor.ended:
                     yield self._stream_result(job_id, keys)
                     return
-            if not reply:
-                pipe = self.redis.pipeline(transaction=False)
-                pipe.hmget(keys.job(job_id), "status", "streaming")
-                pipe.exists(keys.tokens(job_id))
-                (status, streaming), exists = pipe.execute()
-                if protocol.stream_fallback(job_id, status, streaming, exists):
-                    yield from protocol.whole_result(
-                        self._stream_result(job_id, keys), cursor)
-                    return
+            probe = not reply
 
     def _stream_result(self, job_id: str, keys: QueueKeys) -> JobResult:
         res = self.result(job_id, queue=keys.queue)

@@ -168,15 +168,21 @@ def cancelled_result(job_id: str) -> str:
                           timings=Timings(finished_at=now), finish_reason="cancelled"))
 
 
-def stream_fallback(job_id: str, status: Any, streaming: Any, stream_exists: Any) -> bool:
-    """After a read of a job's token stream found nothing new: True when no ``end`` entry
-    will come (the job ended without streaming, or its stream expired), so the reader takes
-    the result instead. JobNotFound for an unknown job."""
+STREAM_PROBE_S = 0.5
+"""How long a reader of a job that has no token stream yet waits on its done list before it
+looks again (a job added with a plain ``XADD`` gets its stream only when it starts)."""
+
+
+def stream_probe(job_id: str, status: Any, streaming: Any, stream_exists: Any) -> str:
+    """What a token-stream reader does next, from the job's record: ``read`` its stream,
+    ``wait`` (nothing streams yet: block on the done list), or take the ``result`` (the job
+    ended without streaming, or its stream expired). JobNotFound for an unknown job."""
     st = parse_status(status)
     if st is None:
         raise JobNotFound(job_id)
-    # A streaming job that just ended has its ``end`` entry in place: the next read gets it.
-    return st.terminal and not (streaming and stream_exists)
+    if streaming and (stream_exists or not st.terminal):
+        return "read"
+    return "result" if st.terminal else "wait"
 
 
 def whole_result(result: JobResult, cursor: StreamCursor) -> list[StreamEvent]:
