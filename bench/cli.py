@@ -2,12 +2,14 @@
 
     slotfill bench                       # every mode, CPU defaults (tiny model), + soak
     slotfill bench --modes offline,slotfill --requests 200
+    slotfill bench --modes fleet,fleet_fixed --workers 2   # admission policies, 2 workers
     slotfill bench soak --jobs 100000    # the soak alone
     slotfill bench report a.json b.json  # merge runs (e.g. GPU modes run in several calls)
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -41,12 +43,21 @@ def run(
     prompt_tokens: Annotated[int, typer.Option(help="prompt length (max if "
                                                "--min-prompt-tokens is set)")] = 64,
     min_prompt_tokens: Annotated[int, typer.Option(help="0 = fixed prompt length")] = 0,
+    long_share: Annotated[float, typer.Option(help="share of requests with a long prompt "
+                                              "(--long-prompt-tokens) instead")] = 0.0,
+    long_prompt_tokens: Annotated[int, typer.Option(help="length of the long prompts")] = 0,
     min_output: Annotated[int, typer.Option(help="output tokens, uniform from")] = 16,
     max_output: Annotated[int, typer.Option(help="output tokens, uniform to")] = 256,
     seed: Annotated[int, typer.Option()] = 0,
     modes: Annotated[str, typer.Option(
-        help="comma-separated: offline,slotfill,asyncio,celery_batch,celery_per_request")] = (
-        "offline,slotfill,asyncio,celery_batch,celery_per_request"),
+        help="comma-separated: offline,slotfill,asyncio,celery_batch,celery_per_request; "
+             "also fleet,fleet_fixed (--workers workers on one queue; engine-aware vs fixed "
+             "admission)")] = "offline,slotfill,asyncio,celery_batch,celery_per_request",
+    workers: Annotated[int, typer.Option(help="worker processes of the fleet modes")] = 2,
+    engine: Annotated[str, typer.Option(help="workers' engine: vllm, or sim (the "
+                                        "step-simulating engine; worker modes only)")] = (
+        os.environ.get("SLOTFILL_ENGINE", "vllm")),
+    sim_step_ms: Annotated[float, typer.Option(help="step time of --engine sim")] = 5.0,
     celery_requests: Annotated[int, typer.Option(
         help="requests for the (slow) celery per-request mode")] = 64,
     celery_batch: Annotated[int, typer.Option(
@@ -71,7 +82,7 @@ def run(
     """Run every chosen mode on one seeded workload with one engine configuration."""
     if ctx.invoked_subcommand is not None:
         return
-    from bench.config import ALL_MODES, BenchConfig, EngineConfig, WorkloadConfig
+    from bench.config import ALL_MODES, WORKER_MODES, BenchConfig, EngineConfig, WorkloadConfig
     from bench.report import print_report
     from bench.run import Runner
 
@@ -85,14 +96,21 @@ def run(
                             max_num_batched_tokens=max_num_batched_tokens,
                             max_model_len=max_model_len,
                             gpu_memory_utilization=gpu_memory_utilization,
-                            enforce_eager=enforce_eager, headroom=headroom),
+                            enforce_eager=enforce_eager, headroom=headroom, engine=engine,
+                            sim_step_ms=sim_step_ms),
         workload=WorkloadConfig(requests=requests, prompt_tokens=prompt_tokens,
                                 min_prompt_tokens=min_prompt_tokens, min_output=min_output,
-                                max_output=max_output, seed=seed),
+                                max_output=max_output, seed=seed, long_share=long_share,
+                                long_prompt_tokens=long_prompt_tokens),
         modes=[m for m in ALL_MODES if m in chosen],
-        celery_requests=celery_requests, celery_batch=celery_batch)
-    if cfg.workload.prompt_tokens + cfg.workload.max_output > max_model_len:
-        raise typer.BadParameter("prompt_tokens + max_output exceeds max_model_len")
+        celery_requests=celery_requests, celery_batch=celery_batch, workers=workers)
+    longest = max(prompt_tokens, long_prompt_tokens if long_share else 0)
+    if longest + cfg.workload.max_output > max_model_len:
+        raise typer.BadParameter("prompt tokens + max_output exceeds max_model_len")
+    if engine not in ("vllm", "sim"):
+        raise typer.BadParameter("--engine is vllm or sim")
+    if engine == "sim" and not set(cfg.modes) <= set(WORKER_MODES):
+        raise typer.BadParameter(f"--engine sim runs only the modes {', '.join(WORKER_MODES)}")
     argv = sys.argv[sys.argv.index("bench") + 1:] if "bench" in sys.argv else sys.argv[1:]
     submit_sizes = {"single": max(1, submit_jobs // 10), "many": submit_jobs,
                     "depth": submit_depth, "probe": max(1, min(5000, submit_jobs // 4))}

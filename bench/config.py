@@ -12,8 +12,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-ALL_MODES = ("offline", "slotfill", "asyncio", "celery_batch", "celery_per_request")
+ALL_MODES = ("offline", "slotfill", "asyncio", "celery_batch", "celery_per_request", "fleet",
+             "fleet_fixed")
 """Run order. Offline first: every ratio is relative to it."""
+DEFAULT_MODES = ALL_MODES[:5]
+FLEET_MODES = {"fleet": "engine", "fleet_fixed": "fixed"}
+"""Several worker processes on one queue (``--workers``), and the admission policy each runs."""
+WORKER_MODES = ("slotfill", *FLEET_MODES)
+"""Modes whose engines are slotfill workers: the only ones ``--engine sim`` can run."""
 
 
 @dataclass
@@ -33,6 +39,9 @@ class EngineConfig:
     headroom: int = 8
     """slotfill worker and asyncio feeder: requests held waiting inside the engine beyond its
     slots (capacity = max_num_seqs + headroom)."""
+    engine: str = "vllm"
+    """Workers' engine: ``vllm``, or ``sim`` (the step-simulating stand-in; worker modes only)."""
+    sim_step_ms: float = 5.0
 
     def engine_kwargs(self, model_path: str) -> dict[str, Any]:
         """Keyword arguments for ``vllm.LLM`` and ``AsyncEngineArgs``: the same set the
@@ -63,6 +72,8 @@ class EngineConfig:
             "skip_tokenizer_init": int(self.skip_tokenizer_init),
             "gpu_memory_utilization": self.gpu_memory_utilization,
             "enforce_eager": int(self.enforce_eager),
+            "engine": self.engine,
+            "sim_step_ms": self.sim_step_ms,
         }
 
 
@@ -82,17 +93,23 @@ class WorkloadConfig:
     """Token ids are drawn from [first_token_id, vocab_size); 0 = read from the model."""
     first_token_id: int = 3
     """Skips the tiny model's special tokens (<s>, </s>, <unk>)."""
+    long_share: float = 0.0
+    """Share of requests whose prompt has ``long_prompt_tokens`` tokens instead (mixed
+    lengths: admission must count them by tokens)."""
+    long_prompt_tokens: int = 0
 
 
 @dataclass
 class BenchConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     workload: WorkloadConfig = field(default_factory=WorkloadConfig)
-    modes: list[str] = field(default_factory=lambda: list(ALL_MODES))
+    modes: list[str] = field(default_factory=lambda: list(DEFAULT_MODES))
     celery_requests: int = 64
     """Cap for the celery per-request mode (one request per task is slow by design)."""
     celery_batch: int = 0
     """Requests per task in the celery static-batch mode; 0 = max_num_seqs."""
+    workers: int = 2
+    """Worker processes of the fleet modes, all on one queue (and one GPU, if there is one)."""
     model_path: str = ""
     """Resolved model directory (filled in by the runner)."""
     run_dir: str = ""

@@ -15,6 +15,8 @@ MODE_LABELS = {
     "asyncio": "asyncio feeder, no Redis",
     "celery_batch": "celery, static batch/task",
     "celery_per_request": "celery, 1 request/task",
+    "fleet": "fleet, engine-aware admission",
+    "fleet_fixed": "fleet, fixed-count admission",
 }
 
 
@@ -174,6 +176,30 @@ def redis_table(results: dict[str, Any]) -> Table | None:
     return t
 
 
+def fleet_table(results: dict[str, Any]) -> Table | None:
+    """Fleet modes: how the work split between the workers, and what each engine saw."""
+    fleets = {k: v for k, v in results.get("modes", {}).items() if v.get("workers")}
+    if not fleets:
+        return None
+    t = Table(title="fleet: each worker's share and engine (free-slot steps until the last "
+                    "job left Redis; pulled → first token = held before the engine ran it)")
+    for col in ("mode", "worker", "jobs", "out tokens", "prompt tokens", "long prompts",
+                "mean occ.", "free-slot steps", "pulled→1st tok p50/p99/max ms",
+                "last finish s"):
+        t.add_column(col, justify="left" if col in ("mode", "worker") else "right")
+    pc = "{:.1%}"
+    for name, m in fleets.items():
+        for w, d in m["workers"].items():
+            held = d["pulled_to_first_token_ms"]
+            t.add_row(MODE_LABELS.get(name, name), w, f"{d['jobs']} ({_num(d['jobs_share'], pc)})",
+                      _num(d["output_tokens_share"], pc), _num(d["prompt_tokens_share"], pc),
+                      f"{d['long_prompts']} ({_num(d['long_prompts_share'], pc)})",
+                      _num(d["mean_occupancy"], pc), _num(d["free_slot_share"], "{:.2%}"),
+                      " / ".join(_num(held[k]) for k in ("p50", "p99", "max")),
+                      _num(d["last_finish_s"], "{:.1f}"))
+    return t
+
+
 def target_table(tg: dict[str, dict[str, Any]]) -> Table:
     t = Table(title="targets")
     t.add_column("target")
@@ -196,6 +222,9 @@ def target_table(tg: dict[str, dict[str, Any]]) -> Table:
 def print_report(results: dict[str, Any], console: Console) -> None:
     console.print(mode_table(results))
     console.print(engine_table(results))
+    ft = fleet_table(results)
+    if ft is not None:
+        console.print(ft)
     rep = repeats_table(results)
     if rep is not None:
         console.print(rep)

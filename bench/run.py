@@ -27,7 +27,7 @@ from rich.progress import (
 
 from bench import report
 from bench.analysis import occupancy_series, summarize
-from bench.config import BenchConfig, model_vocab_size, resolve_model
+from bench.config import FLEET_MODES, BenchConfig, model_vocab_size, resolve_model
 from bench.workload import Request, make_workload, total_output_tokens
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -157,7 +157,8 @@ class Runner:
             "meta": meta(argv),
             "config": {"engine": vars(cfg.engine), "workload": vars(cfg.workload),
                        "modes": cfg.modes, "repeat": self.repeat, "celery_requests": cfg.celery_requests,
-                       "celery_batch": cfg.batch_size, "model_path": cfg.model_path,
+                       "celery_batch": cfg.batch_size, "workers": cfg.workers,
+                       "model_path": cfg.model_path,
                        "run_dir": str(run_dir)},
             "workload": {"requests": len(reqs), "output_tokens": total_output_tokens(reqs),
                          "prompt_tokens": sum(len(r.prompt) for r in reqs)},
@@ -242,6 +243,12 @@ class Runner:
 
             raw = run_slotfill(cfg, reqs, run_dir, redis_url, progress, redis_pid)
             capacity = cfg.engine.max_num_seqs + cfg.engine.headroom
+        elif mode in FLEET_MODES:
+            from bench.fleet import run_fleet
+
+            raw = run_fleet(cfg, mode, reqs, run_dir, redis_url, progress, redis_pid,
+                            _gpu() is not None)
+            raw["mode"] = mode
         elif mode in ("celery_batch", "celery_per_request"):
             from bench.celery_mode import run_celery
 
@@ -255,6 +262,11 @@ class Runner:
         expected = {r.index: r.max_tokens for r in reqs}
         summary = summarize(raw, expected, cfg.engine.max_num_seqs, capacity)
         summary["occupancy"] = _series(raw.get("steps_file"), raw["t_start"], raw["t_end"])
+        if mode in FLEET_MODES:
+            from bench.fleet import add_fleet_figures
+
+            add_fleet_figures(summary, raw, cfg)
+            summary["occupancy"] = None  # several engines: see the per-worker figures
         return summary
 
 

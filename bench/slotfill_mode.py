@@ -37,14 +37,16 @@ def run_slotfill(cfg: BenchConfig, reqs: list[Request], run_dir: Path, redis_url
         startup = time.time() - t_load
         assert w.proc is not None
         g = cpu.groups(w.proc.pid, redis_pid, os.getpid())
-        return _measure(reqs, w, redis_url, startup, steps_file, progress, g)
+        return measure(reqs, [w], redis_url, startup, steps_file, progress, g)
     finally:
         w.stop()
 
 
-def _measure(reqs: list[Request], w: WorkerProcess, redis_url: str, startup: float,
-             steps_file: Path, progress: Callable[[str, int, int], None],
-             cpu_groups: dict[str, list[Any]]) -> dict[str, Any]:
+def measure(reqs: list[Request], workers: list[WorkerProcess], redis_url: str,
+            startup: float, steps_file: Path | None, progress: Callable[[str, int, int], None],
+            cpu_groups: dict[str, list[Any]]) -> dict[str, Any]:
+    """Submit every request at once, wait for every result; per-request records carry the
+    worker that ran it."""
     r = redis.Redis.from_url(redis_url)
     client = Client.from_url(redis_url, queue=QUEUE, max_pending=max(100_000, 2 * len(reqs)))
     bodies = [q.job() for q in reqs]
@@ -60,8 +62,10 @@ def _measure(reqs: list[Request], w: WorkerProcess, redis_url: str, startup: flo
                 results.append(client.wait(job_id, timeout=5.0))
                 break
             except WaitTimeout:
-                if w.proc is not None and w.proc.poll() is not None:
-                    raise RuntimeError(f"worker exited {w.proc.returncode}:\n{w.tail()}") from None
+                for w in workers:
+                    if w.proc is not None and w.proc.poll() is not None:
+                        raise RuntimeError(f"worker {w.consumer} exited {w.proc.returncode}:"
+                                           f"\n{w.tail()}") from None
         if n % 20 == 0:
             progress("running", n + 1, len(ids))
     t1 = time.time()
@@ -76,12 +80,14 @@ def _measure(reqs: list[Request], w: WorkerProcess, redis_url: str, startup: flo
                            "error": res.error.model_dump() if res.error else None})
             continue
         t = res.timings
-        records.append({"index": q.index, "output_tokens": res.usage.completion_tokens,
+        records.append({"index": q.index, "worker": res.worker,
+                        "prompt_tokens": len(q.prompt),
+                        "output_tokens": res.usage.completion_tokens,
                         "submitted": t.queued_at, "started": t.started_at, "scheduled": None,
                         "first_token": t.first_token_at, "finished": t.finished_at})
     client.close()
     r.close()
     return {"t_start": t0, "t_end": t1, "startup_s": startup, "records": records,
-            "steps_file": str(steps_file),
+            "steps_file": str(steps_file) if steps_file else None,
             "extra": {"submit_many_s": t_submitted - t0, "failed": failed, "cpu_s": cpu_s,
                       "redis": per_job(delta(before, after), len(ids))}}

@@ -34,6 +34,8 @@ def make_workload(cfg: WorkloadConfig, vocab_size: int) -> list[Request]:
     out = []
     for i in range(cfg.requests):
         n_prompt = rng.randint(lo_prompt, cfg.prompt_tokens)
+        if cfg.long_share and rng.random() < cfg.long_share:  # no draw: old workloads unchanged
+            n_prompt = cfg.long_prompt_tokens
         prompt = [rng.randrange(cfg.first_token_id, vocab_size) for _ in range(n_prompt)]
         out.append(Request(i, prompt, rng.randint(cfg.min_output, cfg.max_output)))
     return out

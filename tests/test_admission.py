@@ -146,3 +146,41 @@ def test_a_step_wakes_the_feeder_hook() -> None:
     stats.record(running=3, waiting=0, kv=0.0, slots=4)
     stats.record(running=4, waiting=0, kv=0.0, slots=4)
     assert calls == [3, 4]
+
+
+def test_ready_queue_covers_what_finishes_during_a_refill() -> None:
+    from worker.admission import ready_target
+
+    assert ready_target(ENGINE, 0.0, 0.05) == 1  # nothing finishing yet: one ready job
+    assert ready_target(ENGINE, 50.0, 0.011) == 2  # 0.55 finish per refill, twice over
+    assert ready_target(ENGINE, 40.0, 0.06) == 5
+    assert ready_target(ENGINE, 1000.0, 0.06) == TARGET  # headroom caps it
+    assert ready_target(FIXED, 1000.0, 0.06) == TARGET
+    no_headroom = Policy(engine_aware=True, slots=4, ready_target=0, token_budget=BUDGET,
+                         kv_high_water=0.9)
+    assert ready_target(no_headroom, 1000.0, 1.0) == 0
+    # Full batch with 2 ready: a target of 3 reads one more; the default (headroom) six.
+    assert to_read(view(34, 32, ready_tokens=128), ENGINE, 64.0, target=3) == 1
+    assert to_read(view(34, 32, ready_tokens=128), ENGINE, 64.0) == TARGET - 2
+
+
+def test_finish_rate_and_step_time_are_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    import worker.admission as adm_mod
+
+    now = [100.0]
+    monkeypatch.setattr(adm_mod.time, "monotonic", lambda: now[0])
+    stats = StepStats()
+    done = [0]
+    adm = Admission(WorkerSettings(max_num_seqs=32, headroom=8), stats, 32,
+                    finished=lambda: done[0])
+    for _ in range(20):  # 20 windows of 0.5 s: 25 jobs and 50 steps each
+        now[0] += 0.5
+        done[0] += 25
+        stats.steps += 50
+        adm.want(0, 0, iter([]))
+        adm.read_took(0.004)
+    assert adm.finish_per_s == pytest.approx(50.0, rel=0.01)
+    assert adm.step_s == pytest.approx(0.01, rel=0.01)
+    assert adm.read_s == pytest.approx(0.004, rel=0.01)
+    # 50 jobs/s x (4 ms + 2 x 10 ms) x 2 = 2.4 -> 3 ready beyond the slots.
+    assert adm.target == 3

@@ -7,9 +7,11 @@ every finished job and every engine step (vLLM's stat logger, :class:`StepStats`
 
 * **Fill the free slots.** ``slots - running`` jobs (minus held jobs not yet running, which
   take those slots first) are always read: occupancy never waits on admission.
-* **Keep a small ready queue.** Beyond the slots, hold up to ``headroom`` jobs ready, so a
-  slot that frees is refilled within the same engine step rather than after a round trip to
-  Redis, and at least one whenever ``headroom`` > 0.
+* **Keep a small ready queue.** Beyond the slots, hold jobs ready so a slot that frees is
+  refilled within the same engine step rather than after a round trip to Redis: as many as
+  finish while a refill is on its way (measured finish rate × (read round trip + two engine
+  steps), twice over), at least one, at most ``headroom``. Every job beyond that would only
+  age in this worker's pending list while a peer might have started it.
 * **Count prompts by tokens.** The ready queue (held jobs not running, plus the reads that
   fill free slots) is also capped by ``ready_token_budget`` prompt tokens, by default one
   step's ``max_num_batched_tokens``: prefill beyond that could not start in the next step
@@ -32,7 +34,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from worker.engine import StepStats
@@ -46,6 +49,12 @@ MESSAGE_OVERHEAD_TOKENS = 4
 """Chat-template tokens per message (role markers), roughly."""
 EWMA_WEIGHT = 1 / 32
 """Weight of each new job in the running estimate of the next job's prompt size."""
+READY_SAFETY = 2.0
+"""The ready queue covers this many times the jobs expected to finish during one refill."""
+RATE_WINDOW_S = 0.25
+"""Finish rate and step time are re-measured over windows of at least this long..."""
+RATE_WEIGHT = 0.3
+"""...and smoothed with this weight per window."""
 
 
 @dataclass(frozen=True)
@@ -85,9 +94,19 @@ class EngineView:
     """Jobs out of the engine whose results are still being written."""
 
 
-def to_read(view: EngineView, p: Policy, next_prompt_tokens: float | None) -> int:
+def ready_target(p: Policy, finish_per_s: float, refill_s: float) -> int:
+    """Jobs to hold ready beyond the free slots: what finishes during a refill, with margin."""
+    if p.ready_target == 0:
+        return 0
+    need = math.ceil(finish_per_s * refill_s * READY_SAFETY)
+    return max(1, min(p.ready_target, need))
+
+
+def to_read(view: EngineView, p: Policy, next_prompt_tokens: float | None,
+            target: int | None = None) -> int:
     """Jobs to read now. ``next_prompt_tokens``: expected prompt size of a job still in Redis
-    (None before any was seen: no token cap yet)."""
+    (None before any was seen: no token cap yet). ``target``: ready jobs wanted beyond the
+    free slots (default ``p.ready_target``)."""
     # Results not yet written beyond one capacity's worth slow pulling, so a slow Redis
     # cannot pile up finished work in memory.
     backlog = max(0, view.publishing - p.capacity)
@@ -100,7 +119,7 @@ def to_read(view: EngineView, p: Policy, next_prompt_tokens: float | None) -> in
     free_slots = 0 if kv_bound else max(0, p.slots - running)
     fill = max(0, free_slots - ready)
     queued = max(0, ready - free_slots)  # ready jobs the free slots will not absorb
-    extra = p.ready_target - queued
+    extra = (p.ready_target if target is None else target) - queued
     if next_prompt_tokens:
         left = p.token_budget - view.ready_tokens - fill * next_prompt_tokens
         extra = min(extra, math.floor(left / next_prompt_tokens))
@@ -145,10 +164,19 @@ class Admission:
     """The feeder's admission state: the policy, the engine's stats, and a running estimate
     of the prompt size of the jobs still in Redis."""
 
-    def __init__(self, settings: WorkerSettings, stats: StepStats, slots: int) -> None:
+    def __init__(self, settings: WorkerSettings, stats: StepStats, slots: int,
+                 finished: Callable[[], int] = lambda: 0) -> None:
         self.policy = Policy.from_settings(settings, slots)
         self.stats = stats
         self.next_prompt_tokens: float | None = None
+        self.finished = finished
+        """Jobs that have left the engine so far (for the finish rate)."""
+        self.finish_per_s = 0.0
+        self.step_s = 0.0
+        self.read_s = 0.0
+        """Smoothed round trip of a read from Redis (as the pull loop saw it, CPU stalls
+        included)."""
+        self._mark = (time.monotonic(), 0, stats.steps)  # counts start at zero
 
     @property
     def capacity(self) -> int:
@@ -164,11 +192,30 @@ class Admission:
         self.next_prompt_tokens = n if prev is None else prev + EWMA_WEIGHT * (n - prev)
         return n
 
+    def read_took(self, seconds: float) -> None:
+        self.read_s += RATE_WEIGHT * (seconds - self.read_s)
+
+    @property
+    def target(self) -> int:
+        """Ready jobs wanted now (see the module docstring)."""
+        return ready_target(self.policy, self.finish_per_s, self.read_s + 2 * self.step_s)
+
+    def _measure(self) -> None:
+        now, done, steps = time.monotonic(), self.finished(), self.stats.steps
+        t0, done0, steps0 = self._mark
+        if now - t0 < RATE_WINDOW_S:
+            return
+        self.finish_per_s += RATE_WEIGHT * ((done - done0) / (now - t0) - self.finish_per_s)
+        if steps > steps0:
+            self.step_s += RATE_WEIGHT * ((now - t0) / (steps - steps0) - self.step_s)
+        self._mark = (now, done, steps)
+
     def want(self, held: int, publishing: int, newest_first: Iterable[int]) -> int:
         """Jobs to read now. ``newest_first``: prompt tokens of the held jobs still in the
         engine, newest first (only as many as are not running are consumed)."""
         s = self.stats
+        self._measure()
         waiting = max(0, held - min(s.running, held, self.policy.slots))
         view = EngineView(held, s.running, s.kv_cache_usage, newest(newest_first, waiting),
                           publishing)
-        return to_read(view, self.policy, self.next_prompt_tokens)
+        return to_read(view, self.policy, self.next_prompt_tokens, self.target)

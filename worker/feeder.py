@@ -90,7 +90,8 @@ class Feeder:
         self.engine = engine
         self.store = store
         self.settings = settings
-        self.admission = Admission(settings, engine.stats, engine.slots)
+        self.admission = Admission(settings, engine.stats, engine.slots,
+                                   finished=lambda: sum(self.counters.results.values()))
         self.capacity = self.admission.capacity
         engine.stats.on_step = self._on_step
         self._parked = False
@@ -173,10 +174,12 @@ class Feeder:
                     continue
             want = self.free
             self.engine.stats.reading = True
+            t_read = time.monotonic()
             try:
                 rows = await self.store.start_jobs(want)
             finally:
                 self.engine.stats.reading = False
+            self.admission.read_took(time.monotonic() - t_read)
             self.engine.stats.backlog = len(rows) >= want
             if rows:
                 self.launch(rows)
