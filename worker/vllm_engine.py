@@ -8,6 +8,7 @@ from producer.errors import EngineDead, ErrorCode, InvalidRequest
 from producer.keys import Priority
 from producer.schema import JobRequest
 from worker.engine import DeltaSink, Generation, StepStats
+from worker.logprobs import convert_logprobs
 from worker.settings import WorkerSettings
 from worker.vllm_features import Adapters, lora_request, structured_outputs_kwargs
 
@@ -74,6 +75,7 @@ class _Accumulator:
         self.finish_reason: str | None = None
         self.first_token_at: float | None = None
         self.seen = False
+        self.logprobs: list[Any] = []
 
     def add(self, out: Any) -> None:
         self.seen = True
@@ -87,6 +89,8 @@ class _Accumulator:
         ids = list(comp.token_ids)
         self.text.append(comp.text)
         self.token_ids.extend(ids)
+        if comp.logprobs is not None:
+            self.logprobs.extend(comp.logprobs)
         self.finish_reason = comp.finish_reason or self.finish_reason
         if self.on_delta is not None:
             self.on_delta(comp.text, ids)
@@ -210,10 +214,13 @@ class VllmEngine:
             from vllm.sampling_params import RequestOutputKind
             params.output_kind = RequestOutputKind.DELTA
         priority = _PRIORITY[request.priority] if self.settings.priority_scheduling else 0
+        # Outside the try: InvalidRequest is a ValueError, which would lose unknown_adapter.
+        lora = self._lora_request(request)
         acc = _Accumulator(on_delta)
         try:
             async for out in self.llm.generate(self._engine_input(ids), params,
-                                               request_id=job_id, priority=priority):
+                                               request_id=job_id, priority=priority,
+                                               lora_request=lora):
                 acc.add(out)
         except EngineDeadError as e:
             raise EngineDead(str(e) or "engine died") from e
@@ -221,7 +228,11 @@ class VllmEngine:
             raise InvalidRequest(f"rejected by the engine: {e}") from None
         if self.llm.errored:
             raise EngineDead("engine died")
-        return acc.generation(len(ids))
+        gen = acc.generation(len(ids))
+        if request.logprobs:
+            gen.logprobs = convert_logprobs(acc.logprobs, gen.token_ids, self.tokenizer,
+                                            request.top_logprobs or 0)
+        return gen
 
     async def abort(self, job_id: str) -> None:
         await self.llm.abort(job_id)
