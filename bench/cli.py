@@ -3,6 +3,7 @@
     slotfill bench                       # every mode, CPU defaults (tiny model), + soak
     slotfill bench --modes offline,slotfill --requests 200
     slotfill bench --modes fleet,fleet_fixed --workers 2   # admission policies, 2 workers
+    slotfill bench --modes slotfill,stream@0,stream@50     # what token streaming costs
     slotfill bench soak --jobs 100000    # the soak alone
     slotfill bench report a.json b.json  # merge runs (e.g. GPU modes run in several calls)
 """
@@ -52,7 +53,8 @@ def run(
     modes: Annotated[str, typer.Option(
         help="comma-separated: offline,slotfill,asyncio,celery_batch,celery_per_request; "
              "also fleet,fleet_fixed (--workers workers on one queue; engine-aware vs fixed "
-             "admission)")] = "offline,slotfill,asyncio,celery_batch,celery_per_request",
+             "admission), stream@<ms> (every job streams, coalesced every <ms> ms)")] = (
+        "offline,slotfill,asyncio,celery_batch,celery_per_request"),
     workers: Annotated[int, typer.Option(help="worker processes of the fleet modes")] = 2,
     engine: Annotated[str, typer.Option(help="workers' engine: vllm, or sim (the "
                                         "step-simulating engine; worker modes only)")] = (
@@ -82,12 +84,20 @@ def run(
     """Run every chosen mode on one seeded workload with one engine configuration."""
     if ctx.invoked_subcommand is not None:
         return
-    from bench.config import ALL_MODES, WORKER_MODES, BenchConfig, EngineConfig, WorkloadConfig
+    from bench.config import (
+        ALL_MODES,
+        WORKER_MODES,
+        BenchConfig,
+        EngineConfig,
+        WorkloadConfig,
+        is_worker_mode,
+        stream_interval,
+    )
     from bench.report import print_report
     from bench.run import Runner
 
     chosen = [m.strip() for m in modes.split(",") if m.strip()]
-    bad = [m for m in chosen if m not in ALL_MODES]
+    bad = [m for m in chosen if m not in ALL_MODES and stream_interval(m) is None]
     if bad:
         raise typer.BadParameter(f"unknown modes {bad}; choose from {', '.join(ALL_MODES)}")
     cfg = BenchConfig(
@@ -102,14 +112,15 @@ def run(
                                 min_prompt_tokens=min_prompt_tokens, min_output=min_output,
                                 max_output=max_output, seed=seed, long_share=long_share,
                                 long_prompt_tokens=long_prompt_tokens),
-        modes=[m for m in ALL_MODES if m in chosen],
+        modes=[m for m in ALL_MODES if m in chosen]
+        + [m for m in chosen if stream_interval(m) is not None],
         celery_requests=celery_requests, celery_batch=celery_batch, workers=workers)
     longest = max(prompt_tokens, long_prompt_tokens if long_share else 0)
     if longest + cfg.workload.max_output > max_model_len:
         raise typer.BadParameter("prompt tokens + max_output exceeds max_model_len")
     if engine not in ("vllm", "sim"):
         raise typer.BadParameter("--engine is vllm or sim")
-    if engine == "sim" and not set(cfg.modes) <= set(WORKER_MODES):
+    if engine == "sim" and not all(is_worker_mode(m) for m in cfg.modes):
         raise typer.BadParameter(f"--engine sim runs only the modes {', '.join(WORKER_MODES)}")
     argv = sys.argv[sys.argv.index("bench") + 1:] if "bench" in sys.argv else sys.argv[1:]
     submit_sizes = {"single": max(1, submit_jobs // 10), "many": submit_jobs,

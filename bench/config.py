@@ -20,6 +20,24 @@ FLEET_MODES = {"fleet": "engine", "fleet_fixed": "fixed"}
 """Several worker processes on one queue (``--workers``), and the admission policy each runs."""
 WORKER_MODES = ("slotfill", *FLEET_MODES)
 """Modes whose engines are slotfill workers: the only ones ``--engine sim`` can run."""
+STREAM_PREFIX = "stream@"
+"""``stream@<ms>``: the slotfill mode with every job streaming, the worker coalescing each
+job's output for <ms> milliseconds per write (``--modes slotfill,stream@50``)."""
+
+
+def stream_interval(mode: str) -> float | None:
+    """The coalescing interval of a ``stream@<ms>`` mode; None for any other mode."""
+    if not mode.startswith(STREAM_PREFIX):
+        return None
+    try:
+        ms = float(mode[len(STREAM_PREFIX):])
+    except ValueError:
+        return None
+    return ms if ms >= 0 else None
+
+
+def is_worker_mode(mode: str) -> bool:
+    return mode in WORKER_MODES or stream_interval(mode) is not None
 
 
 @dataclass

@@ -31,9 +31,37 @@ def _pair(a: Any, b: Any, fmt: str = "{:,.0f}") -> str:
 def add_ratios(results: dict[str, Any]) -> None:
     modes = results.get("modes", {})
     base = modes.get("offline", {}).get("output_tok_s")
-    for m in modes.values():
+    plain = modes.get("slotfill", {}).get("output_tok_s")
+    for name, m in modes.items():
         tps = m.get("output_tok_s")
         m["ratio_to_offline"] = tps / base if base and tps else None
+        if name.startswith("stream@"):
+            m["ratio_to_slotfill"] = tps / plain if plain and tps else None
+
+
+def stream_table(results: dict[str, Any]) -> Table | None:
+    """Streaming modes next to the plain slotfill mode of the same run."""
+    modes = results.get("modes", {})
+    rows = [(n, m) for n, m in modes.items() if n.startswith("stream@") and "error" not in m]
+    if not rows:
+        return None
+    t = Table(title="Token streaming: every job streams vs the plain slotfill mode")
+    for col in ("coalescing interval", "out tok/s", "x slotfill", "deltas/job", "tokens/delta",
+                "Redis commands/job", "free-slot steps"):
+        t.add_column(col, justify="right")
+    sf = modes.get("slotfill", {})
+    t.add_row("(not streaming)", _num(sf.get("output_tok_s")), "1.000", "–", "–",
+              _num((sf.get("redis") or {}).get("commands_per_job"), "{:.2f}"),
+              _num((sf.get("slot_idle") or {}).get("free_slot_share"), "{:.2%}"))
+    for name, m in rows:
+        st = m.get("stream") or {}
+        t.add_row(f"{name[len('stream@'):]} ms", _num(m.get("output_tok_s")),
+                  _num(m.get("ratio_to_slotfill"), "{:.3f}"),
+                  _num(st.get("deltas_per_job"), "{:.1f}"),
+                  _num(st.get("tokens_per_delta"), "{:.1f}"),
+                  _num((m.get("redis") or {}).get("commands_per_job"), "{:.2f}"),
+                  _num((m.get("slot_idle") or {}).get("free_slot_share"), "{:.2%}"))
+    return t
 
 
 def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -225,6 +253,9 @@ def print_report(results: dict[str, Any], console: Console) -> None:
     ft = fleet_table(results)
     if ft is not None:
         console.print(ft)
+    st = stream_table(results)
+    if st is not None:
+        console.print(st)
     rep = repeats_table(results)
     if rep is not None:
         console.print(rep)

@@ -27,7 +27,7 @@ from rich.progress import (
 
 from bench import report
 from bench.analysis import occupancy_series, summarize
-from bench.config import FLEET_MODES, BenchConfig, model_vocab_size, resolve_model
+from bench.config import FLEET_MODES, BenchConfig, model_vocab_size, resolve_model, stream_interval
 from bench.workload import Request, make_workload, total_output_tokens
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -242,6 +242,12 @@ class Runner:
             from bench.slotfill_mode import run_slotfill
 
             raw = run_slotfill(cfg, reqs, run_dir, redis_url, progress, redis_pid)
+            capacity = cfg.engine.max_num_seqs + cfg.engine.headroom
+        elif stream_interval(mode) is not None:
+            from bench.slotfill_mode import run_slotfill
+
+            raw = run_slotfill(cfg, reqs, run_dir, redis_url, progress, redis_pid,
+                               stream_interval_ms=stream_interval(mode))
             capacity = cfg.engine.max_num_seqs + cfg.engine.headroom
         elif mode in FLEET_MODES:
             from bench.fleet import run_fleet
