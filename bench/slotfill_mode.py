@@ -120,19 +120,25 @@ def _read_stream(client: Client, job_id: str, workers: list[WorkerProcess]
     """The job's result and how many deltas its stream carried; the text read from the
     stream must be the result's (else the bench reports a broken stream, not a speed)."""
     text: list[str] = []
+    ids: list[int] = []
     after = "0-0"
     while True:
         try:
             for event in client.stream(job_id, after=after, timeout=5.0):
                 if isinstance(event, TokenDelta):
                     text.append(event.text)
+                    ids.extend(event.token_ids)
                     after = event.entry_id
                 elif isinstance(event, JobResult):
-                    if event.ok and "".join(text) != event.text:
-                        raise RuntimeError(f"job {job_id}: streamed text differs from the result")
+                    # Without a tokenizer (the GPU bench) the output is token ids only.
+                    if event.ok and ("".join(text), ids if not event.text else None) != (
+                            event.text, event.token_ids):
+                        raise RuntimeError(f"job {job_id}: streamed output differs from the "
+                                           "result")
                     return event, len(text)
-                else:
-                    text.clear()  # restarted: the new attempt's text follows
+                else:  # restarted: the new attempt's output follows
+                    text.clear()
+                    ids.clear()
         except WaitTimeout:
             _check_alive(workers)
 
