@@ -15,9 +15,10 @@ import jsonschema
 import pytest
 import redis
 
-from producer import Client, InvalidRequest, JobResult, JobStatus, QueueKeys
+from producer import Client, InvalidRequest, JobResult, JobStatus, Priority, QueueKeys
 from producer.protocol import build_request
 from producer.schema import JobRequest, dump
+from worker.batch_format import Line, output_line, to_request
 from worker.fleet import WorkerProcess
 from worker.logprobs import MIN_LOGPROB, convert_logprobs
 from worker.redis_server import RedisServer
@@ -348,3 +349,24 @@ def test_raw_xadd_bodies_with_bad_feature_fields_fail_alone(engine_client: Clien
         assert res.status is JobStatus.failed and res.error is not None, name
         assert res.error.code == code, (name, res.error)
     assert engine_client.wait(good.id, timeout=60).usage.completion_tokens == 3
+
+
+def test_batch_lines_carry_logprobs_in_openai_shapes() -> None:
+    req = to_request("/v1/completions", {"prompt": "a", "logprobs": 2}, Priority.low)
+    assert req.logprobs and req.top_logprobs == 2
+    toks = [{"token": "ab", "token_id": 5, "logprob": -0.5,
+             "top_logprobs": [{"token": "ab", "token_id": 5, "logprob": -0.5},
+                              {"token": "c", "token_id": 6, "logprob": -1.5}]},
+            {"token": "d", "token_id": 9, "logprob": -2.0, "top_logprobs": []}]
+    res = JobResult.model_validate({"id": "j", "status": "succeeded", "text": "abd",
+                                    "logprobs": toks})
+    _, out = output_line(Line(1, "c1", "/v1/completions", {"prompt": "a"}), res)
+    lp = out["response"]["body"]["choices"][0]["logprobs"]
+    assert lp == {"tokens": ["ab", "d"], "token_logprobs": [-0.5, -2.0],
+                  "top_logprobs": [{"ab": -0.5, "c": -1.5}, {}], "text_offset": [0, 2]}
+    _, out = output_line(Line(2, "c2", "/v1/chat/completions", {"messages": []}), res)
+    assert out["response"]["body"]["choices"][0]["logprobs"] == {"content": toks}
+    failed = JobResult.model_validate({"id": "k", "status": "failed", "error": {
+        "code": "unknown_adapter", "message": "adapter 'x' not found"}})
+    _, out = output_line(Line(3, "c3", "/v1/completions", {"prompt": "a"}), failed)
+    assert out["response"]["status_code"] == 400  # the caller's fault, like invalid_request

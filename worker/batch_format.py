@@ -45,6 +45,10 @@ def to_request(url: str, body: dict[str, Any], priority: Priority) -> JobRequest
     if "max_completion_tokens" in b:
         b.setdefault("max_tokens", b.pop("max_completion_tokens"))
     if url == "/v1/completions":
+        if isinstance(b.get("logprobs"), int) and not isinstance(b["logprobs"], bool):
+            # Completions take ``logprobs: n`` (candidates per token); jobs take chat's shape.
+            n = b.pop("logprobs")
+            b.update(logprobs=True, top_logprobs=n)
         if "messages" in b:
             raise InvalidRequest("messages: use /v1/chat/completions for chat requests")
         if isinstance(b.get("prompt"), list) and b["prompt"] and isinstance(b["prompt"][0], str):
@@ -144,7 +148,24 @@ def _completion_body(line: Line, res: JobResult) -> dict[str, Any]:
                 "model": model, "choices": [choice], "usage": usage}
     if res.token_ids is not None:
         choice["token_ids"] = res.token_ids
+    if res.logprobs is not None:
+        choice["logprobs"] = _logprobs(line.url, res)
     return body
+
+
+def _logprobs(url: str, res: JobResult) -> dict[str, Any]:
+    """OpenAI's ``logprobs`` of a choice: chat's ``content`` list, or completions' parallel
+    lists (``text_offset`` counts characters of the tokens' text)."""
+    toks = res.logprobs or []
+    if url != "/v1/completions":
+        return {"content": [t.model_dump(exclude_none=True) for t in toks]}
+    offsets, at = [], 0
+    for t in toks:
+        offsets.append(at)
+        at += len(t.token or "")
+    return {"tokens": [t.token for t in toks], "token_logprobs": [t.logprob for t in toks],
+            "top_logprobs": [{str(c.token): c.logprob for c in t.top_logprobs} for t in toks],
+            "text_offset": offsets}
 
 
 def _error_body(message: str, code: str, kind: str) -> dict[str, Any]:
@@ -159,7 +180,7 @@ def output_line(line: Line, res: JobResult) -> tuple[bool, dict[str, Any]]:
                                            "body": _completion_body(line, res)}, "error": None}
     if res.status is JobStatus.failed and res.error is not None:
         caller = res.error.code in ("invalid_request", "prompt_too_long", "undecodable",
-                                    "payload_too_large")
+                                    "payload_too_large", "unknown_adapter")
         status_code, kind = (400, "invalid_request_error") if caller else (500, "server_error")
         return False, {**base, "response": {
             "status_code": status_code, "request_id": res.id,
