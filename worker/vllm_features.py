@@ -88,9 +88,10 @@ class Adapters:
             raise InvalidRequest(f"adapter {name!r}: not an adapter name",
                                  ErrorCode.unknown_adapter)
         path = self.root / name
-        self._check(name, path)
-        adapter_id = self._ids.setdefault(name, len(self._ids) + 1)
-        return name, adapter_id, str(path)
+        if name not in self._ids:  # checked once, like vLLM loads it once; new names later
+            self._check(name, path)
+            self._ids[name] = len(self._ids) + 1
+        return name, self._ids[name], str(path)
 
     def _check(self, name: str, path: Path) -> None:
         config_path = path / "adapter_config.json"
