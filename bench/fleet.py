@@ -43,6 +43,7 @@ def run_fleet(cfg: BenchConfig, mode: str, reqs: list[Request], run_dir: Path,
                              queue=QUEUE, step_log=str(run_dir / f"{mode}.w{i + 1}.steps.jsonl"),
                              engine_hang_seconds=900, **settings)
                for i in range(n)]
+    bind = _cpu_bind(workers, gpu or cfg.engine.engine != "vllm")
     t_load = time.time()
     try:
         for i, w in enumerate(workers):
@@ -55,7 +56,20 @@ def run_fleet(cfg: BenchConfig, mode: str, reqs: list[Request], run_dir: Path,
         for w in workers:
             w.stop()
     raw["worker_steps"] = {w.consumer: w.env["SLOTFILL_STEP_LOG"] for w in workers}
+    raw["extra"]["cpu_bind"] = bind
     return raw
+
+
+def _cpu_bind(workers: list[WorkerProcess], skip: bool) -> list[str] | None:
+    """CPU engines: one core each. vLLM's ``auto`` binding puts every engine on the same
+    core (measured here: core 0, reserving core 1), so two engines would halve each other.
+    Left alone on a GPU, for the sim, or when VLLM_CPU_OMP_THREADS_BIND is set."""
+    if skip or "VLLM_CPU_OMP_THREADS_BIND" in os.environ:
+        return None
+    cores = os.cpu_count() or 1
+    for i, w in enumerate(workers):
+        w.env["VLLM_CPU_OMP_THREADS_BIND"] = str(i % cores)
+    return [w.env["VLLM_CPU_OMP_THREADS_BIND"] for w in workers]
 
 
 def _cpu_groups(workers: list[WorkerProcess], redis_pid: int | None) -> dict[str, list[Any]]:

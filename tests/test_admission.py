@@ -125,8 +125,8 @@ def test_newest_sums_only_the_jobs_not_running() -> None:
 
 def test_admission_reads_engine_stats_and_learns_prompt_sizes() -> None:
     stats = StepStats()
-    adm = Admission(WorkerSettings(max_num_seqs=4, headroom=2, max_num_batched_tokens=1000),
-                    stats, slots=4)
+    adm = Admission(WorkerSettings(max_num_seqs=4, headroom=2, max_num_batched_tokens=1000,
+                                   admission="engine"), stats, slots=4)
     assert adm.capacity == 6 and adm.next_prompt_tokens is None
     assert adm.observe(json.dumps({"prompt": list(range(900))}), flagged=False) == 900
     assert adm.observe("{not json", flagged=True) == 0  # flagged rows leave the estimate
@@ -184,3 +184,35 @@ def test_finish_rate_and_step_time_are_measured(monkeypatch: pytest.MonkeyPatch)
     assert adm.read_s == pytest.approx(0.004, rel=0.01)
     # 50 jobs/s x (4 ms + 2 x 10 ms) x 2 = 2.4 -> 3 ready beyond the slots.
     assert adm.target == 3
+
+
+def test_starved_steps_grow_the_ready_queue_and_calm_shrinks_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import worker.admission as adm_mod
+
+    now = [100.0]
+    monkeypatch.setattr(adm_mod.time, "monotonic", lambda: now[0])
+    stats = StepStats()
+    adm = Admission(WorkerSettings(max_num_seqs=4, headroom=3), stats, 4)
+
+    def window(starved: bool) -> None:
+        now[0] += 0.5
+        stats.steps += 10
+        stats.backlog = True
+        stats.record(running=3 if starved else 4, waiting=0, kv=0.1, slots=4)
+        adm.want(4, 0, iter([]))
+
+    assert adm.target == 1  # nothing finishes: the estimate alone asks for one
+    window(starved=True)
+    assert adm.learned == 2 and adm.target == 2
+    for _ in range(5):
+        window(starved=True)
+    assert adm.target == 3  # capped by headroom
+    for _ in range(adm_mod.CALM_WINDOWS - 1):
+        window(starved=False)
+    assert adm.target == 3
+    window(starved=False)
+    assert adm.target == 2
+    for _ in range(2 * adm_mod.CALM_WINDOWS):
+        window(starved=False)
+    assert adm.target == 1 and adm.learned == 0

@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import redis
 
 from producer import Client, JobStatus, QueueKeys
@@ -23,12 +24,13 @@ from worker.redis_server import RedisServer
 SLOTS, HEADROOM = 16, 4
 
 
+@pytest.mark.parametrize("admission", ["fixed", "engine"])
 def test_backlog_keeps_every_slot_busy(redis_server: RedisServer, r: redis.Redis,
-                                       queue: str, tmp_path: Path) -> None:
+                                       queue: str, tmp_path: Path, admission: str) -> None:
     steps_file = tmp_path / "steps.jsonl"
     w = WorkerProcess(redis_server.url, "refill", tmp_path / "w.log", queue=queue,
                       engine="sim", sim_step_ms=4, max_num_seqs=SLOTS, headroom=HEADROOM,
-                      step_log=str(steps_file)).start()
+                      step_log=str(steps_file), admission=admission).start()
     try:
         w.wait_ready(60)
         c = Client.from_url(redis_server.url, queue=queue)

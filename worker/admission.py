@@ -11,7 +11,10 @@ every finished job and every engine step (vLLM's stat logger, :class:`StepStats`
   refilled within the same engine step rather than after a round trip to Redis: as many as
   finish while a refill is on its way (measured finish rate × (read round trip + two engine
   steps), twice over), at least one, at most ``headroom``. Every job beyond that would only
-  age in this worker's pending list while a peer might have started it.
+  age in this worker's pending list while a peer might have started it. Where that estimate
+  proves short (an engine step ran with a free slot, nothing waiting inside, and jobs left in
+  Redis: a CPU-starved worker notices finishes late), the queue grows by one per such
+  measuring window and shrinks back by one after ``CALM_WINDOWS`` windows without any.
 * **Count prompts by tokens.** The ready queue (held jobs not running, plus the reads that
   fill free slots) is also capped by ``ready_token_budget`` prompt tokens, by default one
   step's ``max_num_batched_tokens``: prefill beyond that could not start in the next step
@@ -55,6 +58,8 @@ RATE_WINDOW_S = 0.25
 """Finish rate and step time are re-measured over windows of at least this long..."""
 RATE_WEIGHT = 0.3
 """...and smoothed with this weight per window."""
+CALM_WINDOWS = 8
+"""Windows without a starved engine step after which the learned extra ready job is dropped."""
 
 
 @dataclass(frozen=True)
@@ -177,6 +182,10 @@ class Admission:
         """Smoothed round trip of a read from Redis (as the pull loop saw it, CPU stalls
         included)."""
         self._mark = (time.monotonic(), 0, stats.steps)  # counts start at zero
+        self.learned = 0
+        """Ready jobs the engine's starved steps showed were needed beyond the estimate."""
+        self._starved = stats.starved_steps
+        self._calm = 0
 
     @property
     def capacity(self) -> int:
@@ -198,7 +207,8 @@ class Admission:
     @property
     def target(self) -> int:
         """Ready jobs wanted now (see the module docstring)."""
-        return ready_target(self.policy, self.finish_per_s, self.read_s + 2 * self.step_s)
+        est = ready_target(self.policy, self.finish_per_s, self.read_s + 2 * self.step_s)
+        return min(max(est, self.learned), self.policy.ready_target)
 
     def _measure(self) -> None:
         now, done, steps = time.monotonic(), self.finished(), self.stats.steps
@@ -209,6 +219,14 @@ class Admission:
         if steps > steps0:
             self.step_s += RATE_WEIGHT * ((now - t0) / (steps - steps0) - self.step_s)
         self._mark = (now, done, steps)
+        if self.stats.starved_steps > self._starved:
+            self.learned = min(self.policy.ready_target, max(self.learned, self.target) + 1)
+            self._calm = 0
+        else:
+            self._calm += 1
+            if self.learned and self._calm >= CALM_WINDOWS:
+                self.learned, self._calm = self.learned - 1, 0
+        self._starved = self.stats.starved_steps
 
     def want(self, held: int, publishing: int, newest_first: Iterable[int]) -> int:
         """Jobs to read now. ``newest_first``: prompt tokens of the held jobs still in the

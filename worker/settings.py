@@ -32,11 +32,13 @@ class WorkerSettings(ClientSettings):
     """Jobs held ready beyond the engine's free slots, so a freed slot is refilled in the
     same engine step instead of after a Redis round trip. Capacity = slots + headroom; the
     ``engine`` admission holds fewer when their prompts exceed ``ready_token_budget``."""
-    admission: Literal["engine", "fixed"] = "engine"
-    """How many jobs each read takes (``worker/admission.py``). ``engine``: fill the slots
-    the engine reports free, plus a ready queue of at most ``headroom`` jobs and
-    ``ready_token_budget`` prompt tokens; past ``kv_high_water`` only replace what starts.
-    ``fixed``: always hold ``max_num_seqs + headroom`` jobs, whatever the engine reports."""
+    admission: Literal["engine", "fixed"] = "fixed"
+    """How many jobs each read takes (``worker/admission.py``). ``fixed``: always hold
+    ``max_num_seqs + headroom`` jobs, whatever the engine reports. ``engine``: fill the slots
+    the engine reports free, plus a ready queue sized to what finishes during a refill (at
+    most ``headroom`` jobs and ``ready_token_budget`` prompt tokens); past ``kv_high_water``
+    only replace what starts. Jobs then wait in Redis, where any worker can take them, not
+    in one worker's pending list (``slotfill bench --modes fleet,fleet_fixed``: bench/README)."""
     ready_token_budget: int = Field(0, ge=0)
     """Prompt tokens (token ids counted, text estimated at 4 bytes a token) the ready queue
     may hold beyond the running batch; 0: ``max_num_batched_tokens`` (what one engine step
