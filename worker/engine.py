@@ -73,14 +73,20 @@ class StepStats:
             self.on_step()
 
 
+DeltaSink = Callable[[str, list[int]], None]
+"""Receives a streaming request's new text and token ids as the engine produces them."""
+
+
 class Engine(Protocol):
     max_model_len: int
     slots: int
     stats: StepStats
 
-    async def generate(self, job_id: str, request: JobRequest) -> Generation:
+    async def generate(self, job_id: str, request: JobRequest,
+                       on_delta: DeltaSink | None = None) -> Generation:
         """Run one request to completion (or abort). Raises InvalidRequest for bad input
-        (the job alone fails) and EngineDead when the engine is gone."""
+        (the job alone fails) and EngineDead when the engine is gone. With ``on_delta``,
+        new output is also handed over step by step as it is generated."""
         ...
 
     async def abort(self, job_id: str) -> None: ...

@@ -24,6 +24,7 @@ Reliability duties that live here, beside the hot path:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import OrderedDict, deque
@@ -37,6 +38,7 @@ from worker.admission import Admission
 from worker.engine import Engine, Generation
 from worker.settings import WorkerSettings
 from worker.store import HARD_DELIVERY_FACTOR, REDIS_ERRORS, SOLO_LOSS_LIMIT, Row, WorkerStore
+from worker.token_stream import TokenStreamer
 
 log = logging.getLogger("slotfill.worker")
 
@@ -98,6 +100,9 @@ class Feeder:
         """The pull loop waits because admission said to read nothing."""
         self.in_flight: dict[str, InFlight] = {}
         self.counters = Counters()
+        self.streamer = TokenStreamer(store, settings.stream_interval_ms,
+                                      settings.stream_max_entries, settings.result_ttl)
+        """Writes streaming jobs' output; its ``run`` is one of the worker's tasks."""
         self.pulling = True
         self.fatal: BaseException | None = None
         self.dead = asyncio.Event()
@@ -280,6 +285,7 @@ class Feeder:
                 self._publishing -= 1
             if self._solo_key == key:
                 self._solo_key = None
+            self.streamer.discard(key)
             self.engine.stats.held = self.in_engine
             self._slot_freed.set()
 
@@ -346,8 +352,12 @@ class Feeder:
     async def _generate(self, row: Row, req: JobRequest) -> Generation:
         """The engine's answer; an unexpected error fails this job alone (retryable) unless
         the engine keeps failing, then it counts as dead."""
+        on_delta = None
+        if req.stream:
+            self.streamer.open(row)
+            on_delta = functools.partial(self.streamer.add, row.key)
         try:
-            gen = await self.engine.generate(row.job_id, req)
+            gen = await self.engine.generate(row.job_id, req, on_delta)
         except (InvalidRequest, EngineDead, asyncio.CancelledError):
             raise
         except Exception as e:
@@ -419,6 +429,7 @@ class Feeder:
 
     async def _publish(self, row: Row, status: JobStatus, result_json: str,
                        dead_reason: str = "") -> None:
+        await self.streamer.drain(row.key)  # its last delta goes before its ``end`` entry
         delay = 0.05
         while True:
             try:

@@ -82,6 +82,7 @@ async def serve(settings: WorkerSettings, engine: Engine | None = None) -> int:
         "pull": feeder.run, "leases": lambda: upkeep.renew_leases(feeder),
         "reclaim": lambda: upkeep.reclaim(feeder), "cancels": lambda: upkeep.listen_for_cancels(feeder),
         "heartbeat": lambda: upkeep.heartbeat(feeder), "watchdog": lambda: upkeep.watchdog(feeder),
+        "tokens": feeder.streamer.run,
     }
     tasks = {name: asyncio.create_task(_resilient(name, fn), name=name)
              for name, fn in duties.items()}

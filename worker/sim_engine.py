@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from producer.errors import EngineDead, ErrorCode, InvalidRequest
 from producer.schema import JobRequest
-from worker.engine import Generation, StepStats
+from worker.engine import DeltaSink, Generation, StepStats
 
 POISON = "__crash_engine__"
 HANG = "__hang_engine__"
@@ -43,6 +43,7 @@ class _Seq:
     poison: bool = False
     hang: bool = False
     tokens: list[int] = field(default_factory=list)
+    on_delta: DeltaSink | None = None
 
 
 class SimEngine:
@@ -63,7 +64,8 @@ class SimEngine:
         if self._loop_task is None:
             self._loop_task = asyncio.create_task(self._step_loop())
 
-    async def generate(self, job_id: str, request: JobRequest) -> Generation:
+    async def generate(self, job_id: str, request: JobRequest,
+                       on_delta: DeltaSink | None = None) -> Generation:
         if self._dead:
             raise EngineDead("sim engine is dead")
         if isinstance(request.prompt, list) and any(t >= VOCAB_SIZE for t in request.prompt):
@@ -79,7 +81,7 @@ class SimEngine:
         if RAISE in text:
             raise RuntimeError("simulated engine error for one request")
         seq = _Seq(job_id, n_prompt, request.max_tokens, asyncio.get_running_loop().create_future(),
-                   poison=POISON in text, hang=HANG in text)
+                   poison=POISON in text, hang=HANG in text, on_delta=on_delta)
         self._waiting.append(seq)
         self._wake.set()
         try:
@@ -110,6 +112,8 @@ class SimEngine:
             for s in [s for s in advanced if s.job_id in self._running]:  # not aborted
                 s.generated += 1
                 s.tokens.append(s.generated % 997)
+                if s.on_delta is not None:
+                    s.on_delta(f"{' ' if s.generated > 1 else ''}t{s.tokens[-1]}", s.tokens[-1:])
                 s.first_token_at = s.first_token_at or now
                 if s.generated >= s.max_tokens:
                     self._finish(s)
