@@ -264,7 +264,7 @@ class Runner:
             reqs = sub
         else:
             raise ValueError(f"unknown mode {mode!r}")
-        (run_dir / f"{mode}.raw.json").write_text(json.dumps(raw))
+        (run_dir / f"{mode.replace('@', '-')}.raw.json").write_text(json.dumps(raw))
         expected = {r.index: r.max_tokens for r in reqs}
         summary = summarize(raw, expected, cfg.engine.max_num_seqs, capacity)
         summary["occupancy"] = _series(raw.get("steps_file"), raw["t_start"], raw["t_end"])

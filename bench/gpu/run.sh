@@ -21,6 +21,7 @@ case "$stage" in
     ;;
   bench)
     modes=${1:?modes}
+    name=${modes//[,@]/-}  # the device tool brings back only plain file names
     shift
     # The reference workload of ../shared/gpu/README.md on a Llama-3.1-8B-shaped config.
     python3 -m worker.cli bench \
@@ -28,7 +29,7 @@ case "$stage" in
       --max-num-seqs 256 --max-num-batched-tokens 8192 --max-model-len 2048 \
       --gpu-memory-utilization 0.88 --requests 3000 --prompt-tokens 256 \
       --min-output 32 --max-output 512 --seed 0 --modes "$modes" \
-      --results-dir "$OUT" --out "$OUT/gpu-${modes//,/-}" "$@" 2>&1 | tee "$OUT/bench-${modes//,/-}.log" | tail -60
+      --results-dir "$OUT" --out "$OUT/gpu-${name}" "$@" 2>&1 | tee "$OUT/bench-${name}.log" | tail -60
     ;;
   *) echo "unknown stage $stage"; exit 2 ;;
 esac
