@@ -83,6 +83,10 @@ class WorkerSettings(ClientSettings):
     stream_interval_ms: float = Field(50.0, ge=0)
     """Streaming jobs: how long new output is collected before it is written to the job's
     token stream (all jobs' output in one round trip). 0 writes as fast as Redis answers."""
+    stream_output_tokens: int = Field(4, ge=1)
+    """Streaming jobs: the engine hands their new output to the worker every this many
+    tokens (vLLM ``stream_interval``; the first token and the end always at once). 1 = every
+    step, which costs the worker's Python an output per streaming job per step."""
     stream_max_entries: int = Field(10_000, ge=16)
     """Streaming jobs: entries kept per token stream (approximate cap); a reader that falls
     further behind misses the oldest deltas (the result still has the whole text)."""

@@ -135,6 +135,7 @@ class VllmEngine:
             distributed_executor_backend=settings.executor or None,
             tensor_parallel_size=settings.tensor_parallel_size,
             scheduling_policy="priority" if settings.priority_scheduling else "fcfs",
+            stream_interval=settings.stream_output_tokens,
             disable_log_stats=False,
             enable_log_requests=False,
             max_logprobs=settings.max_logprobs,
@@ -210,7 +211,8 @@ class VllmEngine:
         self._check_length(len(ids), request)
         params = self._sampling_params(request)
         if on_delta is not None:
-            # Only streaming jobs pay for an output per step; the rest get one at the end.
+            # Only streaming jobs pay for intermediate outputs (one per
+            # ``stream_output_tokens`` tokens, the engine's stream_interval); the rest get one.
             from vllm.sampling_params import RequestOutputKind
             params.output_kind = RequestOutputKind.DELTA
         priority = _PRIORITY[request.priority] if self.settings.priority_scheduling else 0
