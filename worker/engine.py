@@ -31,6 +31,11 @@ class Generation:
     """Per generated token (worker/logprobs.py's shape) when the request asked for them."""
 
 
+STEP_WEIGHT = 0.05
+STEP_GAP_MAX_S = 5.0
+"""A longer gap between two steps is an idle engine, not a step time."""
+
+
 @dataclass
 class StepStats:
     """Engine state, updated every step by the engine's stat logger."""
@@ -52,15 +57,21 @@ class StepStats:
     reading: bool = False
     """Set by the feeder while a read of new jobs is on its way to Redis: a step with a free
     slot then is Redis latency (or a starved CPU), not a feeder that forgot to pull."""
+    step_s: float = 0.0
+    """Smoothed time between steps while requests run (0 until measured)."""
     log: IO[str] | None = None
     on_step: Callable[[], None] | None = None
     """Set by the feeder: called after each step, so admission that depends on the engine's
     state (not only on finished jobs) is re-evaluated at once. Must not block."""
 
     def record(self, running: int, waiting: int, kv: float, slots: int) -> None:
+        now = time.monotonic()
+        if self.running and now - self.last_step_at < STEP_GAP_MAX_S:
+            gap = now - self.last_step_at
+            self.step_s = gap if not self.step_s else self.step_s + STEP_WEIGHT * (gap - self.step_s)
         self.steps += 1
         self.running, self.waiting, self.kv_cache_usage = running, waiting, kv
-        self.last_step_at = time.monotonic()
+        self.last_step_at = now
         if running >= slots:
             self.full_steps += 1
         elif waiting == 0 and self.backlog:

@@ -12,6 +12,9 @@ from worker.logprobs import convert_logprobs
 from worker.settings import WorkerSettings
 from worker.vllm_features import Adapters, lora_request, structured_outputs_kwargs
 
+MAX_STREAM_WINDOW_TOKENS = 256
+"""Cap on tokens per intermediate output of a streaming job (a stalled step estimate must
+not turn streaming into one output at the end)."""
 _PRIORITY = {Priority.high: -1, Priority.normal: 0, Priority.low: 1}
 
 
@@ -192,6 +195,17 @@ class VllmEngine:
         except self._client_errors as e:  # 0.32's VLLMValidationError is no ValueError
             raise InvalidRequest(f"invalid sampling parameters: {e}") from None
 
+    def _stream_window(self, params: Any) -> None:
+        """Where vLLM takes a per-request ``stream_interval`` (0.32; not 0.26), ask for one
+        output per coalescing window (``stream_interval_ms`` worth of measured steps): the
+        worker writes no more often than that anyway."""
+        step_s = self.stats.step_s
+        if step_s <= 0 or not hasattr(params, "stream_interval"):
+            return
+        tokens = int(self.settings.stream_interval_ms / 1000 / step_s)
+        if tokens > self.settings.stream_output_tokens:
+            params.stream_interval = min(tokens, MAX_STREAM_WINDOW_TOKENS)
+
     def _lora_request(self, req: JobRequest) -> Any:
         """vLLM's ``LoRARequest`` for the job's ``adapter`` (None: the base model); raises
         InvalidRequest ``unknown_adapter`` when this worker has no such adapter."""
@@ -215,6 +229,7 @@ class VllmEngine:
             # ``stream_output_tokens`` tokens, the engine's stream_interval); the rest get one.
             from vllm.sampling_params import RequestOutputKind
             params.output_kind = RequestOutputKind.DELTA
+            self._stream_window(params)
         priority = _PRIORITY[request.priority] if self.settings.priority_scheduling else 0
         # Outside the try: InvalidRequest is a ValueError, which would lose unknown_adapter.
         lora = self._lora_request(request)
