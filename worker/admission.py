@@ -193,8 +193,9 @@ class Admission:
 
     def observe(self, body: str, flagged: bool) -> int:
         """A job was read: its prompt tokens (estimated), which also update the estimate for
-        the next ones. Flagged rows (cancelled, malformed, ...) never reach the engine: 0."""
-        if flagged:
+        the next ones. Flagged rows (cancelled, malformed, ...) never reach the engine: 0.
+        The fixed policy never looks at sizes: it skips parsing the body (0)."""
+        if flagged or not self.policy.engine_aware:
             return 0
         n = prompt_tokens(body)
         prev = self.next_prompt_tokens
