@@ -123,7 +123,9 @@ def test_killing_a_real_engine_worker_mid_generation_loses_nothing(
         b.wait_ready(600)
         # One pipelined poll per round: on a busy box a poll of 80 round trips could miss the
         # short window in which the jobs run.
-        ids = c.submit_many([{"prompt": f"kill test {i}", "max_tokens": 200, "ignore_eos": True,
+        # Long enough that the kill lands mid-generation on a quiet box too: 200 tokens took
+        # ~0.35 s there, and the worker had finished everything before the kill.
+        ids = c.submit_many([{"prompt": f"kill test {i}", "max_tokens": 1000, "ignore_eos": True,
                               "seed": i} for i in range(40)])
         end = time.monotonic() + 120
 
@@ -136,7 +138,7 @@ def test_killing_a_real_engine_worker_mid_generation_loses_nothing(
         while running_on_a() < 4:
             assert time.monotonic() < end
             time.sleep(0.02)
-        time.sleep(0.3)  # mid-generation
+        time.sleep(0.1)  # mid-generation
         assert a.proc is not None
         pgid = a.proc.pid
         a.kill()
@@ -150,12 +152,13 @@ def test_killing_a_real_engine_worker_mid_generation_loses_nothing(
         assert 0 < rep.re_executions <= held
         results = [c.result(i) for i in ids]
         for res in results:
-            assert res is not None and res.usage.completion_tokens == 200 and res.text
+            assert res is not None and res.usage.completion_tokens == 1000 and res.text
         assert {res.worker for res in results if res and res.attempts > 1} == {"real-b"}
         # Cancellation and a deadline, aborted inside the real engine.
-        # ~4 s of generation each on a quiet box (the tiny model makes ~500 tokens/s).
+        # 1900 tokens: 1.7 s (quiet box, ~1 100 tokens/s) to ~4 s (busy box) of generation;
+        # the idle survivor starts both at once, so the deadline lands mid-generation.
         long = c.submit(prompt="cancel me", max_tokens=1900, ignore_eos=True)
-        timed = c.submit(prompt="expire me", max_tokens=1900, ignore_eos=True, timeout=2.0)
+        timed = c.submit(prompt="expire me", max_tokens=1900, ignore_eos=True, timeout=0.8)
         while c.status(long.id) is not JobStatus.running:
             time.sleep(0.02)
         time.sleep(0.3)

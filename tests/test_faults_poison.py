@@ -189,13 +189,17 @@ def test_an_engine_killing_request_is_isolated_and_dead_lettered_alone(
     """The poison crashes (or hangs) the engine it runs in, taking its batch down. The jobs
     that were inside are marked suspect and each reruns alone; only the poison crashes again
     (twice alone) and is dead-lettered; every neighbour succeeds."""
+    # Queued before any worker starts, so the first read takes the poison with neighbours
+    # (submitted while workers pull, it could be read alone, and then its first crash is
+    # already charged to it: two deaths instead of three).
+    ids = client.submit_many([{"prompt": f"n{i}", "max_tokens": 30} for i in range(5)]
+                             + [{"prompt": f"please {poison} now", "max_tokens": 30}]
+                             + [{"prompt": f"m{i}", "max_tokens": 30} for i in range(6)])
+    before, bad, after = ids[:5], ids[5], ids[6:]
     fleet = Fleet(redis_server.url, queue, tmp_path, 2, engine="sim", sim_step_ms=20,
                   max_num_seqs=4, headroom=2, lease_seconds=1.5, heartbeat_seconds=0.5,
                   max_deliveries=3, engine_hang_seconds=1.0).start()
     try:
-        before = client.submit_many([{"prompt": f"n{i}", "max_tokens": 30} for i in range(5)])
-        bad = client.submit(prompt=f"please {poison} now", max_tokens=30).id
-        after = client.submit_many([{"prompt": f"m{i}", "max_tokens": 30} for i in range(6)])
         exits = _run_until_done(fleet, r, queue, [*before, bad, *after], timeout=60)
         fleet.wait_ready()
         pool = [*before, *after]

@@ -35,10 +35,12 @@ def test_cli_submit_stream_prints_the_text_as_it_comes(
     env = {**os.environ, "SLOTFILL_REDIS_URL": engine_worker.redis_url, "SLOTFILL_QUEUE": "e2e"}
     out = subprocess.run(
         [sys.executable, "-m", "worker.cli", "submit", "--stream", "--max-tokens", "24",
-         "--timeout", "180", "hello stream"], env=env, capture_output=True, text=True,
+         "--timeout", "180", "hello stream"], env=env, capture_output=True,
         timeout=240, check=False)
-    assert out.returncode == 0, out.stderr
-    job_id = out.stderr.split("job ", 1)[1].split()[0]
+    # Bytes, not text=True: universal newlines would turn a generated "\r" into "\n".
+    stdout, stderr = out.stdout.decode(), out.stderr.decode()
+    assert out.returncode == 0, stderr
+    job_id = stderr.split("job ", 1)[1].split()[0]
     res = engine_client.wait(job_id, timeout=5)
-    assert out.stdout == res.text + "\n"
-    assert "succeeded" in out.stderr and f"{res.usage.completion_tokens} tokens" in out.stderr
+    assert stdout == res.text + "\n"
+    assert "succeeded" in stderr and f"{res.usage.completion_tokens} tokens" in stderr
