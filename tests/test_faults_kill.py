@@ -7,6 +7,7 @@ is ``scripts/kill_soak.py``, the same code with bigger numbers.
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
 
@@ -101,6 +102,24 @@ def test_a_frozen_workers_late_result_is_suppressed_not_shown(
         b.stop(20)
 
 
+KILL_JOBS, KILL_TOKENS = 64, 1900
+
+
+def _latest_running(r: redis.Redis, keys: QueueKeys, ids: list[str], timeout: float) -> str:
+    """The running job among ``ids`` that started last (the most generation left)."""
+    end = time.monotonic() + timeout
+    while True:
+        pipe = r.pipeline(transaction=False)
+        for i in ids:
+            pipe.hmget(keys.job(i), "status", "started_at")
+        running = [(float(t), i) for i, (st, t) in zip(ids, pipe.execute(), strict=True)
+                   if st == b"running" and t is not None]
+        if running:
+            return max(running)[1]
+        assert time.monotonic() < end, "no candidate was ever seen running"
+        time.sleep(0.01)
+
+
 @pytest.mark.engine
 def test_killing_a_real_engine_worker_mid_generation_loses_nothing(
         redis_server: RedisServer, r: redis.Redis, tmp_path: Path) -> None:
@@ -123,10 +142,12 @@ def test_killing_a_real_engine_worker_mid_generation_loses_nothing(
         b.wait_ready(600)
         # One pipelined poll per round: on a busy box a poll of 80 round trips could miss the
         # short window in which the jobs run.
-        # Long enough that the kill lands mid-generation on a quiet box too: 200 tokens took
-        # ~0.35 s there, and the worker had finished everything before the kill.
-        ids = c.submit_many([{"prompt": f"kill test {i}", "max_tokens": 1000, "ignore_eos": True,
-                              "seed": i} for i in range(40)])
+        # Enough work that both workers get some even when one is starved of CPU for seconds
+        # at first (seen: on a quiet box one engine ran 40 jobs of 1000 tokens in ~6 s, before
+        # the other worker had read anything), and long enough that the kill lands
+        # mid-generation: ~20 s of work for one engine on a quiet box.
+        ids = c.submit_many([{"prompt": f"kill test {i}", "max_tokens": KILL_TOKENS,
+                              "ignore_eos": True, "seed": i} for i in range(KILL_JOBS)])
         end = time.monotonic() + 120
 
         def running_on_a() -> int:
@@ -141,29 +162,36 @@ def test_killing_a_real_engine_worker_mid_generation_loses_nothing(
         time.sleep(0.1)  # mid-generation
         assert a.proc is not None
         pgid = a.proc.pid
-        a.kill()
+        # Count what it held the moment it stopped: reaping a SIGKILLed worker (and its engine
+        # processes) once took ~25 s here, and by then the survivor had reclaimed and finished
+        # everything.
+        a.signal(signal.SIGKILL)
         held = held_by(r, queue, "real-a")
+        t_kill = time.monotonic()
+        a.kill()
+        print(f"killed worker reaped after {time.monotonic() - t_kill:.1f} s; held {held}")
         assert held > 0
         assert _live_group_members(pgid, wait_s=10) == []  # no engine process outlived it
         assert wait_all_terminal(r, queue, ids, timeout=300)
         rep = check_invariants(r, queue, ids)
         assert not rep.lost and not rep.duplicate_visible and not rep.wrong, rep.summary()
-        assert rep.statuses == {"succeeded": 40} and rep.unfinished_entries == 0
+        assert rep.statuses == {"succeeded": KILL_JOBS} and rep.unfinished_entries == 0
         assert 0 < rep.re_executions <= held
         results = [c.result(i) for i in ids]
         for res in results:
-            assert res is not None and res.usage.completion_tokens == 1000 and res.text
+            assert res is not None and res.usage.completion_tokens == KILL_TOKENS and res.text
         assert {res.worker for res in results if res and res.attempts > 1} == {"real-b"}
-        # Cancellation and a deadline, aborted inside the real engine.
-        # 1900 tokens: 1.7 s (quiet box, ~1 100 tokens/s) to ~4 s (busy box) of generation;
-        # the idle survivor starts both at once, so the deadline lands mid-generation.
-        long = c.submit(prompt="cancel me", max_tokens=1900, ignore_eos=True)
+        # Cancellation and a deadline, aborted inside the real engine. 1900 tokens take 1.5 s
+        # (quiet box) to ~4 s (busy box): the deadline job goes first, so the idle survivor
+        # starts it at once and the deadline lands mid-generation; of several cancel
+        # candidates, the one that started last is cancelled while it runs (a single job
+        # was once over before a poll saw it running).
         timed = c.submit(prompt="expire me", max_tokens=1900, ignore_eos=True, timeout=0.8)
-        while c.status(long.id) is not JobStatus.running:
-            time.sleep(0.02)
-        time.sleep(0.3)
-        assert c.cancel(long.id) == "requested", c.result(long.id)
-        cancelled = c.wait(long.id, timeout=30)
+        candidates = c.submit_many([{"prompt": f"cancel me {i}", "max_tokens": 1900,
+                                     "ignore_eos": True} for i in range(12)])
+        victim = _latest_running(r, keys, candidates, timeout=60)
+        assert c.cancel(victim) == "requested", c.result(victim)
+        cancelled = c.wait(victim, timeout=30)
         expired = c.wait(timed.id, timeout=30)
         assert cancelled.status is JobStatus.cancelled
         assert cancelled.usage.completion_tokens < 1900  # aborted, not run to the end
