@@ -22,8 +22,27 @@ from worker.redis_server import RedisServer
 pytestmark = pytest.mark.fault
 
 
+PF_EXITING = 0x4
+SIGKILL_BIT = 1 << (signal.SIGKILL - 1)
+
+
+def _dying(proc: Path, flags: int) -> bool:
+    """Killed and on its way out (the kernel still tearing it down: seen taking ~20 s for a
+    vLLM CPU engine process here): it can never run user code again."""
+    if flags & PF_EXITING:
+        return True
+    try:
+        status = (proc / "status").read_text()
+    except OSError:
+        return True
+    pending = [int(line.split()[1], 16) for line in status.splitlines()
+               if line.startswith(("SigPnd:", "ShdPnd:"))]
+    return any(p & SIGKILL_BIT for p in pending)
+
+
 def _live_group_members(pgid: int, wait_s: float) -> list[int]:
-    """Processes of group ``pgid`` that are not zombies, once they had ``wait_s`` to die."""
+    """Processes of group ``pgid`` that are neither zombies nor killed and exiting, once they
+    had ``wait_s`` to die."""
     end = time.monotonic() + wait_s
     while True:
         live = []
@@ -35,7 +54,7 @@ def _live_group_members(pgid: int, wait_s: float) -> list[int]:
             except OSError:
                 continue
             fields = stat.rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid and fields[0] != "Z":
+            if int(fields[2]) == pgid and fields[0] != "Z" and not _dying(d, int(fields[6])):
                 live.append(int(d.name))
         if not live or time.monotonic() > end:
             return live
