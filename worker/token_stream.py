@@ -115,6 +115,19 @@ class TokenStreamer:
                 self._wake.set()
                 await asyncio.sleep(delay)
                 delay = min(2 * delay, RETRY_MAX_S)
+            except Exception:
+                # A bug here must not hold results back: jobs waiting in ``drain`` would
+                # never publish. Their streams lose the unwritten part; results keep it all.
+                log.exception("token stream writer failed; dropping unwritten deltas")
+                self._give_up()
+
+    def _give_up(self) -> None:
+        for sink in self._sinks.values():
+            sink.text.clear()
+            sink.ids.clear()
+            sink.announced = True
+            if sink.closing:
+                sink.drained.set()
 
     async def _flush(self) -> None:
         batch = [(s, len(s.text), len(s.ids)) for s in self._sinks.values() if s.pending]
