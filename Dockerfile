@@ -8,11 +8,11 @@ WORKDIR /opt/slotfill
 COPY pyproject.toml README.md ./
 COPY producer ./producer
 COPY worker ./worker
-COPY bench ./bench
+COPY slotfill ./slotfill
 # worker-common = prometheus-client, sentry-sdk, tokenizers (the `worker` extra would pull
 # vLLM again); celery for completion callbacks. The image's vLLM/torch stay untouched.
 RUN python3 -m pip install --no-cache-dir ".[worker-common]" "celery[redis]>=5.3,<6" \
- && python3 -c "import producer, worker.cli, worker.ops"
+ && python3 -c "import slotfill, slotfill.cli.main, worker.ops"
 
 ENV PYTHONUNBUFFERED=1 \
     HF_HOME=/root/.cache/huggingface \

@@ -14,7 +14,8 @@ demo: setup
 	$(BIN)/slotfill demo $(ARGS)
 
 lint: setup
-	$(BIN)/ruff check producer worker bench tests
+	$(BIN)/ruff check producer worker slotfill bench tests
+	$(BIN)/lint-imports
 
 typecheck: setup
 	$(BIN)/mypy
@@ -25,7 +26,7 @@ pytest: setup
 test: lint typecheck pytest
 
 bench: setup
-	$(BIN)/slotfill bench $(ARGS)
+	$(BIN)/python -m bench $(ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,11 +1,11 @@
-"""``slotfill bench``: the benchmark's command line (imports stay light until a run starts).
+"""``python -m bench``: the benchmark's command line (imports stay light until a run starts).
 
-    slotfill bench                       # every mode, CPU defaults (tiny model), + soak
-    slotfill bench --modes offline,slotfill --requests 200
-    slotfill bench --modes fleet,fleet_fixed --workers 2   # admission policies, 2 workers
-    slotfill bench --modes slotfill,stream@0,stream@50     # what token streaming costs
-    slotfill bench soak --jobs 100000    # the soak alone
-    slotfill bench report a.json b.json  # merge runs (e.g. GPU modes run in several calls)
+    python -m bench                       # every mode, CPU defaults (tiny model), + soak
+    python -m bench --modes offline,slotfill --requests 200
+    python -m bench --modes fleet,fleet_fixed --workers 2   # admission policies, 2 workers
+    python -m bench --modes slotfill,stream@0,stream@50     # what token streaming costs
+    python -m bench soak --jobs 100000    # the soak alone
+    python -m bench report a.json b.json  # merge runs (e.g. GPU modes run in several calls)
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ def report_cmd(
 
 
 def main(args: list[str] | None = None) -> None:
-    app(args=args, prog_name="slotfill bench")
+    app(args=args, prog_name="python -m bench")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ class EngineConfig:
     """Engine settings shared by every mode (vLLM ``EngineArgs`` names)."""
 
     model: str = ""
-    """Model name or directory; empty = the generated tiny model (worker/tiny_model.py)."""
+    """Model name or directory; empty = the generated tiny model (worker/engines/tiny_model.py)."""
     load_format: str = "dummy"
     skip_tokenizer_init: bool = False
     max_num_seqs: int = 32
@@ -63,7 +63,7 @@ class EngineConfig:
 
     def engine_kwargs(self, model_path: str) -> dict[str, Any]:
         """Keyword arguments for ``vllm.LLM`` and ``AsyncEngineArgs``: the same set the
-        slotfill worker passes (worker/vllm_engine.py), so every mode runs one engine."""
+        slotfill worker passes (worker/engines/vllm.py), so every mode runs one engine."""
         return {
             "model": model_path,
             "max_num_seqs": self.max_num_seqs,
@@ -163,8 +163,8 @@ def resolve_model(engine: EngineConfig) -> str:
     """The model directory to load: the given one, or the generated tiny model."""
     if engine.model:
         return engine.model
+    from worker.engines.tiny_model import make_tiny_model
     from worker.runner import default_model_dir
-    from worker.tiny_model import make_tiny_model
 
     return str(make_tiny_model(default_model_dir()))
 

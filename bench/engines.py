@@ -77,7 +77,7 @@ def build_llm(cfg: BenchConfig, steps: StepWriter) -> Any:
 
 
 def build_async_llm(cfg: BenchConfig, steps: StepWriter) -> Any:
-    """``AsyncLLM`` exactly as worker/vllm_engine.py builds it."""
+    """``AsyncLLM`` exactly as worker/engines/vllm.py builds it."""
     engine_env()
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -108,7 +108,7 @@ def token_prompt(ids: list[int]) -> dict[str, Any]:
 
 def async_input_builder() -> Any:
     """The worker's own token-id input form for ``AsyncLLM.generate``."""
-    from worker.vllm_engine import _engine_input_builder
+    from worker.engines.vllm import _engine_input_builder
 
     return _engine_input_builder()
 

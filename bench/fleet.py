@@ -24,7 +24,7 @@ from bench.analysis import load_steps, mean_occupancy, pct, slot_idle
 from bench.config import FLEET_MODES, BenchConfig
 from bench.slotfill_mode import QUEUE, measure
 from bench.workload import Request
-from worker.fleet import WorkerProcess
+from slotfill.testing.fleet import WorkerProcess
 
 GPU_MEMORY_SHARE = 0.92
 """Most GPU memory the fleet's engines may claim together."""

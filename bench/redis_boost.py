@@ -21,8 +21,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import worker.redis_server as redis_server_module
-from worker.redis_server import RedisServer
+import slotfill.testing.redis_server as redis_server_module
+from slotfill.testing.redis_server import RedisServer
 
 AUTOGROUP_NICE = -10
 

@@ -105,7 +105,7 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def mode_table(results: dict[str, Any]) -> Table:
-    t = Table(title="slotfill bench: one workload, one engine configuration, each mode",
+    t = Table(title="python -m bench: one workload, one engine configuration, each mode",
               show_lines=False)
     for col in ("mode", "done/exact", "out tok/s", "x offline", "req/s", "TTFT p50/p99 ms",
                 "E2E p50/p99 ms", "queue wait p50/p99 ms", "mean occ.", "free-slot steps",

@@ -20,7 +20,7 @@ from bench.config import BenchConfig
 from bench.redis_stats import command_calls, delta, per_job
 from bench.workload import Request
 from producer import Client, JobResult, JobStatus, TokenDelta, WaitTimeout
-from worker.fleet import WorkerProcess
+from slotfill.testing.fleet import WorkerProcess
 
 QUEUE = "bench"
 CONSUMER = "bench-worker"

@@ -19,7 +19,7 @@ import redis
 from bench.redis_boost import BenchRedisServer
 from bench.redis_stats import command_calls, delta, per_job
 from producer import Client, QueueKeys
-from worker.fleet import WorkerProcess
+from slotfill.testing.fleet import WorkerProcess
 
 QUEUE = "soak"
 

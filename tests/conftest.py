@@ -11,8 +11,8 @@ import pytest
 import redis
 
 from producer import Client
-from worker.fleet import WorkerProcess
-from worker.redis_server import RedisServer
+from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.redis_server import RedisServer
 
 _queue_ids = itertools.count()
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from worker.admission import Admission, EngineView, Policy, newest, prompt_tokens, to_read
-from worker.engine import StepStats
+from worker.engines.base import StepStats
 from worker.settings import WorkerSettings
 
 SLOTS, TARGET, BUDGET = 32, 8, 2048

@@ -18,10 +18,10 @@ import redis
 from typer.testing import CliRunner
 
 from producer import ClientSettings, QueueKeys
-from worker.batch import BatchFileError, default_batch_id, run_batch
-from worker.cli import app
-from worker.fleet import WorkerProcess
-from worker.redis_server import RedisServer
+from slotfill.cli.batch import BatchFileError, default_batch_id, run_batch
+from slotfill.cli.main import app
+from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.redis_server import RedisServer
 
 
 @pytest.fixture
@@ -122,7 +122,7 @@ def test_batch_resumes_after_kill_without_resubmitting(
     n = 240
     ids = write_input(inp, n, seed=1, extras=False)
     env = {**os.environ, "SLOTFILL_REDIS_URL": redis_server.url, "SLOTFILL_QUEUE": queue}
-    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "batch", "submit", str(inp),
+    proc = subprocess.Popen([sys.executable, "-m", "slotfill", "batch", "submit", str(inp),
                              "--out", str(out), "--no-progress"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60

@@ -1,4 +1,4 @@
-"""A small run of ``slotfill bench`` so the harness keeps working. Never asserts timings.
+"""A small run of ``python -m bench`` so the harness keeps working. Never asserts timings.
 
 Two engines (offline, then slotfill through Redis and a worker) one after the other, a small
 submit measurement and a small sim-engine soak; checks that every request completed with

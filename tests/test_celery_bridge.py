@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from producer import Client, InvalidRequest, JobStatus
-from worker.fleet import WorkerProcess
-from worker.redis_server import RedisServer
+from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 

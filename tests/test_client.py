@@ -17,7 +17,7 @@ from producer import (
     QueueKeys,
     WaitTimeout,
 )
-from worker.redis_server import RedisServer
+from slotfill.testing.redis_server import RedisServer
 
 
 def test_submit_writes_a_queued_job(client: Client, r: redis.Redis, queue: str) -> None:

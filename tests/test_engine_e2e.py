@@ -9,8 +9,8 @@ import pytest
 import redis
 
 from producer import Client, JobStatus, QueueKeys
+from slotfill.testing.fleet import WorkerProcess
 from tests.conftest import ENGINE_HEADROOM, ENGINE_SLOTS, step_log_path
-from worker.fleet import WorkerProcess
 
 pytestmark = pytest.mark.engine
 

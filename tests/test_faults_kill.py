@@ -2,7 +2,7 @@
 
 The many-kills run uses the step-simulating engine (a worker starts in under a second); one
 test kills a worker running the real vLLM engine mid-generation. The 50-kill, 10 000-job run
-is ``scripts/kill_soak.py``, the same code with bigger numbers.
+is ``python -m slotfill.testing.kill_soak``, the same code with bigger numbers.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import pytest
 import redis
 
 from producer import Client, JobStatus, QueueKeys
-from scripts.kill_soak import check_invariants, held_by, soak, wait_all_terminal
-from worker.fleet import WorkerProcess
-from worker.redis_server import RedisServer
+from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.kill_soak import check_invariants, held_by, soak, wait_all_terminal
+from slotfill.testing.redis_server import RedisServer
 
 pytestmark = pytest.mark.fault
 

@@ -14,9 +14,9 @@ import pytest
 import redis
 
 from producer import Client, InvalidRequest, JobStatus, PayloadTooLarge, QueueKeys
-from scripts.kill_soak import Fleet, check_invariants
-from worker.fleet import WorkerProcess
-from worker.redis_server import RedisServer
+from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.kill_soak import Fleet, check_invariants
+from slotfill.testing.redis_server import RedisServer
 
 pytestmark = pytest.mark.fault
 

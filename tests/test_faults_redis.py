@@ -16,9 +16,9 @@ import pytest
 import redis
 
 from producer import Client, JobStatus, QueueKeys
-from scripts.kill_soak import check_invariants
-from worker.fleet import WorkerProcess
-from worker.redis_server import RedisServer
+from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.kill_soak import check_invariants
+from slotfill.testing.redis_server import RedisServer
 
 pytestmark = pytest.mark.fault
 

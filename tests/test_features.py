@@ -18,11 +18,11 @@ import redis
 from producer import Client, InvalidRequest, JobResult, JobStatus, Priority, QueueKeys
 from producer.protocol import build_request
 from producer.schema import JobRequest, dump
-from worker.batch_format import Line, output_line, to_request
-from worker.fleet import WorkerProcess
-from worker.logprobs import MIN_LOGPROB, convert_logprobs
-from worker.redis_server import RedisServer
-from worker.tiny_lora import make_tiny_lora
+from slotfill.cli.batch_format import Line, output_line, to_request
+from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.redis_server import RedisServer
+from slotfill.testing.tiny_lora import make_tiny_lora
+from worker.engines.logprobs import MIN_LOGPROB, convert_logprobs
 
 PROMPT_IDS = [5, 17, 42, 99, 123, 7, 300, 11]
 """Token-id prompts: the same input whatever the tokenizer does with text."""

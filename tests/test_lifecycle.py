@@ -14,8 +14,8 @@ import pytest
 import redis
 
 from producer import Client, JobStatus, QueueFull, QueueKeys
-from worker.fleet import WorkerProcess
-from worker.redis_server import RedisServer
+from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.redis_server import RedisServer
 
 pytestmark = pytest.mark.fault
 

@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 
 from producer import Client, QueueKeys
 from producer.keys import GROUP
-from worker.redis_server import RedisServer
+from slotfill.testing.redis_server import RedisServer
 from worker.store import WorkerStore
 
 

@@ -17,9 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from producer import Client, JobStatus, QueueKeys
 from producer.keys import GROUP
-from worker.fleet import WorkerProcess
-from worker.metrics import METRICS
-from worker.redis_server import RedisServer, free_port
+from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.redis_server import RedisServer, free_port
+from worker.ops.metrics import METRICS
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "config" / "grafana" / "dashboards" / "slotfill.json"

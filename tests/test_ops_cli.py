@@ -17,11 +17,11 @@ from typer.testing import CliRunner
 
 from producer import Client, JobStatus, QueueKeys
 from producer.keys import GROUP
-from worker.cli import app
-from worker.fleet import WorkerProcess
-from worker.queue_stats import snapshot
-from worker.redis_server import RedisServer
-from worker.status import DeadLetters
+from producer.queue_stats import snapshot
+from slotfill.cli.main import app
+from slotfill.cli.status import DeadLetters
+from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.redis_server import RedisServer
 
 runner = CliRunner()
 

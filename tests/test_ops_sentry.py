@@ -23,9 +23,9 @@ from sentry_sdk.envelope import Envelope
 from sentry_sdk.transport import Transport
 
 from producer import Client, JobStatus
-from worker.fleet import WorkerProcess
-from worker.observability import JsonFormatter, init_sentry
-from worker.redis_server import RedisServer, free_port
+from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.redis_server import RedisServer, free_port
+from worker.ops.observability import JsonFormatter, init_sentry
 from worker.settings import WorkerSettings
 
 JOB = "0123456789abcdef0123456789abcdef"

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from worker.fleet import WorkerProcess
+from slotfill.testing.fleet import WorkerProcess
 
 DOC = Path(__file__).resolve().parent.parent / "PROTOCOL.md"
 

@@ -18,8 +18,8 @@ import redis
 
 from producer import Client, JobStatus, QueueKeys
 from producer.keys import GROUP
-from worker.fleet import WorkerProcess
-from worker.redis_server import RedisServer
+from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.redis_server import RedisServer
 
 SLOTS, HEADROOM = 16, 4
 

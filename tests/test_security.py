@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from producer import Client, JobStatus, QueueKeys
-from worker.fleet import WorkerProcess
-from worker.redis_server import free_port
+from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.redis_server import free_port
 
 ACL_EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "redis-acl.example"
 QUEUE = "secure"

@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 from producer.settings import ClientSettings
-from worker import settings_doc
+from slotfill.cli import settings_doc
 from worker.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_readme_table_is_generated_from_the_settings_classes() -> None:
     readme = (ROOT / "README.md").read_text()
     assert settings_doc.current(readme) == settings_doc.block(), (
-        "README.md's settings table is stale: run `python -m worker.settings_doc --write`")
+        "README.md's settings table is stale: run `python -m slotfill.cli.settings_doc --write`")
 
 
 def test_every_setting_appears_once_with_a_description() -> None:

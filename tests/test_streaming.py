@@ -15,8 +15,8 @@ import redis
 from producer import AsyncClient, Client, JobResult, JobStatus, QueueKeys, Restarted, TokenDelta
 from producer.scripts import source
 from producer.streaming import StreamEvent
+from slotfill.testing.redis_server import RedisServer
 from tests.test_lifecycle import job_field, sim_worker, workers
-from worker.redis_server import RedisServer
 
 pytestmark = pytest.mark.fault
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from producer import Client, JobResult, JobStatus, TokenDelta
-from worker.fleet import WorkerProcess
+from slotfill.testing.fleet import WorkerProcess
 
 pytestmark = pytest.mark.engine
 
@@ -34,7 +34,7 @@ def test_cli_submit_stream_prints_the_text_as_it_comes(
         engine_client: Client, engine_worker: WorkerProcess) -> None:
     env = {**os.environ, "SLOTFILL_REDIS_URL": engine_worker.redis_url, "SLOTFILL_QUEUE": "e2e"}
     out = subprocess.run(
-        [sys.executable, "-m", "worker.cli", "submit", "--stream", "--max-tokens", "24",
+        [sys.executable, "-m", "slotfill", "submit", "--stream", "--max-tokens", "24",
          "--timeout", "180", "hello stream"], env=env, capture_output=True,
         timeout=240, check=False)
     # Bytes, not text=True: universal newlines would turn a generated "\r" into "\n".

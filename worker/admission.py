@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from worker.engine import StepStats
+from worker.engines.base import StepStats
 from worker.settings import WorkerSettings
 
 TEXT_BYTES_PER_TOKEN = 4

@@ -35,7 +35,7 @@ from producer.errors import EngineDead, ErrorCode, InvalidRequest
 from producer.schema import JobRequest, JobStatus
 from worker import results
 from worker.admission import Admission
-from worker.engine import Engine, Generation
+from worker.engines.base import Engine, Generation
 from worker.settings import WorkerSettings
 from worker.store import HARD_DELIVERY_FACTOR, REDIS_ERRORS, SOLO_LOSS_LIMIT, Row, WorkerStore
 from worker.token_stream import TokenStreamer

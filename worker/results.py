@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from producer.errors import ErrorCode, InvalidRequest
 from producer.schema import JobError, JobRequest, JobResult, JobStatus, Timings, dump
-from worker.engine import Generation
+from worker.engines.base import Generation
 from worker.store import Row
 
 

@@ -17,7 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from worker import upkeep
-from worker.engine import Engine
+from worker.engines.base import Engine
 from worker.feeder import Feeder
 from worker.ops import install as install_ops
 from worker.settings import WorkerSettings
@@ -36,15 +36,15 @@ def default_model_dir() -> Path:
 def build_engine(settings: WorkerSettings) -> Engine:
     """Create the engine the settings name. An empty model means the generated tiny model."""
     if settings.engine == "sim":
-        from worker.sim_engine import SimEngine
+        from worker.engines.sim import SimEngine
 
         return SimEngine(settings.max_num_seqs, settings.sim_step_ms, settings.max_model_len,
                          settings.max_num_batched_tokens)
-    from worker.vllm_engine import VllmEngine
+    from worker.engines.vllm import VllmEngine
 
     model = settings.model
     if not model:
-        from worker.tiny_model import make_tiny_model
+        from worker.engines.tiny_model import make_tiny_model
 
         model = str(make_tiny_model(default_model_dir()))
         settings.load_format = "dummy"

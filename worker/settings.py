@@ -38,7 +38,7 @@ class WorkerSettings(ClientSettings):
     the engine reports free, plus a ready queue sized to what finishes during a refill (at
     most ``headroom`` jobs and ``ready_token_budget`` prompt tokens); past ``kv_high_water``
     only replace what starts. Jobs then wait in Redis, where any worker can take them, not
-    in one worker's pending list (``slotfill bench --modes fleet,fleet_fixed``: bench/README)."""
+    in one worker's pending list (``python -m bench --modes fleet,fleet_fixed``: bench/README)."""
     ready_token_budget: int = Field(0, ge=0)
     """Prompt tokens (token ids counted, text estimated at 4 bytes a token) the ready queue
     may hold beyond the running batch; 0: ``max_num_batched_tokens`` (what one engine step

@@ -24,7 +24,7 @@ case "$stage" in
     name=${modes//[,@]/-}  # the device tool brings back only plain file names
     shift
     # The reference workload of ../shared/gpu/README.md on a Llama-3.1-8B-shaped config.
-    python3 -m worker.cli bench \
+    python3 -m bench \
       --model bench/gpu/llama-3.1-8b-shape --load-format dummy --skip-tokenizer-init \
       --max-num-seqs 256 --max-num-batched-tokens 8192 --max-model-len 2048 \
       --gpu-memory-utilization 0.88 --requests 3000 --prompt-tokens 256 \

@@ -46,7 +46,7 @@ def worker(
     except Exception as e:
         console.print(f"[red]bad settings:[/red] {e}")
         raise typer.Exit(EXIT_SETTINGS) from None
-    from worker.observability import configure_logging, init_sentry
+    from worker.ops.observability import configure_logging, init_sentry
 
     configure_logging(settings)
     init_sentry(settings)
@@ -158,26 +158,17 @@ def demo(
     engine: Annotated[str, typer.Option(help="vllm | sim")] = "vllm",
 ) -> None:
     """Start a local fleet (own Redis, one worker), push jobs through it, print results."""
-    from worker.demo import run_demo
+    from slotfill.cli.demo import run_demo
 
     _setup_logging(False)
     sys.exit(run_demo(model or "", jobs, engine, console))
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-             add_help_option=False)
-def bench(ctx: typer.Context) -> None:
-    """Benchmark vs offline LLM.generate, an asyncio feeder and Celery (`slotfill bench -h`)."""
-    from bench.cli import main
-
-    main(ctx.args)
-
-
 def _register_ops_commands() -> None:
-    """``slotfill status``, ``slotfill dlq ...``, ``slotfill batch ...`` (worker/status.py,
-    worker/batch.py)."""
-    from worker.batch import batch_app
-    from worker.status import dlq_app, status
+    """``slotfill status``, ``slotfill dlq ...``, ``slotfill batch ...`` (slotfill/cli/status.py,
+    slotfill/cli/batch.py)."""
+    from slotfill.cli.batch import batch_app
+    from slotfill.cli.status import dlq_app, status
 
     app.command(name="status")(status)
     app.add_typer(dlq_app, name="dlq")

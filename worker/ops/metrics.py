@@ -34,7 +34,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from worker import queue_stats
+from producer import queue_stats
 
 if TYPE_CHECKING:
     from worker.feeder import Feeder

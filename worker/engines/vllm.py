@@ -7,10 +7,10 @@ from typing import Any
 from producer.errors import EngineDead, ErrorCode, InvalidRequest
 from producer.keys import Priority
 from producer.schema import JobRequest
-from worker.engine import DeltaSink, Generation, StepStats
-from worker.logprobs import convert_logprobs
+from worker.engines.base import DeltaSink, Generation, StepStats
+from worker.engines.logprobs import convert_logprobs
+from worker.engines.vllm_features import Adapters, lora_request, structured_outputs_kwargs
 from worker.settings import WorkerSettings
-from worker.vllm_features import Adapters, lora_request, structured_outputs_kwargs
 
 MAX_STREAM_WINDOW_TOKENS = 256
 """Cap on tokens per intermediate output of a streaming job (a stalled step estimate must

@@ -6,9 +6,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from worker.celery_bridge import CeleryBridge
-from worker.metrics import WorkerMetrics
-from worker.observability import attach_job_events
+from worker.ops.celery_bridge import CeleryBridge
+from worker.ops.metrics import WorkerMetrics
+from worker.ops.observability import attach_job_events
 
 if TYPE_CHECKING:
     from worker.feeder import Feeder

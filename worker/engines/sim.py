@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from producer.errors import EngineDead, ErrorCode, InvalidRequest
 from producer.schema import JobRequest
-from worker.engine import DeltaSink, Generation, StepStats
+from worker.engines.base import DeltaSink, Generation, StepStats
 
 POISON = "__crash_engine__"
 HANG = "__hang_engine__"

@@ -20,9 +20,9 @@ from rich.table import Table
 
 from producer.keys import Priority, QueueKeys
 from producer.protocol import new_job_id
+from producer.queue_stats import QueueSnapshot, WorkerBeat, discover_queues, entry_time, snapshot
 from producer.scripts import source
 from producer.settings import ClientSettings
-from worker.queue_stats import QueueSnapshot, WorkerBeat, discover_queues, entry_time, snapshot
 
 
 def _console() -> Console:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Kill -9 workers again and again while jobs flow; then check that no job was lost.
 
-    .venv/bin/python scripts/kill_soak.py --kills 50 --jobs 10000
+    .venv/bin/python -m slotfill.testing.kill_soak --kills 50 --jobs 10000
 
 Starts its own redis-server (or uses ``--redis-url``), a fleet of ``--workers`` step-simulating
 workers (``SLOTFILL_ENGINE=sim``; ``--engine vllm`` for the real one), a submitter thread that
@@ -36,13 +36,9 @@ from typing import Any
 
 import redis
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from producer import Client, QueueFull  # noqa: E402
-from producer.keys import GROUP, QueueKeys  # noqa: E402
-from worker.fleet import WorkerProcess  # noqa: E402
+from producer import Client, QueueFull
+from producer.keys import GROUP, QueueKeys
+from slotfill.testing.fleet import WorkerProcess
 
 # -- the invariant checker -----------------------------------------------------------------
 
@@ -129,7 +125,8 @@ def check_invariants(r: redis.Redis, queue: str, ids: list[str],
             if done_len == 1:
                 rep.completed += 1
     rep.statuses, rep.error_codes = dict(statuses), dict(codes)
-    stats = {k.decode(): int(v) for k, v in r.hgetall(keys.stats).items()}
+    raw_stats: dict[bytes, bytes] = r.hgetall(keys.stats)  # type: ignore[assignment]
+    stats = {k.decode(): int(v) for k, v in raw_stats.items()}
     rep.duplicates_suppressed = stats.get("duplicates_suppressed", 0)
     rep.reclaimed = stats.get("reclaimed", 0)
     rep.dead_lettered = stats.get("dead_lettered", 0)
@@ -273,7 +270,7 @@ def soak(redis_url: str, queue: str, *, kills: int, jobs: int, log_dir: Path,
                 reqs = [q for q, i in zip(reqs, e.accepted or [], strict=False) if i]
                 time.sleep(0.2)
             for i, q in zip(new, reqs, strict=True):
-                expected[i] = int(q["max_tokens"])
+                expected[i] = int(str(q["max_tokens"]))
             ids.extend(new)
             sent += len(new)
             time.sleep(per_batch_s)
@@ -338,7 +335,7 @@ def main() -> int:
     a = ap.parse_args()
     import tempfile
 
-    from worker.redis_server import RedisServer
+    from slotfill.testing.redis_server import RedisServer
 
     server = None
     url = a.redis_url

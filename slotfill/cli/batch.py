@@ -36,7 +36,7 @@ from producer.keys import Priority, QueueKeys
 from producer.schema import JobResult
 from producer.scripts import source
 from producer.settings import ClientSettings
-from worker.batch_format import (
+from slotfill.cli.batch_format import (
     BatchFileError,
     Line,
     done_custom_ids,

@@ -1,7 +1,7 @@
 """The engine interface the feeder drives, and per-step engine statistics.
 
-``VllmEngine`` (worker/vllm_engine.py) wraps vLLM's ``AsyncLLM``; ``SimEngine``
-(worker/sim_engine.py) models batch steps without a model, for fault tests and soaks. Both
+``VllmEngine`` (worker/engines/vllm.py) wraps vLLM's ``AsyncLLM``; ``SimEngine``
+(worker/engines/sim.py) models batch steps without a model, for fault tests and soaks. Both
 satisfy :class:`Engine`, so the feeder cannot tell them apart.
 """
 
@@ -28,7 +28,7 @@ class Generation:
     first_token_at: float | None = None
     aborted: bool = False
     logprobs: list[dict[str, Any]] | None = None
-    """Per generated token (worker/logprobs.py's shape) when the request asked for them."""
+    """Per generated token (worker/engines/logprobs.py's shape) when the request asked for them."""
 
 
 STEP_WEIGHT = 0.05

@@ -36,7 +36,7 @@ class WorkerProcess:
 
     def start(self) -> WorkerProcess:
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
-        self.proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"],
+        self.proc = subprocess.Popen([sys.executable, "-m", "slotfill", "worker"],
                                      env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         log.close()

@@ -16,8 +16,8 @@ from rich.table import Table
 
 from producer import Client
 from producer.keys import QueueKeys
-from worker.fleet import WorkerProcess
-from worker.redis_server import RedisServer
+from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.redis_server import RedisServer
 
 TOPICS = ["the queue", "a worker", "the engine", "redis streams", "a full batch", "the gpu"]
 
