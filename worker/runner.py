@@ -69,6 +69,7 @@ async def serve(settings: WorkerSettings, engine: Engine | None = None) -> int:
     client = aioredis.Redis.from_url(settings.redis_url)
     store = WorkerStore(client, settings.queue, settings.consumer)
     await store.ensure_groups()
+    await store.seed_config(settings.max_pending)
     # Opened once at start-up, before any job runs; line-buffered writes are cheap.
     step_log = open(settings.step_log, "a", buffering=1) if settings.step_log else None  # noqa: SIM115, ASYNC230
     engine.stats.log = step_log

@@ -70,6 +70,14 @@ def _s(x: Any) -> str:
     return x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x)
 
 
+def _body(x: Any) -> str:
+    return x.decode("utf-8", "surrogateescape") if isinstance(x, bytes) else str(x)
+
+
+def _raw(body: str) -> bytes:
+    return body.encode("utf-8", "surrogateescape")
+
+
 def _common(name: str) -> str:
     return source("_common") + "\n" + source(name)
 
@@ -116,8 +124,15 @@ class WorkerStore:
                 if "BUSYGROUP" not in str(e):
                     raise
 
+    async def seed_config(self, max_pending: int) -> None:
+        """Give the queue a cap when it has none (an operator's ``configure_queue`` wins:
+        the submit step reads it there, never from its caller)."""
+        await self.redis.hsetnx(self.keys.config, "max_pending", max_pending)
+
     def _rows(self, raw: list[Any]) -> list[Row]:
-        return [Row(_s(r[0]), _s(r[1]), _s(r[2]), _s(r[3]), int(r[4]), int(r[5]), _s(r[6]),
+        # A body that is not UTF-8 keeps its bytes (surrogate-escaped): the job fails as
+        # ``undecodable`` instead of running on replacement characters.
+        return [Row(_s(r[0]), _s(r[1]), _s(r[2]), _body(r[3]), int(r[4]), int(r[5]), _s(r[6]),
                     float(r[7]), bool(int(r[8])))
                 for r in raw]
 
@@ -181,7 +196,7 @@ class WorkerStore:
             keys=[row.stream, self.keys.job(row.job_id), self.keys.done(row.job_id),
                   self.keys.stats, self.keys.dead_letter, self.keys.tokens(row.job_id)],
             args=[row.entry, GROUP, status, result_json, repr(time.time()), result_ttl,
-                  dead_reason, row.body if dead_reason else "", row.deliveries],
+                  dead_reason, _raw(row.body) if dead_reason else "", row.deliveries],
         )
         return bool(published)
 
@@ -189,7 +204,7 @@ class WorkerStore:
     async def dead_letter_entry(self, row: Row, reason: str) -> None:
         await self._dead(
             keys=[row.stream, self.keys.dead_letter, self.keys.stats],
-            args=[row.entry, GROUP, reason, row.body, row.deliveries, repr(time.time())],
+            args=[row.entry, GROUP, reason, _raw(row.body), row.deliveries, repr(time.time())],
         )
 
     def _entry_keys(self, rows: Sequence[Row]) -> tuple[list[str], list[str]]:
