@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from producer import Client, QueueKeys
 from producer.keys import GROUP
 from slotfill.testing.redis_server import RedisServer
+from worker.claim import Disposition
 from worker.store import WorkerStore
 
 
@@ -69,7 +70,8 @@ async def test_released_entries_are_reclaimable_at_once_and_crashes_are_charged(
     # Suspects run alone: one per claim, and only for a worker that can run it now.
     assert await b.reclaim_jobs(5, 60, 3, solo_allowed=False) == []
     first = await b.reclaim_jobs(5, 60, 3, solo_allowed=True)
-    assert len(first) == 1 and first[0].solo and first[0].job_id == ids[0]
+    assert len(first) == 1 and first[0].disposition is Disposition.run_alone
+    assert first[0].job_id == ids[0]
     assert r.hget(keys.job(ids[0]), "solo_losses") == b"1"
     assert r.hget(keys.job(ids[1]), "solo_losses") is None
     hist = json.loads(r.hget(keys.job(ids[0]), "history") or b"[]")
@@ -78,8 +80,9 @@ async def test_released_entries_are_reclaimable_at_once_and_crashes_are_charged(
     await b.release(first, 60, "engine_crash", alone=True)
     rest = await a.reclaim_jobs(5, 60, 10, solo_allowed=True)
     poisoned = [x for x in rest if x.job_id == ids[0]]
-    assert poisoned and poisoned[0].flag == "poisoned" and not poisoned[0].solo
-    assert sum(1 for x in rest if x.solo) == 1  # and one of the other two, alone
+    assert poisoned and poisoned[0].disposition is Disposition.poisoned
+    # ... and one of the other two, alone.
+    assert sum(1 for x in rest if x.disposition is Disposition.run_alone) == 1
 
 
 async def test_only_losses_while_alone_count_against_a_job(
@@ -96,18 +99,18 @@ async def test_only_losses_while_alone_count_against_a_job(
     for store in (b, a, b, a):
         await asyncio.sleep(0.03)
         got = await store.reclaim_jobs(1, 0.02, 3, solo_allowed=True)
-        seen.append((got[0].deliveries, got[0].solo, got[0].flag))
+        seen.append((got[0].deliveries, got[0].disposition.value))
         last = got[0]
-    assert seen == [(2, False, ""), (3, True, ""), (4, True, ""), (5, True, "")]
+    assert seen == [(2, "run"), (3, "run_alone"), (4, "run_alone"), (5, "run_alone")]
     await b.mark_solo_run(last)  # 5th delivery runs alone, its worker vanishes
     await asyncio.sleep(0.03)
     [got] = await a.reclaim_jobs(1, 0.02, 3, solo_allowed=True)
-    assert (got.deliveries, got.solo, got.flag) == (6, True, "")
+    assert (got.deliveries, got.disposition.value) == (6, "run_alone")
     assert r.hget(keys.job(job.id), "solo_losses") == b"1"
     await a.mark_solo_run(got)  # lost alone again
     await asyncio.sleep(0.03)
     [got] = await b.reclaim_jobs(1, 0.02, 3, solo_allowed=True)
-    assert (got.deliveries, got.flag) == (7, "poisoned")
+    assert (got.deliveries, got.disposition.value) == (7, "poisoned")
     events = [h["event"] for h in json.loads(r.hget(keys.job(job.id), "history") or b"[]")]
     assert events.count("lost_alone") == 2
     await b.finish(got, "failed", "{}", 60, "poisoned")
@@ -120,8 +123,8 @@ async def test_only_losses_while_alone_count_against_a_job(
     for _ in range(9):
         await asyncio.sleep(0.03)
         [got] = await b.reclaim_jobs(1, 0.02, 3, solo_allowed=True)
-        flags.append(got.flag)
-    assert flags == [""] * 8 + ["poisoned"]
+        flags.append(got.disposition.value)
+    assert flags == ["run"] + ["run_alone"] * 7 + ["poisoned"]
 
 
 async def test_silent_consumers_with_nothing_pending_are_forgotten(
