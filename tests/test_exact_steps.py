@@ -63,8 +63,9 @@ def _finish(r: redis.Redis, keys: QueueKeys, job_id: str, entry: str, attempt: i
     result = json.dumps({"id": job_id, "status": "succeeded", "text": text,
                          "attempts": attempt, "usage": {"completion_tokens": len(text)}})
     return int(script(keys=[keys.stream(), keys.job(job_id), keys.done(job_id), keys.stats,
-                            keys.dead_letter, keys.tokens(job_id)],
-                      args=[entry, GROUP, "succeeded", result, 1.0, 60, "", "", 1, attempt]))
+                            keys.dead_letter, keys.tokens(job_id), keys.callbacks],
+                      args=[entry, GROUP, "succeeded", result, 1.0, 60, "", "", 1, attempt,
+                            "", 0]))
 
 
 def _stat(r: redis.Redis, keys: QueueKeys, name: str) -> int:

@@ -121,6 +121,8 @@ async def serve(settings: WorkerSettings, engine: Engine | None = None) -> int:
         _exit_backstop(loop, code, EXIT_SLACK_S)
     else:
         _exit_backstop(loop, code, settings.grace_seconds + EXIT_SLACK_S)
+        log.info("stopping: draining for up to %.0fs (a second SIGTERM ends the process now)",
+                 settings.grace_seconds)
         handed_back = await feeder.drain(settings.grace_seconds)
         log.info("drained; %d unfinished jobs handed back for reclaim", handed_back)
     for t in (*tasks.values(), stopper, dead):

@@ -130,3 +130,7 @@ class WorkerSettings(ClientSettings):
     a submitter cannot make workers connect to arbitrary hosts."""
     celery_send_timeout: float = Field(10.0, gt=0)
     """Seconds one callback send may take (connection and publish retries included)."""
+    celery_redeliver_seconds: float = Field(30.0, gt=0)
+    """A completion callback whose sender has not confirmed it this long after its result
+    (the worker died, or the broker was down) is sent again by any worker. Repeats carry the
+    same task id (``slotfill-<job id>``)."""
