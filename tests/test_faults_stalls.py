@@ -255,3 +255,14 @@ def test_a_callback_whose_sender_died_is_sent_by_a_peer(
         w.stop(30)
     assert sent == Counter({f"slotfill-{orphan}": 1, f"slotfill-{job.id}": 1})
     assert r.zcard(keys.callbacks) == 0
+
+
+def test_a_soak_of_kills_freezes_and_stalls_keeps_every_promise(tmp_path: Path) -> None:
+    """The mix (slotfill.testing.stall_soak, run longer for the figures in PROTOCOL.md):
+    streaming jobs and callbacks while workers are killed and frozen and Redis stalls."""
+    from slotfill.testing.stall_soak import soak
+
+    rep = soak(events=6, jobs=600, log_dir=tmp_path, seed=7)
+    print(f"\nstall soak: {rep}")
+    assert rep.ok(), rep
+    assert rep.jobs == 600 and rep.streaming_jobs > 0

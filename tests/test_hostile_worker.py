@@ -93,11 +93,11 @@ def test_sigterm_always_ends_a_worker_that_is_exiting(
     keys = QueueKeys.for_queue(queue)
     c = Client.from_url(redis_server.url, queue=queue)
     w = WorkerProcess(redis_server.url, "slow", tmp_path / "w.log", queue=queue,
-                      engine="sim", sim_step_ms=50, lease_seconds=2, grace_seconds=600).start()
+                      engine="sim", sim_step_ms=100, lease_seconds=2, grace_seconds=600).start()
     peer = None
     try:
         w.wait_ready(60)
-        ids = [c.submit("x", max_tokens=2000, ignore_eos=True).id for _ in range(2)]
+        ids = [c.submit("x", max_tokens=400, ignore_eos=True).id for _ in range(2)]
         end = time.monotonic() + 30
         while any(r.hget(keys.job(i), "status") != b"running" for i in ids):
             assert time.monotonic() < end

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -148,11 +149,22 @@ class CeleryBridge:
         self._confirm(job_id)
 
     def _confirm(self, job_id: str) -> None:
-        """Take the job out of the outbox: its callback needs no redelivery."""
-        try:
-            self._redis.zrem(self.keys.callbacks, job_id)
-        except Exception as e:  # it will be sent again later: a repeat, never a loss
-            log.warning("job %s: callback sent, not confirmed (%s): it may repeat", job_id, e)
+        """Take the job out of the outbox: its callback needs no redelivery. Retried through
+        a Redis stall for up to half the redelivery time (a peer would send it again)."""
+        give_up = time.monotonic() + self.settings.celery_redeliver_seconds / 2
+        delay = 0.1
+        while True:
+            try:
+                self._redis.zrem(self.keys.callbacks, job_id)
+                return
+            except Exception as e:
+                if time.monotonic() + delay > give_up or self._stop.is_set():
+                    # Sent again later: a repeat (same task id), never a loss.
+                    log.warning("job %s: callback sent, not confirmed (%s): it may repeat",
+                                job_id, e)
+                    return
+                time.sleep(delay)
+                delay = min(2 * delay, 2.0)
 
     def _sweep(self) -> None:
         """Send again what no sender confirmed (see the module docstring)."""
