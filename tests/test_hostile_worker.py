@@ -4,10 +4,12 @@ the worker: strict JSON types, UTF-8, a priority that is its stream's, usable id
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -119,3 +121,40 @@ def test_sigterm_always_ends_a_worker_that_is_exiting(
         w.stop(5)
         if peer is not None:
             peer.stop(30)
+
+
+def _skewed_worker(url: str, name: str, tmp: Path, queue: str, skew_s: float,
+                   **settings: Any) -> WorkerProcess:
+    """A worker process whose host clock is ``skew_s`` off (``time.time`` shifted at start)."""
+    site = tmp / f"clock-{name}"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import time\n_real = time.time\n"
+        f"time.time = lambda: _real() + {skew_s!r}\n")
+    w = WorkerProcess(url, name, tmp / f"{name}.log", queue=queue, engine="sim",
+                      sim_step_ms=10, lease_seconds=2, **settings)
+    w.env["PYTHONPATH"] = os.pathsep.join([str(site), w.env.get("PYTHONPATH", "")])
+    return w.start()
+
+
+@pytest.mark.parametrize("skew_s", [3600.0, -3600.0])
+def test_deadlines_are_on_redis_time_whatever_the_workers_clock(
+        redis_server: RedisServer, r: redis.Redis, queue: str, tmp_path: Path,
+        skew_s: float) -> None:
+    """Issue 12 case 6: a worker 1 h fast expired every deadline job unrun; 1 h slow, it
+    ignored a 1 s deadline."""
+    from producer import Client
+
+    keys = QueueKeys.for_queue(queue)
+    c = Client.from_url(redis_server.url, queue=queue)
+    w = _skewed_worker(redis_server.url, "skewed", tmp_path, queue, skew_s)
+    try:
+        w.wait_ready(60)
+        roomy = c.submit("x", max_tokens=5, timeout=60).id       # ends long before
+        tight = c.submit("x", max_tokens=400, ignore_eos=True, timeout=1.0).id  # 4 s of work
+        assert _result(r, keys, roomy)["status"] == "succeeded"
+        res = _result(r, keys, tight, timeout=30)
+        assert res["status"] == "expired", res
+        assert res["usage"]["completion_tokens"] < 400
+    finally:
+        w.stop(30)
