@@ -95,6 +95,8 @@ class _Writer:
     err: IO[str]
     report: BatchReport
     on_line: Callable[[], None]
+    on_written: Callable[[int], None] | None = None
+    """Told the count after every line (a caller's progress hook)."""
     written: int = 0
 
     def write(self, ok: bool, obj: dict[str, Any]) -> None:
@@ -107,6 +109,8 @@ class _Writer:
         else:
             self.report.failed += 1
         self.on_line()
+        if self.on_written is not None:
+            self.on_written(self.written)
 
 
 @dataclass
@@ -197,6 +201,25 @@ def _s(x: Any) -> str:
     return x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x)
 
 
+def _sort_todo(todo: list[Line], known: dict[str, str], report: BatchReport, writer: _Writer
+               ) -> tuple[dict[str, str], list[Line]]:
+    """Answer invalid lines at once; returns the lines an earlier run submitted (custom id ->
+    job id, to collect) and the rest to submit, reversed (pop() keeps input order)."""
+    outstanding: dict[str, str] = {}
+    to_submit: list[Line] = []
+    for line in todo:
+        if line.request is None:
+            report.invalid += 1
+            writer.write(False, invalid_line(line))
+        elif line.custom_id in known:
+            outstanding[line.custom_id] = known[line.custom_id]
+            report.resumed += 1
+        else:
+            to_submit.append(line)
+    to_submit.reverse()
+    return outstanding, to_submit
+
+
 def run_batch(
     r: redis.Redis, settings: ClientSettings, input_path: Path, out: Path,
     errors: Path | None = None, *, queue: str | None = None, batch_id: str | None = None,
@@ -215,32 +238,13 @@ def run_batch(
     known = run.known_jobs()
     by_id = {line.custom_id: line for line in lines}
     todo = [line for line in lines if line.custom_id not in done]
-    outstanding: dict[str, str] = {}
-    to_submit: list[Line] = []
     bar = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                    MofNCompleteColumn(), TimeElapsedColumn(), console=_console(),
                    disable=not progress)
     with bar, open(out, "a", encoding="utf-8") as fo, open(errors, "a", encoding="utf-8") as fe:
         task = bar.add_task(f"{batch_id}", total=len(lines), completed=report.written_before)
-        writer = _Writer(fo, fe, report, lambda: bar.advance(task))
-        if on_written is not None:
-            inner = writer.on_line
-
-            def tell() -> None:
-                inner()
-                on_written(writer.written)
-
-            writer.on_line = tell
-        for line in todo:
-            if line.request is None:
-                report.invalid += 1
-                writer.write(False, invalid_line(line))
-            elif line.custom_id in known:
-                outstanding[line.custom_id] = known[line.custom_id]
-                report.resumed += 1
-            else:
-                to_submit.append(line)
-        to_submit.reverse()  # pop() from the end keeps input order
+        writer = _Writer(fo, fe, report, lambda: bar.advance(task), on_written)
+        outstanding, to_submit = _sort_todo(todo, known, report, writer)
         backoff = 0.05
         while to_submit or outstanding:
             room = MAX_OUTSTANDING - len(outstanding)
@@ -273,8 +277,7 @@ def run_batch(
                 run.touch(written=report.written_before + writer.written)
             elif outstanding and not (to_submit and len(outstanding) < MAX_OUTSTANDING):
                 run.wait_any(outstanding, 0.5)
-    state = "completed"
-    run.touch(state=state, written=report.written_before + writer.written,
+    run.touch(state="completed", written=report.written_before + writer.written,
               finished_at=repr(time.time()))
     return report
 
