@@ -7,6 +7,7 @@ is ``python -m slotfill.testing.kill_soak``, the same code with bigger numbers.
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ import redis
 
 from producer import Client, JobStatus, QueueKeys
 from slotfill.testing.fleet import WorkerProcess
-from slotfill.testing.kill_soak import check_invariants, held_by, soak, wait_all_terminal
+from slotfill.testing.kill_soak import Fleet, check_invariants, held_by, soak, wait_all_terminal
 from slotfill.testing.redis_server import RedisServer
 
 pytestmark = pytest.mark.fault
@@ -78,6 +79,54 @@ def test_twenty_kills_lose_no_job_and_show_no_duplicate(
     assert len(killed) == 20
     assert sorted(c for c in rep.worker_exit_codes.values() if c != -9) == [0, 0]
     assert time.monotonic() - t0 < 120
+
+
+AIMED_KILLS = 6
+"""Kills of the one job's worker, from its first delivery on (the 3rd to the 6th while it runs
+alone); the delivery backstop (3 x max_deliveries = 9) is not reached."""
+
+
+def _running_on(r: redis.Redis, keys: QueueKeys, job_id: str, attempt: int, alone: bool,
+                timeout: float) -> str:
+    """The worker running attempt ``attempt`` of the job (marked as running it alone, when
+    ``alone``)."""
+    end = time.monotonic() + timeout
+    while True:
+        st, attempts, worker, solo = r.hmget(keys.job(job_id), "status", "attempts", "worker",
+                                             "solo_run")
+        if (st == b"running" and attempts is not None and int(attempts) == attempt
+                and worker is not None and (not alone or solo == worker)):
+            return str(worker.decode())
+        assert st in (b"queued", b"running"), (st, attempts, r.hget(keys.job(job_id), "result"))
+        assert time.monotonic() < end, (st, attempts, worker, solo)
+        time.sleep(0.01)
+
+
+def test_kills_aimed_at_a_job_running_alone_never_fail_it(
+        redis_server: RedisServer, r: redis.Redis, queue: str, tmp_path: Path) -> None:
+    """Issue 18: its worker SIGKILLed under it at every delivery, four times while it ran
+    alone, an innocent job is charged nothing (a vanished worker is no evidence) and succeeds
+    once the kills stop. (The rule it replaces dead-lettered it at the second loss alone.)"""
+    keys = QueueKeys.for_queue(queue)
+    fleet = Fleet(redis_server.url, queue, tmp_path, 2, engine="sim", sim_step_ms=20,
+                  max_num_seqs=4, headroom=0, lease_seconds=1.0, heartbeat_seconds=0.5,
+                  max_deliveries=3).start()
+    c = Client.from_url(redis_server.url, queue=queue)
+    try:
+        job = c.submit(prompt="innocent", max_tokens=150)  # 3 s a run: the kill lands inside
+        for attempt in range(1, AIMED_KILLS + 1):
+            worker = _running_on(r, keys, job.id, attempt, alone=attempt >= 3, timeout=30)
+            fleet.kill([w.consumer for w in fleet.workers].index(worker))
+        res = c.wait(job.id, timeout=60)
+    finally:
+        c.close()
+        fleet.stop()
+    assert res.status is JobStatus.succeeded and res.attempts == AIMED_KILLS + 1, res
+    assert res.usage.completion_tokens == 150
+    history = [h["event"] for h in json.loads(r.hget(keys.job(job.id), "history") or b"[]")]
+    assert history.count("vanished_alone") == AIMED_KILLS - 2, history
+    assert r.hget(keys.job(job.id), "solo_losses") is None
+    assert r.xlen(keys.dead_letter) == 0
 
 
 def test_a_frozen_workers_late_result_is_suppressed_not_shown(

@@ -137,7 +137,7 @@ def test_every_kind_of_poison_gets_a_typed_error_and_harms_nobody(
     log = sim_fleet.log_path.read_text()
     # The one traceback logged is the engine's own error, kept for the operator.
     assert log.count("Traceback") == log.count("engine failed job") == 1
-    assert "engine dead" not in log and "crashed the feeder" not in log
+    assert "engine dead" not in log and "crashed its job task" not in log
 
 
 @pytest.mark.parametrize(("name", "call", "error"), [

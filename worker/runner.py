@@ -21,6 +21,7 @@ from worker.engines.base import Engine
 from worker.feeder import Feeder
 from worker.ops import install as install_ops
 from worker.settings import WorkerSettings
+from worker.step_log import StepLog
 from worker.store import WorkerStore
 
 log = logging.getLogger("slotfill.worker")
@@ -63,29 +64,43 @@ async def _resilient(name: str, loop_fn: Callable[[], Awaitable[None]]) -> None:
             await asyncio.sleep(1.0)
 
 
+def _duties(feeder: Feeder, store: WorkerStore, settings: WorkerSettings
+            ) -> dict[str, Callable[[], Awaitable[None]]]:
+    """The worker's long-running tasks, each given what it reads and whom it tells."""
+    lease = settings.lease_seconds
+    view = upkeep.WorkerView(feeder.engine.stats, feeder.state, feeder.counters,
+                             feeder.holdings, feeder.capacity, feeder.engine.slots)
+    return {
+        "pull": feeder.run,
+        "leases": lambda: upkeep.renew_leases(store, feeder.holdings, feeder.lease_report, lease),
+        "reclaim": lambda: upkeep.reclaim(feeder.request_reclaim, lease),
+        "cancels": lambda: upkeep.listen_for_cancels(store.redis, store.keys.control,
+                                                     feeder.cancel_requested),
+        "heartbeat": lambda: upkeep.heartbeat(store, settings, view),
+        "watchdog": lambda: upkeep.watchdog(feeder.engine.stats, feeder.state, feeder.holdings,
+                                            feeder.die, settings.engine_hang_seconds),
+        "tokens": feeder.streamer.run,
+    }
+
+
 async def serve(settings: WorkerSettings, engine: Engine | None = None) -> int:
     """Run until SIGTERM/SIGINT (drain, exit 0) or engine death (exit 3)."""
     engine = engine or build_engine(settings)
     client = aioredis.Redis.from_url(settings.redis_url)
     store = WorkerStore(client, settings.queue, settings.consumer)
     await store.ensure_groups()
-    # Opened once at start-up, before any job runs; line-buffered writes are cheap.
-    step_log = open(settings.step_log, "a", buffering=1) if settings.step_log else None  # noqa: SIM115, ASYNC230
-    engine.stats.log = step_log
     feeder = Feeder(engine, store, settings)
+    step_log = None
+    if settings.step_log:
+        step_log = StepLog(settings.step_log, feeder.state, lambda: feeder.in_engine)
+        engine.stats.subscribe(step_log)
     ops = install_ops(feeder, settings)  # metrics, job log lines, Celery callbacks
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    duties = {
-        "pull": feeder.run, "leases": lambda: upkeep.renew_leases(feeder),
-        "reclaim": lambda: upkeep.reclaim(feeder), "cancels": lambda: upkeep.listen_for_cancels(feeder),
-        "heartbeat": lambda: upkeep.heartbeat(feeder), "watchdog": lambda: upkeep.watchdog(feeder),
-        "tokens": feeder.streamer.run,
-    }
     tasks = {name: asyncio.create_task(_resilient(name, fn), name=name)
-             for name, fn in duties.items()}
+             for name, fn in _duties(feeder, store, settings).items()}
     log.info("worker %s pulling queue %r, capacity %d (%d slots + %d headroom)",
              settings.consumer, settings.queue, feeder.capacity, engine.slots, settings.headroom)
     stopper = asyncio.create_task(stop.wait())
@@ -112,7 +127,7 @@ async def serve(settings: WorkerSettings, engine: Engine | None = None) -> int:
             pass
     await asyncio.to_thread(ops.close)
     await client.aclose()
-    if step_log:
+    if step_log is not None:
         step_log.close()
     return code
 

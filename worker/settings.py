@@ -93,7 +93,9 @@ class WorkerSettings(ClientSettings):
     lease_seconds: float = Field(30.0, gt=0)
     """A job's entry may be reclaimed by a peer after this long without a lease renewal."""
     max_deliveries: int = Field(3, ge=1)
-    """A job delivered more often than this is dead-lettered with error ``poisoned``."""
+    """From this delivery on a job runs alone in its engine (culprit isolation); past 3 x this
+    many deliveries it is dead-lettered with error ``poisoned`` whatever happened (PROTOCOL.md,
+    the poison rule)."""
     grace_seconds: float = Field(30.0, ge=0)
     """On SIGTERM, how long in-flight jobs may run before they are handed back."""
     engine_hang_seconds: float = Field(120.0, gt=0)

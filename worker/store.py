@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
@@ -21,16 +20,17 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer.keys import GROUP, QueueKeys
 from producer.scripts import source
+from worker.claim import ClaimedJob, decode
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 SOLO_LOSS_LIMIT = 2
-"""A job lost this many times while it ran alone (its engine died or hung, or its worker
-vanished, with nothing else inside to blame) is dead-lettered (``poisoned``)."""
+"""A job whose engine died or hung this many times while it was alone inside (each reported
+by that engine's worker) is dead-lettered (``poisoned``). The rule: lua/includes/poison.lua."""
 HARD_DELIVERY_FACTOR = 3
 """Past ``max_deliveries`` × this many deliveries a job is dead-lettered whatever happened
-(a backstop: from ``max_deliveries`` on, it only runs alone, where losses are evidence)."""
+(the backstop for losses nobody reported: a job that kills its worker outright)."""
 
 _TRANSIENT = ("OOM", "READONLY", "MISCONF", "LOADING", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN")
 
@@ -43,35 +43,8 @@ REDIS_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutE
 """What a Redis outage looks like from redis-py: wait and retry, never die of it."""
 
 
-@dataclass
-class Row:
-    """One delivered stream entry, as ``start_jobs`` / ``reclaim_jobs`` hand it over."""
-
-    stream: str
-    entry: str
-    job_id: str
-    body: str
-    attempts: int
-    deliveries: int
-    flag: str
-    """"" | "cancel" (cancel requested) | "expired" (past deadline) | "malformed" (no id) |
-    "poisoned" (delivered too often, or crashed its engine too often: dead-letter it)."""
-    queued_at: float
-    solo: bool = False
-    """Run it alone in the engine (culprit isolation; see ``reclaim_jobs.lua``)."""
-
-    @property
-    def key(self) -> str:
-        """The feeder's in-flight key: the job id, or the entry for rows without one."""
-        return self.job_id or f"entry:{self.stream}:{self.entry}"
-
-
 def _s(x: Any) -> str:
     return x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x)
-
-
-def _common(name: str) -> str:
-    return source("_common") + "\n" + source(name)
 
 
 def _redis_call(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
@@ -105,7 +78,7 @@ class WorkerStore:
         self._finish = redis_client.register_script(source("finish_job"))
         self._dead = redis_client.register_script(source("dead_letter_entry"))
         self._renew = redis_client.register_script(source("renew_leases"))
-        self._release = redis_client.register_script(_common("release_jobs"))
+        self._release = redis_client.register_script(source("release_jobs"))
         self._append = redis_client.register_script(source("append_tokens"))
 
     async def ensure_groups(self) -> None:
@@ -116,24 +89,19 @@ class WorkerStore:
                 if "BUSYGROUP" not in str(e):
                     raise
 
-    def _rows(self, raw: list[Any]) -> list[Row]:
-        return [Row(_s(r[0]), _s(r[1]), _s(r[2]), _s(r[3]), int(r[4]), int(r[5]), _s(r[6]),
-                    float(r[7]), bool(int(r[8])))
-                for r in raw]
-
     @_redis_call
-    async def start_jobs(self, count: int) -> list[Row]:
+    async def start_jobs(self, count: int) -> list[ClaimedJob]:
         raw = await self._start(
             keys=self.keys.streams,
             args=[GROUP, self.consumer, count, repr(time.time()), self.keys.base],
         )
-        return self._rows(raw)
+        return decode(raw)
 
     @_redis_call
     async def reclaim_jobs(self, count: int, lease_seconds: float, max_deliveries: int,
-                           solo_allowed: bool, forget_after_s: float = 0.0) -> list[Row]:
-        """Take over entries idle past the lease. At most one ``solo`` row, and only when
-        ``solo_allowed``; rows past their loss or delivery limit come flagged ``poisoned``.
+                           solo_allowed: bool, forget_after_s: float = 0.0) -> list[ClaimedJob]:
+        """Take over entries idle past the lease. At most one claim to run alone, and only
+        when ``solo_allowed``; jobs past the poison rule's limits come ``poisoned``.
         ``forget_after_s`` > 0 also deletes consumers silent that long with nothing pending."""
         raw = await self._reclaim(
             keys=self.keys.streams,
@@ -142,12 +110,12 @@ class WorkerStore:
                   SOLO_LOSS_LIMIT, int(forget_after_s * 1000),
                   max_deliveries * HARD_DELIVERY_FACTOR],
         )
-        return self._rows(raw)
+        return decode(raw)
 
     @_redis_call
-    async def mark_solo_run(self, row: Row) -> None:
-        """Record that ``row`` now runs alone here: if it is lost before it finishes, the
-        loss counts against it (see ``reclaim_jobs.lua``)."""
+    async def mark_solo_run(self, row: ClaimedJob) -> None:
+        """Record that ``row`` now runs alone here. Never evidence against the job (a worker
+        that vanishes reports nothing): a reclaim notes it in the job's history."""
         if row.job_id:
             await self.redis.hset(self.keys.job(row.job_id), "solo_run", self.consumer)
 
@@ -171,7 +139,7 @@ class WorkerStore:
 
     @_redis_call
     async def finish(
-        self, row: Row, status: str, result_json: str, result_ttl: int,
+        self, row: ClaimedJob, status: str, result_json: str, result_ttl: int,
         dead_reason: str = "",
     ) -> bool:
         """Publish the result, flip the status, wake waiters and XACK: one atomic step.
@@ -186,13 +154,13 @@ class WorkerStore:
         return bool(published)
 
     @_redis_call
-    async def dead_letter_entry(self, row: Row, reason: str) -> None:
+    async def dead_letter_entry(self, row: ClaimedJob, reason: str) -> None:
         await self._dead(
             keys=[row.stream, self.keys.dead_letter, self.keys.stats],
             args=[row.entry, GROUP, reason, row.body, row.deliveries, repr(time.time())],
         )
 
-    def _entry_keys(self, rows: Sequence[Row]) -> tuple[list[str], list[str]]:
+    def _entry_keys(self, rows: Sequence[ClaimedJob]) -> tuple[list[str], list[str]]:
         keys: list[str] = []
         args: list[str] = []
         for r in rows:
@@ -201,7 +169,7 @@ class WorkerStore:
         return keys, args
 
     @_redis_call
-    async def renew_leases(self, rows: Sequence[Row]) -> list[str]:
+    async def renew_leases(self, rows: Sequence[ClaimedJob]) -> list[str]:
         """Reset the idle time of our in-flight entries (delivery count unchanged). Returns
         one code per row: ``ok``, ``cancel`` (cancellation requested), ``done`` (the job
         already has a result) or ``lost`` (a peer took the entry over)."""
@@ -212,7 +180,7 @@ class WorkerStore:
         return [_s(x) for x in raw]
 
     @_redis_call
-    async def release(self, rows: Sequence[Row], lease_seconds: float, why: str,
+    async def release(self, rows: Sequence[ClaimedJob], lease_seconds: float, why: str,
                       alone: bool = False) -> int:
         """Give entries back for a peer's next reclaim sweep (they stay unacknowledged).
         ``why`` = ``engine_crash`` also marks their jobs ``suspect`` (and, when ``alone``,
@@ -226,7 +194,7 @@ class WorkerStore:
         return int(n)
 
     @_redis_call
-    async def append_tokens(self, appends: Sequence[tuple[Row, str, str, int]],
+    async def append_tokens(self, appends: Sequence[tuple[ClaimedJob, str, str, int]],
                             max_entries: int, ttl_s: int) -> list[bool]:
         """Append each ``(row, text, token ids JSON, offset)`` to its job's token stream, in
         one round trip. Per append: False when fenced off (the attempt is no longer the job's

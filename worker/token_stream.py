@@ -15,7 +15,8 @@ import json
 import logging
 from dataclasses import dataclass, field
 
-from worker.store import REDIS_ERRORS, Row, WorkerStore
+from worker.claim import ClaimedJob
+from worker.store import REDIS_ERRORS, WorkerStore
 
 log = logging.getLogger("slotfill.worker")
 
@@ -24,7 +25,7 @@ RETRY_MAX_S = 2.0
 
 @dataclass
 class _Sink:
-    row: Row
+    row: ClaimedJob
     text: list[str] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
     announced: bool = False
@@ -61,7 +62,7 @@ class TokenStreamer:
         self._wake = asyncio.Event()
         self._urgent = asyncio.Event()
 
-    def open(self, row: Row) -> None:
+    def open(self, row: ClaimedJob) -> None:
         """Start streaming ``row``'s attempt (announced to readers with the next write)."""
         self._sinks[row.key] = _Sink(row)
         self._wake.set()

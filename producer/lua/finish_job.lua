@@ -1,3 +1,4 @@
+--- @include "includes/terminal"
 -- finish_job: running -> succeeded | failed | cancelled | expired, exactly once.
 -- KEYS[1] stream  KEYS[2] job hash  KEYS[3] done list  KEYS[4] stats hash  KEYS[5] dead stream
 -- ARGV[1] entry id  ARGV[2] group  ARGV[3] status  ARGV[4] result JSON  ARGV[5] now
@@ -5,7 +6,7 @@
 -- ARGV[9] delivery count  KEYS[6] token stream (its ``end`` entry, for a streaming job)
 -- Returns 1 when this call published the result, 0 when a result already existed (duplicate).
 local st = redis.call("HGET", KEYS[2], "status")
-if st == "succeeded" or st == "failed" or st == "cancelled" or st == "expired" then
+if is_terminal(st) then
   redis.call("XACK", KEYS[1], ARGV[2], ARGV[1])
   redis.call("XDEL", KEYS[1], ARGV[1])
   redis.call("HINCRBY", KEYS[4], "duplicates_suppressed", 1)

@@ -37,9 +37,9 @@ from prometheus_client.registry import Collector
 from producer import queue_stats
 
 if TYPE_CHECKING:
+    from worker.claim import ClaimedJob
     from worker.feeder import Feeder
     from worker.settings import WorkerSettings
-    from worker.store import Row
 
 log = logging.getLogger("slotfill.worker")
 
@@ -133,7 +133,7 @@ class WorkerMetrics:
 
     # -- listeners -------------------------------------------------------------------------
 
-    def on_published(self, row: Row, status: str, result_json: str) -> None:
+    def on_published(self, row: ClaimedJob, status: str, result_json: str) -> None:
         try:
             t = json.loads(result_json).get("timings") or {}
         except ValueError:
@@ -233,10 +233,10 @@ class _Collector(Collector):
         yield gauge("slotfill_worker_info", "This worker (value 1)", 1, worker=s.consumer,
                     model=s.model or "tiny", engine=s.engine)
         yield gauge("slotfill_worker_pulling", "1 while the worker pulls new jobs (0 once "
-                    "draining or dead)", int(f.pulling))
+                    "draining or dead)", int(f.state.pulling))
         yield gauge("slotfill_worker_capacity", "Places: engine slots + headroom", f.capacity)
         yield gauge("slotfill_worker_in_flight", "Jobs this worker holds (in the engine or "
-                    "having their result written)", len(f.in_flight))
+                    "having their result written)", len(f.holdings))
         yield gauge("slotfill_engine_slots", "Engine batch slots (max_num_seqs)", f.engine.slots)
         yield gauge("slotfill_engine_running", "Sequences running in the engine (last step)",
                     st.running)
@@ -249,7 +249,7 @@ class _Collector(Collector):
         yield counter("slotfill_engine_full_steps", "Engine steps with every slot busy",
                       st.full_steps)
         yield counter("slotfill_engine_starved_steps", "Engine steps with a free slot while "
-                      "jobs waited in Redis", st.starved_steps)
+                      "jobs waited in Redis", f.state.starved_steps)
         yield counter("slotfill_output_tokens", "Generated tokens", c.output_tokens)
         yield gauge("slotfill_output_tokens_per_second", "Generated tokens per second "
                     "(over the last 30 s of scrapes; rate() of the counter is better)",
