@@ -64,5 +64,5 @@ def test_backlog_keeps_every_slot_busy(redis_server: RedisServer, r: redis.Redis
     assert starved / len(window) <= 0.02, (starved, len(window))
     assert max(s["running"] + s["waiting"] for s in steps) <= SLOTS + HEADROOM
     # Pending entries of this consumer: in the engine (<= capacity) plus results being
-    # written (at most one capacity's worth more, by design of Feeder.free).
+    # written (at most one capacity's worth more: worker/admission.py subtracts the rest).
     assert 0 < peak["pel"] <= 2 * (SLOTS + HEADROOM)
