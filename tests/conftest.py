@@ -1,17 +1,20 @@
-"""Shared fixtures: a real redis-server per session, workers as real subprocesses."""
+"""Shared fixtures: a real redis-server per session; workers in-process (simulated engine) for
+logic tests, as real subprocesses where a process must die or the shell command is tested."""
 
 from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
 from producer import Client
 from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.inproc import InprocWorker
 from slotfill.testing.redis_server import RedisServer
 
 _queue_ids = itertools.count()
@@ -46,6 +49,23 @@ def client(redis_server: RedisServer, queue: str) -> Iterator[Client]:
     c = Client.from_url(redis_server.url, queue=queue)
     yield c
     c.close()
+
+
+@pytest.fixture
+def inproc(redis_server: RedisServer, queue: str) -> Iterator[Callable[..., InprocWorker]]:
+    """Make in-process simulated-engine workers on this test's queue (``inproc("a",
+    max_num_seqs=4)``, started); whatever is still running at the end is drained."""
+    made: list[InprocWorker] = []
+
+    def make(name: str, **settings: Any) -> InprocWorker:
+        w = InprocWorker(redis_server.url, name, **{"queue": queue, **settings}).start()
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        if w.alive:
+            w.stop(30)
 
 
 @pytest.fixture(scope="session")
