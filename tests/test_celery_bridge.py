@@ -99,10 +99,10 @@ def test_results_reach_the_backends_celery_tasks(redis_server: RedisServer, queu
     assert "not allowed" in w.log_text()
 
 
-def test_callback_is_validated_at_submit(client: Client) -> None:
+def test_callback_is_validated_at_submit(fake_client: Client) -> None:
     with pytest.raises(InvalidRequest):
-        client.submit(prompt="x", callback={"celery_task": "not a task name"})
+        fake_client.submit(prompt="x", callback={"celery_task": "not a task name"})
     with pytest.raises(InvalidRequest):
-        client.submit(prompt="x", callback={"celery_task": "a.b", "broker_url": "http://x"})
+        fake_client.submit(prompt="x", callback={"celery_task": "a.b", "broker_url": "http://x"})
     with pytest.raises(InvalidRequest):
-        client.submit(prompt="x", callback={"celery_task": "a.b", "countdown": 5})
+        fake_client.submit(prompt="x", callback={"celery_task": "a.b", "countdown": 5})

@@ -154,13 +154,14 @@ def test_every_kind_of_poison_gets_a_typed_error_and_harms_nobody(
     ("bad priority", lambda c: c.submit(prompt="a", priority="urgent"), "invalid_request"),
 ])
 def test_bad_requests_are_refused_at_submit_with_a_clear_error(
-        client: Client, r: redis.Redis, queue: str, name: str, call: Any, error: str) -> None:
+        fake_client: Client, fake_r: redis.Redis, queue: str, name: str, call: Any,
+        error: str) -> None:
     with pytest.raises(InvalidRequest) as e:
-        call(client)
+        call(fake_client)
     assert e.value.code.value == error and str(e.value)
     if error == "payload_too_large":
         assert isinstance(e.value, PayloadTooLarge) and "limit" in str(e.value)
-    assert sum(int(r.xlen(s)) for s in QueueKeys.for_queue(queue).streams) == 0
+    assert sum(int(fake_r.xlen(s)) for s in QueueKeys.for_queue(queue).streams) == 0
 
 
 def _run_until_done(fleet: Fleet, r: redis.Redis, queue: str, ids: list[str],

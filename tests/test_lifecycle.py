@@ -305,6 +305,7 @@ def test_sigterm_finishes_in_flight_work_within_the_grace_period(
     assert "0 unfinished jobs handed back" in a.tail(5)
 
 
+@pytest.mark.fault  # a real SIGTERM to a worker process
 def test_sigterm_past_the_grace_period_hands_jobs_back_for_a_quick_reclaim(
         redis_server: RedisServer, client: Client, queue: str, tmp_path: Path) -> None:
     lease = 4.0

@@ -48,8 +48,9 @@ def test_backlog_keeps_every_slot_busy(redis_server: RedisServer, r: redis.Redis
 
         sampler = threading.Thread(target=sample_pel)
         sampler.start()
+        # ~700 engine steps of backlog (the window below needs more than 200).
         ids = c.submit_many([{"prompt": "x", "max_tokens": rng.randint(4, 40)}
-                             for _ in range(1000)])
+                             for _ in range(500)])
         results = [c.wait(i, timeout=120) for i in ids]
         stop.set()
         sampler.join()

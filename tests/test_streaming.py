@@ -142,7 +142,9 @@ def test_worker_killed_mid_stream_reader_is_told_and_sees_only_the_new_attempt(
     assert job_field(r, queue, job.id, "stream_attempt") == "2"
 
 
-def test_a_stale_attempt_cannot_write(r: redis.Redis, client: Client, queue: str) -> None:
+def test_a_stale_attempt_cannot_write(fake_r: redis.Redis, fake_client: Client,
+                                     queue: str) -> None:
+    r, client = fake_r, fake_client  # the fence is one script: fakeredis runs it
     job = client.submit("x", stream=True)
     keys = QueueKeys.for_queue(queue)
     r.hset(keys.job(job.id), mapping={"status": "running", "attempts": 2})
