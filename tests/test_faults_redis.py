@@ -115,16 +115,20 @@ def _run_restart(tmp: Path, fsync: str, power_loss_s: float = 0.0
         truncated = aof.stat().st_size - keep
         with aof.open("r+b") as f:
             f.truncate(keep)
-    wait_until(lambda: all("redis unavailable" in w.tail(200) for w in ws), timeout=30,
-               what="both workers to see the outage")
+    wait_until(lambda: t.refused_calls >= 1
+               and all("redis unavailable" in w.tail(200) for w in ws), timeout=30,
+               what="the submitter and both workers to see the outage")
     server.start()
     acked_at_restart = len(t.acked)
-    wait_until(lambda: len(t.acked) >= acked_at_restart + 100, timeout=30,
-               what="submits acknowledged after the restart")
+    r = redis.Redis.from_url(server.url)
+    # Traffic again, and both workers back on the cancel channel (a listener that lost its
+    # connection retries after a second).
+    wait_until(lambda: len(t.acked) >= acked_at_restart + 100
+               and _retry(lambda: r.pubsub_numsub(keys.control))[0][1] >= len(ws),
+               timeout=30, what="submits after the restart and both cancel listeners back")
     stop.set()
     for th in threads:
         th.join()
-    r = redis.Redis.from_url(server.url)
     ids = list(t.acked)
     # Every job Redis still knows must finish; the ones it forgot never will.
     known = [i for i in ids if _retry(lambda i=i: r.exists(keys.job(i)))]

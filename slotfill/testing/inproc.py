@@ -58,8 +58,9 @@ class _SignalKeepingLoop(asyncio.SelectorEventLoop):
 
 
 class _Capture(logging.Handler):
-    """The worker's log lines: those of its loop thread and of the worker's own helper
-    threads (named ``slotfill-*``; with several in-process workers alive, those are shared)."""
+    """The worker's log lines (any logger: asyncio's "exception never retrieved" too): those
+    of its loop thread and of the worker's own helper threads (named ``slotfill-*``; with
+    several in-process workers alive, those are shared)."""
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
@@ -105,7 +106,7 @@ class InprocWorker:
 
     def start(self) -> InprocWorker:
         assert self._thread is None, "an InprocWorker runs once"
-        logging.getLogger("slotfill").addHandler(self._capture)
+        logging.getLogger().addHandler(self._capture)
         _slotfill_logs_on(True)
         self._logs_attached = True
         self._loop = _SignalKeepingLoop()
@@ -184,7 +185,7 @@ class InprocWorker:
     def _detach_logs(self) -> None:
         if self._logs_attached:
             self._logs_attached = False
-            logging.getLogger("slotfill").removeHandler(self._capture)
+            logging.getLogger().removeHandler(self._capture)
             _slotfill_logs_on(False)
 
     def _task_stacks(self) -> str:
