@@ -63,6 +63,8 @@ async def heartbeat(feeder: Feeder) -> None:
         await feeder.store.heartbeat({
             "consumer": s.consumer, "model": s.model, "started_at": started,
             "capacity": feeder.capacity, "slots": feeder.engine.slots,
+            "max_model_len": feeder.engine.max_model_len,
+            "max_num_batched_tokens": s.max_num_batched_tokens,
             "in_flight": len(feeder.in_flight), "running": st.running, "waiting": st.waiting,
             "kv_cache_usage": st.kv_cache_usage, "steps": st.steps,
             "full_steps": st.full_steps, "starved_steps": st.starved_steps,

@@ -44,6 +44,7 @@ from slotfill.cli.batch_format import (
     output_line,
     read_input,
 )
+from slotfill.cli.connect import connect
 
 
 def _console() -> Console:
@@ -322,8 +323,7 @@ def batch_submit(
 ) -> None:
     """Submit every line, write each result as it arrives. Re-run the same command after an
     interrupt: nothing is submitted twice and nothing is lost."""
-    settings = ClientSettings.model_validate({"redis_url": redis_url} if redis_url else {})
-    r = redis.Redis.from_url(settings.redis_url)
+    r, settings = connect(redis_url)
     if batch_id is not None and not all(ch.isalnum() or ch in "_.-" for ch in batch_id):
         _console().print("[red]batch id: letters, digits, _ . - only[/red]")
         raise typer.Exit(2)
@@ -348,8 +348,7 @@ def batch_status_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """One batch's progress (jobs by status), or the list of batches of the queue."""
-    settings = ClientSettings.model_validate({"redis_url": redis_url} if redis_url else {})
-    r = redis.Redis.from_url(settings.redis_url)
+    r, settings = connect(redis_url)
     q = queue or settings.queue
     keys = QueueKeys.for_queue(q)
     if batch_id is None:
