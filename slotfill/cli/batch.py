@@ -122,6 +122,17 @@ class BatchRun:
     def __post_init__(self) -> None:
         self.keys = QueueKeys.for_queue(self.queue)
         self._submit = self.r.register_script(source("submit_job"))
+        self._models: dict[str, str | None] = {}
+
+    def model_of(self, worker: str | None) -> str | None:
+        """The model the worker that ran a job serves, from its heartbeat (None: it is gone,
+        or an unnamed worker); the generated tiny model is ``tiny``."""
+        if not worker:
+            return None
+        if worker not in self._models:
+            beat = self.r.hget(self.keys.worker(worker), "model")
+            self._models[worker] = None if beat is None else (_s(beat) or "tiny")
+        return self._models[worker]
 
     def touch(self, **fields: Any) -> None:
         pipe = self.r.pipeline(transaction=False)
@@ -268,7 +279,7 @@ def run_batch(
                                   "message": "the job's record expired before its result was "
                                              "collected (result_ttl)"}})
                 else:
-                    ok, obj = output_line(by_id[cid], res)
+                    ok, obj = output_line(by_id[cid], res, run.model_of(res.worker))
                     writer.write(ok, obj)
             if got:
                 run.touch(written=report.written_before + writer.written)

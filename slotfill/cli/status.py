@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import redis
 import typer
+from pydantic import ValidationError
 from rich import box
 from rich.console import Console, Group
 from rich.live import Live
@@ -23,6 +24,7 @@ from rich.text import Text
 from producer.keys import Priority, QueueKeys
 from producer.protocol import new_job_id
 from producer.queue_stats import QueueSnapshot, WorkerBeat, discover_queues, entry_time, snapshot
+from producer.schema import JobRequest
 from producer.scripts import source
 from producer.settings import ClientSettings
 from slotfill.cli.connect import connect
@@ -237,6 +239,13 @@ class DeadLetters:
             priority = Priority(d.priority).value
         except ValueError:
             return Replay(d.id, "invalid", d.job, f"unknown stream {d.stream!r}")
+        try:
+            JobRequest.model_validate_json(d.fields.get("body", ""))
+        except ValidationError as e:
+            # A worker would only fail it again (undecodable): the body needs a person.
+            first = e.errors()[0]
+            return Replay(d.id, "invalid", d.job, f"body is not a job request ({first['msg']}):"
+                          " fix it and submit it as a new job (`dlq show` prints it)")
         job = d.job or new_job_id()
         if not _JOB_ID.match(job):
             return Replay(d.id, "invalid", job, "job id not usable")
