@@ -119,8 +119,10 @@ def run_demo(model: str, n_jobs: int, engine: str, console: Console) -> int:
         elapsed = time.perf_counter() - t0
         results = [client.result(i) for i in ids]
         tokens = sum(res.usage.completion_tokens for res in results if res)
-        table = Table("job", "status", "tokens")
-        table.add_column("text", no_wrap=True, overflow="ellipsis")
+        table = Table()
+        for col in ("job", "status", "tokens"):
+            table.add_column(col, no_wrap=True)
+        table.add_column("text", no_wrap=True, overflow="ellipsis", max_width=44)
         for res in results[:5]:
             if res:
                 table.add_row(res.id[:8], res.status.value, str(res.usage.completion_tokens),
