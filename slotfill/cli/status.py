@@ -100,7 +100,8 @@ def render(snaps: list[QueueSnapshot], now: float | None = None) -> Group:
 
 def _table(title: str, *columns: str) -> Table:
     """Names and the model fold; numbers never wrap."""
-    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+              collapse_padding=True)
     for i, col in enumerate(columns):
         text = i == 0 or col in ("queue", "model", "state")
         t.add_column(col, justify="left" if text else "right", overflow="fold",
