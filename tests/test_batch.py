@@ -37,13 +37,14 @@ def write_input(path: Path, n: int, seed: int = 0, extras: bool = True) -> list[
     lines = []
     for i in range(n):
         if i % 3 == 0:
-            body = {"model": "tiny", "messages": [
-                {"role": "system", "content": "be brief"},
-                {"role": "user", "content": [{"type": "text", "text": f"hi {i}"}]}],
+            # OpenAI's newer `developer` role and a participant `name` are accepted.
+            body = {"model": "gpt-4o-mini", "messages": [
+                {"role": "developer" if i % 2 else "system", "content": "be brief"},
+                {"role": "user", "name": "ann", "content": [{"type": "text", "text": f"hi {i}"}]}],
                 "max_completion_tokens": rng.randint(3, 12)}
             url = "/v1/chat/completions"
         else:
-            body = {"model": "tiny", "prompt": f"say {i}", "max_tokens": rng.randint(3, 12),
+            body = {"model": "gpt-4o-mini", "prompt": f"say {i}", "max_tokens": rng.randint(3, 12),
                     "temperature": 0.5}
             url = "/v1/completions"
         lines.append({"custom_id": f"req-{i}", "method": "POST", "url": url, "body": body})
@@ -77,6 +78,9 @@ def test_batch_file_round_trip(redis_server: RedisServer, r: redis.Redis, queue:
     chat = by_id["req-0"]["response"]
     assert isinstance(chat, dict) and chat["status_code"] == 200
     assert chat["body"]["object"] == "chat.completion"
+    # The model that ran (the sim worker serves the generated tiny model), not the one asked.
+    assert {x["response"]["body"]["model"] for x in ok} == {"tiny"}  # type: ignore[index]
+    assert by_id["req-3"]["response"]["status_code"] == 200  # type: ignore[index]
     assert chat["body"]["choices"][0]["message"]["role"] == "assistant"
     assert chat["body"]["usage"]["completion_tokens"] > 0
     comp = by_id["req-1"]["response"]

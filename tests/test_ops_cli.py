@@ -123,12 +123,17 @@ def test_dlq_list_show_replay(redis_server: RedisServer, r: redis.Redis, client:
         code, out = cli(redis_server.url, "dlq", "replay", job_id, "--queue", queue)
         assert code == 1 and "missing" in out  # no longer dead-lettered
 
+        # The malformed entry is refused: as a job it could only fail again (undecodable).
         code, out = cli(redis_server.url, "dlq", "replay", "--all", "--queue", queue)
-        assert code == 0 and "1 replayed" in out  # the malformed entry, under a new job id
-        assert r.xlen(keys.dead_letter) == 0
-        assert int(r.hget(keys.stats, "dead_replayed") or 0) == 2
+        assert code == 1 and "invalid" in out and "not a job request" in out, out
+        assert "0 replayed, 1 not" in out
+        assert r.xlen(keys.dead_letter) == 1
+        assert int(r.hget(keys.stats, "dead_replayed") or 0) == 1
     finally:
         w.stop()
+
+
+BODY = json.dumps({"prompt": "x"})
 
 
 def test_replay_refuses_active_jobs_and_full_queues(r: redis.Redis, redis_server: RedisServer,
@@ -138,14 +143,14 @@ def test_replay_refuses_active_jobs_and_full_queues(r: redis.Redis, redis_server
     queued = c.submit(prompt="still queued")
     stream = keys.stream("normal")
     dead = r.xadd(keys.dead_letter, {"stream": stream, "entry": "1-1", "reason": "poisoned",
-                                     "deliveries": 4, "job": queued.id, "body": "{}",
+                                     "deliveries": 4, "job": queued.id, "body": BODY,
                                      "at": time.time()}).decode()
     dl = DeadLetters(r, queue, max_pending=1)
     letter = dl.get(dead)
     assert letter is not None
     assert dl.replay(letter).outcome == "active"  # never two entries for one job
     other = r.xadd(keys.dead_letter, {"stream": stream, "entry": "1-2", "reason": "poisoned",
-                                      "deliveries": 4, "job": "f" * 32, "body": "{}",
+                                      "deliveries": 4, "job": "f" * 32, "body": BODY,
                                       "at": time.time()}).decode()
     letter = dl.get(other)
     assert letter is not None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -20,7 +21,7 @@ from worker import upkeep
 from worker.engines.base import Engine
 from worker.feeder import Feeder
 from worker.ops import install as install_ops
-from worker.settings import WorkerSettings
+from worker.settings import TINY_ENGINE, WorkerSettings, apply_engine_defaults
 from worker.step_log import StepLog
 from worker.store import WorkerStore
 
@@ -39,6 +40,7 @@ def build_engine(settings: WorkerSettings) -> Engine:
     if settings.engine == "sim":
         from worker.engines.sim import SimEngine
 
+        apply_engine_defaults(settings, TINY_ENGINE)
         return SimEngine(settings.max_num_seqs, settings.sim_step_ms, settings.max_model_len,
                          settings.max_num_batched_tokens)
     from worker.engines.vllm import VllmEngine
@@ -49,6 +51,8 @@ def build_engine(settings: WorkerSettings) -> Engine:
 
         model = str(make_tiny_model(default_model_dir()))
         settings.load_format = "dummy"
+        apply_engine_defaults(settings, TINY_ENGINE)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     return VllmEngine(settings, model)
 
 
@@ -69,7 +73,8 @@ def _duties(feeder: Feeder, store: WorkerStore, settings: WorkerSettings
     """The worker's long-running tasks, each given what it reads and whom it tells."""
     lease = settings.lease_seconds
     view = upkeep.WorkerView(feeder.engine.stats, feeder.state, feeder.counters,
-                             feeder.holdings, feeder.capacity, feeder.engine.slots)
+                             feeder.holdings, feeder.capacity, feeder.engine.slots,
+                             feeder.engine.max_model_len)
     return {
         "pull": feeder.run,
         "leases": lambda: upkeep.renew_leases(store, feeder.holdings, feeder.lease_report, lease),
