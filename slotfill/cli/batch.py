@@ -11,9 +11,8 @@ the worker) and an OpenAI error object as body, or ``response: null`` and
 Resumable: run the same command again after an interrupt (Ctrl-C, kill -9, a crash). Each
 line's job is submitted with the idempotency key ``batch:<batch id>:<hash of custom_id>`` and
 recorded in the batch's ``custom_id → job id`` hash, so a line is never submitted twice;
-lines already in the output files are skipped, a torn last line is cut, every other line
-gets its result written. The batch id defaults to a hash of the input file's content.
-"""
+lines already in the output files are skipped, a torn last line is cut, every other line gets
+its result written; the batch id defaults to a hash of the input file's content."""
 
 from __future__ import annotations
 
