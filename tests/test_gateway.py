@@ -4,62 +4,22 @@ chat and completions, sync and async, streaming, models, and a client that disco
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import openai
-import pytest
 import redis
 
 from producer import Client, ClientSettings, JobStatus
-from slotfill.gateway.settings import hash_key
-from slotfill.testing.fleet import WorkerProcess
 from slotfill.testing.redis_server import RedisServer
-from tests.gateway_kit import GatewayThread
 
-QUEUE = "gw-main"
-KEY = "sk-test-main-0123456789"
-OTHER_KEY = "sk-test-other-0123456789"
-OTHER_QUEUE = "gw-other"
+if TYPE_CHECKING:
+    from tests.gateway_kit import GatewayThread
 
-
-@pytest.fixture(scope="module")
-def worker(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
-           ) -> Iterator[WorkerProcess]:
-    d = tmp_path_factory.mktemp("gw-worker")
-    w = WorkerProcess(redis_server.url, "gw-sim", d / "w.log", queue=QUEUE, engine="sim",
-                      model="sim-model", sim_step_ms=3, max_num_seqs=16, headroom=4,
-                      stream_interval_ms=10, heartbeat_seconds=0.5,
-                      max_model_len=8192).start()
-    try:
-        w.wait_ready(60)
-        yield w
-    finally:
-        w.stop(20)
-
-
-def api_keys() -> list[dict[str, str]]:
-    return [{"sha256": hash_key(KEY), "name": "main", "queue": QUEUE},
-            {"sha256": hash_key(OTHER_KEY), "name": "other", "queue": OTHER_QUEUE,
-             "priority": "high"}]
-
-
-@pytest.fixture(scope="module")
-def gw(redis_server: RedisServer, worker: WorkerProcess) -> Iterator[GatewayThread]:
-    g = GatewayThread(redis_server.url, QUEUE, api_keys=api_keys(),
-                      batch_pump_seconds=0.2).start()
-    yield g
-    g.stop()
-
-
-@pytest.fixture
-def oai(gw: GatewayThread) -> Iterator[openai.OpenAI]:
-    c = openai.OpenAI(base_url=gw.url, api_key=KEY, max_retries=0, timeout=20)
-    yield c
-    c.close()
+pytest_plugins = ["tests.gateway_kit"]
 
 
 def test_chat_completion_waits_for_the_job_and_answers_openai_shaped(
-        oai: openai.OpenAI, redis_server: RedisServer) -> None:
+        oai: openai.OpenAI, gw: GatewayThread, redis_server: RedisServer) -> None:
     out = oai.chat.completions.create(model="sim-model", max_tokens=12,
                                       messages=[{"role": "user", "content": "hi"}])
     assert out.object == "chat.completion" and out.model == "sim-model"
@@ -67,24 +27,24 @@ def test_chat_completion_waits_for_the_job_and_answers_openai_shaped(
     assert choice.finish_reason == "length" and choice.message.role == "assistant"
     assert out.usage is not None and out.usage.completion_tokens == 12
     job_id = out.id.removeprefix("chatcmpl-")
-    res = Client.from_url(redis_server.url, queue=QUEUE).result(job_id)
+    res = Client.from_url(redis_server.url, queue=gw.queue).result(job_id)
     assert res is not None and res.text == choice.message.content
 
 
 def test_completion_streams_chunks_that_add_up_to_the_result(
-        oai: openai.OpenAI, redis_server: RedisServer) -> None:
+        oai: openai.OpenAI, gw: GatewayThread, redis_server: RedisServer) -> None:
     chunks = list(oai.completions.create(model="sim-model", prompt="once", max_tokens=40,
                                          stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert chunks[-2].choices[0].finish_reason == "length"
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 40
     job_id = chunks[0].id.removeprefix("cmpl-")
-    res = Client.from_url(redis_server.url, queue=QUEUE).result(job_id)
+    res = Client.from_url(redis_server.url, queue=gw.queue).result(job_id)
     assert res is not None and res.text == text and len(chunks) > 3
 
 
 async def test_async_chat_stream(gw: GatewayThread) -> None:
-    async with openai.AsyncOpenAI(base_url=gw.url, api_key=KEY, max_retries=0) as c:
+    async with openai.AsyncOpenAI(base_url=gw.url, api_key=gw.key, max_retries=0) as c:
         stream = await c.chat.completions.create(
             model="sim-model", max_tokens=30, stream=True,
             messages=[{"role": "user", "content": "stream please"}])
@@ -100,19 +60,19 @@ async def test_async_chat_stream(gw: GatewayThread) -> None:
 def test_models_lists_what_live_workers_serve(oai: openai.OpenAI, gw: GatewayThread) -> None:
     assert [m.id for m in oai.models.list()] == ["sim-model"]
     assert oai.models.retrieve("sim-model").owned_by == "slotfill"
-    other = openai.OpenAI(base_url=gw.url, api_key=OTHER_KEY, max_retries=0)
+    other = openai.OpenAI(base_url=gw.url, api_key=gw.other_key, max_retries=0)
     assert list(other.models.list()) == []  # no worker on that key's queue
 
 
 def test_a_client_that_disconnects_mid_stream_cancels_its_job(
         gw: GatewayThread, r: redis.Redis) -> None:
-    c = openai.OpenAI(base_url=gw.url, api_key=KEY, max_retries=0)
+    c = openai.OpenAI(base_url=gw.url, api_key=gw.key, max_retries=0)
     stream = c.chat.completions.create(model="sim-model", max_tokens=5000, stream=True,
                                        messages=[{"role": "user", "content": "long"}])
     first = [next(stream) for _ in range(3)]
     job_id = first[0].id.removeprefix("chatcmpl-")
     stream.close()
-    client = Client(r, ClientSettings(queue=QUEUE))
+    client = Client(r, ClientSettings(queue=gw.queue))
     deadline = time.monotonic() + 10
     while client.status(job_id) is not JobStatus.cancelled:
         assert time.monotonic() < deadline, f"job {job_id} still {client.status(job_id)}"
