@@ -109,5 +109,7 @@ async def _pump_batches(gw: Gateway) -> None:
         await asyncio.sleep(gw.settings.batch_pump_seconds)
         try:
             await pump_active(gw)
-        except Exception:  # Redis down, a bad record: the next round tries again
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+            log.warning("batch pump: redis unreachable (%s)", e)  # the next round retries
+        except Exception:
             log.exception("batch pump")
