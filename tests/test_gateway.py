@@ -3,10 +3,17 @@ chat and completions, sync and async, streaming, models, and a client that disco
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx
 import openai
+import pytest
 import redis
 
 from producer import Client, ClientSettings, JobStatus
@@ -81,3 +88,36 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_job(
     assert res is not None and res.usage.completion_tokens < 5000
 
 
+
+
+def test_the_slotfill_gateway_command_serves_with_settings_from_the_environment(
+        gw: GatewayThread, redis_server: RedisServer, tmp_path: Path) -> None:
+    from tests.gateway_kit import api_keys, free_port
+
+    port = free_port()
+    env = {**os.environ, "SLOTFILL_REDIS_URL": redis_server.url,
+           "SLOTFILL_GATEWAY_API_KEYS": json.dumps(api_keys()), "SLOTFILL_GATEWAY_PORT": str(port)}
+    with open(tmp_path / "gateway.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "slotfill", "gateway"], env=env,
+                                stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        end = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, (tmp_path / "gateway.log").read_text()
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < end, (tmp_path / "gateway.log").read_text()
+            time.sleep(0.1)
+        c = openai.OpenAI(base_url=base + "/v1", api_key=gw.key, max_retries=0)
+        assert [m.id for m in c.models.list()] == ["sim-model"]
+        out = c.completions.create(model="sim-model", prompt="p", max_tokens=3)
+        assert out.usage is not None and out.usage.completion_tokens == 3
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=base + "/v1", api_key="nope", max_retries=0).models.list()
+    finally:
+        proc.terminate()
+        proc.wait(10)

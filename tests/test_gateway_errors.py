@@ -129,6 +129,7 @@ def test_redis_unreachable_is_503() -> None:
             c.chat.completions.create(model="m", messages=MSG)
         assert e.value.status_code == 503 and e.value.code == "redis_unavailable"
         assert e.value.response.headers["retry-after"] == "1"
+        assert httpx.get(g.url.removesuffix("/v1") + "/health").status_code == 503
     finally:
         g.stop()
 
@@ -141,6 +142,7 @@ def test_metrics_count_requests_by_route_and_status(oai: openai.OpenAI, gw: Gate
     assert 'route="/v1/completions",status="200"' in text
     assert 'route="/v1/files/{file_id}",status="404"' in text
     assert "slotfill_gateway_request_seconds_bucket" in text
+    assert httpx.get(gw.url.removesuffix("/v1") + "/health").json() == {"status": "ok"}
 
 
 def test_keys_are_stored_hashed() -> None:
