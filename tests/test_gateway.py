@@ -121,3 +121,24 @@ def test_the_slotfill_gateway_command_serves_with_settings_from_the_environment(
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_a_client_that_gives_up_waiting_cancels_its_job(gw: GatewayThread, r: redis.Redis) -> None:
+    client = Client(r, ClientSettings(queue=gw.queue))
+    before = set(_job_ids(r, gw.queue))
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(gw.url + "/completions", headers={"Authorization": f"Bearer {gw.key}"},
+                   json={"prompt": "long", "max_tokens": 5000}, timeout=0.5)
+    end = time.monotonic() + 10
+    while not (new := set(_job_ids(r, gw.queue)) - before):
+        assert time.monotonic() < end
+        time.sleep(0.02)
+    (job_id,) = new
+    while client.status(job_id) is not JobStatus.cancelled:
+        assert time.monotonic() < end, f"job {job_id} still {client.status(job_id)}"
+        time.sleep(0.05)
+
+
+def _job_ids(r: redis.Redis, queue: str) -> list[str]:
+    prefix = f"slotfill:{{{queue}}}:job:"
+    return [k.decode()[len(prefix):] for k in r.scan_iter(match=prefix + "*", count=1000)]

@@ -152,3 +152,14 @@ def test_keys_are_stored_hashed() -> None:
     assert s.api_keys[0].sha256 != "k1" and len(s.api_keys[0].sha256) == 64
     with pytest.raises(ValueError):
         GatewaySettings(api_keys=[{"sha256": "k1", "queue": "q1"}])  # type: ignore[list-item]
+
+
+def test_the_readme_documents_every_gateway_setting() -> None:
+    from pathlib import Path
+
+    from slotfill.gateway.settings import GatewaySettings
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    missing = [n for n in GatewaySettings.model_fields
+               if f"| `SLOTFILL_GATEWAY_{n.upper()}` |" not in readme]
+    assert not missing
