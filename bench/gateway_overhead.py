@@ -6,7 +6,9 @@ simulated-engine worker (many slots, short jobs, so the engine is not what limit
 ``AsyncClient.submit`` + ``wait`` (direct), then through the ``openai`` SDK's
 ``chat.completions.create`` against the gateway. Reported: jobs/s and end-to-end latency
 percentiles of each, and the difference (what the HTTP hop, the SDK and the gateway's own
-Redis calls add). Standalone: not part of ``python -m bench``.
+Redis calls add), and the gateway process's CPU per request (psutil): on a machine with cores
+to spare, that figure says how many requests one gateway process serves. Standalone: not
+part of ``python -m bench``.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil  # type: ignore[import-untyped]
 
 from producer import AsyncClient
 from slotfill.testing.fleet import WorkerProcess
@@ -55,8 +58,15 @@ def pct(xs: list[float], q: float) -> float:
         else xs[0]
 
 
+def cpu_s(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return float(t.user + t.system)
+
+
 async def measure(redis_url: str, base_url: str, jobs: int, concurrency: int,
-                  max_tokens: int) -> dict[str, tuple[float, list[float]]]:
+                  max_tokens: int, gateway: psutil.Process
+                  ) -> dict[str, tuple[float, list[float], float]]:
+    """Per path: jobs/s, latencies, and the gateway process's CPU seconds per request."""
     direct = AsyncClient.from_url(redis_url, queue=QUEUE)
     sdk = openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0)
     # The raw HTTP path separates the gateway's own cost from the SDK's (both run here).
@@ -82,7 +92,11 @@ async def measure(redis_url: str, base_url: str, jobs: int, concurrency: int,
     warm = max(10, concurrency)
     for one in paths.values():
         await _run(warm, concurrency, one)
-    out = {name: await _run(jobs, concurrency, one) for name, one in paths.items()}
+    out = {}
+    for name, one in paths.items():
+        before = cpu_s(gateway)
+        rate, lat = await _run(jobs, concurrency, one)
+        out[name] = (rate, lat, (cpu_s(gateway) - before) / jobs)
     await sdk.close()
     await http.aclose()
     await direct.close()
@@ -125,19 +139,20 @@ def main() -> None:
         try:
             worker.wait_ready(60)
             print(f"{args.jobs} jobs of {args.max_tokens} tokens, sim step {args.step_ms} ms")
-            print("| concurrency | path | jobs/s | p50 ms | p99 ms |")
-            print("|---|---|---|---|---|")
+            print("| concurrency | path | jobs/s | p50 ms | p99 ms | gateway CPU ms/request |")
+            print("|---|---|---|---|---|---|")
             for conc in (int(c) for c in args.concurrency.split(",")):
                 got = asyncio.run(measure(server.url, f"http://127.0.0.1:{port}/v1",
-                                          args.jobs, conc, args.max_tokens))
-                for path, (rate, lat) in got.items():
+                                          args.jobs, conc, args.max_tokens,
+                                          psutil.Process(gateway.pid)))
+                for path, (rate, lat, cpu) in got.items():
                     print(f"| {conc} | {path} | {rate:.0f} | {1000 * pct(lat, 50):.1f} | "
-                          f"{1000 * pct(lat, 99):.1f} |")
+                          f"{1000 * pct(lat, 99):.1f} | {1000 * cpu:.2f} |")
                 a = got["client"][1]
                 for path in ("gateway, httpx", "gateway, openai SDK"):
                     b = got[path][1]
                     print(f"| {conc} | added: {path} | | {1000 * (pct(b, 50) - pct(a, 50)):+.1f} "
-                          f"| {1000 * (pct(b, 99) - pct(a, 99)):+.1f} |")
+                          f"| {1000 * (pct(b, 99) - pct(a, 99)):+.1f} | |")
         finally:
             gateway.terminate()
             gateway.wait(10)
