@@ -27,8 +27,8 @@ pytest_plugins = ["tests.gateway_kit"]
 
 def test_chat_completion_waits_for_the_job_and_answers_openai_shaped(
         oai: openai.OpenAI, gw: GatewayThread, redis_server: RedisServer) -> None:
-    out = oai.chat.completions.create(model="sim-model", max_tokens=12,
-                                      messages=[{"role": "user", "content": "hi"}])
+    out = oai.chat.completions.create(model="sim-model", max_tokens=12, messages=[
+        {"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}])
     assert out.object == "chat.completion" and out.model == "sim-model"
     choice = out.choices[0]
     assert choice.finish_reason == "length" and choice.message.role == "assistant"

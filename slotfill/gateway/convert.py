@@ -34,6 +34,10 @@ def job_request(url: str, body: dict[str, Any], priority: Priority) -> JobReques
     stream_options = body.get("stream_options")
     if stream_options is not None and not isinstance(stream_options, dict):
         raise bad_request("stream_options must be an object", param="stream_options")
+    if url == CHAT and isinstance(b.get("messages"), list):
+        # OpenAI's newer name for the system role.
+        b["messages"] = [{**m, "role": "system"} if isinstance(m, dict)
+                         and m.get("role") == "developer" else m for m in b["messages"]]
     try:
         req = to_request(url, b, priority)
     except InvalidRequest as e:
