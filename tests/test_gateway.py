@@ -86,6 +86,9 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_job(
         time.sleep(0.05)
     res = client.result(job_id)
     assert res is not None and res.usage.completion_tokens < 5000
+    metrics = httpx.get(gw.url.removesuffix("/v1") + "/metrics").text
+    assert any(line.startswith("slotfill_gateway_jobs_abandoned_total") and float(line.split()[-1]) >= 1
+               for line in metrics.splitlines())
 
 
 

@@ -34,6 +34,7 @@ def create_app(settings: GatewaySettings | None = None,
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         gw = Gateway.connect(settings, client_settings)
+        gw.on_abandon = metrics.abandoned.inc
         app.state.gateway = gw
         pump = asyncio.create_task(_pump_batches(gw))
         try:

@@ -90,7 +90,7 @@ async def _stream(gw: Gateway, who: Tenant, job_id: str, url: str,
                              "cancelled", "server_error", "timeout"))
     finally:
         if not finished:
-            gw.spawn(gw.client.cancel(job_id, queue=who.queue))
+            gw.abandon(job_id, who.queue)
 
 
 @router.get("/v1/models")

@@ -48,4 +48,4 @@ async def wait(gw: Gateway, who: Tenant, job: Job, request: Request) -> JobResul
                     raise APIError(499, "client disconnected", code="client_closed") from None
     finally:
         if not done:
-            gw.spawn(gw.client.cancel(job.id, queue=who.queue))
+            gw.abandon(job.id, who.queue)

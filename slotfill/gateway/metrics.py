@@ -21,9 +21,9 @@ class Metrics:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300))
         self.in_flight = Gauge("slotfill_gateway_in_flight", "requests being answered",
                                registry=self.registry)
-        self.cancelled = Counter("slotfill_gateway_client_disconnects",
-                                 "requests whose client left before the end (job cancelled)",
-                                 registry=self.registry)
+        self.abandoned = Counter("slotfill_gateway_jobs_abandoned",
+                                 "jobs cancelled because their client left or their request "
+                                 "timed out", registry=self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -133,7 +133,7 @@ async def _events(gw: Gateway, who: Tenant, job_id: str, meta: dict[str, Any], a
                               param=None))
     finally:
         if cancel_on_exit and not finished:
-            gw.spawn(gw.client.cancel(job_id, queue=who.queue))
+            gw.abandon(job_id, who.queue)
 
 
 def _frame(event: dict[str, Any]) -> bytes:

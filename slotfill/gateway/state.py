@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +39,8 @@ class Gateway:
     client_settings: ClientSettings
     redis: aioredis.Redis
     client: AsyncClient = field(init=False)
+    on_abandon: Callable[[], None] = lambda: None
+    """Called for each job cancelled because its client left or timed out (a metric)."""
     _background: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -60,6 +62,11 @@ class Gateway:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def abandon(self, job_id: str, queue: str) -> None:
+        """Cancel a job nobody will read (its client left, or its request timed out)."""
+        self.on_abandon()
+        self.spawn(self.client.cancel(job_id, queue=queue))
 
     def tenant_for(self, authorization: str | None) -> Tenant:
         if not self.settings.api_keys:
