@@ -131,6 +131,9 @@ def _register_commands() -> None:
     app.command(name="status")(status)
     app.add_typer(dlq_app, name="dlq")
     app.add_typer(batch_app, name="batch")
+    from slotfill.gateway.command import gateway_cmd
+
+    app.command(name="gateway")(gateway_cmd)
 
 
 _register_commands()
