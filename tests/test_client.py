@@ -53,7 +53,8 @@ def test_idempotency_key_returns_the_same_job(fake_client: Client) -> None:
 
 
 def test_queue_full_refuses_and_trims_nothing(fake_r: redis.Redis, queue: str) -> None:
-    c = Client(fake_r, ClientSettings(queue=queue, max_pending=5))
+    c = Client(fake_r, ClientSettings(queue=queue))
+    c.configure_queue(max_pending=5)  # the cap lives in Redis, not in the caller
     ids = [c.submit(prompt=f"p{i}").id for i in range(5)]
     with pytest.raises(QueueFull) as e:
         c.submit(prompt="one too many")

@@ -237,7 +237,8 @@ def test_an_idempotent_submit_runs_once(redis_server: RedisServer, client: Clien
 def test_overload_at_twice_the_cap_refuses_at_submit_and_drops_nothing(
         redis_server: RedisServer, r: redis.Redis, queue: str, tmp_path: Path) -> None:
     cap = 24
-    c = Client.from_url(redis_server.url, queue=queue, max_pending=cap)
+    c = Client.from_url(redis_server.url, queue=queue)
+    c.configure_queue(max_pending=cap)
     keys = QueueKeys.for_queue(queue)
     peak = {"n": 0}
     stop = threading.Event()

@@ -139,13 +139,14 @@ BODY = json.dumps({"prompt": "x"})
 def test_replay_refuses_active_jobs_and_full_queues(r: redis.Redis, redis_server: RedisServer,
                                                     queue: str) -> None:
     keys = QueueKeys.for_queue(queue)
-    c = Client.from_url(redis_server.url, queue=queue, max_pending=1)
+    c = Client.from_url(redis_server.url, queue=queue)
+    c.configure_queue(max_pending=1)
     queued = c.submit(prompt="still queued")
     stream = keys.stream("normal")
     dead = r.xadd(keys.dead_letter, {"stream": stream, "entry": "1-1", "reason": "poisoned",
                                      "deliveries": 4, "job": queued.id, "body": BODY,
                                      "at": time.time()}).decode()
-    dl = DeadLetters(r, queue, max_pending=1)
+    dl = DeadLetters(r, queue)
     letter = dl.get(dead)
     assert letter is not None
     assert dl.replay(letter).outcome == "active"  # never two entries for one job

@@ -152,7 +152,7 @@ def test_a_stale_attempt_cannot_write(fake_r: redis.Redis, fake_client: Client,
 
     def write(attempt: int, text: str) -> int:
         return int(append(keys=[keys.job(job.id), keys.tokens(job.id)],
-                          args=[attempt, 100, 60, "w", text, "", 0]))
+                          args=[attempt, 100, 60, "w", text, "", 0, 0, 1]))
 
     assert write(1, "old") == 0
     assert write(2, "new") == 1

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import signal
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -94,6 +95,8 @@ async def serve(settings: WorkerSettings, engine: Engine | None = None) -> int:
     client = aioredis.Redis.from_url(settings.redis_url)
     store = WorkerStore(client, settings.queue, settings.consumer)
     await store.ensure_groups()
+    await store.seed_config(settings.max_pending)
+    await store.sync_clock()
     feeder = Feeder(engine, store, settings)
     step_log = None
     if settings.step_log:
@@ -119,7 +122,9 @@ async def serve(settings: WorkerSettings, engine: Engine | None = None) -> int:
         # The feeder's crash report has already said which jobs it handed back.
         log.error("engine dead: %s; exiting for the supervisor to restart us", feeder.fatal)
         code = EXIT_ENGINE_DEAD
+        _exit_backstop(loop, code, EXIT_SLACK_S)
     else:
+        _exit_backstop(loop, code, settings.grace_seconds + EXIT_SLACK_S)
         handed_back = await feeder.drain(settings.grace_seconds)
         log.info("drained; %d unfinished jobs handed back for reclaim", handed_back)
     for t in (*tasks.values(), stopper, dead):
@@ -135,6 +140,30 @@ async def serve(settings: WorkerSettings, engine: Engine | None = None) -> int:
     if step_log is not None:
         step_log.close()
     return code
+
+
+EXIT_SLACK_S = 30.0
+"""Longest a worker that decided to exit may take beyond its drain (closing the engine,
+ending threads) before the process ends regardless."""
+
+
+def _exit_backstop(loop: asyncio.AbstractEventLoop, code: int, after_s: float) -> None:
+    """The worker has decided to exit: make sure it does. From now on SIGTERM and SIGINT end
+    the process at once (the default action), and past ``after_s`` it ends with ``code``
+    whatever hangs on the way out (an engine that will not close, a thread that will not
+    end). Nothing is lost either way: whatever it held stays pending for its peers."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_DFL)
+    timer = threading.Timer(after_s, _hard_exit, (code, after_s))
+    timer.daemon = True
+    timer.start()
+
+
+def _hard_exit(code: int, after_s: float) -> None:
+    log.error("still not exited %.0fs after deciding to; ending the process", after_s)
+    logging.shutdown()
+    os._exit(code)
 
 
 def run_worker(settings: WorkerSettings) -> int:

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from producer.errors import InvalidRequest, PayloadTooLarge
 from producer.keys import Priority
-from producer.schema import JobRequest, JobResult, JobStatus, dump
+from producer.schema import JobRequest, JobResult, JobStatus, dump, request_from_data
 
 URLS = {"/v1/completions": "text_completion", "/v1/chat/completions": "chat.completion"}
 
@@ -64,11 +64,13 @@ def to_request(url: str, body: dict[str, Any], priority: Priority) -> JobRequest
             b["messages"] = [_flatten_message(m) for m in msgs]
     b.setdefault("priority", priority.value)
     try:
-        return JobRequest.model_validate(b)
+        return request_from_data(b)  # strict: JSON's own types, as the wire takes them
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "body"
         raise InvalidRequest(f"{where}: {err['msg']}") from None
+    except ValueError as e:
+        raise InvalidRequest(str(e)) from None
 
 
 def _flatten_message(m: Any) -> Any:

@@ -208,10 +208,9 @@ class Replay:
 class DeadLetters:
     """The dead-letter stream of one queue: list, show, replay."""
 
-    def __init__(self, r: redis.Redis, queue: str, max_pending: int = 100_000) -> None:
+    def __init__(self, r: redis.Redis, queue: str) -> None:
         self.r = r
         self.keys = QueueKeys.for_queue(queue)
-        self.max_pending = max_pending
         self._replay = r.register_script(source("replay_dead_letter"))
 
     def entries(self, limit: int = 100) -> list[DeadLetter]:
@@ -237,7 +236,7 @@ class DeadLetters:
         if not d.stream.startswith(self.keys.base + ":stream:"):
             return Replay(d.id, "invalid", d.job, f"stream {d.stream!r} is not this queue's")
         try:
-            priority = Priority(d.priority).value
+            Priority(d.priority)
         except ValueError:
             return Replay(d.id, "invalid", d.job, f"unknown stream {d.stream!r}")
         try:
@@ -252,8 +251,8 @@ class DeadLetters:
             return Replay(d.id, "invalid", job, "job id not usable")
         reply = self._replay(
             keys=[self.keys.dead_letter, self.keys.job(job), self.keys.done(job), d.stream,
-                  self.keys.stats, *self.keys.streams, self.keys.tokens(job)],
-            args=[d.id, job, repr(time.time()), self.max_pending, priority],
+                  self.keys.stats, *self.keys.streams, self.keys.tokens(job), self.keys.config],
+            args=[d.id, job],
         )
         outcome, detail = _s(reply[0]), _s(reply[1])
         if outcome == "ok":
@@ -283,7 +282,7 @@ dlq_app = typer.Typer(help="The dead-letter stream: entries delivered too often 
 
 def _dlq(redis_url: str | None, queue: str | None) -> DeadLetters:
     r, settings = _connect(redis_url)
-    return DeadLetters(r, queue or settings.queue, settings.max_pending)
+    return DeadLetters(r, queue or settings.queue)
 
 
 @dlq_app.command("list")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import Callable
@@ -88,6 +89,17 @@ def _engine_input_builder() -> Any:
     except ImportError:
         return lambda ids: {"prompt_token_ids": ids}
     return tokens_input
+
+
+INLINE_TOKENIZE_CHARS = 16_384
+"""Prompts up to this many characters are tokenized on the event loop (well under a
+millisecond); longer ones on a thread."""
+
+
+def _prompt_chars(req: JobRequest) -> int:
+    if isinstance(req.prompt, str):
+        return len(req.prompt)
+    return sum(len(m.content) for m in req.messages or ())
 
 
 class _Accumulator:
@@ -192,6 +204,14 @@ class VllmEngine:
                  s.max_model_len, s.max_num_batched_tokens,
                  f", VLLM_CPU_KVCACHE_SPACE={kv} GiB" if kv else "")
 
+    async def _tokenize(self, req: JobRequest) -> list[int]:
+        """The prompt's token ids. A long prompt is tokenized on a thread: a 1 MB prompt took
+        ~1.8 s here, and on the event loop that starved lease renewal and heartbeats (live
+        jobs were reclaimed from their own worker)."""
+        if _prompt_chars(req) <= INLINE_TOKENIZE_CHARS:
+            return self._prompt_ids(req)
+        return await asyncio.to_thread(self._prompt_ids, req)
+
     def _prompt_ids(self, req: JobRequest) -> list[int]:
         if isinstance(req.prompt, list):
             return req.prompt
@@ -260,7 +280,7 @@ class VllmEngine:
                        on_delta: DeltaSink | None = None) -> Generation:
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        ids = self._prompt_ids(request)
+        ids = await self._tokenize(request)
         self._check_length(len(ids), request)
         params = self._sampling_params(request)
         if on_delta is not None:
