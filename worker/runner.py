@@ -89,8 +89,12 @@ def _duties(feeder: Feeder, store: WorkerStore, settings: WorkerSettings
     }
 
 
-async def serve(settings: WorkerSettings, engine: Engine | None = None) -> int:
-    """Run until SIGTERM/SIGINT (drain, exit 0) or engine death (exit 3)."""
+async def serve(settings: WorkerSettings, engine: Engine | None = None, *,
+                owns_process: bool = False) -> int:
+    """Run until SIGTERM/SIGINT (drain, exit 0) or engine death (exit 3). ``owns_process``:
+    this worker is the whole process (``slotfill worker``), so once it decides to exit it may
+    end the process by force (:func:`_exit_backstop`); a worker embedded in another program
+    (the in-process test kit) leaves the process alone."""
     engine = engine or build_engine(settings)
     client = aioredis.Redis.from_url(settings.redis_url)
     store = WorkerStore(client, settings.queue, settings.consumer)
@@ -122,9 +126,11 @@ async def serve(settings: WorkerSettings, engine: Engine | None = None) -> int:
         # The feeder's crash report has already said which jobs it handed back.
         log.error("engine dead: %s; exiting for the supervisor to restart us", feeder.fatal)
         code = EXIT_ENGINE_DEAD
-        _exit_backstop(loop, code, EXIT_SLACK_S)
+        if owns_process:
+            _exit_backstop(loop, code, EXIT_SLACK_S)
     else:
-        _exit_backstop(loop, code, settings.grace_seconds + EXIT_SLACK_S)
+        if owns_process:
+            _exit_backstop(loop, code, settings.grace_seconds + EXIT_SLACK_S)
         handed_back = await feeder.drain(settings.grace_seconds)
         log.info("drained; %d unfinished jobs handed back for reclaim", handed_back)
     for t in (*tasks.values(), stopper, dead):
@@ -170,7 +176,7 @@ def run_worker(settings: WorkerSettings) -> int:
     async def main() -> int:
         engine = build_engine(settings)
         try:
-            return await serve(settings, engine)
+            return await serve(settings, engine, owns_process=True)
         finally:
             engine.close()
 
