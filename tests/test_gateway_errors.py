@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from producer import Client
 from slotfill.gateway.settings import hash_key
 from slotfill.testing.redis_server import RedisServer
 
@@ -104,8 +105,10 @@ def test_a_full_queue_is_429_with_retry_after(redis_server: RedisServer) -> None
     from tests.gateway_kit import GatewayThread
 
     # No worker on this queue, room for one job: the second request finds the queue full.
-    g = GatewayThread(redis_server.url, "gw-full", client={"max_pending": 1},
-                      retry_after_seconds=3).start()
+    admin = Client.from_url(redis_server.url, queue="gw-full")
+    admin.configure_queue(max_pending=1)  # the cap lives in Redis (the queue's config)
+    admin.close()
+    g = GatewayThread(redis_server.url, "gw-full", retry_after_seconds=3).start()
     try:
         c = openai.OpenAI(base_url=g.url, api_key="unused", max_retries=0)
         first = c.responses.create(model="m", input="a", background=True)
