@@ -16,6 +16,7 @@ from rich.table import Table
 
 from producer import Client
 from producer.keys import QueueKeys
+from slotfill.cli.connect import EXIT_SETTINGS, CliError, ping
 from slotfill.testing.fleet import WorkerProcess
 from slotfill.testing.redis_server import RedisServer
 
@@ -82,9 +83,14 @@ def _wait_ready(w: WorkerProcess, console: Console, timeout: float = START_TIMEO
 def run_demo(model: str, n_jobs: int, engine: str, console: Console) -> int:
     with ExitStack() as stack:
         url = os.environ.get("SLOTFILL_REDIS_URL")
-        if not url:
+        if url:
+            ping(url)
+        else:
             console.print("starting a private redis-server ...")
-            server = stack.enter_context(RedisServer())
+            try:
+                server = stack.enter_context(RedisServer())
+            except RuntimeError as e:  # no redis-server binary, or it would not start
+                raise CliError(str(e), code=EXIT_SETTINGS) from None
             url = server.url
         workdir = Path(tempfile.mkdtemp(prefix="slotfill-demo-"))
         queue = f"demo-{os.getpid()}"
