@@ -28,7 +28,7 @@ def flat(**over: Any) -> list[Any]:
 
 def claim(disposition: Disposition = Disposition.run, body: str = '{"prompt": "hi"}'
           ) -> ClaimedJob:
-    return ClaimedJob("s", "1-0", "j1", body, 1, 4, disposition, time.time() - 1)
+    return ClaimedJob("slotfill:{q}:stream:normal", "1-0", "j1", body, 1, 4, disposition, time.time() - 1)
 
 
 def test_a_claim_is_decoded_from_field_value_pairs_into_a_frozen_record() -> None:
@@ -57,15 +57,15 @@ def result(o: Outcome | JobRequest) -> dict[str, Any]:
 
 def test_triage_ends_jobs_that_need_no_engine() -> None:
     t0 = time.time()
-    o = triage(claim(Disposition.malformed), SETTINGS, t0)
+    o = triage(claim(Disposition.malformed), SETTINGS, t0, t0)
     assert o == Outcome(None, "", "malformed entry: no job id")
     for d, status in ((Disposition.cancelled, JobStatus.cancelled),
                       (Disposition.expired, JobStatus.expired)):
-        o = triage(claim(d), SETTINGS, t0)
+        o = triage(claim(d), SETTINGS, t0, t0)
         assert isinstance(o, Outcome) and o.status is status and not o.dead_reason
         assert result(o)["error"]["code"] == status.value
         assert result(o)["timings"].get("started_at") is None  # it never started
-    o = triage(claim(Disposition.poisoned), SETTINGS, t0)
+    o = triage(claim(Disposition.poisoned), SETTINGS, t0, t0)
     assert isinstance(o, Outcome) and o.status is JobStatus.failed
     assert o.dead_reason == "poisoned" and result(o)["error"]["code"] == "poisoned"
     assert "delivery 4" in result(o)["error"]["message"]
@@ -75,10 +75,10 @@ def test_triage_checks_the_body_before_the_engine() -> None:
     t0 = time.time()
     for body, code in (("x" * 2000, "payload_too_large"), ("{not json", "undecodable"),
                        ('{"prompt": 5}', "invalid_request")):
-        o = triage(claim(body=body), SETTINGS, t0)
+        o = triage(claim(body=body), SETTINGS, t0, t0)
         assert isinstance(o, Outcome) and o.status is JobStatus.failed, body
         assert result(o)["error"]["code"] == code and result(o)["timings"]["started_at"] == t0
-    o = triage(claim(body='{"prompt": "a", "deadline": 1.0}'), SETTINGS, t0)
+    o = triage(claim(body='{"prompt": "a", "deadline": 1.0}'), SETTINGS, t0, t0)
     assert isinstance(o, Outcome) and o.status is JobStatus.expired
-    req = triage(claim(Disposition.run_alone), SETTINGS, t0)
+    req = triage(claim(Disposition.run_alone), SETTINGS, t0, t0)
     assert isinstance(req, JobRequest) and req.prompt == "hi"

@@ -68,6 +68,12 @@ def _s(x: Any) -> str:
     return x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x)
 
 
+def _body(x: Any) -> str:
+    # A body that is not UTF-8 keeps its bytes (surrogate-escaped): its job fails as
+    # ``undecodable`` instead of running on replacement characters.
+    return x.decode("utf-8", "surrogateescape") if isinstance(x, bytes) else str(x)
+
+
 def decode_one(flat: list[Any]) -> ClaimedJob:
     if len(flat) % 2:
         raise ClaimError(f"odd field/value list of {len(flat)} items")
@@ -75,7 +81,7 @@ def decode_one(flat: list[Any]) -> ClaimedJob:
     try:
         return ClaimedJob(
             stream=_s(f["stream"]), entry=_s(f["entry"]), job_id=_s(f["job"]),
-            body=_s(f["body"]), attempts=int(f["attempts"]), deliveries=int(f["deliveries"]),
+            body=_body(f["body"]), attempts=int(f["attempts"]), deliveries=int(f["deliveries"]),
             disposition=Disposition(_s(f["disposition"])), queued_at=float(f["queued_at"]))
     except KeyError as e:
         raise ClaimError(f"claim without field {e.args[0]!r}: {sorted(f)}") from None

@@ -118,10 +118,15 @@ class Feeder:
             await self.dead.wait()  # the crash report is written before the worker exits
 
     async def _reclaim(self) -> bool:
-        """One reclaim sweep; True when it took something over."""
+        """One reclaim sweep; True when it took something over. Our own entries are renewed
+        first, in the same turn of the loop: however long this worker (or Redis) stalled,
+        the sweep never finds a job that runs here idle and takes it from itself."""
         self.reclaim_due = False
         self.state.reading = True
         try:
+            held = self.holdings.rows()
+            if held:
+                self.lease_report(held, await self.store.renew_leases(held))
             rows = await self.store.reclaim_jobs(
                 self.free(), self.settings.lease_seconds, self.settings.max_deliveries,
                 solo_allowed=True, forget_after_s=FORGET_CONSUMERS_AFTER_S)
@@ -262,8 +267,9 @@ class Feeder:
             elif code == "lost":
                 self.counters.leases_lost += 1
                 self.holdings.take_waiting(row.key)  # a peer runs it now
+                self.tasks.lose(row.key)
                 log.warning("job %s: lease lost to a peer (this worker was too slow to "
-                            "renew); the first result wins", row.job_id)
+                            "renew); stopped here, the peer's attempt publishes", row.job_id)
 
     # -- death and drain ----------------------------------------------------------------------
 

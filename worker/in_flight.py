@@ -24,6 +24,8 @@ class InFlight:
     deadline_handle: asyncio.TimerHandle | None = None
     publishing: bool = False
     """Out of the engine, result not yet written: holds no engine capacity."""
+    lost: bool = False
+    """A peer took the job over (this worker's lease lapsed): it publishes nothing."""
 
 
 class Holdings:

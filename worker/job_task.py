@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -41,8 +40,10 @@ Published = Callable[[ClaimedJob, str, str], None]
 callbacks, job log lines). Must not block: schedule I/O as a task."""
 
 
-def triage(row: ClaimedJob, s: WorkerSettings, started_at: float) -> Outcome | JobRequest:
-    """The job's outcome when it needs no engine, else its request."""
+def triage(row: ClaimedJob, s: WorkerSettings, started_at: float,
+           now: float) -> Outcome | JobRequest:
+    """The job's outcome when it needs no engine, else its request. ``now``: Redis' clock,
+    the one deadlines are on."""
     before_start = results.timings(row.queued_at, None)
     d = row.disposition
     if d is Disposition.malformed:
@@ -69,7 +70,7 @@ def triage(row: ClaimedJob, s: WorkerSettings, started_at: float) -> Outcome | J
     except InvalidRequest as e:
         return results.failure(row, e.code, str(e), s.consumer,
                                results.timings(row.queued_at, started_at))
-    if req.deadline is not None and req.deadline <= time.time():
+    if req.deadline is not None and req.deadline <= now:
         # A plain XADD carries its deadline in the body only.
         return results.failure(row, "expired", "deadline passed before start", s.consumer,
                                before_start, JobStatus.expired)
@@ -122,7 +123,7 @@ class JobTasks:
 
     async def _outcome(self, row: ClaimedJob, flight: InFlight) -> Outcome | None:
         """How the job ends; None when this worker's own shutdown aborted it."""
-        req = triage(row, self.settings, flight.started_at)
+        req = triage(row, self.settings, flight.started_at, self.store.now())
         if isinstance(req, Outcome):
             return req
         s, t0 = self.settings, row.queued_at
@@ -135,8 +136,10 @@ class JobTasks:
         except _EngineError as e:
             return results.failure(row, ErrorCode.engine_error, str(e), s.consumer,
                                    results.timings(t0, flight.started_at), retryable=True)
-        if self.dying() or (gen.aborted and flight.abort_reason is None):
-            return None  # aborted by our own shutdown: leave the entry for a peer
+        if self.dying() or flight.lost or (gen.aborted and flight.abort_reason is None):
+            # Aborted by our own shutdown (the entry stays for a peer), or a peer owns the job
+            # now: only the current attempt publishes, the one its token stream shows.
+            return None
         self.counters.output_tokens += gen.completion_tokens
         return results.from_generation(
             row, gen, flight.abort_reason or JobStatus.succeeded, s.consumer,
@@ -167,7 +170,7 @@ class JobTasks:
         if req.deadline is None:
             return
         loop = asyncio.get_running_loop()
-        delay = max(0.0, req.deadline - time.time())
+        delay = max(0.0, req.deadline - self.store.now())
         flight.deadline_handle = loop.call_later(delay, self.abort, flight.row.key,
                                                  JobStatus.expired)
 
@@ -178,6 +181,17 @@ class JobTasks:
             return
         flight.abort_reason = reason
         self.background(self.engine.abort(flight.row.job_id))
+
+    def lose(self, key: str) -> None:
+        """A peer took the job over (our lease lapsed): stop it here and publish nothing."""
+        flight = self.holdings.get(key)
+        if flight is None or flight.lost:
+            return
+        flight.lost = True
+        self.streamer.discard(key)
+        if not flight.publishing and flight.abort_reason is None:
+            flight.abort_reason = JobStatus.cancelled
+            self.background(self.engine.abort(flight.row.job_id))
 
     def background(self, coro: Any) -> None:
         """Run ``coro`` as a task kept alive until it ends."""

@@ -8,7 +8,15 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 
 from producer.errors import ErrorCode, InvalidRequest
-from producer.schema import JobError, JobRequest, JobResult, JobStatus, Timings, dump
+from producer.schema import (
+    JobError,
+    JobRequest,
+    JobResult,
+    JobStatus,
+    Timings,
+    dump,
+    parse_request_json,
+)
 from worker.claim import ClaimedJob
 from worker.engines.base import Generation
 
@@ -27,15 +35,26 @@ class Outcome:
 
 def parse_request(row: ClaimedJob) -> JobRequest:
     """The row's body as a request; InvalidRequest (code ``undecodable`` or
-    ``invalid_request``) when it is not one."""
+    ``invalid_request``) when it is not one: not UTF-8, not JSON, a JSON type that is not
+    the field's (``"10"`` for 10: no coercion), or a ``priority`` that is not its stream's."""
     try:
-        return JobRequest.model_validate_json(row.body)
+        raw = row.body.encode("utf-8")  # a body that was not UTF-8 kept its bytes escaped
+    except UnicodeEncodeError:
+        raise InvalidRequest("body: not UTF-8", ErrorCode.undecodable) from None
+    try:
+        req = parse_request_json(raw)
     except ValidationError as e:
         undecodable = any(err["type"] in ("json_invalid", "json_type") for err in e.errors())
         code = ErrorCode.undecodable if undecodable else ErrorCode.invalid_request
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
         raise InvalidRequest(f"{where}: {first['msg']}", code) from None
+    if not row.stream.endswith(f":stream:{req.priority.value}"):
+        # Workers drain high first; a body that claims another level than its stream's
+        # would be ordered by one and reported by the other.
+        raise InvalidRequest(f"priority: {req.priority.value!r} does not match the stream "
+                             f"it was added to ({row.stream})")
+    return req
 
 
 def timings(queued_at: float | None, started_at: float | None,

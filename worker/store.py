@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
@@ -47,6 +48,26 @@ def _s(x: Any) -> str:
     return x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x)
 
 
+@dataclass(frozen=True)
+class Append:
+    """One write to a streaming job's token stream (``append_tokens``)."""
+
+    row: ClaimedJob
+    text: str
+    ids: str
+    """The new token ids, JSON ("" when only announcing the attempt)."""
+    offset: int
+    """Tokens of this attempt written before this one."""
+    tokens: int
+    """Tokens in this append."""
+    seq: int
+    """This append's number in its attempt (1, 2, ...; 0 when only announcing)."""
+
+
+def _raw(body: str) -> bytes:
+    return body.encode("utf-8", "surrogateescape")
+
+
 def _redis_call(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     """Map Redis' transient reply errors to :class:`RedisUnavailable`; recreate lost groups."""
 
@@ -73,6 +94,8 @@ class WorkerStore:
         self.redis = redis_client
         self.keys = QueueKeys.for_queue(queue)
         self.consumer = consumer
+        self.clock_offset = 0.0
+        """Redis' clock minus this host's, seconds (``sync_clock``)."""
         self._start = redis_client.register_script(source("start_jobs"))
         self._reclaim = redis_client.register_script(source("reclaim_jobs"))
         self._finish = redis_client.register_script(source("finish_job"))
@@ -89,11 +112,16 @@ class WorkerStore:
                 if "BUSYGROUP" not in str(e):
                     raise
 
+    async def seed_config(self, max_pending: int) -> None:
+        """Give the queue a cap when it has none (an operator's ``configure_queue`` wins:
+        the submit step reads it there, never from its caller)."""
+        await self.redis.hsetnx(self.keys.config, "max_pending", max_pending)
+
     @_redis_call
     async def start_jobs(self, count: int) -> list[ClaimedJob]:
         raw = await self._start(
             keys=self.keys.streams,
-            args=[GROUP, self.consumer, count, repr(time.time()), self.keys.base],
+            args=[GROUP, self.consumer, count, repr(self.now()), self.keys.base],
         )
         return decode(raw)
 
@@ -105,7 +133,7 @@ class WorkerStore:
         ``forget_after_s`` > 0 also deletes consumers silent that long with nothing pending."""
         raw = await self._reclaim(
             keys=self.keys.streams,
-            args=[GROUP, self.consumer, count, repr(time.time()), self.keys.base,
+            args=[GROUP, self.consumer, count, repr(self.now()), self.keys.base,
                   int(lease_seconds * 1000), max_deliveries, int(solo_allowed),
                   SOLO_LOSS_LIMIT, int(forget_after_s * 1000),
                   max_deliveries * HARD_DELIVERY_FACTOR],
@@ -144,12 +172,16 @@ class WorkerStore:
     ) -> bool:
         """Publish the result, flip the status, wake waiters and XACK: one atomic step.
 
-        Returns False when the job already had a result (a duplicate run, suppressed)."""
+        Idempotent for this attempt: a retry after a lost reply returns True again when the
+        first call did write. False when the result is not this attempt's: the job already had
+        another's (a duplicate run, suppressed), or a later attempt owns it (our lease was
+        taken; the current attempt publishes)."""
         published = await self._finish(
             keys=[row.stream, self.keys.job(row.job_id), self.keys.done(row.job_id),
                   self.keys.stats, self.keys.dead_letter, self.keys.tokens(row.job_id)],
-            args=[row.entry, GROUP, status, result_json, repr(time.time()), result_ttl,
-                  dead_reason, row.body if dead_reason else "", row.deliveries],
+            args=[row.entry, GROUP, status, result_json, repr(self.now()), result_ttl,
+                  dead_reason, _raw(row.body) if dead_reason else "", row.deliveries,
+                  row.attempts],
         )
         return bool(published)
 
@@ -157,7 +189,7 @@ class WorkerStore:
     async def dead_letter_entry(self, row: ClaimedJob, reason: str) -> None:
         await self._dead(
             keys=[row.stream, self.keys.dead_letter, self.keys.stats],
-            args=[row.entry, GROUP, reason, row.body, row.deliveries, repr(time.time())],
+            args=[row.entry, GROUP, reason, _raw(row.body), row.deliveries, repr(self.now())],
         )
 
     def _entry_keys(self, rows: Sequence[ClaimedJob]) -> tuple[list[str], list[str]]:
@@ -189,30 +221,51 @@ class WorkerStore:
             return 0
         keys, args = self._entry_keys(rows)
         n = await self._release(keys=keys, args=[
-            GROUP, self.consumer, repr(time.time()), int(lease_seconds * 1000), why,
+            GROUP, self.consumer, repr(self.now()), int(lease_seconds * 1000), why,
             "1" if alone else "0", *args])
         return int(n)
 
     @_redis_call
-    async def append_tokens(self, appends: Sequence[tuple[ClaimedJob, str, str, int]],
-                            max_entries: int, ttl_s: int) -> list[bool]:
-        """Append each ``(row, text, token ids JSON, offset)`` to its job's token stream, in
-        one round trip. Per append: False when fenced off (the attempt is no longer the job's
-        current one)."""
+    async def append_tokens(self, appends: Sequence[Append], max_entries: int,
+                            ttl_s: int) -> list[int]:
+        """Write each append to its job's token stream, in one round trip. Per append: 1
+        written (or already there: a retry), 0 fenced off (the attempt is no longer the job's
+        current one), -1 refused (it does not follow what the stream holds)."""
         pipe = self.redis.pipeline(transaction=False)
-        for row, text, ids, offset in appends:
+        for a in appends:
             await self._append(
-                keys=[self.keys.job(row.job_id), self.keys.tokens(row.job_id)],
-                args=[row.attempts, max_entries, ttl_s, self.consumer, text, ids, offset],
+                keys=[self.keys.job(a.row.job_id), self.keys.tokens(a.row.job_id)],
+                args=[a.row.attempts, max_entries, ttl_s, self.consumer, a.text, a.ids,
+                      a.offset, a.tokens, a.seq],
                 client=pipe)
-        return [bool(x) for x in await pipe.execute()]
+        return [int(x) for x in await pipe.execute()]
 
     async def heartbeat(self, fields: dict[Any, Any], ttl_s: float) -> None:
+        """Advertise this worker; the same round trip reads Redis' clock (``sync_clock``)."""
         key = self.keys.worker(self.consumer)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(key, mapping=fields)
         pipe.expire(key, max(1, int(ttl_s)))
-        await pipe.execute()
+        pipe.time()
+        t0 = time.time()
+        reply = await pipe.execute()
+        self._set_clock(reply[-1], t0, time.time())
+
+    async def sync_clock(self) -> None:
+        """Measure this host's clock against Redis' (``TIME``)."""
+        t0 = time.time()
+        reply = await self.redis.time()
+        self._set_clock(reply, t0, time.time())
+
+    def _set_clock(self, reply: Any, t0: float, t1: float) -> None:
+        sec, usec = reply
+        self.clock_offset = int(sec) + int(usec) / 1e6 - (t0 + t1) / 2
+
+    def now(self) -> float:
+        """Unix seconds on Redis' clock (the one deadlines and record times use), from this
+        host's clock and the offset last measured: a worker whose clock is off changes no
+        deadline."""
+        return time.time() + self.clock_offset
 
     async def drop_heartbeat(self) -> None:
         await self.redis.delete(self.keys.worker(self.consumer))

@@ -11,9 +11,8 @@ the worker) and an OpenAI error object as body, or ``response: null`` and
 Resumable: run the same command again after an interrupt (Ctrl-C, kill -9, a crash). Each
 line's job is submitted with the idempotency key ``batch:<batch id>:<hash of custom_id>`` and
 recorded in the batch's ``custom_id → job id`` hash, so a line is never submitted twice;
-lines already in the output files are skipped, a torn last line is cut, every other line
-gets its result written. The batch id defaults to a hash of the input file's content.
-"""
+lines already in the output files are skipped, a torn last line is cut, every other line gets
+its result written; the batch id defaults to a hash of the input file's content."""
 
 from __future__ import annotations
 
@@ -44,6 +43,7 @@ from slotfill.cli.batch_format import (
     output_line,
     read_input,
 )
+from slotfill.cli.connect import connect
 
 
 def _console() -> Console:
@@ -125,6 +125,17 @@ class BatchRun:
     def __post_init__(self) -> None:
         self.keys = QueueKeys.for_queue(self.queue)
         self._submit = self.r.register_script(source("submit_job"))
+        self._models: dict[str, str | None] = {}
+
+    def model_of(self, worker: str | None) -> str | None:
+        """The model the worker that ran a job serves, from its heartbeat (None: it is gone,
+        or an unnamed worker); the generated tiny model is ``tiny``."""
+        if not worker:
+            return None
+        if worker not in self._models:
+            beat = self.r.hget(self.keys.worker(worker), "model")
+            self._models[worker] = None if beat is None else (_s(beat) or "tiny")
+        return self._models[worker]
 
     def touch(self, **fields: Any) -> None:
         pipe = self.r.pipeline(transaction=False)
@@ -271,7 +282,7 @@ def run_batch(
                                   "message": "the job's record expired before its result was "
                                              "collected (result_ttl)"}})
                 else:
-                    ok, obj = output_line(by_id[cid], res)
+                    ok, obj = output_line(by_id[cid], res, run.model_of(res.worker))
                     writer.write(ok, obj)
             if got:
                 run.touch(written=report.written_before + writer.written)
@@ -325,8 +336,7 @@ def batch_submit(
 ) -> None:
     """Submit every line, write each result as it arrives. Re-run the same command after an
     interrupt: nothing is submitted twice and nothing is lost."""
-    settings = ClientSettings.model_validate({"redis_url": redis_url} if redis_url else {})
-    r = redis.Redis.from_url(settings.redis_url)
+    r, settings = connect(redis_url)
     if batch_id is not None and not all(ch.isalnum() or ch in "_.-" for ch in batch_id):
         _console().print("[red]batch id: letters, digits, _ . - only[/red]")
         raise typer.Exit(2)
@@ -351,8 +361,7 @@ def batch_status_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """One batch's progress (jobs by status), or the list of batches of the queue."""
-    settings = ClientSettings.model_validate({"redis_url": redis_url} if redis_url else {})
-    r = redis.Redis.from_url(settings.redis_url)
+    r, settings = connect(redis_url)
     q = queue or settings.queue
     keys = QueueKeys.for_queue(q)
     if batch_id is None:

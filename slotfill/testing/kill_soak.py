@@ -39,6 +39,7 @@ import redis
 from producer import Client, QueueFull
 from producer.keys import GROUP, QueueKeys
 from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.redis_server import unblock_stream_reads
 
 # -- the invariant checker -----------------------------------------------------------------
 
@@ -220,6 +221,11 @@ class Fleet:
             if w.proc is not None and w.proc.poll() is None:
                 w.proc.send_signal(15)
         end = time.monotonic() + timeout
+        # An idle worker's blocking read would hold its drain up to 2 s: end those reads.
+        while any(w.proc is not None and w.proc.poll() is None for w in self.workers) \
+                and time.monotonic() < end:
+            unblock_stream_reads(self.redis_url)
+            time.sleep(0.05)
         for w in self.workers:
             if w.proc is None:
                 continue
