@@ -1,17 +1,22 @@
-"""Shared fixtures: a real redis-server per session, workers as real subprocesses."""
+"""Shared fixtures: a real redis-server per session; workers in-process (simulated engine) for
+logic tests, as real subprocesses where a process must die or the shell command is tested."""
 
 from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import fakeredis
 import pytest
 import redis
 
-from producer import Client
+from producer import Client, ClientSettings
 from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.inproc import InprocWorker
 from slotfill.testing.redis_server import RedisServer
 
 _queue_ids = itertools.count()
@@ -48,10 +53,77 @@ def client(redis_server: RedisServer, queue: str) -> Iterator[Client]:
     c.close()
 
 
+@pytest.fixture
+def fake_r() -> Iterator[redis.Redis]:
+    """An in-memory Redis (fakeredis; Lua through lupa) of its own, for producer-side unit
+    tests where a server adds nothing. The client's scripts (submit, cancel, token append) run
+    on it; the worker's claim scripts do not (fakeredis answers an XREADGROUP with nothing new
+    inside Lua with an empty array, Redis with nil): those stay on the real server."""
+    r = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def fake_client(fake_r: redis.Redis, queue: str) -> Client:
+    return Client(fake_r, ClientSettings(queue=queue))
+
+
+@pytest.fixture
+def inproc(redis_server: RedisServer, queue: str) -> Iterator[Callable[..., InprocWorker]]:
+    """Make in-process simulated-engine workers on this test's queue (``inproc("a",
+    max_num_seqs=4)``, started); whatever is still running at the end is drained."""
+    made: list[InprocWorker] = []
+
+    def make(name: str, **settings: Any) -> InprocWorker:
+        w = InprocWorker(redis_server.url, name, **{"queue": queue, **settings}).start()
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        if w.alive:
+            w.stop(30)
+
+
+SHARED_ENGINES = {"engine_worker", "engine_client", "feature_worker", "feature_client"}
+FEATURES_QUEUE = "features"
+LORA_RANK = 8
+
+
+def _phase(item: pytest.Item) -> int:
+    """0: no real engine; 1: the session's shared engines; 2: tests that boot their own."""
+    if item.get_closest_marker("engine") is None:
+        return 0
+    return 1 if SHARED_ENGINES & set(getattr(item, "fixturenames", ())) else 2
+
+
+_shared_engines: list[WorkerProcess] = []
+_early_stops: list[threading.Thread] = []
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """After the last test that uses the shared engines, stop them in the background: the
+    tests that boot engines of their own then have the CPU, and the shutdown overlaps them."""
+    if _phase(item) == 1 and (nextitem is None or _phase(nextitem) != 1):
+        for w in _shared_engines:
+            t = threading.Thread(target=w.stop, name=f"stop-{w.consumer}")
+            t.start()
+            _early_stops.append(t)
+        _shared_engines.clear()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Real-engine tests run last, so the shared engines boot while the others run (see
+    ``_boot_shared_engines``); tests that boot engines of their own come at the very end.
+    The sort is stable: file order otherwise."""
+    items.sort(key=_phase)
+
+
 @pytest.fixture(scope="session")
-def engine_worker(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
-                  ) -> Iterator[WorkerProcess]:
-    """One real vLLM engine (CPU build, generated tiny model) for the whole session."""
+def _session_engine(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+                    ) -> Iterator[WorkerProcess]:
+    """The session's real-engine worker, started (not yet ready)."""
     d = tmp_path_factory.mktemp("engine-worker")
     w = WorkerProcess(
         redis_server.url, "engine-worker", d / "worker.log", queue="e2e",
@@ -59,13 +131,56 @@ def engine_worker(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFa
         max_num_batched_tokens=1024, step_log=str(d / "steps.jsonl"),
         lease_seconds=30, engine_hang_seconds=300,
     ).start()
-    try:
-        w.wait_ready(timeout=600)
-    except Exception:
-        w.kill()
-        raise
+    _shared_engines.append(w)
     yield w
+    for t in _early_stops:
+        t.join()
     w.stop()
+
+
+@pytest.fixture(scope="session")
+def _feature_engine(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+                    ) -> Iterator[WorkerProcess]:
+    """A second real engine with what the session's default worker lacks: LoRA adapters,
+    priority scheduling and a lower logprobs cap (tests/test_features.py), started."""
+    from slotfill.testing.tiny_lora import make_tiny_lora
+
+    d = tmp_path_factory.mktemp("feature-worker")
+    make_tiny_lora(d / "adapters" / "style", rank=LORA_RANK)
+    make_tiny_lora(d / "adapters" / "too-big", rank=2 * LORA_RANK)
+    w = WorkerProcess(
+        redis_server.url, "feature-worker", d / "worker.log", queue=FEATURES_QUEUE,
+        max_num_seqs=4, headroom=2, max_model_len=512, max_num_batched_tokens=1024,
+        lease_seconds=30, engine_hang_seconds=300, priority_scheduling="true",
+        max_logprobs=5, lora_dir=str(d / "adapters"), max_loras=1, max_lora_rank=LORA_RANK,
+    ).start()
+    _shared_engines.append(w)
+    yield w
+    for t in _early_stops:
+        t.join()
+    w.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _boot_shared_engines(request: pytest.FixtureRequest) -> None:
+    """Start the shared engine workers with the session's first test when a selected test
+    needs them: their 30-60 s boots then overlap the tests that run before the engine tests."""
+    used = set().union(*(getattr(item, "fixturenames", ()) for item in request.session.items))
+    if {"engine_worker", "engine_client"} & used:
+        request.getfixturevalue("_session_engine")
+    if {"feature_worker", "feature_client"} & used:
+        request.getfixturevalue("_feature_engine")
+
+
+@pytest.fixture(scope="session")
+def engine_worker(_session_engine: WorkerProcess) -> WorkerProcess:
+    """One real vLLM engine (CPU build, generated tiny model) for the whole session."""
+    try:
+        _session_engine.wait_ready(timeout=600)
+    except Exception:
+        _session_engine.kill()
+        raise
+    return _session_engine
 
 
 @pytest.fixture
@@ -73,6 +188,24 @@ def engine_client(redis_server: RedisServer, engine_worker: WorkerProcess) -> It
     c = Client.from_url(redis_server.url, queue="e2e")
     yield c
     c.close()
+
+
+@pytest.fixture(scope="session")
+def stop_later() -> Iterator[Callable[[WorkerProcess], None]]:
+    """Stop a worker process in the background (a real engine takes 10 s or more to shut
+    down) while the next tests run; the session waits for it before it ends."""
+    threads: list[threading.Thread] = []
+
+    def stop(w: WorkerProcess) -> None:
+        if w in _shared_engines:  # stopped here, not again after the shared-engine tests
+            _shared_engines.remove(w)
+        t = threading.Thread(target=w.stop, name=f"stop-{w.consumer}")
+        t.start()
+        threads.append(t)
+
+    yield stop
+    for t in threads:
+        t.join()
 
 
 def step_log_path(w: WorkerProcess) -> Path:

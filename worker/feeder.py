@@ -202,10 +202,11 @@ class Feeder:
 
     async def _launch_solo(self) -> None:
         h = self.holdings
-        await self.store.mark_solo_run(h.solo_waiting[0])
-        if not h.solo_waiting or h.in_engine:
+        row = h.solo_waiting[0]
+        await self.store.mark_solo_run(row)
+        if not h.solo_waiting or h.solo_waiting[0] is not row or h.in_engine:
             return  # a cancel or a lost lease took it meanwhile; or the engine got busy
-        row = h.solo_waiting.popleft()
+        h.solo_waiting.popleft()
         self.counters.solo_runs += 1
         log.info("job %s runs alone in the engine (delivery %d)", row.job_id, row.deliveries)
         h.solo_key = row.key

@@ -97,7 +97,7 @@ class JobTasks:
         self.dying = dying
         self.on_published: list[Published] = []
         self._engine_errors = 0
-        self._aborts: set[asyncio.Task[Any]] = set()
+        self._background: set[asyncio.Task[Any]] = set()
 
     async def run(self, row: ClaimedJob) -> None:
         """The task of one held job (the holdings already list it)."""
@@ -196,8 +196,8 @@ class JobTasks:
     def background(self, coro: Any) -> None:
         """Run ``coro`` as a task kept alive until it ends."""
         task = asyncio.create_task(coro)
-        self._aborts.add(task)
-        task.add_done_callback(self._aborts.discard)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- publishing ---------------------------------------------------------------------------
 

@@ -11,8 +11,9 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -22,7 +23,7 @@ from worker import upkeep
 from worker.engines.base import Engine
 from worker.feeder import Feeder
 from worker.ops import install as install_ops
-from worker.settings import WorkerSettings
+from worker.settings import TINY_ENGINE, WorkerSettings, apply_engine_defaults
 from worker.step_log import StepLog
 from worker.store import WorkerStore
 
@@ -41,6 +42,7 @@ def build_engine(settings: WorkerSettings) -> Engine:
     if settings.engine == "sim":
         from worker.engines.sim import SimEngine
 
+        apply_engine_defaults(settings, TINY_ENGINE)
         return SimEngine(settings.max_num_seqs, settings.sim_step_ms, settings.max_model_len,
                          settings.max_num_batched_tokens)
     from worker.engines.vllm import VllmEngine
@@ -51,6 +53,8 @@ def build_engine(settings: WorkerSettings) -> Engine:
 
         model = str(make_tiny_model(default_model_dir()))
         settings.load_format = "dummy"
+        apply_engine_defaults(settings, TINY_ENGINE)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     return VllmEngine(settings, model)
 
 
@@ -62,8 +66,32 @@ async def _resilient(name: str, loop_fn: Callable[[], Awaitable[None]]) -> None:
             await loop_fn()
             return
         except REDIS_ERRORS as e:
+            if _being_cancelled():
+                # redis-py can turn a cancellation that lands mid-command into a connection
+                # error; retrying it would keep a stopping worker alive forever.
+                raise asyncio.CancelledError from e
             log.warning("%s: redis unavailable (%s); retrying in 1s", name, e)
             await asyncio.sleep(1.0)
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python >= 3.11
+    return bool(cancelling()) if cancelling is not None else False
+
+
+async def _cancel_all(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel until every task has ended: one that swallowed its cancellation (inside a
+    library call) gets it again instead of holding the exit forever."""
+    tasks = list(tasks)
+    pending = set(tasks)
+    while pending:
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
+    for t in tasks:  # retrieved, so asyncio does not report them as never retrieved
+        if not t.cancelled():
+            t.exception()
 
 
 def _duties(feeder: Feeder, store: WorkerStore, settings: WorkerSettings
@@ -71,7 +99,8 @@ def _duties(feeder: Feeder, store: WorkerStore, settings: WorkerSettings
     """The worker's long-running tasks, each given what it reads and whom it tells."""
     lease = settings.lease_seconds
     view = upkeep.WorkerView(feeder.engine.stats, feeder.state, feeder.counters,
-                             feeder.holdings, feeder.capacity, feeder.engine.slots)
+                             feeder.holdings, feeder.capacity, feeder.engine.slots,
+                             feeder.engine.max_model_len)
     return {
         "pull": feeder.run,
         "leases": lambda: upkeep.renew_leases(store, feeder.holdings, feeder.lease_report, lease),
@@ -85,8 +114,12 @@ def _duties(feeder: Feeder, store: WorkerStore, settings: WorkerSettings
     }
 
 
-async def serve(settings: WorkerSettings, engine: Engine | None = None) -> int:
-    """Run until SIGTERM/SIGINT (drain, exit 0) or engine death (exit 3)."""
+async def serve(settings: WorkerSettings, engine: Engine | None = None, *,
+                owns_process: bool = False) -> int:
+    """Run until SIGTERM/SIGINT (drain, exit 0) or engine death (exit 3). ``owns_process``:
+    this worker is the whole process (``slotfill worker``), so once it decides to exit it may
+    end the process by force (:func:`_exit_backstop`); a worker embedded in another program
+    (the in-process test kit) leaves the process alone."""
     engine = engine or build_engine(settings)
     client = aioredis.Redis.from_url(settings.redis_url)
     store = WorkerStore(client, settings.queue, settings.consumer)
@@ -118,16 +151,16 @@ async def serve(settings: WorkerSettings, engine: Engine | None = None) -> int:
         # The feeder's crash report has already said which jobs it handed back.
         log.error("engine dead: %s; exiting for the supervisor to restart us", feeder.fatal)
         code = EXIT_ENGINE_DEAD
-        _exit_backstop(loop, code, EXIT_SLACK_S)
+        if owns_process:
+            _exit_backstop(loop, code, EXIT_SLACK_S)
     else:
-        _exit_backstop(loop, code, settings.grace_seconds + EXIT_SLACK_S)
+        if owns_process:
+            _exit_backstop(loop, code, settings.grace_seconds + EXIT_SLACK_S)
         log.info("stopping: draining for up to %.0fs (a second SIGTERM ends the process now)",
                  settings.grace_seconds)
         handed_back = await feeder.drain(settings.grace_seconds)
         log.info("drained; %d unfinished jobs handed back for reclaim", handed_back)
-    for t in (*tasks.values(), stopper, dead):
-        t.cancel()
-    await asyncio.gather(*tasks.values(), stopper, dead, return_exceptions=True)
+    await _cancel_all((*tasks.values(), stopper, dead))
     if code == EXIT_OK:
         try:
             await store.drop_heartbeat()
@@ -168,7 +201,7 @@ def run_worker(settings: WorkerSettings) -> int:
     async def main() -> int:
         engine = build_engine(settings)
         try:
-            return await serve(settings, engine)
+            return await serve(settings, engine, owns_process=True)
         finally:
             engine.close()
 

@@ -69,6 +69,7 @@ class WorkerView:
     holdings: Holdings
     capacity: int
     slots: int
+    max_model_len: int
 
 
 async def heartbeat(store: WorkerStore, settings: WorkerSettings, view: WorkerView) -> None:
@@ -84,6 +85,8 @@ async def heartbeat(store: WorkerStore, settings: WorkerSettings, view: WorkerVi
         await store.heartbeat({
             "consumer": s.consumer, "model": s.model, "started_at": started,
             "capacity": view.capacity, "slots": view.slots,
+            "max_model_len": view.max_model_len,
+            "max_num_batched_tokens": s.max_num_batched_tokens,
             "in_flight": len(view.holdings), "running": st.running, "waiting": st.waiting,
             "kv_cache_usage": st.kv_cache_usage, "steps": st.steps,
             "full_steps": st.full_steps, "starved_steps": view.state.starved_steps,

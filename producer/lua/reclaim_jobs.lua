@@ -26,10 +26,9 @@ local SCAN_LIMIT = 1000
 local function verdict_for(jid, deliveries)
   local suspect, losses = false, 0
   if valid_job_id(jid) then
-    local h = redis.call("HMGET", base .. ":job:" .. jid, "suspect", "solo_losses", "solo_run")
+    local h = redis.call("HMGET", base .. ":job:" .. jid, "suspect", "solo_losses")
     suspect = h[1] ~= false and h[1] ~= nil
     losses = tonumber(h[2] or "0") or 0
-    if h[3] then losses = losses + 1 end
   end
   return verdict(deliveries, suspect, losses, max_deliveries, loss_limit, hard_limit)
 end

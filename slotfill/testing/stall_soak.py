@@ -142,39 +142,56 @@ def soak(*, events: int, jobs: int, log_dir: Path, workers: int = 2, lease: floa
         try:
             for _ in range(events):
                 time.sleep(rng.uniform(*gap))
-                fleet.restart_exited()
-                fleet.wait_ready()
-                kind = rng.choice(["kill", "freeze", "stall"])
-                kinds[kind] += 1
-                slot = rng.randrange(len(fleet.workers))
-                if kind == "kill":
-                    fleet.kill(slot)
-                elif kind == "freeze":
-                    proc = fleet.workers[slot].proc
-                    assert proc is not None
-                    _freeze(proc.pid, rng.uniform(1.5, 3.0) * lease)
-                else:
-                    assert server.proc is not None
-                    _freeze(server.proc.pid, rng.uniform(3.0, 7.0))
+                kinds[_event(fleet, server, rng, lease)] += 1
             sub.join()
             wait_all_terminal(r, "stall", ids, 300)
             fleet.restart_exited()
             fleet.wait_ready()
-            # Callbacks a killed worker never sent come from a live worker's sweep.
-            broker = redis.Redis.from_url(broker_url)
-            end = time.monotonic() + 4 * REDELIVER_S
-            while sum(callbacks(broker).values()) < len(ids) and time.monotonic() < end:
-                time.sleep(0.2)
-            time.sleep(REDELIVER_S / 2)  # a sweep that would repeat one has had its chance
-            sent = callbacks(broker)
+            sent = _wait_callbacks(broker_url, len(ids))
         finally:
             stop.set()
             sub.join()
             fleet.stop()
         base = check_invariants(r, "stall", ids, expected)
         streams = check_jobs(r, "stall", sorted(streaming))
-    want = {f"slotfill-{i}" for i in ids}
     rep.jobs, rep.streaming_jobs, rep.events = len(ids), len(streaming), dict(kinds)
+    _fill(rep, ids, sent, base, streams)
+    rep.seconds = round(time.monotonic() - t0, 1)
+    return rep
+
+
+def _event(fleet: Fleet, server: RedisServer, rng: random.Random, lease: float) -> str:
+    """One random event: kill a worker, freeze one, or freeze redis-server."""
+    fleet.restart_exited()
+    fleet.wait_ready()
+    kind = rng.choice(["kill", "freeze", "stall"])
+    slot = rng.randrange(len(fleet.workers))
+    if kind == "kill":
+        fleet.kill(slot)
+    elif kind == "freeze":
+        proc = fleet.workers[slot].proc
+        assert proc is not None
+        _freeze(proc.pid, rng.uniform(1.5, 3.0) * lease)
+    else:
+        assert server.proc is not None
+        _freeze(server.proc.pid, rng.uniform(3.0, 7.0))
+    return kind
+
+
+def _wait_callbacks(broker_url: str, n: int) -> Counter[str]:
+    """The callbacks sent, once ``n`` arrived or the time for a redelivery passed. Callbacks a
+    killed worker never sent come from a live worker's sweep: call with the fleet up."""
+    broker = redis.Redis.from_url(broker_url)
+    end = time.monotonic() + 4 * REDELIVER_S
+    while sum(callbacks(broker).values()) < n and time.monotonic() < end:
+        time.sleep(0.2)
+    time.sleep(REDELIVER_S / 2)  # a sweep that would repeat one has had its chance
+    return callbacks(broker)
+
+
+def _fill(rep: StallReport, ids: list[str], sent: Counter[str], base: Any,
+          streams: Any) -> None:
+    want = {f"slotfill-{i}" for i in ids}
     rep.lost, rep.duplicate_visible, rep.wrong = (len(base.lost), len(base.duplicate_visible),
                                                   len(base.wrong))
     rep.stream_mismatches = len(streams.problems)
@@ -184,8 +201,6 @@ def soak(*, events: int, jobs: int, log_dir: Path, workers: int = 2, lease: floa
     rep.re_executions, rep.duplicates_suppressed = base.re_executions, base.duplicates_suppressed
     rep.unfinished_entries = base.unfinished_entries
     rep.first_problems = dict(list(streams.problems.items())[:5])
-    rep.seconds = round(time.monotonic() - t0, 1)
-    return rep
 
 
 def main() -> int:

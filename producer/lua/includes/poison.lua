@@ -22,13 +22,12 @@ local function charge_engine_death(jkey, now, alone)
 end
 
 -- A job reclaimed from a worker that marked it running alone (``solo_run``) and never reported
--- back: lost while alone, with nothing else to blame: one more ``solo_losses``.
+-- back: the worker vanished. Recorded for the dead-letter history, never charged.
 local function note_vanished_alone(jkey, now)
   local by = redis.call("HGET", jkey, "solo_run")
   if by then
-    redis.call("HINCRBY", jkey, "solo_losses", 1)
     redis.call("HDEL", jkey, "solo_run")
-    add_history(jkey, {at = tonumber(now), event = "lost_alone", worker = by})
+    add_history(jkey, {at = tonumber(now), event = "vanished_alone", worker = by})
   end
 end
 
