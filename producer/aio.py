@@ -9,11 +9,13 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from producer import protocol
+from producer.connection import connect_async, connection_kwargs
 from producer.errors import JobNotFound, WaitTimeout
 from producer.keys import QueueKeys
 from producer.protocol import Job
+from producer.redis_errors import translated
 from producer.schema import JobRequest, JobResult, JobStatus
-from producer.scripts import source
+from producer.scripts import batch_args, batched, source
 from producer.settings import ClientSettings
 from producer.streaming import FIRST_ID, READ_COUNT, StreamCursor, StreamEvent
 
@@ -28,11 +30,12 @@ class AsyncClient:
         self.settings = settings or ClientSettings()
         self._submit = self.redis.register_script(source("submit_job"))
         self._cancel = self.redis.register_script(source("cancel_job"))
+        self._submit_batch = self.redis.register_script(batched("submit_job"))
 
     @classmethod
     def from_url(cls, url: str | None = None, **settings: Any) -> AsyncClient:
         cfg = ClientSettings.model_validate({**({"redis_url": url} if url else {}), **settings})
-        return cls(aioredis.Redis.from_url(cfg.redis_url), cfg)
+        return cls(connect_async(cfg.redis_url), cfg)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -61,7 +64,8 @@ class AsyncClient:
         req = protocol.build_request(request, params, timeout)
         keys = self._keys(queue)
         key_list, args = protocol.submit_call(keys, self.settings, req, idempotency_key)
-        reply = await self._submit(keys=key_list, args=args)
+        with translated():
+            reply = await self._submit(keys=key_list, args=args)
         return protocol.parse_submit(reply, keys.queue)
 
     async def submit_many(
@@ -72,27 +76,33 @@ class AsyncClient:
         calls = protocol.submit_calls(keys, self.settings, requests)
         accepted: list[str | None] = []
         for start in range(0, len(calls), chunk):
-            pipe = self.redis.pipeline(transaction=False)
-            for key_list, args in calls[start:start + chunk]:
-                await self._submit(keys=key_list, args=args, client=pipe)
-            accepted.extend(protocol.parse_submit_many(await pipe.execute(), keys.queue))
+            key_list, args = batch_args(calls[start:start + chunk])
+            with translated():
+                replies = await self._submit_batch(keys=key_list, args=args)
+            accepted.extend(protocol.parse_submit_many(replies, keys.queue))
             protocol.raise_if_refused(accepted, len(calls), keys.queue)
         return [i for i in accepted if i is not None]
 
     async def status(self, job_id: str, *, queue: str | None = None) -> JobStatus:
-        raw = await self.redis.hget(self._keys(queue).job(job_id), "status")
+        with translated():
+            raw = await self.redis.hget(self._keys(queue).job(job_id), "status")
         st = protocol.parse_status(raw)
         if st is None:
             raise JobNotFound(job_id)
         return st
 
     async def result(self, job_id: str, *, queue: str | None = None) -> JobResult | None:
-        return protocol.parse_result(await self.redis.hget(self._keys(queue).job(job_id), "result"))
+        with translated():
+            raw = await self.redis.hget(self._keys(queue).job(job_id), "result")
+        return protocol.parse_result(raw)
 
     async def wait(
         self, job_id: str, timeout: float = 30.0, *, queue: str | None = None
     ) -> JobResult:
-        keys = self._keys(queue)
+        with translated():
+            return await self._wait(job_id, timeout, self._keys(queue))
+
+    async def _wait(self, job_id: str, timeout: float, keys: QueueKeys) -> JobResult:
         deadline = time.monotonic() + timeout
         while True:
             res = await self.result(job_id, queue=keys.queue)
@@ -107,25 +117,31 @@ class AsyncClient:
             # Redis, not for redis-py's stub.
             await self.redis.blmove(
                 keys.done(job_id), keys.done(job_id),
-                protocol.block_slice(left, self.redis.connection_pool.connection_kwargs),  # type: ignore[arg-type]
+                protocol.block_slice(left, connection_kwargs(self.redis)),  # type: ignore[arg-type]
                 "LEFT", "LEFT")
 
     async def cancel(self, job_id: str, *, queue: str | None = None) -> str:
         keys = self._keys(queue)
-        reply = await self._cancel(
-            keys=protocol.cancel_keys(keys, job_id),
-            args=[job_id, protocol.cancelled_result(job_id), repr(time.time()),
-                  self.settings.result_ttl],
-        )
+        with translated():
+            reply = await self._cancel(
+                keys=protocol.cancel_keys(keys, job_id),
+                args=[job_id, protocol.cancelled_result(job_id), repr(time.time()),
+                      self.settings.result_ttl])
         return reply.decode() if isinstance(reply, bytes) else str(reply)
 
     async def stream(self, job_id: str, *, after: str = FIRST_ID, timeout: float | None = None,
                      queue: str | None = None) -> AsyncIterator[StreamEvent]:
         """Same as :meth:`producer.Client.stream`, as an async iterator."""
         keys = self._keys(queue)
+        with translated():
+            async for event in self._stream(job_id, after, timeout, keys):
+                yield event
+
+    async def _stream(self, job_id: str, after: str, timeout: float | None, keys: QueueKeys
+                      ) -> AsyncIterator[StreamEvent]:
         cursor = StreamCursor(after)
         end = None if timeout is None else time.monotonic() + timeout
-        kwargs = self.redis.connection_pool.connection_kwargs
+        kwargs = connection_kwargs(self.redis)
         probe = True
         while True:
             left = protocol.BLOCK_SLICE_S if end is None else end - time.monotonic()

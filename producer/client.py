@@ -9,11 +9,13 @@ from typing import Any
 import redis
 
 from producer import protocol
+from producer.connection import connect, connection_kwargs
 from producer.errors import JobNotFound, WaitTimeout
 from producer.keys import QueueKeys
 from producer.protocol import Job
+from producer.redis_errors import translated
 from producer.schema import JobRequest, JobResult, JobStatus
-from producer.scripts import source
+from producer.scripts import batch_args, batched, source
 from producer.settings import ClientSettings
 from producer.streaming import FIRST_ID, READ_COUNT, StreamCursor, StreamEvent
 
@@ -30,11 +32,12 @@ class Client:
         self.settings = settings or ClientSettings()
         self._submit = self.redis.register_script(source("submit_job"))
         self._cancel = self.redis.register_script(source("cancel_job"))
+        self._submit_batch = self.redis.register_script(batched("submit_job"))
 
     @classmethod
     def from_url(cls, url: str | None = None, **settings: Any) -> Client:
         cfg = ClientSettings.model_validate({**({"redis_url": url} if url else {}), **settings})
-        return cls(redis.Redis.from_url(cfg.redis_url), cfg)
+        return cls(connect(cfg.redis_url), cfg)
 
     def close(self) -> None:
         self.redis.close()
@@ -60,20 +63,24 @@ class Client:
     ) -> Job:
         """Validate and enqueue one job. ``timeout``: seconds from now to its deadline.
 
-        Raises InvalidRequest (caller's fault) or QueueFull (retry later).
+        Raises InvalidRequest (caller's fault), QueueFull or RedisUnavailable (retry later).
         """
         if prompt is not None:
             params["prompt"] = prompt
         req = protocol.build_request(request, params, timeout)
         keys = self._keys(queue)
         key_list, args = protocol.submit_call(keys, self.settings, req, idempotency_key)
-        return protocol.parse_submit(self._submit(keys=key_list, args=args), keys.queue)
+        with translated():
+            reply = self._submit(keys=key_list, args=args)
+        return protocol.parse_submit(reply, keys.queue)
 
     def submit_many(
         self, requests: Iterable[JobRequest | dict[str, Any]], *, queue: str | None = None,
         chunk: int = 1000,
     ) -> list[str]:
-        """Validate all, then enqueue in pipelined chunks. Returns the job ids in order.
+        """Validate all, then enqueue in chunks, one script call each. Returns the job ids
+        in order. RedisUnavailable mid-way: the chunks before it are stored, the one in
+        flight may be.
 
         If the queue fills, raises QueueFull whose ``accepted`` lists, in input order, each
         request's job id or None where it was refused; no chunk after that one is sent.
@@ -82,26 +89,33 @@ class Client:
         calls = protocol.submit_calls(keys, self.settings, requests)
         accepted: list[str | None] = []
         for start in range(0, len(calls), chunk):
-            pipe = self.redis.pipeline(transaction=False)
-            for key_list, args in calls[start:start + chunk]:
-                self._submit(keys=key_list, args=args, client=pipe)
-            accepted.extend(protocol.parse_submit_many(pipe.execute(), keys.queue))
+            key_list, args = batch_args(calls[start:start + chunk])
+            with translated():
+                replies = self._submit_batch(keys=key_list, args=args)
+            accepted.extend(protocol.parse_submit_many(replies, keys.queue))
             protocol.raise_if_refused(accepted, len(calls), keys.queue)
         return [i for i in accepted if i is not None]
 
     def status(self, job_id: str, *, queue: str | None = None) -> JobStatus:
-        st = protocol.parse_status(self.redis.hget(self._keys(queue).job(job_id), "status"))
+        with translated():
+            raw = self.redis.hget(self._keys(queue).job(job_id), "status")
+        st = protocol.parse_status(raw)
         if st is None:
             raise JobNotFound(job_id)
         return st
 
     def result(self, job_id: str, *, queue: str | None = None) -> JobResult | None:
         """The result if the job is finished, else None. Never blocks."""
-        return protocol.parse_result(self.redis.hget(self._keys(queue).job(job_id), "result"))
+        with translated():
+            raw = self.redis.hget(self._keys(queue).job(job_id), "result")
+        return protocol.parse_result(raw)
 
     def wait(self, job_id: str, timeout: float = 30.0, *, queue: str | None = None) -> JobResult:
         """Block until the job is finished (no polling: BLMOVE on its done list)."""
-        keys = self._keys(queue)
+        with translated():
+            return self._wait(job_id, timeout, self._keys(queue))
+
+    def _wait(self, job_id: str, timeout: float, keys: QueueKeys) -> JobResult:
         deadline = time.monotonic() + timeout
         while True:
             res = self.result(job_id, queue=keys.queue)
@@ -114,7 +128,7 @@ class Client:
                 raise WaitTimeout(f"job {job_id} not finished after {timeout}s")
             # Rotating the list onto itself wakes every waiter without consuming the signal.
             # Redis takes fractional seconds here; redis-py's stub says int.
-            block = protocol.block_slice(left, self.redis.connection_pool.connection_kwargs)
+            block = protocol.block_slice(left, connection_kwargs(self.redis))
             self.redis.blmove(keys.done(job_id), keys.done(job_id), block,  # type: ignore[arg-type]
                               "LEFT", "LEFT")
 
@@ -123,10 +137,11 @@ class Client:
         it within one engine step), ``finished`` (too late) or ``unknown``."""
         keys = self._keys(queue)
         settings = self.settings
-        reply = self._cancel(
+        with translated():
+            reply = self._cancel(
             keys=protocol.cancel_keys(keys, job_id),
-            args=[job_id, protocol.cancelled_result(job_id), repr(time.time()), settings.result_ttl],
-        )
+                args=[job_id, protocol.cancelled_result(job_id), repr(time.time()),
+                      settings.result_ttl])
         return reply.decode() if isinstance(reply, bytes) else str(reply)
 
     def stream(self, job_id: str, *, after: str = FIRST_ID, timeout: float | None = None,
@@ -136,11 +151,17 @@ class Client:
         ``JobResult``. Resume after a disconnect with ``after=<entry_id of the last event>``:
         nothing is lost or repeated. Any number of readers may follow one job. A job that
         was not submitted with ``stream=True`` yields its whole text once it ends.
-        ``timeout``: seconds before WaitTimeout (None: until the job ends)."""
+        ``timeout``: seconds before WaitTimeout (None: until the job ends). A Redis outage
+        raises RedisUnavailable: resume with ``after=`` once it is back."""
         keys = self._keys(queue)
+        with translated():
+            yield from self._stream(job_id, after, timeout, keys)
+
+    def _stream(self, job_id: str, after: str, timeout: float | None, keys: QueueKeys
+                ) -> Iterator[StreamEvent]:
         cursor = StreamCursor(after)
         end = None if timeout is None else time.monotonic() + timeout
-        kwargs = self.redis.connection_pool.connection_kwargs
+        kwargs = connection_kwargs(self.redis)
         probe = True
         while True:
             left = protocol.BLOCK_SLICE_S if end is None else end - time.monotonic()

@@ -1,9 +1,11 @@
 """The worker's side of the protocol: every Redis call a worker makes, one method each.
 
-A Redis that is down, restarting, loading its AOF, read-only (a failover in progress) or out
-of memory raises a ``redis.ConnectionError`` (:class:`RedisUnavailable` for the reply errors
-among these), which the worker's loops treat as "wait and retry", never as a reason to die.
-Streams or groups that vanished (a Redis that lost its data) are created again.
+A Redis that is down, stalled, restarting, loading its AOF, read-only or masterless (a
+failover in progress), short of replicas (NOREPLICAS), busy or out of memory raises
+:class:`RedisUnavailable` (a ``redis.ConnectionError``), which the worker's loops treat as
+"wait and retry", never as a reason to die. The classification is by exception class and
+Redis error code (``producer.redis_errors``), not message text. Streams or groups that
+vanished (a Redis that lost its data) are created again.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from producer.errors import RedisUnavailable
 from producer.keys import GROUP, QueueKeys
-from producer.scripts import source
+from producer.redis_errors import error_code, is_transient, unavailable
+from producer.scripts import batch_args, batched, source
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -31,13 +35,6 @@ vanished, with nothing else inside to blame) is dead-lettered (``poisoned``)."""
 HARD_DELIVERY_FACTOR = 3
 """Past ``max_deliveries`` × this many deliveries a job is dead-lettered whatever happened
 (a backstop: from ``max_deliveries`` on, it only runs alone, where losses are evidence)."""
-
-_TRANSIENT = ("OOM", "READONLY", "MISCONF", "LOADING", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN")
-
-
-class RedisUnavailable(RedisConnectionError):
-    """Redis answered, but cannot serve the worker right now (restart, failover, full)."""
-
 
 REDIS_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
 """What a Redis outage looks like from redis-py: wait and retry, never die of it."""
@@ -75,21 +72,26 @@ def _common(name: str) -> str:
 
 
 def _redis_call(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-    """Map Redis' transient reply errors to :class:`RedisUnavailable`; recreate lost groups."""
+    """Map Redis' transient failures to :class:`RedisUnavailable`; recreate lost groups."""
 
     @functools.wraps(method)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await method(*args, **kwargs)
+        except RedisUnavailable:
+            raise
         except ResponseError as e:
-            msg = str(e)
-            if msg.startswith("NOGROUP") or "no such key" in msg:
+            if error_code(e) == "NOGROUP" or "no such key" in str(e):
                 store = args[0]
                 assert isinstance(store, WorkerStore)
                 await store.ensure_groups()
-                raise RedisUnavailable(f"stream or group was missing, recreated: {msg}") from e
-            if msg.split(" ", 1)[0] in _TRANSIENT:
-                raise RedisUnavailable(msg) from e
+                raise RedisUnavailable(f"stream or group was missing, recreated: {e}") from e
+            if is_transient(e):
+                raise unavailable(e) from e
+            raise
+        except Exception as e:
+            if is_transient(e):
+                raise unavailable(e) from e
             raise
 
     return wrapper
@@ -106,8 +108,9 @@ class WorkerStore:
         self._dead = redis_client.register_script(source("dead_letter_entry"))
         self._renew = redis_client.register_script(source("renew_leases"))
         self._release = redis_client.register_script(_common("release_jobs"))
-        self._append = redis_client.register_script(source("append_tokens"))
+        self._append = redis_client.register_script(batched("append_tokens"))
 
+    @_redis_call
     async def ensure_groups(self) -> None:
         for stream in self.keys.streams:
             try:
@@ -229,16 +232,17 @@ class WorkerStore:
     async def append_tokens(self, appends: Sequence[tuple[Row, str, str, int]],
                             max_entries: int, ttl_s: int) -> list[bool]:
         """Append each ``(row, text, token ids JSON, offset)`` to its job's token stream, in
-        one round trip. Per append: False when fenced off (the attempt is no longer the job's
-        current one)."""
-        pipe = self.redis.pipeline(transaction=False)
-        for row, text, ids, offset in appends:
-            await self._append(
-                keys=[self.keys.job(row.job_id), self.keys.tokens(row.job_id)],
-                args=[row.attempts, max_entries, ttl_s, self.consumer, text, ids, offset],
-                client=pipe)
-        return [bool(x) for x in await pipe.execute()]
+        one script call (cluster clients refuse pipelined EVALSHA). Per append: False when
+        fenced off (the attempt is no longer the job's current one)."""
+        if not appends:
+            return []
+        keys, args = batch_args([
+            ([self.keys.job(row.job_id), self.keys.tokens(row.job_id)],
+             [row.attempts, max_entries, ttl_s, self.consumer, text, ids, offset])
+            for row, text, ids, offset in appends])
+        return [bool(x) for x in await self._append(keys=keys, args=args)]
 
+    @_redis_call
     async def heartbeat(self, fields: dict[Any, Any], ttl_s: float) -> None:
         key = self.keys.worker(self.consumer)
         pipe = self.redis.pipeline(transaction=True)
@@ -246,5 +250,6 @@ class WorkerStore:
         pipe.expire(key, max(1, int(ttl_s)))
         await pipe.execute()
 
+    @_redis_call
     async def drop_heartbeat(self) -> None:
         await self.redis.delete(self.keys.worker(self.consumer))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Any
 
 from producer.errors import EngineDead
 from worker.feeder import Feeder
@@ -35,18 +36,28 @@ async def reclaim(feeder: Feeder) -> None:
         feeder.request_reclaim()
 
 
+CANCEL_LISTEN_S = 1.0
+"""Longest wait for one control message (shorter than the socket timeout)."""
+
+
 async def listen_for_cancels(feeder: Feeder) -> None:
-    """Abort running jobs whose cancellation a client requested (Pub/Sub control channel)."""
-    pubsub = feeder.store.redis.pubsub()
-    await pubsub.subscribe(feeder.store.keys.control)
+    """Abort running jobs whose cancellation a client requested: the control channel is a
+    sharded Pub/Sub channel (SSUBSCRIBE), served by the master of the queue's slot, so a
+    cluster delivers it without broadcasting to every node. Cancels missed while it is down
+    are found by lease renewal."""
+    pubsub: Any = feeder.store.redis.pubsub()
+    await pubsub.ssubscribe(feeder.store.keys.control)
+    # A cluster's pub/sub object keeps one connection per node; its reader is separate.
+    read = getattr(pubsub, "get_sharded_message", None) or pubsub.get_message
     try:
-        async for msg in pubsub.listen():
-            if msg.get("type") != "message":
+        while True:
+            msg = await read(ignore_subscribe_messages=True, timeout=CANCEL_LISTEN_S)
+            if not msg or msg.get("type") != "smessage":
                 continue
             data = msg["data"]
             feeder.cancel_requested(data.decode() if isinstance(data, bytes) else str(data))
     finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()
 
 
 async def heartbeat(feeder: Feeder) -> None:

@@ -1,5 +1,5 @@
 -- cancel_job: queued -> cancelled at once; running -> cancel requested (the worker aborts it).
--- KEYS[1] job hash  KEYS[2] done list  KEYS[3] control channel  KEYS[4] token stream
+-- KEYS[1] job hash  KEYS[2] done list  KEYS[3] control channel (sharded Pub/Sub)  KEYS[4] token stream
 -- ARGV[1] job id  ARGV[2] result JSON for a queued job  ARGV[3] now  ARGV[4] result TTL
 -- Returns "cancelled" | "requested" | "finished" (already terminal) | "unknown"
 local st = redis.call("HGET", KEYS[1], "status")
@@ -21,7 +21,7 @@ if st == "queued" then
 end
 if st == "running" then
   redis.call("HSET", KEYS[1], "cancel_requested", ARGV[3])
-  redis.call("PUBLISH", KEYS[3], ARGV[1])
+  redis.call("SPUBLISH", KEYS[3], ARGV[1])  -- sharded: stays on the queue's slot in a cluster
   return "requested"
 end
 return "finished"
