@@ -32,6 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from producer import protocol
+from producer.connection import connect
 from producer.keys import Priority, QueueKeys
 from producer.schema import JobResult
 from producer.scripts import source
@@ -323,7 +324,7 @@ def batch_submit(
     """Submit every line, write each result as it arrives. Re-run the same command after an
     interrupt: nothing is submitted twice and nothing is lost."""
     settings = ClientSettings.model_validate({"redis_url": redis_url} if redis_url else {})
-    r = redis.Redis.from_url(settings.redis_url)
+    r = connect(settings.redis_url)
     if batch_id is not None and not all(ch.isalnum() or ch in "_.-" for ch in batch_id):
         _console().print("[red]batch id: letters, digits, _ . - only[/red]")
         raise typer.Exit(2)
@@ -349,7 +350,7 @@ def batch_status_cmd(
 ) -> None:
     """One batch's progress (jobs by status), or the list of batches of the queue."""
     settings = ClientSettings.model_validate({"redis_url": redis_url} if redis_url else {})
-    r = redis.Redis.from_url(settings.redis_url)
+    r = connect(settings.redis_url)
     q = queue or settings.queue
     keys = QueueKeys.for_queue(q)
     if batch_id is None:

@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 from rich.table import Table
 
 from producer import Client
+from producer.connection import connect
 from producer.keys import QueueKeys
 from slotfill.testing.fleet import WorkerProcess
 from slotfill.testing.redis_server import RedisServer
@@ -63,7 +64,7 @@ def run_demo(model: str, n_jobs: int, engine: str, console: Console) -> int:
         w.wait_ready()
         client = Client.from_url(url, queue=queue)
         keys = QueueKeys.for_queue(queue)
-        r = redis.Redis.from_url(url)
+        r = connect(url)
         t0 = time.perf_counter()
         ids = client.submit_many(demo_requests(n_jobs))
         with Progress("[progress.description]{task.description}", BarColumn(),

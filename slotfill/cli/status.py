@@ -18,6 +18,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
+from producer.connection import connect
 from producer.keys import Priority, QueueKeys
 from producer.protocol import new_job_id
 from producer.queue_stats import QueueSnapshot, WorkerBeat, discover_queues, entry_time, snapshot
@@ -39,7 +40,7 @@ QueueOpt = Annotated[str | None, typer.Option("--queue", "-q",
 
 def _connect(redis_url: str | None) -> tuple[redis.Redis, ClientSettings]:
     settings = ClientSettings.model_validate({"redis_url": redis_url} if redis_url else {})
-    return redis.Redis.from_url(settings.redis_url), settings
+    return connect(settings.redis_url), settings
 
 
 def _s(x: Any) -> str:

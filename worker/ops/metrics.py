@@ -35,6 +35,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from producer import queue_stats
+from producer.connection import connect
 
 if TYPE_CHECKING:
     from worker.feeder import Feeder
@@ -184,8 +185,8 @@ class WorkerMetrics:
             if snap is not None and now - at < QUEUE_CACHE_S:
                 return snap
             if self._redis is None:
-                self._redis = redis.Redis.from_url(self.settings.redis_url, socket_timeout=2.0,
-                                                   socket_connect_timeout=2.0)
+                self._redis = connect(self.settings.redis_url, socket_timeout=2.0,
+                                      socket_connect_timeout=2.0)
             try:
                 snap = queue_stats.snapshot(self._redis, self.queue)
             except (redis.RedisError, OSError) as e:
