@@ -9,7 +9,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from producer import protocol
-from producer.connection import connect_async, connection_kwargs
+from producer.connection import connect_async, connection_kwargs, is_cluster
 from producer.errors import JobNotFound, WaitTimeout
 from producer.keys import QueueKeys
 from producer.protocol import Job
@@ -31,6 +31,8 @@ class AsyncClient:
         self._submit = self.redis.register_script(source("submit_job"))
         self._cancel = self.redis.register_script(source("cancel_job"))
         self._submit_batch = self.redis.register_script(batched("submit_job"))
+        if self.settings.replica_acks and is_cluster(self.redis):
+            raise ValueError("replica_acks needs a standalone or Sentinel URL, not a cluster")
 
     @classmethod
     def from_url(cls, url: str | None = None, **settings: Any) -> AsyncClient:
@@ -65,7 +67,7 @@ class AsyncClient:
         keys = self._keys(queue)
         key_list, args = protocol.submit_call(keys, self.settings, req, idempotency_key)
         with translated():
-            reply = await self._submit(keys=key_list, args=args)
+            reply = await self._acked(self._submit, key_list, args)
         return protocol.parse_submit(reply, keys.queue)
 
     async def submit_many(
@@ -78,10 +80,22 @@ class AsyncClient:
         for start in range(0, len(calls), chunk):
             key_list, args = batch_args(calls[start:start + chunk])
             with translated():
-                replies = await self._submit_batch(keys=key_list, args=args)
+                replies = await self._acked(self._submit_batch, key_list, args)
             accepted.extend(protocol.parse_submit_many(replies, keys.queue))
             protocol.raise_if_refused(accepted, len(calls), keys.queue)
         return [i for i in accepted if i is not None]
+
+    async def _acked(self, script: Any, key_list: list[str], args: list[Any]) -> Any:
+        """Run a submit script; with ``replica_acks``, acknowledge only what replicas hold."""
+        n = self.settings.replica_acks
+        if not n:
+            return await script(keys=key_list, args=args)
+        pipe = self.redis.pipeline(transaction=False)
+        await script(keys=key_list, args=args, client=pipe)
+        pipe.execute_command("WAIT", n, self.settings.replica_ack_timeout_ms)
+        reply, acks = await pipe.execute()
+        protocol.check_replicated(acks, n)
+        return reply
 
     async def status(self, job_id: str, *, queue: str | None = None) -> JobStatus:
         with translated():

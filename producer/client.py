@@ -9,7 +9,7 @@ from typing import Any
 import redis
 
 from producer import protocol
-from producer.connection import connect, connection_kwargs
+from producer.connection import connect, connection_kwargs, is_cluster
 from producer.errors import JobNotFound, WaitTimeout
 from producer.keys import QueueKeys
 from producer.protocol import Job
@@ -33,6 +33,8 @@ class Client:
         self._submit = self.redis.register_script(source("submit_job"))
         self._cancel = self.redis.register_script(source("cancel_job"))
         self._submit_batch = self.redis.register_script(batched("submit_job"))
+        if self.settings.replica_acks and is_cluster(self.redis):
+            raise ValueError("replica_acks needs a standalone or Sentinel URL, not a cluster")
 
     @classmethod
     def from_url(cls, url: str | None = None, **settings: Any) -> Client:
@@ -71,7 +73,7 @@ class Client:
         keys = self._keys(queue)
         key_list, args = protocol.submit_call(keys, self.settings, req, idempotency_key)
         with translated():
-            reply = self._submit(keys=key_list, args=args)
+            reply = self._acked(self._submit, key_list, args)
         return protocol.parse_submit(reply, keys.queue)
 
     def submit_many(
@@ -91,10 +93,22 @@ class Client:
         for start in range(0, len(calls), chunk):
             key_list, args = batch_args(calls[start:start + chunk])
             with translated():
-                replies = self._submit_batch(keys=key_list, args=args)
+                replies = self._acked(self._submit_batch, key_list, args)
             accepted.extend(protocol.parse_submit_many(replies, keys.queue))
             protocol.raise_if_refused(accepted, len(calls), keys.queue)
         return [i for i in accepted if i is not None]
+
+    def _acked(self, script: Any, key_list: list[str], args: list[Any]) -> Any:
+        """Run a submit script; with ``replica_acks``, acknowledge only what replicas hold."""
+        n = self.settings.replica_acks
+        if not n:
+            return script(keys=key_list, args=args)
+        pipe = self.redis.pipeline(transaction=False)
+        script(keys=key_list, args=args, client=pipe)
+        pipe.execute_command("WAIT", n, self.settings.replica_ack_timeout_ms)  # type: ignore[no-untyped-call]
+        reply, acks = pipe.execute()
+        protocol.check_replicated(acks, n)
+        return reply
 
     def status(self, job_id: str, *, queue: str | None = None) -> JobStatus:
         with translated():

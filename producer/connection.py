@@ -22,8 +22,10 @@ Query parameters understood by every form: ``socket_timeout``, ``socket_connect_
 ``ssl_ca_certs`` (a path). Plain ``redis://``/``rediss://``/``unix://`` URLs accept every
 parameter redis-py's ``from_url`` does.
 
-A Sentinel client asks the sentinels for the master on each new connection and drops its
-connections when the old master answers READONLY, so it follows a failover by itself. A
+A Sentinel client asks the sentinels for the master on each new connection and drops a
+connection when the master it reaches answers READONLY (it was demoted) or NOREPLICAS (it
+lost its replicas: during a switchover the old master keeps its role for seconds after the
+sentinels named another), so it follows a failover by itself. A
 cluster client follows MOVED redirections and refreshes its slot map after a failover.
 """
 
@@ -38,8 +40,14 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
 from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
 from redis.asyncio.sentinel import Sentinel as AsyncSentinel
+from redis.asyncio.sentinel import SentinelManagedConnection as AsyncSentinelConnection
+from redis.asyncio.sentinel import SentinelManagedSSLConnection as AsyncSentinelSSLConnection
 from redis.cluster import ClusterNode, RedisCluster
-from redis.sentinel import Sentinel
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.sentinel import Sentinel, SentinelManagedConnection, SentinelManagedSSLConnection
+
+from producer.redis_errors import error_code
 
 SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
 CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}
@@ -150,6 +158,39 @@ def _redact(url: str) -> str:
     return f"{scheme}{sep}***@{tail}" if at else url.split("?", 1)[0]
 
 
+_DEMOTED = "the master refuses writes ({}); asking the sentinels for the master again"
+
+
+class _FollowingConnection(SentinelManagedConnection):
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().read_response(*args, **kwargs)  # type: ignore[no-untyped-call]
+        except ResponseError as e:
+            if error_code(e) == "NOREPLICAS" and self.connection_pool.is_master:
+                self.disconnect()  # type: ignore[no-untyped-call]
+                raise RedisConnectionError(_DEMOTED.format("NOREPLICAS")) from e
+            raise
+
+
+class _FollowingSSLConnection(_FollowingConnection, SentinelManagedSSLConnection):
+    pass
+
+
+class _AsyncFollowingConnection(AsyncSentinelConnection):
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)
+        except ResponseError as e:
+            if error_code(e) == "NOREPLICAS" and self.connection_pool.is_master:
+                await self.disconnect()
+                raise RedisConnectionError(_DEMOTED.format("NOREPLICAS")) from e
+            raise
+
+
+class _AsyncFollowingSSLConnection(_AsyncFollowingConnection, AsyncSentinelSSLConnection):
+    pass
+
+
 def connect(url: str, **kwargs: Any) -> redis.Redis:
     """A blocking client for ``url`` (any form above). ``kwargs`` add connection settings.
 
@@ -163,7 +204,9 @@ def connect(url: str, **kwargs: Any) -> redis.Redis:
         nodes = [ClusterNode(h, p) for h, p in target.hosts]  # type: ignore[no-untyped-call]
         return cast(redis.Redis, RedisCluster(startup_nodes=nodes, **node))
     sentinel = Sentinel(target.hosts, sentinel_kwargs=target.sentinel_kwargs(), **node)  # type: ignore[no-untyped-call]
-    return cast(redis.Redis, sentinel.master_for(target.service, db=target.db))  # type: ignore[no-untyped-call]
+    conn = _FollowingSSLConnection if target.ssl else _FollowingConnection
+    return cast(redis.Redis, sentinel.master_for(  # type: ignore[no-untyped-call]
+        target.service, db=target.db, connection_class=conn))
 
 
 def connect_async(url: str, **kwargs: Any) -> aioredis.Redis:
@@ -176,7 +219,9 @@ def connect_async(url: str, **kwargs: Any) -> aioredis.Redis:
         nodes = [AsyncClusterNode(h, p) for h, p in target.hosts]
         return cast(aioredis.Redis, AsyncRedisCluster(startup_nodes=nodes, **node))
     sentinel = AsyncSentinel(target.hosts, sentinel_kwargs=target.sentinel_kwargs(), **node)  # type: ignore[no-untyped-call]
-    return cast(aioredis.Redis, sentinel.master_for(target.service, db=target.db))
+    conn = _AsyncFollowingSSLConnection if target.ssl else _AsyncFollowingConnection
+    return cast(aioredis.Redis, sentinel.master_for(
+        target.service, db=target.db, connection_class=conn))
 
 
 def is_cluster(client: object) -> bool:

@@ -11,7 +11,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from producer.errors import InvalidRequest, JobNotFound, PayloadTooLarge, QueueFull
+from producer.errors import (
+    InvalidRequest,
+    JobNotFound,
+    PayloadTooLarge,
+    QueueFull,
+    RedisUnavailable,
+)
 from producer.keys import QueueKeys
 from producer.schema import JobRequest, JobResult, JobStatus, Timings, dump
 from producer.settings import ClientSettings
@@ -147,6 +153,14 @@ def raise_if_refused(accepted: list[str | None], total: int, queue: str) -> None
             f"{total - len(accepted)} not sent",
             accepted=accepted,
         )
+
+
+def check_replicated(acks: Any, wanted: int) -> None:
+    """After ``WAIT``: fewer replicas than wanted hold the write, so it could vanish in a
+    failover and must not be acknowledged."""
+    if int(acks) < wanted:
+        raise RedisUnavailable(f"submit reached {int(acks)} of {wanted} replicas in time; "
+                               "it may or may not be kept", "NOREPLICAS")
 
 
 def cancel_keys(keys: QueueKeys, job_id: str) -> list[str]:

@@ -8,6 +8,7 @@ it does not know (NOREPLICAS, BUSY, MISCONF) keep the code as the message's firs
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -34,6 +35,7 @@ _TRANSIENT_CLASSES: tuple[type[BaseException], ...] = (
     rx.TryAgainError, rx.ClusterDownError, rx.ClusterError, rx.AskError,
     rx.RedisClusterException, OSError,
 )
+_PIPELINE_PREFIX = re.compile(r"^Command # \d+ \(.*?\) of pipeline caused error: ", re.S)
 _CONFIG_CLASSES: tuple[type[BaseException], ...] = (
     rx.AuthenticationError, rx.AuthorizationError, rx.NoPermissionError,
     rx.AuthenticationWrongNumberOfArgsError,
@@ -46,7 +48,10 @@ def error_code(e: BaseException) -> str:
     if code:
         return str(code)
     if isinstance(e, rx.ResponseError) and e.args:
-        first = str(e.args[0]).split(" ", 1)[0]
+        msg = str(e.args[0])
+        # A pipeline prefixes the reply: "Command # 1 (EVALSHA ...) of pipeline caused error: "
+        m = _PIPELINE_PREFIX.search(msg)
+        first = (msg[m.end():] if m else msg).split(" ", 1)[0]
         if first.isupper() and first.isalpha():
             return first
     return ""
