@@ -29,10 +29,11 @@ class ClientSettings(BaseSettings):
     """Largest request body accepted at submit (JSON bytes)."""
     replica_acks: int = Field(0, ge=0)
     """Replicas that must hold each submit before it is acknowledged (``WAIT`` after the
-    submit, on the same connection). 1 with a Sentinel-managed master: an acknowledged submit
-    survives kill -9 of the master and any failover. When fewer confirm in time the submit
-    raises RedisUnavailable (the job may exist: resubmit with the same idempotency key).
-    Standalone and Sentinel URLs only."""
+    submit, on the same connection). 1 with a Sentinel-managed master and two replicas: an
+    acknowledged submit survives kill -9 of the master (the sentinels promote the replica
+    that has the most); a planned switchover also needs writes paused first (README, Redis
+    high availability). When fewer confirm in time the submit raises RedisUnavailable (the
+    job may exist: resubmit with the same idempotency key). Standalone and Sentinel only."""
     replica_ack_timeout_ms: int = Field(1000, ge=1)
     """How long a submit waits for ``replica_acks`` replicas."""
     batch_ttl: int = Field(7 * 86_400, ge=60)
