@@ -52,7 +52,7 @@ class _Monitor(threading.Thread):
 
     def run(self) -> None:
         r = redis.Redis(port=self.port, socket_timeout=0.5)
-        with r.monitor() as m:
+        with r.monitor() as m:  # type: ignore[no-untyped-call]
             while not self.stop.is_set():
                 try:
                     cmd = m.next_command()
