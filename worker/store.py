@@ -71,6 +71,18 @@ def _common(name: str) -> str:
     return source("_common") + "\n" + source(name)
 
 
+def _cluster_client_race(e: Exception) -> bool:
+    """redis-py 8.1's asyncio cluster client, on a lost node, closes every node's connections
+    while other tasks are still writing on them: those fail with AttributeError inside
+    redis-py (seen under a cluster master kill -9). It is the same lost connection."""
+    if not isinstance(e, AttributeError):
+        return False
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and "/redis/" in tb.tb_frame.f_code.co_filename
+
+
 def _redis_call(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
     """Map Redis' transient failures to :class:`RedisUnavailable`; recreate lost groups."""
 
@@ -90,7 +102,7 @@ def _redis_call(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
                 raise unavailable(e) from e
             raise
         except Exception as e:
-            if is_transient(e):
+            if is_transient(e) or _cluster_client_race(e):
                 raise unavailable(e) from e
             raise
 
