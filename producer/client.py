@@ -39,7 +39,8 @@ class Client:
     @classmethod
     def from_url(cls, url: str | None = None, **settings: Any) -> Client:
         cfg = ClientSettings.model_validate({**({"redis_url": url} if url else {}), **settings})
-        return cls(connect(cfg.redis_url), cfg)
+        with translated():  # a cluster client reads the slot map here already
+            return cls(connect(cfg.redis_url), cfg)
 
     def close(self) -> None:
         self.redis.close()
