@@ -9,9 +9,9 @@ COPY pyproject.toml README.md ./
 COPY producer ./producer
 COPY worker ./worker
 COPY slotfill ./slotfill
-# worker-common = prometheus-client, sentry-sdk, tokenizers (the `worker` extra would pull
-# vLLM again); celery for completion callbacks. The image's vLLM/torch stay untouched.
-RUN python3 -m pip install --no-cache-dir ".[worker-common]" "celery[redis]>=5.3,<6" \
+# worker-common = the CLI, prometheus-client, sentry-sdk, tokenizers (the `worker` extra would
+# pull vLLM again); celery for completion callbacks. The image's vLLM/torch stay untouched.
+RUN python3 -m pip install --no-cache-dir ".[worker-common,celery]" \
  && python3 -c "import slotfill, slotfill.cli.main, worker.ops"
 
 ENV PYTHONUNBUFFERED=1 \

@@ -57,7 +57,8 @@ def measure(reqs: list[Request], workers: list[WorkerProcess], redis_url: str,
     """Submit every request at once, wait for every result (``stream``: every job streams and
     is read through its token stream); per-request records carry the worker that ran it."""
     r = redis.Redis.from_url(redis_url)
-    client = Client.from_url(redis_url, queue=QUEUE, max_pending=max(100_000, 2 * len(reqs)))
+    client = Client.from_url(redis_url, queue=QUEUE)
+    client.configure_queue(max_pending=max(100_000, 2 * len(reqs)))
     bodies = [{**q.job(), "stream": True} if stream else q.job() for q in reqs]
     deltas = 0
     before = command_calls(r)

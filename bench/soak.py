@@ -41,7 +41,8 @@ def run_soak(jobs: int = 100_000, slots: int = 256, headroom: int = 32, step_ms:
     (wd / "redis").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     with BenchRedisServer(workdir=str(wd / "redis"), priority_boost=boost) as server:
-        c = Client.from_url(server.url, queue=QUEUE, max_pending=jobs + 1)
+        c = Client.from_url(server.url, queue=QUEUE)
+        c.configure_queue(max_pending=jobs + 1)
         t = time.perf_counter()
         for i in range(0, jobs, 10_000):
             n = min(10_000, jobs - i)

@@ -33,7 +33,9 @@ def run_submit_bench(reqs: list[Request], single: int = 2000, many: int = 20_000
     with BenchRedisServer(workdir=tempfile.mkdtemp(prefix="slotfill-bench-submit-"),
                           priority_boost=boost) as server:
         r = redis.Redis.from_url(server.url)
-        c = Client.from_url(server.url, max_pending=10 * (depth + probe + many + single))
+        c = Client.from_url(server.url)
+        for name in ("single", "many", "empty", "deep"):
+            c.configure_queue(max_pending=10 * (depth + probe + many + single), queue=name)
         out: dict[str, Any] = {"redis_appendfsync": server.appendfsync,
                                "prompt_tokens_per_job": sum(len(q.prompt) for q in reqs) / len(reqs)}
 

@@ -12,6 +12,7 @@ from producer.errors import (
     JobNotFound,
     PayloadTooLarge,
     QueueFull,
+    Refused,
     SlotfillError,
     WaitTimeout,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "Priority",
     "QueueFull",
     "QueueKeys",
+    "Refused",
     "Restarted",
     "SlotfillError",
     "StreamEvent",

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from producer import protocol
 from producer.connection import connect_async, connection_kwargs, is_cluster
@@ -63,11 +64,16 @@ class AsyncClient:
     ) -> Job:
         if prompt is not None:
             params["prompt"] = prompt
-        req = protocol.build_request(request, params, timeout)
+        with translated():
+            now = None if timeout is None else protocol.server_time(await self.redis.time())
+        req = protocol.build_request(request, params, timeout, now)
         keys = self._keys(queue)
         key_list, args = protocol.submit_call(keys, self.settings, req, idempotency_key)
         with translated():
-            reply = await self._acked(self._submit, key_list, args)
+            try:
+                reply = await self._acked(self._submit, key_list, args)
+            except ResponseError as e:
+                raise protocol.refusal(e) or e from None
         return protocol.parse_submit(reply, keys.queue)
 
     async def submit_many(
@@ -80,7 +86,10 @@ class AsyncClient:
         for start in range(0, len(calls), chunk):
             key_list, args = batch_args(calls[start:start + chunk])
             with translated():
-                replies = await self._acked(self._submit_batch, key_list, args)
+                try:
+                    replies = await self._acked(self._submit_batch, key_list, args)
+                except ResponseError as e:
+                    raise protocol.refusal(e) or e from None
             accepted.extend(protocol.parse_submit_many(replies, keys.queue))
             protocol.raise_if_refused(accepted, len(calls), keys.queue)
         return [i for i in accepted if i is not None]
@@ -137,10 +146,11 @@ class AsyncClient:
     async def cancel(self, job_id: str, *, queue: str | None = None) -> str:
         keys = self._keys(queue)
         with translated():
-            reply = await self._cancel(
-                keys=protocol.cancel_keys(keys, job_id),
-                args=[job_id, protocol.cancelled_result(job_id), repr(time.time()),
-                      self.settings.result_ttl])
+            try:
+                reply = await self._cancel(keys=protocol.cancel_keys(keys, job_id),
+                                           args=[job_id, self.settings.result_ttl])
+            except ResponseError as e:
+                raise protocol.refusal(e) or e from None
         return reply.decode() if isinstance(reply, bytes) else str(reply)
 
     async def stream(self, job_id: str, *, after: str = FIRST_ID, timeout: float | None = None,

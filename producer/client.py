@@ -7,10 +7,11 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import redis
+from redis.exceptions import ResponseError
 
-from producer import protocol
+from producer import protocol, queue_config
 from producer.connection import connect, connection_kwargs, is_cluster
-from producer.errors import JobNotFound, WaitTimeout
+from producer.errors import InvalidRequest, JobNotFound, WaitTimeout
 from producer.keys import QueueKeys
 from producer.protocol import Job
 from producer.redis_errors import translated
@@ -70,12 +71,28 @@ class Client:
         """
         if prompt is not None:
             params["prompt"] = prompt
-        req = protocol.build_request(request, params, timeout)
+        with translated():
+            now = None if timeout is None else protocol.server_time(self.redis.time())
+        req = protocol.build_request(request, params, timeout, now)
         keys = self._keys(queue)
         key_list, args = protocol.submit_call(keys, self.settings, req, idempotency_key)
         with translated():
-            reply = self._acked(self._submit, key_list, args)
+            try:
+                reply = self._acked(self._submit, key_list, args)
+            except ResponseError as e:
+                raise protocol.refusal(e) or e from None
         return protocol.parse_submit(reply, keys.queue)
+
+    def configure_queue(self, *, max_pending: int | None = None,
+                        max_payload_bytes: int | None = None, queue: str | None = None
+                        ) -> dict[str, int]:
+        """Set the queue's limits in Redis, where the submit step reads them (an operator's
+        act; callers of ``submit_job`` cannot pass their own cap). Returns what was set."""
+        try:
+            return queue_config.configure(self.redis, self._keys(queue), max_pending,
+                                          max_payload_bytes)
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from None
 
     def submit_many(
         self, requests: Iterable[JobRequest | dict[str, Any]], *, queue: str | None = None,
@@ -94,7 +111,10 @@ class Client:
         for start in range(0, len(calls), chunk):
             key_list, args = batch_args(calls[start:start + chunk])
             with translated():
-                replies = self._acked(self._submit_batch, key_list, args)
+                try:
+                    replies = self._acked(self._submit_batch, key_list, args)
+                except ResponseError as e:
+                    raise protocol.refusal(e) or e from None
             accepted.extend(protocol.parse_submit_many(replies, keys.queue))
             protocol.raise_if_refused(accepted, len(calls), keys.queue)
         return [i for i in accepted if i is not None]
@@ -151,12 +171,12 @@ class Client:
         """Cancel a job: ``cancelled`` (was queued), ``requested`` (running: the worker aborts
         it within one engine step), ``finished`` (too late) or ``unknown``."""
         keys = self._keys(queue)
-        settings = self.settings
         with translated():
-            reply = self._cancel(
-            keys=protocol.cancel_keys(keys, job_id),
-                args=[job_id, protocol.cancelled_result(job_id), repr(time.time()),
-                      settings.result_ttl])
+            try:
+                reply = self._cancel(keys=protocol.cancel_keys(keys, job_id),
+                                     args=[job_id, self.settings.result_ttl])
+            except ResponseError as e:
+                raise protocol.refusal(e) or e from None
         return reply.decode() if isinstance(reply, bytes) else str(reply)
 
     def stream(self, job_id: str, *, after: str = FIRST_ID, timeout: float | None = None,

@@ -53,6 +53,19 @@ class PayloadTooLarge(InvalidRequest):
         )
 
 
+class Refused(InvalidRequest):
+    """A Lua step refused its arguments (its reply was ``ERR slotfill:<reason> <what>``):
+    a malformed id, a key that is not the queue's own, a body it cannot take. Nothing was
+    written. Caller's fault."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        code = ErrorCode.payload_too_large if reason == "payload_too_large" else (
+            ErrorCode.invalid_request)
+        super().__init__(f"{reason}: {message}", code)
+        self.reason = reason
+        """``invalid_argument``, ``invalid_key``, ``invalid_body`` or ``payload_too_large``."""
+
+
 class QueueFull(SlotfillError):
     """The queue holds its maximum number of unfinished jobs. Retry later (backpressure)."""
 

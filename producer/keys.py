@@ -83,6 +83,13 @@ class QueueKeys:
         return f"{self.base}:control"
 
     @property
+    def config(self) -> str:
+        """Hash of the queue's own limits (``max_pending``, ``max_payload_bytes``), read by
+        the submit step instead of trusting its caller; written by an operator
+        (``producer.queue_config``) or seeded by workers."""
+        return f"{self.base}:config"
+
+    @property
     def stats(self) -> str:
         """Hash of counters (duplicates suppressed, reclaims, dead-letters, ...)."""
         return f"{self.base}:stats"

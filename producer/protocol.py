@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import secrets
 import time
 from collections.abc import Iterable
@@ -10,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
+from redis.exceptions import ResponseError
 
 from producer.errors import (
     InvalidRequest,
@@ -17,9 +20,10 @@ from producer.errors import (
     PayloadTooLarge,
     QueueFull,
     RedisUnavailable,
+    Refused,
 )
 from producer.keys import QueueKeys
-from producer.schema import JobRequest, JobResult, JobStatus, Timings, dump
+from producer.schema import JobRequest, JobResult, JobStatus, dump, request_from_data
 from producer.settings import ClientSettings
 from producer.streaming import StreamCursor, StreamEvent, whole_result_delta
 
@@ -65,21 +69,34 @@ def build_request(
     request: JobRequest | dict[str, Any] | None,
     params: dict[str, Any],
     timeout: float | None,
+    server_now: float | None = None,
 ) -> JobRequest:
+    """The validated request. ``timeout`` (seconds, finite, > 0) becomes the body's
+    ``deadline`` on the Redis server's clock: ``server_now`` is its ``TIME`` (deadlines are
+    only ever compared with Redis' clock, never a worker's or a client's)."""
     try:
         if isinstance(request, JobRequest) and not params:
             req = request
         else:
-            data = (request.model_dump(exclude_none=True) if isinstance(request, JobRequest)
-                    else dict(request or {}))
-            req = JobRequest.model_validate({**data, **params})
+            data = (request.model_dump(mode="json", exclude_none=True)
+                    if isinstance(request, JobRequest) else dict(request or {}))
+            req = request_from_data({**data, **params})
     except ValidationError as e:
         raise InvalidRequest(_describe(e)) from None
+    except ValueError as e:
+        raise InvalidRequest(f"invalid request: {e}") from None
     if timeout is not None:
-        if timeout <= 0:
-            raise InvalidRequest("timeout must be positive")
-        req = req.model_copy(update={"deadline": time.time() + timeout})
+        if not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+            raise InvalidRequest("timeout must be a finite number of seconds > 0")
+        now = server_now if server_now is not None else time.time()
+        req = req.model_copy(update={"deadline": now + timeout})
     return req
+
+
+def server_time(reply: Any) -> float:
+    """Unix seconds from a ``TIME`` reply (seconds, microseconds)."""
+    sec, usec = reply
+    return int(sec) + int(usec) / 1e6
 
 
 def _describe(e: ValidationError) -> str:
@@ -94,7 +111,8 @@ def submit_call(
     req: JobRequest,
     idempotency_key: str | None,
 ) -> tuple[list[str], list[str | int | float]]:
-    """KEYS and ARGV of ``submit_job`` for one validated request."""
+    """KEYS and ARGV of ``submit_job`` for one validated request. The step itself reads the
+    priority, ``stream`` and ``deadline`` from the body and the cap from the queue's config."""
     body = dump(req)
     size = len(body.encode("utf-8"))
     if size > settings.max_payload_bytes:
@@ -107,17 +125,10 @@ def submit_call(
         keys.job(job_id),
         keys.idempotency(idempotency_key or "-"),
         *keys.streams,
+        keys.config,
     ]
     args: list[str | int | float] = [
-        job_id,
-        body,
-        repr(time.time()),
-        settings.max_pending,
-        settings.idempotency_ttl if idempotency_key else "",
-        repr(req.deadline) if req.deadline is not None else "",
-        req.priority.value,
-        "1" if req.stream else "",
-    ]
+        job_id, body, settings.idempotency_ttl if idempotency_key else ""]
     return key_list, args
 
 
@@ -126,6 +137,16 @@ def parse_submit(reply: list[Any], queue: str) -> Job:
     if kind == "full":
         raise QueueFull(f"queue {queue!r} holds {value} unfinished jobs, its cap")
     return Job(id=value, queue=queue, created=kind == "ok")
+
+
+REFUSAL = re.compile(r"^(?:ERR )?slotfill:(\w+) (.*)$", re.S)
+
+
+def refusal(e: ResponseError) -> Refused | None:
+    """The typed error for a Lua step's refusal (``ERR slotfill:<reason> <what>``), or None
+    for any other Redis error."""
+    m = REFUSAL.match(str(e))
+    return Refused(m.group(1), m.group(2)) if m else None
 
 
 def submit_calls(
@@ -138,6 +159,8 @@ def submit_calls(
 def parse_submit_many(replies: list[Any], queue: str) -> list[str | None]:
     out: list[str | None] = []
     for reply in replies:
+        if isinstance(reply, ResponseError):  # one call of a batched script refused
+            raise refusal(reply) or reply
         try:
             out.append(parse_submit(reply, queue).id)
         except QueueFull:
@@ -174,12 +197,6 @@ def parse_status(raw: Any) -> JobStatus | None:
 
 def parse_result(raw: Any) -> JobResult | None:
     return None if raw is None else JobResult.model_validate_json(raw)
-
-
-def cancelled_result(job_id: str) -> str:
-    now = time.time()
-    return dump(JobResult(id=job_id, status=JobStatus.cancelled,
-                          timings=Timings(finished_at=now), finish_reason="cancelled"))
 
 
 STREAM_PROBE_S = 0.5

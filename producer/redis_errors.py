@@ -33,7 +33,7 @@ TRANSIENT_CODES = frozenset({
 _TRANSIENT_CLASSES: tuple[type[BaseException], ...] = (
     rx.ConnectionError, rx.TimeoutError, rx.ReadOnlyError, rx.OutOfMemoryError,
     rx.TryAgainError, rx.ClusterDownError, rx.ClusterError, rx.AskError,
-    rx.RedisClusterException, OSError,
+    rx.SlotNotCoveredError, OSError,
 )
 _PIPELINE_PREFIX = re.compile(r"^Command # \d+ \(.*?\) of pipeline caused error: ", re.S)
 _CONFIG_CLASSES: tuple[type[BaseException], ...] = (
@@ -68,7 +68,15 @@ def is_transient(e: BaseException) -> bool:
         return True
     if isinstance(e, SlotfillError) or is_config_error(e):  # WaitTimeout is an OSError too
         return False
-    return isinstance(e, _TRANSIENT_CLASSES) or error_code(e) in TRANSIENT_CODES
+    return (isinstance(e, _TRANSIENT_CLASSES) or error_code(e) in TRANSIENT_CODES
+            or _cluster_unreachable(e))
+
+
+def _cluster_unreachable(e: BaseException) -> bool:
+    # redis-py raises its generic cluster exception both for "no startup node answers" (an
+    # outage) and for misuse such as a blocked pipeline command (a bug): only the first waits.
+    return type(e) is rx.RedisClusterException and str(e).startswith(
+        "Redis Cluster cannot be connected")
 
 
 def unavailable(e: BaseException) -> RedisUnavailable:

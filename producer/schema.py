@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from enum import Enum
@@ -236,5 +237,23 @@ def dump(model: BaseModel) -> str:
     return model.model_dump_json(exclude_none=True)
 
 
+def parse_request_json(raw: str | bytes) -> JobRequest:
+    """A request body exactly as the wire carries it, with JSON's own types only: no
+    ``"10"`` for 10, no ``"true"`` for true (strict validation); ValidationError otherwise.
+    Bytes must be UTF-8."""
+    return JobRequest.model_validate_json(raw, strict=True)
+
+
+def request_from_data(data: dict[str, Any]) -> JobRequest:
+    """A request from Python values, held to the same rule as the wire (it goes through
+    JSON): ValidationError for a wrong type, ValueError for a value JSON cannot carry
+    (NaN, infinity, an object that is not JSON)."""
+    try:
+        raw = json.dumps(data, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"request is not JSON: {e}") from None
+    return parse_request_json(raw)
+
+
 def as_request(value: JobRequest | dict[str, Any]) -> JobRequest:
-    return value if isinstance(value, JobRequest) else JobRequest.model_validate(value)
+    return value if isinstance(value, JobRequest) else request_from_data(value)

@@ -1,22 +1,76 @@
-"""The Lua steps, one per job state transition, loaded from ``producer/lua``."""
+"""The Lua steps, one per job state transition, loaded from ``producer/lua``.
+
+Code shared between scripts lives in ``producer/lua/includes`` and is pulled in by an explicit
+line in the including file (BullMQ's convention)::
+
+    --- @include "includes/terminal"
+
+The loader replaces that line with the named file (``lua/<name>.lua``), itself resolved the
+same way. Each file is inlined once per script, at its first include, so a script sees every
+definition before it is used; an include that names no file, or a cycle, raises
+:class:`IncludeError` when the script is loaded, never a half-built script at run time.
+"""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from functools import cache
 from importlib import resources
 
-WORKER_SCRIPTS = ("start_jobs", "reclaim_jobs")
-"""Scripts that share ``_common.lua`` (prepended at load)."""
+INCLUDE = re.compile(r'^--- @include "([A-Za-z0-9_./-]+)"[ \t]*$')
+
+
+class IncludeError(ValueError):
+    """A script names an include that does not exist, or includes itself through others."""
+
+
+def _read(name: str) -> str:
+    path = resources.files("producer").joinpath(f"lua/{name}.lua")
+    if not path.is_file():
+        raise FileNotFoundError(name)
+    return path.read_text("utf-8")
+
+
+def resolve(name: str, read: Callable[[str], str]) -> str:
+    """``name``'s text with every include inlined (once each, dependencies first).
+    ``read`` maps a name to its raw text (FileNotFoundError for none)."""
+    done: set[str] = set()
+
+    def expand(current: str, chain: tuple[str, ...]) -> str:
+        if current in chain:
+            raise IncludeError("include cycle: " + " -> ".join((*chain, current)))
+        try:
+            text = read(current)
+        except FileNotFoundError:
+            via = f" (included by {chain[-1]})" if chain else ""
+            raise IncludeError(f"no Lua file {current!r}{via}") from None
+        out = []
+        for line in text.splitlines(keepends=True):
+            m = INCLUDE.match(line.rstrip("\r\n"))
+            if m is None:
+                out.append(line)
+                continue
+            included = m.group(1)
+            if included not in done:
+                body = expand(included, (*chain, current))
+                done.add(included)
+                out.append(body if body.endswith("\n") else body + "\n")
+        return "".join(out)
+
+    return expand(name, ())
+
+
+def shipped() -> list[str]:
+    """Every top-level script (the ``includes`` are parts of scripts, not scripts)."""
+    lua = resources.files("producer").joinpath("lua")
+    return sorted(p.name[:-4] for p in lua.iterdir() if p.name.endswith(".lua"))
 
 
 @cache
 def source(name: str) -> str:
-    """The Lua text of one transition, exactly as sent to Redis."""
-    text = resources.files("producer").joinpath(f"lua/{name}.lua").read_text("utf-8")
-    if name in WORKER_SCRIPTS:
-        common = resources.files("producer").joinpath("lua/_common.lua").read_text("utf-8")
-        text = common + "\n" + text
-    return text
+    """The Lua text of one transition, exactly as sent to Redis (includes inlined)."""
+    return resolve(name, _read)
 
 
 _BATCH_LOOP = """

@@ -20,7 +20,9 @@ class ClientSettings(BaseSettings):
     queue: str = "default"
     """Queue name; all its keys share the Redis Cluster hash tag ``{queue}``."""
     max_pending: int = Field(100_000, ge=1)
-    """Cap on unfinished jobs (queued + running) per queue; submit past it raises QueueFull."""
+    """Cap on unfinished jobs (queued + running) per queue. Workers seed it into the queue's
+    config (`slotfill:{Q}:config`) when that has none; the submit step reads the cap there,
+    never from its caller (`Client.configure_queue` changes it)."""
     result_ttl: int = Field(86_400, ge=1)
     """Seconds a finished job's record and result stay readable."""
     idempotency_ttl: int = Field(86_400, ge=1)

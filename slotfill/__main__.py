@@ -1,5 +1,5 @@
 """``python -m slotfill`` = the ``slotfill`` command."""
 
-from slotfill.cli.main import app
+from slotfill.cli.entry import main
 
-app()
+main()

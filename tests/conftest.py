@@ -1,17 +1,22 @@
-"""Shared fixtures: a real redis-server per session, workers as real subprocesses."""
+"""Shared fixtures: a real redis-server per session; workers in-process (simulated engine) for
+logic tests, as real subprocesses where a process must die or the shell command is tested."""
 
 from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
+import fakeredis
 import pytest
 import redis
 
-from producer import Client
+from producer import Client, ClientSettings
 from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.inproc import InprocWorker
 from slotfill.testing.redis_server import RedisServer
 
 _queue_ids = itertools.count()
@@ -48,10 +53,49 @@ def client(redis_server: RedisServer, queue: str) -> Iterator[Client]:
     c.close()
 
 
+@pytest.fixture
+def fake_r() -> Iterator[redis.Redis]:
+    """An in-memory Redis (fakeredis; Lua through lupa) of its own, for producer-side unit
+    tests where a server adds nothing. The client's scripts (submit, cancel, token append) run
+    on it; the worker's claim scripts do not (fakeredis answers an XREADGROUP with nothing new
+    inside Lua with an empty array, Redis with nil): those stay on the real server."""
+    r = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def fake_client(fake_r: redis.Redis, queue: str) -> Client:
+    return Client(fake_r, ClientSettings(queue=queue))
+
+
+@pytest.fixture
+def inproc(redis_server: RedisServer, queue: str) -> Iterator[Callable[..., InprocWorker]]:
+    """Make in-process simulated-engine workers on this test's queue (``inproc("a",
+    max_num_seqs=4)``, started); whatever is still running at the end is drained."""
+    made: list[InprocWorker] = []
+
+    def make(name: str, **settings: Any) -> InprocWorker:
+        w = InprocWorker(redis_server.url, name, **{"queue": queue, **settings}).start()
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        if w.alive:
+            w.stop(30)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Real-engine tests run last, so the session's engine boots while the others run (see
+    ``_boot_session_engine``). The sort is stable: file order otherwise."""
+    items.sort(key=lambda item: item.get_closest_marker("engine") is not None)
+
+
 @pytest.fixture(scope="session")
-def engine_worker(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
-                  ) -> Iterator[WorkerProcess]:
-    """One real vLLM engine (CPU build, generated tiny model) for the whole session."""
+def _session_engine(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+                    ) -> Iterator[WorkerProcess]:
+    """The session's real-engine worker, started (not yet ready)."""
     d = tmp_path_factory.mktemp("engine-worker")
     w = WorkerProcess(
         redis_server.url, "engine-worker", d / "worker.log", queue="e2e",
@@ -59,13 +103,28 @@ def engine_worker(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFa
         max_num_batched_tokens=1024, step_log=str(d / "steps.jsonl"),
         lease_seconds=30, engine_hang_seconds=300,
     ).start()
-    try:
-        w.wait_ready(timeout=600)
-    except Exception:
-        w.kill()
-        raise
     yield w
     w.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _boot_session_engine(request: pytest.FixtureRequest) -> None:
+    """Start the engine worker with the session's first test when a selected test needs it:
+    its 30-60 s boot then overlaps the tests that run before the engine tests."""
+    if any({"engine_worker", "engine_client"} & set(getattr(item, "fixturenames", ()))
+           for item in request.session.items):
+        request.getfixturevalue("_session_engine")
+
+
+@pytest.fixture(scope="session")
+def engine_worker(_session_engine: WorkerProcess) -> WorkerProcess:
+    """One real vLLM engine (CPU build, generated tiny model) for the whole session."""
+    try:
+        _session_engine.wait_ready(timeout=600)
+    except Exception:
+        _session_engine.kill()
+        raise
+    return _session_engine
 
 
 @pytest.fixture
@@ -73,6 +132,22 @@ def engine_client(redis_server: RedisServer, engine_worker: WorkerProcess) -> It
     c = Client.from_url(redis_server.url, queue="e2e")
     yield c
     c.close()
+
+
+@pytest.fixture(scope="session")
+def stop_later() -> Iterator[Callable[[WorkerProcess], None]]:
+    """Stop a worker process in the background (a real engine takes 10 s or more to shut
+    down) while the next tests run; the session waits for it before it ends."""
+    threads: list[threading.Thread] = []
+
+    def stop(w: WorkerProcess) -> None:
+        t = threading.Thread(target=w.stop, name=f"stop-{w.consumer}")
+        t.start()
+        threads.append(t)
+
+    yield stop
+    for t in threads:
+        t.join()
 
 
 def step_log_path(w: WorkerProcess) -> Path:

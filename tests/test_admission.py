@@ -9,6 +9,7 @@ import pytest
 from worker.admission import Admission, EngineView, Policy, newest, prompt_tokens, to_read
 from worker.engines.base import StepStats
 from worker.settings import WorkerSettings
+from worker.state import FeederState
 
 SLOTS, TARGET, BUDGET = 32, 8, 2048
 ENGINE = Policy(engine_aware=True, slots=SLOTS, ready_target=TARGET, token_budget=BUDGET,
@@ -132,6 +133,7 @@ def test_admission_reads_engine_stats_and_learns_prompt_sizes() -> None:
     assert adm.observe("{not json", flagged=True) == 0  # flagged rows leave the estimate
     assert adm.next_prompt_tokens == 900
     stats.record(running=4, waiting=1, kv=0.2, slots=4)
+    adm.update()
     # 5 held, 4 running: the newest (900 tokens) waits; 100 left of the budget < 900.
     assert adm.want(5, 0, iter([900, 10, 10, 10, 10])) == 0
     assert adm.want(4, 0, iter([10, 10, 10, 10])) == 1
@@ -139,13 +141,20 @@ def test_admission_reads_engine_stats_and_learns_prompt_sizes() -> None:
     assert fixed.want(5, 0, iter([900])) == 1
 
 
-def test_a_step_wakes_the_feeder_hook() -> None:
+def test_each_step_reaches_every_subscriber_and_the_stats_are_the_engines() -> None:
     stats = StepStats()
-    calls: list[int] = []
-    stats.on_step = lambda: calls.append(stats.running)
+    calls: list[tuple[int, bool]] = []
+    stats.subscribe(lambda step: calls.append((step.running, step.full)))
+    state = FeederState()
+    stats.subscribe(state.on_step)
     stats.record(running=3, waiting=0, kv=0.0, slots=4)
+    state.backlog = True
+    stats.record(running=3, waiting=0, kv=0.0, slots=4)  # a free slot while jobs waited
     stats.record(running=4, waiting=0, kv=0.0, slots=4)
-    assert calls == [3, 4]
+    assert calls == [(3, False), (3, False), (4, True)]
+    assert (stats.steps, stats.full_steps, state.starved_steps) == (3, 1, 1)
+    with pytest.raises(AttributeError):
+        stats.running = 2  # type: ignore[misc]  # only the engine writes (record)
 
 
 def test_ready_queue_covers_what_finishes_during_a_refill() -> None:
@@ -176,8 +185,12 @@ def test_finish_rate_and_step_time_are_measured(monkeypatch: pytest.MonkeyPatch)
     for _ in range(20):  # 20 windows of 0.5 s: 25 jobs and 50 steps each
         now[0] += 0.5
         done[0] += 25
-        stats.steps += 50
+        for _ in range(50):
+            stats.record(running=0, waiting=0, kv=0.0, slots=32)
+        adm.update()
+        before = (adm.finish_per_s, adm.step_s)
         adm.want(0, 0, iter([]))
+        assert (adm.finish_per_s, adm.step_s) == before  # asking changes nothing
         adm.read_took(0.004)
     assert adm.finish_per_s == pytest.approx(50.0, rel=0.01)
     assert adm.step_s == pytest.approx(0.01, rel=0.01)
@@ -193,14 +206,16 @@ def test_starved_steps_grow_the_ready_queue_and_calm_shrinks_it(
     now = [100.0]
     monkeypatch.setattr(adm_mod.time, "monotonic", lambda: now[0])
     stats = StepStats()
-    adm = Admission(WorkerSettings(max_num_seqs=4, headroom=3), stats, 4)
+    state = FeederState(backlog=True)
+    stats.subscribe(state.on_step)
+    adm = Admission(WorkerSettings(max_num_seqs=4, headroom=3), stats, 4,
+                    starved=lambda: state.starved_steps)
 
     def window(starved: bool) -> None:
         now[0] += 0.5
-        stats.steps += 10
-        stats.backlog = True
-        stats.record(running=3 if starved else 4, waiting=0, kv=0.1, slots=4)
-        adm.want(4, 0, iter([]))
+        for _ in range(10):
+            stats.record(running=3 if starved else 4, waiting=0, kv=0.1, slots=4)
+        adm.update()
 
     assert adm.target == 1  # nothing finishes: the estimate alone asks for one
     window(starved=True)

@@ -1,5 +1,6 @@
-"""``slotfill batch``: OpenAI Batch API files through a simulated-engine worker, including a
-kill -9 of the submitting process and a resume (nothing submitted twice, nothing lost)."""
+"""``slotfill batch``: OpenAI Batch API files through a simulated-engine worker (in-process),
+including a kill -9 of the submitting process and a resume (nothing submitted twice, nothing
+lost)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,19 +20,16 @@ from typer.testing import CliRunner
 from producer import ClientSettings, QueueKeys
 from slotfill.cli.batch import BatchFileError, default_batch_id, run_batch
 from slotfill.cli.main import app
-from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.inproc import InprocWorker
+from slotfill.testing.poll import wait_until
 from slotfill.testing.redis_server import RedisServer
 
 
 @pytest.fixture
-def sim_worker(redis_server: RedisServer, queue: str, tmp_path: Path) -> Iterator[WorkerProcess]:
-    w = WorkerProcess(redis_server.url, f"batch-{queue}", tmp_path / "w.log", queue=queue,
-                      engine="sim", sim_step_ms=3, max_num_seqs=8, headroom=4).start()
-    try:
-        w.wait_ready(60)
+def sim_worker(redis_server: RedisServer, queue: str) -> Iterator[InprocWorker]:
+    with InprocWorker(redis_server.url, f"batch-{queue}", queue=queue, engine="sim",
+                      sim_step_ms=3, max_num_seqs=8, headroom=4) as w:
         yield w
-    finally:
-        w.stop()
 
 
 def write_input(path: Path, n: int, seed: int = 0, extras: bool = True) -> list[str]:
@@ -40,13 +37,14 @@ def write_input(path: Path, n: int, seed: int = 0, extras: bool = True) -> list[
     lines = []
     for i in range(n):
         if i % 3 == 0:
-            body = {"model": "tiny", "messages": [
-                {"role": "system", "content": "be brief"},
-                {"role": "user", "content": [{"type": "text", "text": f"hi {i}"}]}],
+            # OpenAI's newer `developer` role and a participant `name` are accepted.
+            body = {"model": "gpt-4o-mini", "messages": [
+                {"role": "developer" if i % 2 else "system", "content": "be brief"},
+                {"role": "user", "name": "ann", "content": [{"type": "text", "text": f"hi {i}"}]}],
                 "max_completion_tokens": rng.randint(3, 12)}
             url = "/v1/chat/completions"
         else:
-            body = {"model": "tiny", "prompt": f"say {i}", "max_tokens": rng.randint(3, 12),
+            body = {"model": "gpt-4o-mini", "prompt": f"say {i}", "max_tokens": rng.randint(3, 12),
                     "temperature": 0.5}
             url = "/v1/completions"
         lines.append({"custom_id": f"req-{i}", "method": "POST", "url": url, "body": body})
@@ -66,7 +64,7 @@ def read_jsonl(path: Path) -> list[dict[str, object]]:
 
 
 def test_batch_file_round_trip(redis_server: RedisServer, r: redis.Redis, queue: str,
-                               sim_worker: WorkerProcess, tmp_path: Path) -> None:
+                               sim_worker: InprocWorker, tmp_path: Path) -> None:
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     ids = write_input(inp, 30)
     res = CliRunner().invoke(app, ["batch", "submit", str(inp), "--out", str(out), "--queue", queue,
@@ -80,6 +78,9 @@ def test_batch_file_round_trip(redis_server: RedisServer, r: redis.Redis, queue:
     chat = by_id["req-0"]["response"]
     assert isinstance(chat, dict) and chat["status_code"] == 200
     assert chat["body"]["object"] == "chat.completion"
+    # The model that ran (the sim worker serves the generated tiny model), not the one asked.
+    assert {x["response"]["body"]["model"] for x in ok} == {"tiny"}  # type: ignore[index]
+    assert by_id["req-3"]["response"]["status_code"] == 200  # type: ignore[index]
     assert chat["body"]["choices"][0]["message"]["role"] == "assistant"
     assert chat["body"]["usage"]["completion_tokens"] > 0
     comp = by_id["req-1"]["response"]
@@ -116,7 +117,7 @@ def test_batch_file_round_trip(redis_server: RedisServer, r: redis.Redis, queue:
 
 
 def test_batch_resumes_after_kill_without_resubmitting(
-        redis_server: RedisServer, r: redis.Redis, queue: str, sim_worker: WorkerProcess,
+        redis_server: RedisServer, r: redis.Redis, queue: str, sim_worker: InprocWorker,
         tmp_path: Path) -> None:
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     n = 240
@@ -125,11 +126,12 @@ def test_batch_resumes_after_kill_without_resubmitting(
     proc = subprocess.Popen([sys.executable, "-m", "slotfill", "batch", "submit", str(inp),
                              "--out", str(out), "--no-progress"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while len(read_jsonl(out)) < 40:
+
+    def forty_written() -> bool:
         assert proc.poll() is None, proc.communicate()[0]
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+        return len(read_jsonl(out)) >= 40
+
+    wait_until(forty_written, timeout=60, what="the batch process to write 40 lines")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     written = len(read_jsonl(out))

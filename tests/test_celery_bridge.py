@@ -1,5 +1,5 @@
 """Celery completion callbacks: a real Celery worker (solo pool) on the test Redis receives
-the results of jobs that named it, from a real slotfill worker process."""
+the results of jobs that named it, from a slotfill worker (in-process, simulated engine)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from producer import Client, InvalidRequest, JobStatus
-from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.inproc import InprocWorker
+from slotfill.testing.poll import wait_until
 from slotfill.testing.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,11 +39,11 @@ def celery_worker(redis_server: RedisServer, tmp_path: Path) -> Iterator[Path]:
              "--without-heartbeat", "-l", "info"],
             cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
-        while b"ready." not in log.read_bytes():
+        def ready() -> bool:
             assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+            return b"ready." in log.read_bytes()
+
+        wait_until(ready, timeout=60, interval=0.1, what="the Celery worker to be ready")
         yield out
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
@@ -55,10 +56,9 @@ def celery_worker(redis_server: RedisServer, tmp_path: Path) -> Iterator[Path]:
 
 def test_results_reach_the_backends_celery_tasks(redis_server: RedisServer, queue: str,
                                                  celery_worker: Path, tmp_path: Path) -> None:
-    w = WorkerProcess(redis_server.url, f"celery-{queue}", tmp_path / "w.log", queue=queue,
-                      engine="sim", celery_broker_url=_broker(redis_server, 5)).start()
-    try:
-        w.wait_ready(60)
+    w = InprocWorker(redis_server.url, f"celery-{queue}", queue=queue, engine="sim",
+                     celery_broker_url=_broker(redis_server, 5))
+    with w:
         c = Client.from_url(redis_server.url, queue=queue)
         plain = c.submit(prompt="hello", max_tokens=4,
                          callback={"celery_task": "backend.on_llm_result"})
@@ -74,15 +74,20 @@ def test_results_reach_the_backends_celery_tasks(redis_server: RedisServer, queu
         no_callback = c.submit(prompt="hello", max_tokens=2)
         for job in (plain, routed, failing, elsewhere, no_callback):
             c.wait(job.id, timeout=30)
-        deadline = time.monotonic() + 30
-        while len(celery_worker.read_text().splitlines() if celery_worker.exists() else []) < 3:
-            assert time.monotonic() < deadline, w.tail()
-            time.sleep(0.1)
-        time.sleep(0.5)  # nothing more arrives
-        got = {json.loads(x)["result"]["id"]: json.loads(x)
-               for x in celery_worker.read_text().splitlines()}
-    finally:
-        w.stop()
+    # Stopped: the worker has sent every callback it was going to send, and says which.
+    sent = {line.split("job ")[1].split(":")[0] for line in w.log_text().splitlines()
+            if line.endswith(" sent") and ": callback " in line}
+    assert sent == {plain.id, routed.id, failing.id}, w.tail()
+    # Nothing was ever written to the broker the worker was not told about.
+    assert redis.Redis.from_url(_broker(redis_server, 6)).dbsize() == 0
+
+    def received() -> list[str]:
+        return celery_worker.read_text().splitlines() if celery_worker.exists() else []
+
+    wait_until(lambda: len(received()) >= len(sent), timeout=30, interval=0.1,
+               what="the Celery task to receive every sent callback")
+    got = {json.loads(x)["result"]["id"]: json.loads(x) for x in received()}
+    assert len(got) == len(received())
     assert set(got) == {plain.id, routed.id, failing.id}
     assert got[plain.id]["result"]["status"] == "succeeded"
     assert got[plain.id]["result"]["usage"]["completion_tokens"] == 4
@@ -91,13 +96,13 @@ def test_results_reach_the_backends_celery_tasks(redis_server: RedisServer, queu
     assert got[routed.id]["queue"] == "llm-results"
     assert got[failing.id]["result"]["status"] == JobStatus.failed.value
     assert got[failing.id]["result"]["error"]["code"] == "prompt_too_long"
-    assert "not allowed" in w.tail(200)
+    assert "not allowed" in w.log_text()
 
 
-def test_callback_is_validated_at_submit(client: Client) -> None:
+def test_callback_is_validated_at_submit(fake_client: Client) -> None:
     with pytest.raises(InvalidRequest):
-        client.submit(prompt="x", callback={"celery_task": "not a task name"})
+        fake_client.submit(prompt="x", callback={"celery_task": "not a task name"})
     with pytest.raises(InvalidRequest):
-        client.submit(prompt="x", callback={"celery_task": "a.b", "broker_url": "http://x"})
+        fake_client.submit(prompt="x", callback={"celery_task": "a.b", "broker_url": "http://x"})
     with pytest.raises(InvalidRequest):
-        client.submit(prompt="x", callback={"celery_task": "a.b", "countdown": 5})
+        fake_client.submit(prompt="x", callback={"celery_task": "a.b", "countdown": 5})

@@ -61,8 +61,9 @@ def test_every_referenced_file_exists(compose: dict[str, Any]) -> None:
             ctx = ROOT / build.get("context", ".")
             if not (ctx / build.get("dockerfile", "Dockerfile")).is_file():
                 missing.append(f"{name}: dockerfile {build}")
-        for env_file in ([svc["env_file"]] if isinstance(svc.get("env_file"), str)
-                         else svc.get("env_file", [])):
+        for entry in ([svc["env_file"]] if isinstance(svc.get("env_file"), str)
+                      else svc.get("env_file", [])):
+            env_file = entry if isinstance(entry, str) else entry["path"]
             # .env is the user's copy of config/.env.example (git-ignored).
             path = "config/.env.example" if env_file == ".env" else env_file
             if not (ROOT / path).is_file():
@@ -96,7 +97,9 @@ def test_fleet_shape(compose: dict[str, Any]) -> None:
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
     assert worker["environment"]["SLOTFILL_REDIS_URL"] == "redis://redis:6379/0"
-    assert worker["env_file"] == [".env"]
+    # .env is optional: without it the workers run on the defaults (the tiny model).
+    assert worker["env_file"] == [{"path": ".env", "required": False}]
+    assert worker["shm_size"]  # podman-compose ignores ipc: host; vLLM needs /dev/shm
     cpu = svcs["worker-cpu"]
     assert cpu["profiles"] == ["cpu"] and "deploy" not in cpu
     for name in ("prometheus", "grafana"):

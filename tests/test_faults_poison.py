@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +15,10 @@ import pytest
 import redis
 
 from producer import Client, InvalidRequest, JobStatus, PayloadTooLarge, QueueKeys
-from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.inproc import InprocWorker
 from slotfill.testing.kill_soak import Fleet, check_invariants
+from slotfill.testing.poll import WaitTimeoutError, wait_until
 from slotfill.testing.redis_server import RedisServer
-
-pytestmark = pytest.mark.fault
 
 MAX_MODEL_LEN = 256
 MAX_PAYLOAD = 64 * 1024
@@ -70,18 +70,17 @@ RAW_POISON: dict[str, tuple[dict[str, Any], str]] = {
 
 
 @pytest.fixture
-def sim_fleet(redis_server: RedisServer, queue: str, tmp_path: Path) -> Any:
-    w = WorkerProcess(redis_server.url, "poison-eater", tmp_path / "w.log", queue=queue,
-                      engine="sim", sim_step_ms=5, max_num_seqs=4, headroom=2,
-                      max_model_len=MAX_MODEL_LEN, max_payload_bytes=MAX_PAYLOAD,
-                      heartbeat_seconds=0.5, lease_seconds=5).start()
-    w.wait_ready(60)
-    yield w
-    w.stop(20)
+def sim_fleet(redis_server: RedisServer, queue: str) -> Iterator[InprocWorker]:
+    """One worker, in-process: nothing here may kill it (that is what is checked)."""
+    with InprocWorker(redis_server.url, "poison-eater", queue=queue, engine="sim",
+                      sim_step_ms=5, max_num_seqs=4, headroom=2, max_model_len=MAX_MODEL_LEN,
+                      max_payload_bytes=MAX_PAYLOAD, heartbeat_seconds=0.5,
+                      lease_seconds=5) as w:
+        yield w
 
 
 def test_every_kind_of_poison_gets_a_typed_error_and_harms_nobody(
-        sim_fleet: WorkerProcess, client: Client, r: redis.Redis, queue: str) -> None:
+        sim_fleet: InprocWorker, client: Client, r: redis.Redis, queue: str) -> None:
     keys = QueueKeys.for_queue(queue)
     stream = keys.stream("normal")
     good: list[str] = []
@@ -131,13 +130,13 @@ def test_every_kind_of_poison_gets_a_typed_error_and_harms_nobody(
     dead = r.xrange(keys.dead_letter)
     assert sum(1 for _, f in dead if f[b"reason"].startswith(b"malformed")) == 4
     assert r.xlen(stream) == 0  # nothing left behind
-    # Zero worker crashes: same process, still beating, no traceback in its log.
-    assert sim_fleet.proc is not None and sim_fleet.proc.poll() is None
+    # Zero worker crashes: the same worker still running and beating, no traceback logged.
+    assert sim_fleet.alive and sim_fleet.exit_code is None
     assert r.exists(keys.worker("poison-eater"))
-    log = sim_fleet.log_path.read_text()
+    log = sim_fleet.log_text()
     # The one traceback logged is the engine's own error, kept for the operator.
     assert log.count("Traceback") == log.count("engine failed job") == 1
-    assert "engine dead" not in log and "crashed the feeder" not in log
+    assert "engine dead" not in log and "crashed its job task" not in log
 
 
 @pytest.mark.parametrize(("name", "call", "error"), [
@@ -155,33 +154,39 @@ def test_every_kind_of_poison_gets_a_typed_error_and_harms_nobody(
     ("bad priority", lambda c: c.submit(prompt="a", priority="urgent"), "invalid_request"),
 ])
 def test_bad_requests_are_refused_at_submit_with_a_clear_error(
-        client: Client, r: redis.Redis, queue: str, name: str, call: Any, error: str) -> None:
+        fake_client: Client, fake_r: redis.Redis, queue: str, name: str, call: Any,
+        error: str) -> None:
     with pytest.raises(InvalidRequest) as e:
-        call(client)
+        call(fake_client)
     assert e.value.code.value == error and str(e.value)
     if error == "payload_too_large":
         assert isinstance(e.value, PayloadTooLarge) and "limit" in str(e.value)
-    assert sum(int(r.xlen(s)) for s in QueueKeys.for_queue(queue).streams) == 0
+    assert sum(int(fake_r.xlen(s)) for s in QueueKeys.for_queue(queue).streams) == 0
 
 
 def _run_until_done(fleet: Fleet, r: redis.Redis, queue: str, ids: list[str],
-                    timeout: float) -> list[tuple[str, int | None]]:
-    """Act as the supervisor: restart workers that exit, until every job has a result."""
+                    timeout: float, exits_expected: int) -> list[tuple[str, int | None]]:
+    """Act as the supervisor: restart workers that exit, until every job has a result and
+    ``exits_expected`` workers exited (a dying worker gives its entries back before its
+    process ends, so the last exit may come after the last result). That no other worker
+    was dying is checked when the fleet stops: every worker then drains and exits 0."""
     keys = QueueKeys.for_queue(queue)
     exits: list[tuple[str, int | None]] = []
-    end = time.monotonic() + timeout
-    while not all(r.hexists(keys.job(i), "result") for i in ids):
-        assert time.monotonic() < end, f"unfinished after {timeout}s; exits {exits}"
-        exits += fleet.restart_exited()
-        time.sleep(0.05)
-    # A dying worker gives its entries back before its process ends: let the last one exit.
-    settle = time.monotonic() + 3
-    while time.monotonic() < settle:
-        exits += fleet.restart_exited()
-        time.sleep(0.05)
+
+    def done() -> bool:
+        exits.extend(fleet.restart_exited())
+        return (len(exits) >= exits_expected
+                and all(r.hexists(keys.job(i), "result") for i in ids))
+
+    try:
+        wait_until(done, timeout=timeout, interval=0.05,
+                   what=f"every result and {exits_expected} worker exits")
+    except WaitTimeoutError as e:
+        raise WaitTimeoutError(f"{e}; exits {exits}") from None
     return exits
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("poison", ["__crash_engine__", "__hang_engine__"])
 def test_an_engine_killing_request_is_isolated_and_dead_lettered_alone(
         redis_server: RedisServer, client: Client, r: redis.Redis, queue: str,
@@ -200,12 +205,15 @@ def test_an_engine_killing_request_is_isolated_and_dead_lettered_alone(
                   max_num_seqs=4, headroom=2, lease_seconds=1.5, heartbeat_seconds=0.5,
                   max_deliveries=3, engine_hang_seconds=1.0).start()
     try:
-        exits = _run_until_done(fleet, r, queue, [*before, bad, *after], timeout=60)
+        exits = _run_until_done(fleet, r, queue, [*before, bad, *after], timeout=60,
+                                exits_expected=3)
         fleet.wait_ready()
         pool = [*before, *after]
         res = client.wait(bad, timeout=1)
     finally:
-        fleet.stop()
+        final = fleet.stop()
+    survivors = {w.consumer for w in fleet.workers}
+    assert {final[name] for name in survivors} == {0}, final  # none was on its way out
     keys = QueueKeys.for_queue(queue)
     assert res.status is JobStatus.failed and res.error and res.error.code == "poisoned"
     rep = check_invariants(r, queue, pool)

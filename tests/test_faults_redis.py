@@ -18,6 +18,7 @@ import redis
 from producer import Client, JobStatus, QueueKeys
 from slotfill.testing.fleet import WorkerProcess
 from slotfill.testing.kill_soak import check_invariants
+from slotfill.testing.poll import wait_until
 from slotfill.testing.redis_server import RedisServer
 
 pytestmark = pytest.mark.fault
@@ -98,9 +99,12 @@ def _run_restart(tmp: Path, fsync: str, power_loss_s: float = 0.0
             time.sleep(0.02)
 
     threads = [threading.Thread(target=submit), threading.Thread(target=watch)]
+    t_start = time.monotonic()
     for th in threads:
         th.start()
-    time.sleep(1.5)
+    # Results flowing, and at least the power loss's span of AOF writes to lose.
+    wait_until(lambda: len(t.seen) >= 100 and time.monotonic() - t_start > power_loss_s + 0.5,
+               timeout=30, what="results read by the client before the crash")
     acked_before = len(t.acked)
     down.set()
     server.kill()
@@ -111,21 +115,28 @@ def _run_restart(tmp: Path, fsync: str, power_loss_s: float = 0.0
         truncated = aof.stat().st_size - keep
         with aof.open("r+b") as f:
             f.truncate(keep)
-    time.sleep(1.0)
+    wait_until(lambda: t.refused_calls >= 1
+               and all("redis unavailable" in w.tail(200) for w in ws), timeout=30,
+               what="the submitter and both workers to see the outage")
     server.start()
-    time.sleep(1.5)
+    acked_at_restart = len(t.acked)
+    r = redis.Redis.from_url(server.url)
+    # Traffic again, and both workers back on the cancel channel (a listener that lost its
+    # connection retries after a second).
+    wait_until(lambda: len(t.acked) >= acked_at_restart + 100
+               and _retry(lambda: r.pubsub_numsub(keys.control))[0][1] >= len(ws),
+               timeout=30, what="submits after the restart and both cancel listeners back")
     stop.set()
     for th in threads:
         th.join()
-    r = redis.Redis.from_url(server.url)
     ids = list(t.acked)
     # Every job Redis still knows must finish; the ones it forgot never will.
     known = [i for i in ids if _retry(lambda i=i: r.exists(keys.job(i)))]
     end = time.monotonic() + 60
     for i in known:
-        while _retry(lambda i=i: r.hget(keys.job(i), "result")) is None:
-            assert time.monotonic() < end, f"job {i} never finished"
-            time.sleep(0.05)
+        wait_until(lambda i=i: _retry(lambda: r.hget(keys.job(i), "result")) is not None,
+                   timeout=max(0.0, end - time.monotonic()), interval=0.05,
+                   what=f"job {i} to finish")
     rep = check_invariants(r, QUEUE, known)
     recomputed = vanished = 0
     for i, finished_at in t.seen.items():
@@ -160,10 +171,8 @@ def _cancel_after_restart(server: RedisServer, ws: list[WorkerProcess]) -> float
     control channel (not at the next lease renewal, the fallback)."""
     c = Client.from_url(server.url, queue=QUEUE)
     job = c.submit(prompt="long", max_tokens=500)  # 2.5 s of steps
-    end = time.monotonic() + 10
-    while c.status(job.id) is not JobStatus.running:
-        assert time.monotonic() < end
-        time.sleep(0.01)
+    wait_until(lambda: c.status(job.id) is JobStatus.running, interval=0.01,
+               what=f"job {job.id} to run")
     t0 = time.time()
     assert c.cancel(job.id) == "requested"
     res = c.wait(job.id, timeout=5)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jsonschema
@@ -105,8 +105,8 @@ LORA_RANK = 8
 
 
 @pytest.fixture(scope="module")
-def feature_worker(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
-                   ) -> Iterator[WorkerProcess]:
+def feature_worker(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory,
+                   stop_later: Callable[[WorkerProcess], None]) -> Iterator[WorkerProcess]:
     """A second real engine with what the session's default worker lacks: LoRA adapters,
     priority scheduling and a lower logprobs cap. One start for every test that needs it."""
     d = tmp_path_factory.mktemp("feature-worker")
@@ -124,7 +124,7 @@ def feature_worker(redis_server: RedisServer, tmp_path_factory: pytest.TempPathF
         w.kill()
         raise
     yield w
-    w.stop()
+    stop_later(w)
 
 
 @pytest.fixture

@@ -1,5 +1,8 @@
-"""A job's life on real worker processes (step-simulating engine, short leases): leases and
-reclaim, deadlines, cancellation, priorities, idempotency, backpressure and graceful drain."""
+"""A job's life on workers with the step-simulating engine and short leases: leases and
+reclaim, deadlines, cancellation, priorities, idempotency, backpressure and graceful drain.
+
+Workers run in-process (``slotfill.testing.inproc``) except where a process must die or take
+a real signal (those tests are marked ``fault`` and use worker processes)."""
 
 from __future__ import annotations
 
@@ -8,28 +11,39 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 import redis
 
 from producer import Client, JobStatus, QueueFull, QueueKeys
 from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.inproc import InprocWorker
+from slotfill.testing.poll import wait_until
 from slotfill.testing.redis_server import RedisServer
 
-pytestmark = pytest.mark.fault
+SIM_DEFAULTS: dict[str, Any] = dict(engine="sim", sim_step_ms=10, max_num_seqs=4, headroom=2,
+                                    lease_seconds=2, heartbeat_seconds=0.5, grace_seconds=10)
+
+
+class AnyWorker(Protocol):
+    def wait_ready(self, timeout: float = ...) -> object: ...
+    def stop(self, timeout: float = ...) -> int | None: ...
 
 
 def sim_worker(url: str, queue: str, tmp: Path, name: str, **settings: Any) -> WorkerProcess:
-    cfg: dict[str, Any] = dict(queue=queue, engine="sim", sim_step_ms=10, max_num_seqs=4,
-                               headroom=2, lease_seconds=2, heartbeat_seconds=0.5,
-                               grace_seconds=10)
-    cfg.update(settings)
+    """A worker process (for tests in which it must die or take a real signal)."""
+    cfg: dict[str, Any] = {**SIM_DEFAULTS, "queue": queue, **settings}
     return WorkerProcess(url, name, tmp / f"{name}.log", **cfg).start()
 
 
+def inproc_worker(url: str, queue: str, name: str, **settings: Any) -> InprocWorker:
+    """The same worker in this process."""
+    return InprocWorker(url, name, **{**SIM_DEFAULTS, "queue": queue, **settings}).start()
+
+
 @contextlib.contextmanager
-def workers(*ws: WorkerProcess) -> Iterator[tuple[WorkerProcess, ...]]:
+def workers(*ws: AnyWorker) -> Iterator[tuple[AnyWorker, ...]]:
     try:
         for w in ws:
             w.wait_ready(60)
@@ -45,10 +59,15 @@ def job_field(r: redis.Redis, queue: str, job_id: str, name: str) -> str | None:
 
 
 def wait_status(c: Client, job_id: str, status: JobStatus, timeout: float = 10.0) -> None:
-    end = time.monotonic() + timeout
-    while c.status(job_id) is not status:
-        assert time.monotonic() < end, f"job {job_id} never became {status.value}"
-        time.sleep(0.01)
+    wait_until(lambda: c.status(job_id) is status, timeout=timeout, interval=0.01,
+               what=f"job {job_id} to become {status.value}")
+
+
+def wait_for_steps(r: redis.Redis, queue: str, consumer: str, timeout: float = 10.0) -> None:
+    """Until the worker's heartbeat reports engine steps (so a running job has tokens)."""
+    key = QueueKeys.for_queue(queue).worker(consumer)
+    wait_until(lambda: int(r.hget(key, "steps") or 0) > 0, timeout=timeout,
+               what=f"{consumer}'s heartbeat to report engine steps")
 
 
 def stats(r: redis.Redis, queue: str) -> dict[str, int]:
@@ -62,11 +81,11 @@ def test_a_long_generation_is_never_stolen_from_a_live_worker(
         tmp_path: Path) -> None:
     """A 4 s job under a 1 s lease, with an idle peer sweeping for idle entries: the lease is
     renewed every third of a lease, so the peer never takes it."""
-    a = sim_worker(redis_server.url, queue, tmp_path, "a", lease_seconds=1, sim_step_ms=20)
+    a = inproc_worker(redis_server.url, queue, "a", lease_seconds=1, sim_step_ms=20)
     with workers(a):
         job = client.submit(prompt="long", max_tokens=200)
         wait_status(client, job.id, JobStatus.running)
-        b = sim_worker(redis_server.url, queue, tmp_path, "b", lease_seconds=1)
+        b = inproc_worker(redis_server.url, queue, "b", lease_seconds=1)
         with workers(b):
             res = client.wait(job.id, timeout=30)
     assert res.status is JobStatus.succeeded and res.usage.completion_tokens == 200
@@ -74,21 +93,18 @@ def test_a_long_generation_is_never_stolen_from_a_live_worker(
     assert stats(r, queue).get("reclaimed", 0) == 0
 
 
+@pytest.mark.fault
 def test_a_killed_workers_jobs_are_reclaimed_by_a_peer_within_the_lease(
         redis_server: RedisServer, client: Client, r: redis.Redis, queue: str,
         tmp_path: Path) -> None:
     lease = 2.0
     a = sim_worker(redis_server.url, queue, tmp_path, "a", lease_seconds=lease, sim_step_ms=20)
-    b = sim_worker(redis_server.url, queue, tmp_path, "b", lease_seconds=lease, sim_step_ms=20,
-                   max_num_seqs=1, headroom=0)
-    with workers(a, b):
-        b.stop(10)  # b only starts after a died
+    with workers(a):
         ids = client.submit_many([{"prompt": "x", "max_tokens": 100} for _ in range(4)])
         for i in ids:
             wait_status(client, i, JobStatus.running)
         assert {job_field(r, queue, i, "worker") for i in ids} == {"a"}
-        b = sim_worker(redis_server.url, queue, tmp_path, "b2", lease_seconds=lease,
-                       sim_step_ms=5)
+        b = inproc_worker(redis_server.url, queue, "b2", lease_seconds=lease, sim_step_ms=5)
         b.wait_ready(30)
         a.kill()
         killed_at = time.monotonic()
@@ -114,8 +130,10 @@ def test_a_job_not_started_by_its_deadline_expires_without_running(
         tmp_path: Path) -> None:
     late = client.submit(prompt="too late", max_tokens=5, timeout=0.2)
     fine = client.submit(prompt="in time", max_tokens=5, timeout=60)
-    time.sleep(0.4)
-    with workers(sim_worker(redis_server.url, queue, tmp_path, "a")):
+    deadline = float(job_field(r, queue, late.id, "deadline") or 0)
+    assert deadline > 0
+    wait_until(lambda: time.time() > deadline + 0.1, what="the deadline to pass")
+    with workers(inproc_worker(redis_server.url, queue, "a")):
         res = client.wait(late.id, timeout=10)
         assert client.wait(fine.id, timeout=10).status is JobStatus.succeeded
     assert res.status is JobStatus.expired
@@ -125,7 +143,7 @@ def test_a_job_not_started_by_its_deadline_expires_without_running(
 
 def test_a_job_running_at_its_deadline_is_aborted_with_its_partial_text(
         redis_server: RedisServer, client: Client, queue: str, tmp_path: Path) -> None:
-    with workers(sim_worker(redis_server.url, queue, tmp_path, "a")):
+    with workers(inproc_worker(redis_server.url, queue, "a")):
         job = client.submit(prompt="slow", max_tokens=400, timeout=0.6)  # 4 s of steps
         other = client.submit(prompt="neighbour", max_tokens=30)
         res = client.wait(job.id, timeout=10)
@@ -142,7 +160,7 @@ def test_a_job_running_at_its_deadline_is_aborted_with_its_partial_text(
 
 def test_a_cancelled_queued_job_never_runs(redis_server: RedisServer, client: Client,
                                            r: redis.Redis, queue: str, tmp_path: Path) -> None:
-    w = sim_worker(redis_server.url, queue, tmp_path, "a", max_num_seqs=1, headroom=0)
+    w = inproc_worker(redis_server.url, queue, "a", max_num_seqs=1, headroom=0)
     with workers(w):
         busy = client.submit(prompt="busy", max_tokens=60)
         wait_status(client, busy.id, JobStatus.running)
@@ -159,11 +177,11 @@ def test_a_cancelled_queued_job_never_runs(redis_server: RedisServer, client: Cl
 
 
 def test_a_running_job_is_aborted_within_one_step_of_its_cancellation(
-        redis_server: RedisServer, client: Client, queue: str, tmp_path: Path) -> None:
-    with workers(sim_worker(redis_server.url, queue, tmp_path, "a", sim_step_ms=20)):
+        redis_server: RedisServer, client: Client, r: redis.Redis, queue: str) -> None:
+    with workers(inproc_worker(redis_server.url, queue, "a", sim_step_ms=20)):
         job = client.submit(prompt="long", max_tokens=500)
         wait_status(client, job.id, JobStatus.running)
-        time.sleep(0.3)
+        wait_for_steps(r, queue, "a")
         t_cancel = time.time()
         assert client.cancel(job.id) == "requested"
         res = client.wait(job.id, timeout=5)
@@ -180,7 +198,7 @@ def test_a_cancel_missed_by_the_control_channel_is_found_by_lease_renewal(
         tmp_path: Path) -> None:
     """The worker was not listening when the cancel was published (Redis restart, a cancel
     that overtook the job): the flag in the job record is seen at the next renewal."""
-    w = sim_worker(redis_server.url, queue, tmp_path, "a", lease_seconds=1.5, sim_step_ms=20)
+    w = inproc_worker(redis_server.url, queue, "a", lease_seconds=1.5, sim_step_ms=20)
     with workers(w):
         job = client.submit(prompt="long", max_tokens=500)
         wait_status(client, job.id, JobStatus.running)
@@ -188,7 +206,7 @@ def test_a_cancel_missed_by_the_control_channel_is_found_by_lease_renewal(
         r.hset(QueueKeys.for_queue(queue).job(job.id), "cancel_requested", t0)  # no PUBLISH
         res = client.wait(job.id, timeout=5)
     assert res.status is JobStatus.cancelled
-    assert f"job {job.id} cancel requested (lease renewal)" in w.log_path.read_text()
+    assert f"job {job.id} cancel requested (lease renewal)" in w.log_text()
     assert res.timings.finished_at is not None and res.timings.finished_at - t0 < 1.5
 
 
@@ -198,8 +216,7 @@ def test_high_priority_jobs_are_pulled_first(redis_server: RedisServer, client: 
                                              queue: str, tmp_path: Path) -> None:
     order = ["low", "normal", "high"] * 4
     jobs = [(p, client.submit(prompt=p, max_tokens=2, priority=p).id) for p in order]
-    with workers(sim_worker(redis_server.url, queue, tmp_path, "a", max_num_seqs=1,
-                            headroom=0)):
+    with workers(inproc_worker(redis_server.url, queue, "a", max_num_seqs=1, headroom=0)):
         results = {i: client.wait(i, timeout=10) for _, i in jobs}
     started = sorted(jobs, key=lambda pj: results[pj[1]].timings.started_at or 0)
     assert [p for p, _ in started] == ["high"] * 4 + ["normal"] * 4 + ["low"] * 4
@@ -207,7 +224,7 @@ def test_high_priority_jobs_are_pulled_first(redis_server: RedisServer, client: 
 
 def test_an_idempotent_submit_runs_once(redis_server: RedisServer, client: Client,
                                         r: redis.Redis, queue: str, tmp_path: Path) -> None:
-    with workers(sim_worker(redis_server.url, queue, tmp_path, "a")):
+    with workers(inproc_worker(redis_server.url, queue, "a")):
         a = client.submit(prompt="pay", max_tokens=3, idempotency_key="invoice-7")
         b = client.submit(prompt="pay", max_tokens=3, idempotency_key="invoice-7")
         res = client.wait(a.id, timeout=10)
@@ -220,7 +237,8 @@ def test_an_idempotent_submit_runs_once(redis_server: RedisServer, client: Clien
 def test_overload_at_twice_the_cap_refuses_at_submit_and_drops_nothing(
         redis_server: RedisServer, r: redis.Redis, queue: str, tmp_path: Path) -> None:
     cap = 24
-    c = Client.from_url(redis_server.url, queue=queue, max_pending=cap)
+    c = Client.from_url(redis_server.url, queue=queue)
+    c.configure_queue(max_pending=cap)
     keys = QueueKeys.for_queue(queue)
     peak = {"n": 0}
     stop = threading.Event()
@@ -235,7 +253,7 @@ def test_overload_at_twice_the_cap_refuses_at_submit_and_drops_nothing(
     reqs = [{"prompt": f"p{i}", "max_tokens": 20} for i in range(2 * cap)]
     accepted: list[str | None] = [None] * len(reqs)
     refusals = 0
-    with workers(sim_worker(redis_server.url, queue, tmp_path, "a")):
+    with workers(inproc_worker(redis_server.url, queue, "a")):
         while any(a is None for a in accepted):
             todo = [n for n, a in enumerate(accepted) if a is None]
             try:
@@ -261,16 +279,21 @@ def test_overload_at_twice_the_cap_refuses_at_submit_and_drops_nothing(
 
 def test_sigterm_finishes_in_flight_work_within_the_grace_period(
         redis_server: RedisServer, client: Client, queue: str, tmp_path: Path) -> None:
-    a = sim_worker(redis_server.url, queue, tmp_path, "a", grace_seconds=10)
-    b = sim_worker(redis_server.url, queue, tmp_path, "b", max_num_seqs=1, headroom=0)
-    with workers(a, b):
-        b.stop(10)
+    """SIGTERM runs the handler the worker registered (in-process: the same handler, called
+    by the test; a real SIGTERM to a process: the next test)."""
+    a = inproc_worker(redis_server.url, queue, "a", grace_seconds=10)
+    with workers(a):
         ids = client.submit_many([{"prompt": "x", "max_tokens": 50 + 10 * k}
                                   for k in range(12)])
-        time.sleep(0.3)  # a holds 6 (capacity), 6 wait in Redis
-        held = [i for i in ids if client.status(i) is JobStatus.running]
+
+        def six_held() -> list[str]:
+            running = [i for i in ids if client.status(i) is JobStatus.running]
+            return running if len(running) >= 6 else []
+
+        # a holds 6 (its capacity); the other 6 wait in Redis.
+        held = wait_until(six_held, what="a to hold 6 jobs")
         assert len(held) == 6
-        b = sim_worker(redis_server.url, queue, tmp_path, "b2")
+        b = inproc_worker(redis_server.url, queue, "b2")
         b.wait_ready(30)
         assert a.stop(30) == 0
         results = {i: client.wait(i, timeout=30) for i in ids}
@@ -283,18 +306,17 @@ def test_sigterm_finishes_in_flight_work_within_the_grace_period(
     assert "0 unfinished jobs handed back" in a.tail(5)
 
 
+@pytest.mark.fault  # a real SIGTERM to a worker process
 def test_sigterm_past_the_grace_period_hands_jobs_back_for_a_quick_reclaim(
         redis_server: RedisServer, client: Client, queue: str, tmp_path: Path) -> None:
     lease = 4.0
     a = sim_worker(redis_server.url, queue, tmp_path, "a", grace_seconds=0.3,
                    lease_seconds=lease, sim_step_ms=20)
-    b = sim_worker(redis_server.url, queue, tmp_path, "b", lease_seconds=lease)
-    with workers(a, b):
-        b.stop(10)
+    with workers(a):
         ids = client.submit_many([{"prompt": "x", "max_tokens": 150} for _ in range(3)])
         for i in ids:
             wait_status(client, i, JobStatus.running)
-        b = sim_worker(redis_server.url, queue, tmp_path, "b2", lease_seconds=lease)
+        b = inproc_worker(redis_server.url, queue, "b2", lease_seconds=lease)
         b.wait_ready(30)
         t0 = time.monotonic()
         assert a.stop(30) == 0

@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from producer import Client, QueueKeys
 from producer.keys import GROUP
 from slotfill.testing.redis_server import RedisServer
+from worker.claim import ClaimedJob, Disposition
 from worker.store import WorkerStore
 
 
@@ -69,7 +70,8 @@ async def test_released_entries_are_reclaimable_at_once_and_crashes_are_charged(
     # Suspects run alone: one per claim, and only for a worker that can run it now.
     assert await b.reclaim_jobs(5, 60, 3, solo_allowed=False) == []
     first = await b.reclaim_jobs(5, 60, 3, solo_allowed=True)
-    assert len(first) == 1 and first[0].solo and first[0].job_id == ids[0]
+    assert len(first) == 1 and first[0].disposition is Disposition.run_alone
+    assert first[0].job_id == ids[0]
     assert r.hget(keys.job(ids[0]), "solo_losses") == b"1"
     assert r.hget(keys.job(ids[1]), "solo_losses") is None
     hist = json.loads(r.hget(keys.job(ids[0]), "history") or b"[]")
@@ -78,50 +80,61 @@ async def test_released_entries_are_reclaimable_at_once_and_crashes_are_charged(
     await b.release(first, 60, "engine_crash", alone=True)
     rest = await a.reclaim_jobs(5, 60, 10, solo_allowed=True)
     poisoned = [x for x in rest if x.job_id == ids[0]]
-    assert poisoned and poisoned[0].flag == "poisoned" and not poisoned[0].solo
-    assert sum(1 for x in rest if x.solo) == 1  # and one of the other two, alone
+    assert poisoned and poisoned[0].disposition is Disposition.poisoned
+    # ... and one of the other two, alone.
+    assert sum(1 for x in rest if x.disposition is Disposition.run_alone) == 1
 
 
-async def test_only_losses_while_alone_count_against_a_job(
+async def test_only_reported_engine_deaths_while_alone_count_against_a_job(
         stores: tuple[WorkerStore, WorkerStore], client: Client, r: redis.Redis,
         queue: str) -> None:
-    """Lost in a batch (or while held): no evidence. From ``max_deliveries`` on it runs
-    alone; lost twice while alone (its worker marked the run), it is poison. Past
-    3 × ``max_deliveries`` deliveries it is poison whatever happened."""
+    """Lost in a batch, while held, or while running alone on a worker that vanished (killed,
+    frozen): no evidence. From ``max_deliveries`` on it runs alone. Its engine dying twice
+    while it was alone inside, each reported by that engine's worker, makes it poison. Past
+    3 x ``max_deliveries`` deliveries it is poison whatever happened (the backstop)."""
     a, b = stores
     keys = QueueKeys.for_queue(queue)
+    run, alone, poisoned = Disposition.run, Disposition.run_alone, Disposition.poisoned
+
+    async def reclaim(store: WorkerStore) -> ClaimedJob:
+        await asyncio.sleep(0.03)
+        [got] = await store.reclaim_jobs(1, 0.02, 3, solo_allowed=True)
+        return got
+
+    def events() -> list[str]:
+        return [h["event"] for h in json.loads(r.hget(keys.job(job.id), "history") or b"[]")]
+
     job = client.submit(prompt="x")
     assert len(await a.start_jobs(1)) == 1
     seen = []
     for store in (b, a, b, a):
-        await asyncio.sleep(0.03)
-        got = await store.reclaim_jobs(1, 0.02, 3, solo_allowed=True)
-        seen.append((got[0].deliveries, got[0].solo, got[0].flag))
-        last = got[0]
-    assert seen == [(2, False, ""), (3, True, ""), (4, True, ""), (5, True, "")]
-    await b.mark_solo_run(last)  # 5th delivery runs alone, its worker vanishes
-    await asyncio.sleep(0.03)
-    [got] = await a.reclaim_jobs(1, 0.02, 3, solo_allowed=True)
-    assert (got.deliveries, got.solo, got.flag) == (6, True, "")
+        got = await reclaim(store)
+        seen.append((got.deliveries, got.disposition))
+    assert seen == [(2, run), (3, alone), (4, alone), (5, alone)]
+    # Its worker vanishes twice while it runs alone (marked, never reported): not charged.
+    for runner, taker in ((a, b), (b, a)):
+        await runner.mark_solo_run(got)
+        got = await reclaim(taker)
+        assert got.disposition is alone, got
+    assert got.deliveries == 7 and r.hget(keys.job(job.id), "solo_losses") is None
+    assert events().count("vanished_alone") == 2
+    # Its engine dies with it alone inside, twice, each death reported: poison.
+    await a.release([got], 0.02, "engine_crash", alone=True)
+    got = await reclaim(b)
+    assert (got.deliveries, got.disposition) == (8, alone)
     assert r.hget(keys.job(job.id), "solo_losses") == b"1"
-    await a.mark_solo_run(got)  # lost alone again
-    await asyncio.sleep(0.03)
-    [got] = await b.reclaim_jobs(1, 0.02, 3, solo_allowed=True)
-    assert (got.deliveries, got.flag) == (7, "poisoned")
-    events = [h["event"] for h in json.loads(r.hget(keys.job(job.id), "history") or b"[]")]
-    assert events.count("lost_alone") == 2
-    await b.finish(got, "failed", "{}", 60, "poisoned")
+    await b.release([got], 0.02, "engine_crash", alone=True)
+    got = await reclaim(a)
+    assert (got.deliveries, got.disposition) == (9, poisoned)  # 9 is within the backstop
+    await a.finish(got, "failed", "{}", 60, "poisoned")
     dead = r.xrange(keys.dead_letter)
     assert len(dead) == 1 and dead[0][1][b"solo_losses"] == b"2"
-    # The backstop: a second job, never lost alone, is poison past 9 deliveries.
-    client.submit(prompt="y")
+    assert events().count("engine_crash") == 2
+    # The backstop: a second job, never charged, is poison past 9 deliveries.
+    job = client.submit(prompt="y")
     assert len(await a.start_jobs(1)) == 1
-    flags = []
-    for _ in range(9):
-        await asyncio.sleep(0.03)
-        [got] = await b.reclaim_jobs(1, 0.02, 3, solo_allowed=True)
-        flags.append(got.flag)
-    assert flags == [""] * 8 + ["poisoned"]
+    got_all = [await reclaim(b) for _ in range(9)]
+    assert [g.disposition for g in got_all] == [run] + [alone] * 7 + [poisoned]
 
 
 async def test_silent_consumers_with_nothing_pending_are_forgotten(

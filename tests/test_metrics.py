@@ -1,4 +1,4 @@
-"""The worker's /metrics, scraped over HTTP from a real worker process (simulated engine), and
+"""The worker's /metrics, scraped over HTTP from a worker (in-process, simulated engine), and
 the Grafana dashboard checked against what it exports."""
 
 from __future__ import annotations
@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +16,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from producer import Client, JobStatus, QueueKeys
 from producer.keys import GROUP
-from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.inproc import InprocWorker
+from slotfill.testing.poll import wait_until
 from slotfill.testing.redis_server import RedisServer, free_port
 from worker.ops.metrics import METRICS
+from worker.settings import WorkerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "config" / "grafana" / "dashboards" / "slotfill.json"
@@ -58,9 +59,7 @@ def port() -> int:
 
 
 @pytest.fixture(scope="module")
-def worker(redis_server: RedisServer, port: int, tmp_path_factory: pytest.TempPathFactory
-           ) -> Iterator[WorkerProcess]:
-    d = tmp_path_factory.mktemp("metrics")
+def worker(redis_server: RedisServer, port: int) -> Iterator[InprocWorker]:
     r = redis.Redis.from_url(redis_server.url)
     keys = QueueKeys.for_queue(QUEUE)
     for stream in keys.streams:
@@ -73,34 +72,44 @@ def worker(redis_server: RedisServer, port: int, tmp_path_factory: pytest.TempPa
     entry = got[0][1][0][0]
     for _ in range(3):  # each XCLAIM without JUSTID counts one more delivery
         r.xclaim(keys.stream("normal"), GROUP, "ghost", 0, [entry])
-    w = WorkerProcess(redis_server.url, f"metrics-{os.getpid()}", d / "w.log", queue=QUEUE,
-                      engine="sim", sim_step_ms=4, max_num_seqs=SLOTS, headroom=4,
-                      metrics_port=port, lease_seconds=0.3, max_deliveries=1).start()
+    w = InprocWorker(redis_server.url, f"metrics-{os.getpid()}", queue=QUEUE, engine="sim",
+                     sim_step_ms=4, max_num_seqs=SLOTS, headroom=4, metrics_port=port,
+                     lease_seconds=0.3, max_deliveries=1)
     try:
-        w.wait_ready(60)
-        yield w
+        with w:
+            yield w
     finally:
-        w.stop()
         c.close()
 
 
 @pytest.fixture(scope="module")
-def final(worker: WorkerProcess, redis_server: RedisServer, port: int
+def final(worker: InprocWorker, redis_server: RedisServer, port: int
           ) -> tuple[Samples, dict[str, str], dict[str, float]]:
     """Scrapes during a backlog and after it drained."""
     c = Client.from_url(redis_server.url, queue=QUEUE)
     ids = c.submit_many([{"prompt": "x y z", "max_tokens": tokens(i)} for i in range(120)])
     bad = c.submit(prompt="x " * 600, max_tokens=5).id  # too long: fails in the worker
-    time.sleep(0.5)
-    busy, _ = scrape(port)
+
+    def while_busy() -> Samples | None:
+        """A scrape while the backlog is served, once the oldest waiting job waited a while."""
+        s, _ = scrape(port)
+        return s if (value(s, "slotfill_engine_running") > 0 and value(
+            s, "slotfill_queue_oldest_waiting_seconds") > 0.1) else None
+
+    busy = wait_until(while_busy, what="a scrape during the backlog")
     during = {name: value(busy, name) for name in (
         "slotfill_queue_lag", "slotfill_queue_oldest_waiting_seconds", "slotfill_queue_depth",
         "slotfill_queue_pending", "slotfill_engine_running", "slotfill_slot_occupancy",
         "slotfill_worker_in_flight")}
     results = [c.wait(i, timeout=60) for i in [*ids, bad]]
     assert sum(r.status is JobStatus.succeeded for r in results) == 120
-    time.sleep(1.1)  # past the queue snapshot cache
-    samples, types = scrape(port)
+
+    def at_the_end() -> tuple[Samples, dict[str, str]] | None:
+        """The queue figures come from a snapshot cached about a second."""
+        got = scrape(port)
+        return got if value(got[0], "slotfill_queue_finished_total") == 122 else None
+
+    samples, types = wait_until(at_the_end, what="the queue snapshot to count all 122 results")
     c.close()
     return samples, types, during
 
@@ -183,11 +192,12 @@ def test_dashboard_uses_exactly_the_exported_metrics(
 
 
 def test_metrics_off_by_default_and_a_taken_port_is_not_fatal(
-        redis_server: RedisServer, port: int, worker: WorkerProcess, tmp_path: Path) -> None:
-    w = WorkerProcess(redis_server.url, f"metrics-clash-{os.getpid()}", tmp_path / "w.log",
-                      queue=QUEUE + "b", engine="sim", metrics_port=port).start()
-    try:
-        w.wait_ready(60)  # the port is the first worker's: this one runs without metrics
-    finally:
-        w.stop()
-    assert "metrics endpoint not started" in w.tail(200)
+        redis_server: RedisServer, port: int, worker: InprocWorker) -> None:
+    w = InprocWorker(redis_server.url, f"metrics-clash-{os.getpid()}", queue=QUEUE + "b",
+                     engine="sim", metrics_port=port)
+    with w:  # the port is the first worker's: this one runs without metrics
+        pass
+    assert w.exit_code == 0
+    assert "metrics endpoint not started" in w.log_text()
+    # Off by default: a worker given no port serves nothing.
+    assert WorkerSettings.model_fields["metrics_port"].default == 0

@@ -1,4 +1,5 @@
-"""``slotfill status`` and ``slotfill dlq`` against a real Redis and a simulated-engine worker.
+"""``slotfill status`` and ``slotfill dlq`` against a real Redis and a simulated-engine worker
+(in-process).
 
 Dead letters are made the real way: a job delivered more often than ``max_deliveries``
 (a ghost consumer takes it and goes silent; the worker reclaims it on its second delivery)
@@ -17,10 +18,11 @@ from typer.testing import CliRunner
 
 from producer import Client, JobStatus, QueueKeys
 from producer.keys import GROUP
-from producer.queue_stats import snapshot
+from producer.queue_stats import QueueSnapshot, snapshot
 from slotfill.cli.main import app
 from slotfill.cli.status import DeadLetters
-from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.inproc import InprocWorker
+from slotfill.testing.poll import wait_until
 from slotfill.testing.redis_server import RedisServer
 
 runner = CliRunner()
@@ -32,21 +34,20 @@ def cli(url: str, *args: str) -> tuple[int, str]:
 
 
 @pytest.fixture
-def worker(redis_server: RedisServer, queue: str, tmp_path: Path) -> Iterator[WorkerProcess]:
-    w = WorkerProcess(redis_server.url, f"ops-{queue}", tmp_path / "w.log", queue=queue,
-                      engine="sim", sim_step_ms=3, max_num_seqs=8, headroom=4,
-                      lease_seconds=0.3, max_deliveries=1, heartbeat_seconds=0.2).start()
-    try:
-        w.wait_ready(60)
+def worker(redis_server: RedisServer, queue: str) -> Iterator[InprocWorker]:
+    with InprocWorker(redis_server.url, f"ops-{queue}", queue=queue, engine="sim",
+                      sim_step_ms=3, max_num_seqs=8, headroom=4, lease_seconds=0.3,
+                      max_deliveries=1, heartbeat_seconds=0.2) as w:
         yield w
-    finally:
-        w.stop()
 
 
 def test_status_shows_workers_and_queue(redis_server: RedisServer, client: Client, queue: str,
-                                        worker: WorkerProcess) -> None:
+                                        worker: InprocWorker) -> None:
     ids = client.submit_many([{"prompt": "x", "max_tokens": 20 + i % 40} for i in range(150)])
-    time.sleep(0.8)  # a few heartbeats with work in flight
+    beat = QueueKeys.for_queue(queue).worker(worker.consumer)
+    # Heartbeats with work in flight and output already counted.
+    wait_until(lambda: int(client.redis.hget(beat, "output_tokens") or 0) > 0,
+               what="a heartbeat that counts output tokens")
     code, out = cli(redis_server.url, "status", "--queue", queue, "--json")
     assert code == 0, out
     [q] = json.loads(out)
@@ -92,17 +93,14 @@ def test_dlq_list_show_replay(redis_server: RedisServer, r: redis.Redis, client:
                               queue: str, tmp_path: Path) -> None:
     keys = QueueKeys.for_queue(queue)
     job_id = _poison(r, client, queue)
-    w = WorkerProcess(redis_server.url, f"dlq-{queue}", tmp_path / "w.log", queue=queue,
-                      engine="sim", sim_step_ms=3, lease_seconds=0.3, max_deliveries=1).start()
+    w = InprocWorker(redis_server.url, f"dlq-{queue}", queue=queue, engine="sim",
+                     sim_step_ms=3, lease_seconds=0.3, max_deliveries=1).start()
     try:
         w.wait_ready(60)
         res = client.wait(job_id, timeout=30)
         assert res.status is JobStatus.failed and res.error and res.error.code == "poisoned"
         r.xadd(keys.stream("normal"), {"body": "not a job"})  # malformed: no id
-        deadline = time.monotonic() + 10
-        while r.xlen(keys.dead_letter) < 2:
-            assert time.monotonic() < deadline, w.tail()
-            time.sleep(0.05)
+        wait_until(lambda: r.xlen(keys.dead_letter) >= 2, what="both dead letters")
 
         code, out = cli(redis_server.url, "dlq", "list", "--queue", queue)
         assert code == 0, out
@@ -125,29 +123,35 @@ def test_dlq_list_show_replay(redis_server: RedisServer, r: redis.Redis, client:
         code, out = cli(redis_server.url, "dlq", "replay", job_id, "--queue", queue)
         assert code == 1 and "missing" in out  # no longer dead-lettered
 
+        # The malformed entry is refused: as a job it could only fail again (undecodable).
         code, out = cli(redis_server.url, "dlq", "replay", "--all", "--queue", queue)
-        assert code == 0 and "1 replayed" in out  # the malformed entry, under a new job id
-        assert r.xlen(keys.dead_letter) == 0
-        assert int(r.hget(keys.stats, "dead_replayed") or 0) == 2
+        assert code == 1 and "invalid" in out and "not a job request" in out, out
+        assert "0 replayed, 1 not" in out
+        assert r.xlen(keys.dead_letter) == 1
+        assert int(r.hget(keys.stats, "dead_replayed") or 0) == 1
     finally:
         w.stop()
+
+
+BODY = json.dumps({"prompt": "x"})
 
 
 def test_replay_refuses_active_jobs_and_full_queues(r: redis.Redis, redis_server: RedisServer,
                                                     queue: str) -> None:
     keys = QueueKeys.for_queue(queue)
-    c = Client.from_url(redis_server.url, queue=queue, max_pending=1)
+    c = Client.from_url(redis_server.url, queue=queue)
+    c.configure_queue(max_pending=1)
     queued = c.submit(prompt="still queued")
     stream = keys.stream("normal")
     dead = r.xadd(keys.dead_letter, {"stream": stream, "entry": "1-1", "reason": "poisoned",
-                                     "deliveries": 4, "job": queued.id, "body": "{}",
+                                     "deliveries": 4, "job": queued.id, "body": BODY,
                                      "at": time.time()}).decode()
-    dl = DeadLetters(r, queue, max_pending=1)
+    dl = DeadLetters(r, queue)
     letter = dl.get(dead)
     assert letter is not None
     assert dl.replay(letter).outcome == "active"  # never two entries for one job
     other = r.xadd(keys.dead_letter, {"stream": stream, "entry": "1-2", "reason": "poisoned",
-                                      "deliveries": 4, "job": "f" * 32, "body": "{}",
+                                      "deliveries": 4, "job": "f" * 32, "body": BODY,
                                       "at": time.time()}).decode()
     letter = dl.get(other)
     assert letter is not None
@@ -163,8 +167,12 @@ def test_snapshot_counts_lag_pending_and_age(r: redis.Redis, client: Client, que
     client.submit(prompt="urgent", priority="high")
     r.xgroup_create(keys.stream("normal"), GROUP, id="0", mkstream=True)
     r.xreadgroup(GROUP, "someone", {keys.stream("normal"): ">"}, count=2)
-    time.sleep(0.05)
-    s = snapshot(r, queue)
+
+    def aged() -> QueueSnapshot | None:
+        snap = snapshot(r, queue)
+        return snap if snap.oldest_waiting_age > 0.04 else None
+
+    s = wait_until(aged, what="the oldest waiting job to age past 40 ms")
     normal = next(x for x in s.streams if x.priority == "normal")
     high = next(x for x in s.streams if x.priority == "high")
     assert (normal.depth, normal.pending, normal.lag) == (5, 2, 3)

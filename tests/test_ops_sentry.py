@@ -11,7 +11,6 @@ import gzip
 import json
 import logging
 import threading
-import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -24,6 +23,7 @@ from sentry_sdk.transport import Transport
 
 from producer import Client, JobStatus
 from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.poll import wait_until
 from slotfill.testing.redis_server import RedisServer, free_port
 from worker.ops.observability import JsonFormatter, init_sentry
 from worker.settings import WorkerSettings
@@ -143,10 +143,8 @@ def test_worker_process_reports_job_errors_and_logs_transitions(
         job = c.submit(prompt=f"{SECRET} please", max_tokens=3,
                        callback={"celery_task": "app.on_result"})
         assert c.wait(job.id, timeout=30).status is JobStatus.succeeded
-        deadline = time.monotonic() + 30
-        while not _Ingest.events:
-            assert time.monotonic() < deadline, w.tail()
-            time.sleep(0.1)
+        wait_until(lambda: _Ingest.events, timeout=30, interval=0.1,
+                   what="Sentry's event for the failed callback")
     finally:
         w.stop()
         server.shutdown()

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 import secrets
-import time
 from pathlib import Path
 
 import pytest
@@ -19,15 +18,33 @@ from slotfill.testing.fleet import WorkerProcess
 DOC = Path(__file__).resolve().parent.parent / "PROTOCOL.md"
 
 
+CLIENT_SCRIPTS = ("submit_job", "cancel_job", "replay_dead_letter")
+"""Every script a backend in another language calls: each must be in the document."""
+
+
+def doc_scripts() -> dict[str, str]:
+    """The document's ```lua blocks, by the script name their first line gives."""
+    out: dict[str, str] = {}
+    for block in re.findall(r"```lua\n(.*?)```", DOC.read_text(), re.S):
+        m = re.match(r"-- (\w+):", block)
+        assert m, f"a lua block without its name: {block[:60]!r}"
+        assert m.group(1) not in out
+        out[m.group(1)] = str(block)
+    return out
+
+
 def _submit_lua() -> str:
-    blocks = re.findall(r"```lua\n(.*?)```", DOC.read_text(), re.S)
-    assert len(blocks) == 1
-    return str(blocks[0])
+    return doc_scripts()["submit_job"]
 
 
-def test_doc_script_is_the_shipped_script() -> None:
-    shipped = (DOC.parent / "producer" / "lua" / "submit_job.lua").read_text()
-    assert _submit_lua().strip() == shipped.strip()
+@pytest.mark.parametrize("name", CLIENT_SCRIPTS)
+def test_doc_script_is_the_shipped_script(name: str) -> None:
+    shipped = (DOC.parent / "producer" / "lua" / f"{name}.lua").read_text()
+    assert doc_scripts()[name].strip() == shipped.strip()
+
+
+def test_doc_carries_only_shipped_scripts() -> None:
+    assert set(doc_scripts()) == set(CLIENT_SCRIPTS)
 
 
 @pytest.mark.engine
@@ -39,8 +56,9 @@ def test_raw_commands_drive_a_job_end_to_end(r: redis.Redis, engine_worker: Work
                        "ignore_eos": True})
     keys = [f"slotfill:{{{q}}}:stream:normal", f"slotfill:{{{q}}}:job:{job_id}",
             f"slotfill:{{{q}}}:idem:-", f"slotfill:{{{q}}}:stream:high",
-            f"slotfill:{{{q}}}:stream:normal", f"slotfill:{{{q}}}:stream:low"]
-    reply = r.eval(_submit_lua(), 6, *keys, job_id, body, time.time(), 1000, "", "", "normal")
+            f"slotfill:{{{q}}}:stream:normal", f"slotfill:{{{q}}}:stream:low",
+            f"slotfill:{{{q}}}:config"]
+    reply = r.eval(_submit_lua(), 7, *keys, job_id, body, "")
     assert [x.decode() for x in reply] == ["ok", job_id]
     assert r.hget(f"slotfill:{{{q}}}:job:{job_id}", "status") in (b"queued", b"running",
                                                                   b"succeeded")

@@ -1,6 +1,7 @@
 """A Redis that is down or stalled reaches callers as slotfill's own retryable error, from
 every client method, sync and asyncio; a worker that Redis refuses for good (wrong password,
-malformed URL) exits 5 instead of waiting forever or calling it engine death."""
+malformed URL) exits at once with its documented code (5, 4) instead of waiting forever or
+calling it engine death."""
 
 from __future__ import annotations
 
@@ -83,8 +84,12 @@ def test_a_stalled_redis_raises_redis_unavailable_after_the_socket_timeout(
         c.close()
 
 
-@pytest.mark.parametrize("bad", ["password", "url"])
-def test_a_worker_that_redis_refuses_for_good_exits_5(tmp_path: Path, bad: str) -> None:
+@pytest.mark.parametrize(("bad", "code", "says"), [
+    ("password", 5, "refused the credentials"),   # Redis refuses it: EXIT_REDIS
+    ("url", 4, "sentinel URL must end in /service_name"),  # a settings error
+])
+def test_a_worker_that_redis_refuses_for_good_exits(tmp_path: Path, bad: str, code: int,
+                                                    says: str) -> None:
     (tmp_path / "r").mkdir()
     with RedisServer(workdir=str(tmp_path / "r")) as server:
         url = (f"redis://nobody:wrong@127.0.0.1:{server.port}/0" if bad == "password"
@@ -93,10 +98,8 @@ def test_a_worker_that_redis_refuses_for_good_exits_5(tmp_path: Path, bad: str) 
                           max_num_seqs=2, headroom=1).start()
         assert w.proc is not None
         try:
-            assert w.proc.wait(timeout=60) == 5, w.tail()
+            assert w.proc.wait(timeout=60) == code, w.tail()
         finally:
             w.kill()
         log = w.log_path.read_text()
-        assert "engine dead" not in log
-        assert ("redis refuses this worker" if bad == "password"
-                else "redis configuration error") in log
+        assert "engine dead" not in log and says in log, log

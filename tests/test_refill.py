@@ -1,8 +1,9 @@
 """The feeder's refill logic, checked structurally on the step-simulating engine.
 
-The simulated engine runs in the worker's own event loop (no busy engine processes), so
-what is measured is the feeder: with a backlog in Redis every slot is busy on nearly every
-step, and the worker never holds more than its capacity.
+The simulated engine runs in the worker's own event loop (no busy engine processes; the
+worker runs in-process, ``slotfill.testing.inproc``), so what is measured is the feeder:
+with a backlog in Redis every slot is busy on nearly every step, and the worker never holds
+more than its capacity.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import redis
 
 from producer import Client, JobStatus, QueueKeys
 from producer.keys import GROUP
-from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.inproc import InprocWorker
 from slotfill.testing.redis_server import RedisServer
 
 SLOTS, HEADROOM = 16, 4
@@ -28,9 +29,9 @@ SLOTS, HEADROOM = 16, 4
 def test_backlog_keeps_every_slot_busy(redis_server: RedisServer, r: redis.Redis,
                                        queue: str, tmp_path: Path, admission: str) -> None:
     steps_file = tmp_path / "steps.jsonl"
-    w = WorkerProcess(redis_server.url, "refill", tmp_path / "w.log", queue=queue,
-                      engine="sim", sim_step_ms=4, max_num_seqs=SLOTS, headroom=HEADROOM,
-                      step_log=str(steps_file), admission=admission).start()
+    w = InprocWorker(redis_server.url, "refill", queue=queue, engine="sim", sim_step_ms=4,
+                     max_num_seqs=SLOTS, headroom=HEADROOM, step_log=str(steps_file),
+                     admission=admission).start()
     try:
         w.wait_ready(60)
         c = Client.from_url(redis_server.url, queue=queue)
@@ -47,8 +48,9 @@ def test_backlog_keeps_every_slot_busy(redis_server: RedisServer, r: redis.Redis
 
         sampler = threading.Thread(target=sample_pel)
         sampler.start()
+        # ~700 engine steps of backlog (the window below needs more than 200).
         ids = c.submit_many([{"prompt": "x", "max_tokens": rng.randint(4, 40)}
-                             for _ in range(1000)])
+                             for _ in range(500)])
         results = [c.wait(i, timeout=120) for i in ids]
         stop.set()
         sampler.join()
@@ -64,5 +66,5 @@ def test_backlog_keeps_every_slot_busy(redis_server: RedisServer, r: redis.Redis
     assert starved / len(window) <= 0.02, (starved, len(window))
     assert max(s["running"] + s["waiting"] for s in steps) <= SLOTS + HEADROOM
     # Pending entries of this consumer: in the engine (<= capacity) plus results being
-    # written (at most one capacity's worth more, by design of Feeder.free).
+    # written (at most one capacity's worth more: worker/admission.py subtracts the rest).
     assert 0 < peak["pel"] <= 2 * (SLOTS + HEADROOM)

@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from producer import Client, JobStatus, QueueKeys
-from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.inproc import InprocWorker
+from slotfill.testing.poll import wait_until
 from slotfill.testing.redis_server import free_port
 
 ACL_EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "redis-acl.example"
@@ -114,10 +115,10 @@ def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRedis]:
 
 
 def test_a_job_runs_end_to_end_over_tls_with_restricted_acl_users(
-        tls_redis: TlsRedis, tmp_path: Path) -> None:
-    w = WorkerProcess(tls_redis.url("worker"), "tls-worker", tmp_path / "w.log", queue=QUEUE,
-                      engine="sim", sim_step_ms=10, max_num_seqs=4, headroom=2,
-                      lease_seconds=2, heartbeat_seconds=0.5).start()
+        tls_redis: TlsRedis) -> None:
+    w = InprocWorker(tls_redis.url("worker"), "tls-worker", queue=QUEUE, engine="sim",
+                     sim_step_ms=10, max_num_seqs=4, headroom=2, lease_seconds=2,
+                     heartbeat_seconds=0.5).start()
     c = Client.from_url(tls_redis.url("client"), queue=QUEUE)
     try:
         w.wait_ready(60)
@@ -126,11 +127,11 @@ def test_a_job_runs_end_to_end_over_tls_with_restricted_acl_users(
         again = c.submit(prompt="idem", max_tokens=3, idempotency_key="k1")
         assert c.submit(prompt="idem", max_tokens=3, idempotency_key="k1").id == again.id
         long = c.submit(prompt="long", max_tokens=400)
-        while c.status(long.id) is not JobStatus.running:
-            time.sleep(0.01)
+        wait_until(lambda: c.status(long.id) is JobStatus.running, interval=0.01,
+                   what="the long job to run")
         assert c.cancel(long.id) == "requested"  # SPUBLISH on an allowed channel
         assert c.wait(long.id, timeout=5).status is JobStatus.cancelled
-        log = w.log_path.read_text()
+        log = w.log_text()
         assert "NOPERM" not in log and "Traceback" not in log and "redis unavailable" not in log
         assert w.stop(20) == 0
     finally:

@@ -1,12 +1,11 @@
-"""Token streaming through per-job reply streams, on real worker processes (simulated engine):
-resume after a disconnect, several readers, cancellation, deadlines, a worker killed
+"""Token streaming through per-job reply streams, on in-process workers (simulated engine):
+resume after a disconnect, several readers, cancellation, deadlines, a worker process killed
 mid-stream, and the fence that keeps a stale attempt from writing."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -15,10 +14,9 @@ import redis
 from producer import AsyncClient, Client, JobResult, JobStatus, QueueKeys, Restarted, TokenDelta
 from producer.scripts import source
 from producer.streaming import StreamEvent
+from slotfill.testing.poll import wait_until
 from slotfill.testing.redis_server import RedisServer
-from tests.test_lifecycle import job_field, sim_worker, workers
-
-pytestmark = pytest.mark.fault
+from tests.test_lifecycle import inproc_worker, job_field, sim_worker, workers
 
 
 def collect(events: list[StreamEvent]) -> tuple[str, JobResult]:
@@ -34,9 +32,8 @@ def collect(events: list[StreamEvent]) -> tuple[str, JobResult]:
 
 
 def test_deltas_add_up_to_the_result_and_are_coalesced(
-        redis_server: RedisServer, r: redis.Redis, client: Client, queue: str,
-        tmp_path: Path) -> None:
-    with workers(sim_worker(redis_server.url, queue, tmp_path, "s1", stream_interval_ms=30)):
+        redis_server: RedisServer, r: redis.Redis, client: Client, queue: str) -> None:
+    with workers(inproc_worker(redis_server.url, queue, "s1", stream_interval_ms=30)):
         job = client.submit("hello", max_tokens=60, stream=True)
         events = list(client.stream(job.id, timeout=30))
     text, res = collect(events)
@@ -54,8 +51,8 @@ def test_deltas_add_up_to_the_result_and_are_coalesced(
 
 
 def test_a_reader_resumes_where_it_left_off_and_a_second_reader_follows_too(
-        redis_server: RedisServer, client: Client, queue: str, tmp_path: Path) -> None:
-    with workers(sim_worker(redis_server.url, queue, tmp_path, "s1", stream_interval_ms=20)):
+        redis_server: RedisServer, r: redis.Redis, client: Client, queue: str) -> None:
+    with workers(inproc_worker(redis_server.url, queue, "s1", stream_interval_ms=20)):
         job = client.submit("hello", max_tokens=150, stream=True)
         second: list[StreamEvent] = []
         follower = threading.Thread(target=lambda: second.extend(client.stream(job.id, timeout=30)))
@@ -65,7 +62,10 @@ def test_a_reader_resumes_where_it_left_off_and_a_second_reader_follows_too(
             first_part.append(event)
             if sum(isinstance(e, TokenDelta) for e in first_part) == 2:
                 break  # the client "disconnects" here
-        time.sleep(0.3)  # output keeps coming meanwhile
+        # Output keeps coming while the reader is away.
+        tokens = QueueKeys.for_queue(queue).tokens(job.id)
+        wait_until(lambda: r.xlen(tokens) >= len(first_part) + 3,
+                   what="more output while the reader is away")
         last = first_part[-1]
         assert isinstance(last, TokenDelta)
         rest = list(client.stream(job.id, after=last.entry_id, timeout=30))
@@ -78,8 +78,8 @@ def test_a_reader_resumes_where_it_left_off_and_a_second_reader_follows_too(
 
 
 def test_cancel_and_deadline_end_the_stream_with_their_status(
-        redis_server: RedisServer, client: Client, queue: str, tmp_path: Path) -> None:
-    with workers(sim_worker(redis_server.url, queue, tmp_path, "s1", stream_interval_ms=20)):
+        redis_server: RedisServer, client: Client, queue: str) -> None:
+    with workers(inproc_worker(redis_server.url, queue, "s1", stream_interval_ms=20)):
         cancelled = client.submit("hello", max_tokens=400, stream=True)
         expiring = client.submit("hello", max_tokens=400, stream=True, timeout=1.0)
         seen: list[StreamEvent] = []
@@ -104,14 +104,15 @@ def test_a_queued_streaming_job_cancelled_before_it_runs_ends_its_stream(
 
 
 def test_a_job_that_did_not_ask_to_stream_yields_its_whole_text(
-        redis_server: RedisServer, client: Client, queue: str, tmp_path: Path) -> None:
-    with workers(sim_worker(redis_server.url, queue, tmp_path, "s1")):
+        redis_server: RedisServer, client: Client, queue: str) -> None:
+    with workers(inproc_worker(redis_server.url, queue, "s1")):
         job = client.submit("hello", max_tokens=5)
         events = list(client.stream(job.id, timeout=30))
     assert [type(e) for e in events] == [TokenDelta, JobResult]
     assert collect(events)[0] == events[-1].text != ""  # type: ignore[union-attr]
 
 
+@pytest.mark.fault
 def test_worker_killed_mid_stream_reader_is_told_and_sees_only_the_new_attempt(
         redis_server: RedisServer, r: redis.Redis, client: Client, queue: str,
         tmp_path: Path) -> None:
@@ -125,7 +126,7 @@ def test_worker_killed_mid_stream_reader_is_told_and_sees_only_the_new_attempt(
             if sum(isinstance(e, TokenDelta) for e in events) == 3:
                 break
         a.kill()
-        with workers(sim_worker(redis_server.url, queue, tmp_path, "b", stream_interval_ms=20)):
+        with workers(inproc_worker(redis_server.url, queue, "b", stream_interval_ms=20)):
             events += list(client.stream(job.id, after=events[-1].entry_id,  # type: ignore[union-attr]
                                          timeout=60))
     restarts = [e for e in events if isinstance(e, Restarted)]
@@ -141,7 +142,9 @@ def test_worker_killed_mid_stream_reader_is_told_and_sees_only_the_new_attempt(
     assert job_field(r, queue, job.id, "stream_attempt") == "2"
 
 
-def test_a_stale_attempt_cannot_write(r: redis.Redis, client: Client, queue: str) -> None:
+def test_a_stale_attempt_cannot_write(fake_r: redis.Redis, fake_client: Client,
+                                     queue: str) -> None:
+    r, client = fake_r, fake_client  # the fence is one script: fakeredis runs it
     job = client.submit("x", stream=True)
     keys = QueueKeys.for_queue(queue)
     r.hset(keys.job(job.id), mapping={"status": "running", "attempts": 2})
@@ -149,7 +152,7 @@ def test_a_stale_attempt_cannot_write(r: redis.Redis, client: Client, queue: str
 
     def write(attempt: int, text: str) -> int:
         return int(append(keys=[keys.job(job.id), keys.tokens(job.id)],
-                          args=[attempt, 100, 60, "w", text, "", 0]))
+                          args=[attempt, 100, 60, "w", text, "", 0, 0, 1]))
 
     assert write(1, "old") == 0
     assert write(2, "new") == 1
@@ -159,13 +162,13 @@ def test_a_stale_attempt_cannot_write(r: redis.Redis, client: Client, queue: str
     assert texts == [None, b"new"]
 
 
-def test_async_client_streams(redis_server: RedisServer, queue: str, tmp_path: Path) -> None:
+def test_async_client_streams(redis_server: RedisServer, queue: str) -> None:
     async def main() -> list[StreamEvent]:
         async with AsyncClient.from_url(redis_server.url, queue=queue) as c:
             job = await c.submit("hello", max_tokens=40, stream=True)
             return [e async for e in c.stream(job.id, timeout=30)]
 
-    with workers(sim_worker(redis_server.url, queue, tmp_path, "s1", stream_interval_ms=20)):
+    with workers(inproc_worker(redis_server.url, queue, "s1", stream_interval_ms=20)):
         events = asyncio.run(main())
     text, res = collect(events)
     assert text == res.text and res.usage.completion_tokens == 40

@@ -170,12 +170,15 @@ class Admission:
     of the prompt size of the jobs still in Redis."""
 
     def __init__(self, settings: WorkerSettings, stats: StepStats, slots: int,
-                 finished: Callable[[], int] = lambda: 0) -> None:
+                 finished: Callable[[], int] = lambda: 0,
+                 starved: Callable[[], int] = lambda: 0) -> None:
         self.policy = Policy.from_settings(settings, slots)
         self.stats = stats
         self.next_prompt_tokens: float | None = None
         self.finished = finished
         """Jobs that have left the engine so far (for the finish rate)."""
+        self.starved = starved
+        """Starved engine steps so far (worker/state.py's ``FeederState.starved_steps``)."""
         self.finish_per_s = 0.0
         self.step_s = 0.0
         self.read_s = 0.0
@@ -184,7 +187,7 @@ class Admission:
         self._mark = (time.monotonic(), 0, stats.steps)  # counts start at zero
         self.learned = 0
         """Ready jobs the engine's starved steps showed were needed beyond the estimate."""
-        self._starved = stats.starved_steps
+        self._starved = starved()
         self._calm = 0
 
     @property
@@ -211,7 +214,9 @@ class Admission:
         est = ready_target(self.policy, self.finish_per_s, self.read_s + 2 * self.step_s)
         return min(max(est, self.learned), self.policy.ready_target)
 
-    def _measure(self) -> None:
+    def update(self) -> None:
+        """Re-measure the finish rate, the step time and the starved steps once a window
+        (``RATE_WINDOW_S``) has passed; the pull loop calls it before it asks :meth:`want`."""
         now, done, steps = time.monotonic(), self.finished(), self.stats.steps
         t0, done0, steps0 = self._mark
         if now - t0 < RATE_WINDOW_S:
@@ -220,20 +225,21 @@ class Admission:
         if steps > steps0:
             self.step_s += RATE_WEIGHT * ((now - t0) / (steps - steps0) - self.step_s)
         self._mark = (now, done, steps)
-        if self.stats.starved_steps > self._starved:
+        starved = self.starved()
+        if starved > self._starved:
             self.learned = min(self.policy.ready_target, max(self.learned, self.target) + 1)
             self._calm = 0
         else:
             self._calm += 1
             if self.learned and self._calm >= CALM_WINDOWS:
                 self.learned, self._calm = self.learned - 1, 0
-        self._starved = self.stats.starved_steps
+        self._starved = starved
 
     def want(self, held: int, publishing: int, newest_first: Iterable[int]) -> int:
-        """Jobs to read now. ``newest_first``: prompt tokens of the held jobs still in the
-        engine, newest first (only as many as are not running are consumed)."""
+        """Jobs to read now, from the estimates as of the last :meth:`update` (no side
+        effects). ``newest_first``: prompt tokens of the held jobs still in the engine, newest
+        first (only as many as are not running are consumed)."""
         s = self.stats
-        self._measure()
         waiting = max(0, held - min(s.running, held, self.policy.slots))
         view = EngineView(held, s.running, s.kv_cache_usage, newest(newest_first, waiting),
                           publishing)

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -22,7 +24,8 @@ from worker import upkeep
 from worker.engines.base import Engine
 from worker.feeder import Feeder
 from worker.ops import install as install_ops
-from worker.settings import WorkerSettings
+from worker.settings import TINY_ENGINE, WorkerSettings, apply_engine_defaults
+from worker.step_log import StepLog
 from worker.store import WorkerStore
 
 log = logging.getLogger("slotfill.worker")
@@ -40,6 +43,7 @@ def build_engine(settings: WorkerSettings) -> Engine:
     if settings.engine == "sim":
         from worker.engines.sim import SimEngine
 
+        apply_engine_defaults(settings, TINY_ENGINE)
         return SimEngine(settings.max_num_seqs, settings.sim_step_ms, settings.max_model_len,
                          settings.max_num_batched_tokens)
     from worker.engines.vllm import VllmEngine
@@ -50,6 +54,8 @@ def build_engine(settings: WorkerSettings) -> Engine:
 
         model = str(make_tiny_model(default_model_dir()))
         settings.load_format = "dummy"
+        apply_engine_defaults(settings, TINY_ENGINE)
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     return VllmEngine(settings, model)
 
 
@@ -72,8 +78,32 @@ async def _resilient(name: str, loop_fn: Callable[[], Awaitable[None]]) -> None:
             delay = min(2 * delay, BACKOFF_MAX_S)
 
 
-async def serve(settings: WorkerSettings, engine: Engine | None = None) -> int:
-    """Run until SIGTERM/SIGINT (drain, exit 0) or engine death (exit 3)."""
+def _duties(feeder: Feeder, store: WorkerStore, settings: WorkerSettings
+            ) -> dict[str, Callable[[], Awaitable[None]]]:
+    """The worker's long-running tasks, each given what it reads and whom it tells."""
+    lease = settings.lease_seconds
+    view = upkeep.WorkerView(feeder.engine.stats, feeder.state, feeder.counters,
+                             feeder.holdings, feeder.capacity, feeder.engine.slots,
+                             feeder.engine.max_model_len)
+    return {
+        "pull": feeder.run,
+        "leases": lambda: upkeep.renew_leases(store, feeder.holdings, feeder.lease_report, lease),
+        "reclaim": lambda: upkeep.reclaim(feeder.request_reclaim, lease),
+        "cancels": lambda: upkeep.listen_for_cancels(store.redis, store.keys.control,
+                                                     feeder.cancel_requested),
+        "heartbeat": lambda: upkeep.heartbeat(store, settings, view),
+        "watchdog": lambda: upkeep.watchdog(feeder.engine.stats, feeder.state, feeder.holdings,
+                                            feeder.die, settings.engine_hang_seconds),
+        "tokens": feeder.streamer.run,
+    }
+
+
+async def serve(settings: WorkerSettings, engine: Engine | None = None, *,
+                owns_process: bool = False) -> int:
+    """Run until SIGTERM/SIGINT (drain, exit 0) or engine death (exit 3). ``owns_process``:
+    this worker is the whole process (``slotfill worker``), so once it decides to exit it may
+    end the process by force (:func:`_exit_backstop`); a worker embedded in another program
+    (the in-process test kit) leaves the process alone."""
     engine = engine or build_engine(settings)
     try:
         client = connect_async(settings.redis_url)
@@ -81,8 +111,13 @@ async def serve(settings: WorkerSettings, engine: Engine | None = None) -> int:
         log.error("redis configuration error: %s", e)
         return EXIT_REDIS_CONFIG
     store = WorkerStore(client, settings.queue, settings.consumer)
+    async def start() -> None:
+        await store.ensure_groups()
+        await store.seed_config(settings.max_pending)
+        await store.sync_clock()
+
     try:
-        await _resilient("start", store.ensure_groups)
+        await _resilient("start", start)
     except Exception as e:
         if not is_config_error(e):
             raise
@@ -90,23 +125,18 @@ async def serve(settings: WorkerSettings, engine: Engine | None = None) -> int:
                   type(e).__name__, e)
         await client.aclose()
         return EXIT_REDIS_CONFIG
-    # Opened once at start-up, before any job runs; line-buffered writes are cheap.
-    step_log = open(settings.step_log, "a", buffering=1) if settings.step_log else None  # noqa: SIM115, ASYNC230
-    engine.stats.log = step_log
     feeder = Feeder(engine, store, settings)
+    step_log = None
+    if settings.step_log:
+        step_log = StepLog(settings.step_log, feeder.state, lambda: feeder.in_engine)
+        engine.stats.subscribe(step_log)
     ops = install_ops(feeder, settings)  # metrics, job log lines, Celery callbacks
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    duties = {
-        "pull": feeder.run, "leases": lambda: upkeep.renew_leases(feeder),
-        "reclaim": lambda: upkeep.reclaim(feeder), "cancels": lambda: upkeep.listen_for_cancels(feeder),
-        "heartbeat": lambda: upkeep.heartbeat(feeder), "watchdog": lambda: upkeep.watchdog(feeder),
-        "tokens": feeder.streamer.run,
-    }
     tasks = {name: asyncio.create_task(_resilient(name, fn), name=name)
-             for name, fn in duties.items()}
+             for name, fn in _duties(feeder, store, settings).items()}
     log.info("worker %s pulling queue %r, capacity %d (%d slots + %d headroom)",
              settings.consumer, settings.queue, feeder.capacity, engine.slots, settings.headroom)
     stopper = asyncio.create_task(stop.wait())
@@ -127,7 +157,11 @@ async def serve(settings: WorkerSettings, engine: Engine | None = None) -> int:
         # The feeder's crash report has already said which jobs it handed back.
         log.error("engine dead: %s; exiting for the supervisor to restart us", feeder.fatal)
         code = EXIT_ENGINE_DEAD
+        if owns_process:
+            _exit_backstop(loop, code, EXIT_SLACK_S)
     else:
+        if owns_process:
+            _exit_backstop(loop, code, settings.grace_seconds + EXIT_SLACK_S)
         handed_back = await feeder.drain(settings.grace_seconds)
         log.info("drained; %d unfinished jobs handed back for reclaim", handed_back)
     for t in (*tasks.values(), stopper, dead):
@@ -141,16 +175,40 @@ async def serve(settings: WorkerSettings, engine: Engine | None = None) -> int:
                 raise
     await asyncio.to_thread(ops.close)
     await client.aclose()
-    if step_log:
+    if step_log is not None:
         step_log.close()
     return code
+
+
+EXIT_SLACK_S = 30.0
+"""Longest a worker that decided to exit may take beyond its drain (closing the engine,
+ending threads) before the process ends regardless."""
+
+
+def _exit_backstop(loop: asyncio.AbstractEventLoop, code: int, after_s: float) -> None:
+    """The worker has decided to exit: make sure it does. From now on SIGTERM and SIGINT end
+    the process at once (the default action), and past ``after_s`` it ends with ``code``
+    whatever hangs on the way out (an engine that will not close, a thread that will not
+    end). Nothing is lost either way: whatever it held stays pending for its peers."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_DFL)
+    timer = threading.Timer(after_s, _hard_exit, (code, after_s))
+    timer.daemon = True
+    timer.start()
+
+
+def _hard_exit(code: int, after_s: float) -> None:
+    log.error("still not exited %.0fs after deciding to; ending the process", after_s)
+    logging.shutdown()
+    os._exit(code)
 
 
 def run_worker(settings: WorkerSettings) -> int:
     async def main() -> int:
         engine = build_engine(settings)
         try:
-            return await serve(settings, engine)
+            return await serve(settings, engine, owns_process=True)
         finally:
             engine.close()
 

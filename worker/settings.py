@@ -26,8 +26,10 @@ class WorkerSettings(ClientSettings):
     """Hugging Face model name or local directory. Empty: generate the tiny test model."""
     consumer: str = Field(default_factory=default_consumer_name)
     """This worker's name in the consumer group (unique per live worker)."""
-    max_num_seqs: int = Field(32, ge=1)
-    """Engine batch slots (vLLM ``max_num_seqs``)."""
+    max_num_seqs: int = Field(0, ge=0)
+    """Engine batch slots (vLLM ``max_num_seqs``); 0: vLLM's choice for the card and model
+    (the generated tiny model: 32). The worker's start-up line and ``slotfill status`` show
+    the value chosen."""
     headroom: int = Field(8, ge=0)
     """Jobs held ready beyond the engine's free slots, so a freed slot is refilled in the
     same engine step instead of after a Redis round trip. Capacity = slots + headroom; the
@@ -46,10 +48,12 @@ class WorkerSettings(ClientSettings):
     kv_high_water: float = Field(0.9, gt=0, le=1)
     """KV-cache usage (vLLM's, 0..1) from which free slots are not refilled: the engine is
     short of memory, so new jobs would only wait or be preempted inside it."""
-    max_num_batched_tokens: int = Field(2048, ge=16)
-    """Tokens the engine schedules per step (vLLM ``max_num_batched_tokens``)."""
-    max_model_len: int = Field(512, ge=16)
-    """Longest prompt + output in tokens; longer jobs fail with ``prompt_too_long``."""
+    max_num_batched_tokens: int = Field(0, ge=0)
+    """Tokens the engine schedules per step (vLLM ``max_num_batched_tokens``); 0: vLLM's
+    choice (the tiny model: 2048)."""
+    max_model_len: int = Field(0, ge=0)
+    """Longest prompt + output in tokens; longer jobs fail with ``prompt_too_long``. 0: the
+    model's own context length, as vLLM fits it to the card (the tiny model: 512)."""
     dtype: str = "auto"
     """Weight dtype passed to vLLM (``auto``, ``bfloat16``, ``float16``, ...)."""
     load_format: str = "auto"
@@ -57,7 +61,9 @@ class WorkerSettings(ClientSettings):
     skip_tokenizer_init: bool = False
     """No tokenizer: prompts must be token ids and results carry token ids, not text."""
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
-    """Share of GPU memory vLLM may take (weights + KV cache)."""
+    """Share of GPU memory vLLM may take (weights + KV cache). The CPU build sizes its KV
+    cache by ``VLLM_CPU_KVCACHE_SPACE`` (GiB) instead; unset, the worker sets it to a quarter
+    of the memory available at start (1 to 32 GiB; the tiny model: 1)."""
     enforce_eager: bool = False
     """Disable CUDA graphs (vLLM ``enforce_eager``): faster start, slower steps."""
     executor: str = ""
@@ -93,7 +99,9 @@ class WorkerSettings(ClientSettings):
     lease_seconds: float = Field(30.0, gt=0)
     """A job's entry may be reclaimed by a peer after this long without a lease renewal."""
     max_deliveries: int = Field(3, ge=1)
-    """A job delivered more often than this is dead-lettered with error ``poisoned``."""
+    """From this delivery on a job runs alone in its engine (culprit isolation); past 3 x this
+    many deliveries it is dead-lettered with error ``poisoned`` whatever happened (PROTOCOL.md,
+    the poison rule)."""
     grace_seconds: float = Field(30.0, ge=0)
     """On SIGTERM, how long in-flight jobs may run before they are handed back."""
     engine_hang_seconds: float = Field(120.0, gt=0)
@@ -130,3 +138,15 @@ class WorkerSettings(ClientSettings):
     a submitter cannot make workers connect to arbitrary hosts."""
     celery_send_timeout: float = Field(10.0, gt=0)
     """Seconds one callback send may take (connection and publish retries included)."""
+
+
+TINY_ENGINE = {"max_num_seqs": 32, "max_model_len": 512, "max_num_batched_tokens": 2048}
+"""Engine sizes for the generated tiny model and the ``sim`` engine, which have no card and
+model for vLLM to size by; settings given explicitly win."""
+
+
+def apply_engine_defaults(settings: WorkerSettings, defaults: dict[str, int]) -> None:
+    """Fill the engine sizes left at 0 (= the engine's choice) from ``defaults``."""
+    for name, value in defaults.items():
+        if not getattr(settings, name):
+            setattr(settings, name, value)

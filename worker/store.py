@@ -21,54 +21,49 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from producer.connection import is_cluster
 from producer.errors import RedisUnavailable
 from producer.keys import GROUP, QueueKeys
 from producer.redis_errors import error_code, is_transient, unavailable
 from producer.scripts import batch_args, batched, source
+from worker.claim import ClaimedJob, decode
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 SOLO_LOSS_LIMIT = 2
-"""A job lost this many times while it ran alone (its engine died or hung, or its worker
-vanished, with nothing else inside to blame) is dead-lettered (``poisoned``)."""
+"""A job whose engine died or hung this many times while it was alone inside (each reported
+by that engine's worker) is dead-lettered (``poisoned``). The rule: lua/includes/poison.lua."""
 HARD_DELIVERY_FACTOR = 3
 """Past ``max_deliveries`` × this many deliveries a job is dead-lettered whatever happened
-(a backstop: from ``max_deliveries`` on, it only runs alone, where losses are evidence)."""
+(the backstop for losses nobody reported: a job that kills its worker outright)."""
 
 REDIS_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
 """What a Redis outage looks like from redis-py: wait and retry, never die of it."""
-
-
-@dataclass
-class Row:
-    """One delivered stream entry, as ``start_jobs`` / ``reclaim_jobs`` hand it over."""
-
-    stream: str
-    entry: str
-    job_id: str
-    body: str
-    attempts: int
-    deliveries: int
-    flag: str
-    """"" | "cancel" (cancel requested) | "expired" (past deadline) | "malformed" (no id) |
-    "poisoned" (delivered too often, or crashed its engine too often: dead-letter it)."""
-    queued_at: float
-    solo: bool = False
-    """Run it alone in the engine (culprit isolation; see ``reclaim_jobs.lua``)."""
-
-    @property
-    def key(self) -> str:
-        """The feeder's in-flight key: the job id, or the entry for rows without one."""
-        return self.job_id or f"entry:{self.stream}:{self.entry}"
 
 
 def _s(x: Any) -> str:
     return x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x)
 
 
-def _common(name: str) -> str:
-    return source("_common") + "\n" + source(name)
+@dataclass(frozen=True)
+class Append:
+    """One write to a streaming job's token stream (``append_tokens``)."""
+
+    row: ClaimedJob
+    text: str
+    ids: str
+    """The new token ids, JSON ("" when only announcing the attempt)."""
+    offset: int
+    """Tokens of this attempt written before this one."""
+    tokens: int
+    """Tokens in this append."""
+    seq: int
+    """This append's number in its attempt (1, 2, ...; 0 when only announcing)."""
+
+
+def _raw(body: str) -> bytes:
+    return body.encode("utf-8", "surrogateescape")
 
 
 def _cluster_client_race(e: Exception) -> bool:
@@ -114,12 +109,15 @@ class WorkerStore:
         self.redis = redis_client
         self.keys = QueueKeys.for_queue(queue)
         self.consumer = consumer
+        self._cluster = is_cluster(redis_client)
+        self.clock_offset = 0.0
+        """Redis' clock minus this host's, seconds (``sync_clock``)."""
         self._start = redis_client.register_script(source("start_jobs"))
         self._reclaim = redis_client.register_script(source("reclaim_jobs"))
         self._finish = redis_client.register_script(source("finish_job"))
         self._dead = redis_client.register_script(source("dead_letter_entry"))
         self._renew = redis_client.register_script(source("renew_leases"))
-        self._release = redis_client.register_script(_common("release_jobs"))
+        self._release = redis_client.register_script(source("release_jobs"))
         self._append = redis_client.register_script(batched("append_tokens"))
 
     @_redis_call
@@ -131,38 +129,38 @@ class WorkerStore:
                 if "BUSYGROUP" not in str(e):
                     raise
 
-    def _rows(self, raw: list[Any]) -> list[Row]:
-        return [Row(_s(r[0]), _s(r[1]), _s(r[2]), _s(r[3]), int(r[4]), int(r[5]), _s(r[6]),
-                    float(r[7]), bool(int(r[8])))
-                for r in raw]
+    async def seed_config(self, max_pending: int) -> None:
+        """Give the queue a cap when it has none (an operator's ``configure_queue`` wins:
+        the submit step reads it there, never from its caller)."""
+        await self.redis.hsetnx(self.keys.config, "max_pending", max_pending)
 
     @_redis_call
-    async def start_jobs(self, count: int) -> list[Row]:
+    async def start_jobs(self, count: int) -> list[ClaimedJob]:
         raw = await self._start(
             keys=self.keys.streams,
-            args=[GROUP, self.consumer, count, repr(time.time()), self.keys.base],
+            args=[GROUP, self.consumer, count, repr(self.now()), self.keys.base],
         )
-        return self._rows(raw)
+        return decode(raw)
 
     @_redis_call
     async def reclaim_jobs(self, count: int, lease_seconds: float, max_deliveries: int,
-                           solo_allowed: bool, forget_after_s: float = 0.0) -> list[Row]:
-        """Take over entries idle past the lease. At most one ``solo`` row, and only when
-        ``solo_allowed``; rows past their loss or delivery limit come flagged ``poisoned``.
+                           solo_allowed: bool, forget_after_s: float = 0.0) -> list[ClaimedJob]:
+        """Take over entries idle past the lease. At most one claim to run alone, and only
+        when ``solo_allowed``; jobs past the poison rule's limits come ``poisoned``.
         ``forget_after_s`` > 0 also deletes consumers silent that long with nothing pending."""
         raw = await self._reclaim(
             keys=self.keys.streams,
-            args=[GROUP, self.consumer, count, repr(time.time()), self.keys.base,
+            args=[GROUP, self.consumer, count, repr(self.now()), self.keys.base,
                   int(lease_seconds * 1000), max_deliveries, int(solo_allowed),
                   SOLO_LOSS_LIMIT, int(forget_after_s * 1000),
                   max_deliveries * HARD_DELIVERY_FACTOR],
         )
-        return self._rows(raw)
+        return decode(raw)
 
     @_redis_call
-    async def mark_solo_run(self, row: Row) -> None:
-        """Record that ``row`` now runs alone here: if it is lost before it finishes, the
-        loss counts against it (see ``reclaim_jobs.lua``)."""
+    async def mark_solo_run(self, row: ClaimedJob) -> None:
+        """Record that ``row`` now runs alone here. Never evidence against the job (a worker
+        that vanishes reports nothing): a reclaim notes it in the job's history."""
         if row.job_id:
             await self.redis.hset(self.keys.job(row.job_id), "solo_run", self.consumer)
 
@@ -186,28 +184,32 @@ class WorkerStore:
 
     @_redis_call
     async def finish(
-        self, row: Row, status: str, result_json: str, result_ttl: int,
+        self, row: ClaimedJob, status: str, result_json: str, result_ttl: int,
         dead_reason: str = "",
     ) -> bool:
         """Publish the result, flip the status, wake waiters and XACK: one atomic step.
 
-        Returns False when the job already had a result (a duplicate run, suppressed)."""
+        Idempotent for this attempt: a retry after a lost reply returns True again when the
+        first call did write. False when the result is not this attempt's: the job already had
+        another's (a duplicate run, suppressed), or a later attempt owns it (our lease was
+        taken; the current attempt publishes)."""
         published = await self._finish(
             keys=[row.stream, self.keys.job(row.job_id), self.keys.done(row.job_id),
                   self.keys.stats, self.keys.dead_letter, self.keys.tokens(row.job_id)],
-            args=[row.entry, GROUP, status, result_json, repr(time.time()), result_ttl,
-                  dead_reason, row.body if dead_reason else "", row.deliveries],
+            args=[row.entry, GROUP, status, result_json, repr(self.now()), result_ttl,
+                  dead_reason, _raw(row.body) if dead_reason else "", row.deliveries,
+                  row.attempts],
         )
         return bool(published)
 
     @_redis_call
-    async def dead_letter_entry(self, row: Row, reason: str) -> None:
+    async def dead_letter_entry(self, row: ClaimedJob, reason: str) -> None:
         await self._dead(
             keys=[row.stream, self.keys.dead_letter, self.keys.stats],
-            args=[row.entry, GROUP, reason, row.body, row.deliveries, repr(time.time())],
+            args=[row.entry, GROUP, reason, _raw(row.body), row.deliveries, repr(self.now())],
         )
 
-    def _entry_keys(self, rows: Sequence[Row]) -> tuple[list[str], list[str]]:
+    def _entry_keys(self, rows: Sequence[ClaimedJob]) -> tuple[list[str], list[str]]:
         keys: list[str] = []
         args: list[str] = []
         for r in rows:
@@ -216,7 +218,7 @@ class WorkerStore:
         return keys, args
 
     @_redis_call
-    async def renew_leases(self, rows: Sequence[Row]) -> list[str]:
+    async def renew_leases(self, rows: Sequence[ClaimedJob]) -> list[str]:
         """Reset the idle time of our in-flight entries (delivery count unchanged). Returns
         one code per row: ``ok``, ``cancel`` (cancellation requested), ``done`` (the job
         already has a result) or ``lost`` (a peer took the entry over)."""
@@ -227,7 +229,7 @@ class WorkerStore:
         return [_s(x) for x in raw]
 
     @_redis_call
-    async def release(self, rows: Sequence[Row], lease_seconds: float, why: str,
+    async def release(self, rows: Sequence[ClaimedJob], lease_seconds: float, why: str,
                       alone: bool = False) -> int:
         """Give entries back for a peer's next reclaim sweep (they stay unacknowledged).
         ``why`` = ``engine_crash`` also marks their jobs ``suspect`` (and, when ``alone``,
@@ -236,31 +238,57 @@ class WorkerStore:
             return 0
         keys, args = self._entry_keys(rows)
         n = await self._release(keys=keys, args=[
-            GROUP, self.consumer, repr(time.time()), int(lease_seconds * 1000), why,
+            GROUP, self.consumer, repr(self.now()), int(lease_seconds * 1000), why,
             "1" if alone else "0", *args])
         return int(n)
 
     @_redis_call
-    async def append_tokens(self, appends: Sequence[tuple[Row, str, str, int]],
-                            max_entries: int, ttl_s: int) -> list[bool]:
-        """Append each ``(row, text, token ids JSON, offset)`` to its job's token stream, in
-        one script call (cluster clients refuse pipelined EVALSHA). Per append: False when
-        fenced off (the attempt is no longer the job's current one)."""
+    async def append_tokens(self, appends: Sequence[Append], max_entries: int,
+                            ttl_s: int) -> list[int]:
+        """Write each append to its job's token stream, in one script call (cluster clients
+        refuse pipelined EVALSHA). Per append: 1 written (or already there: a retry), 0
+        fenced off (the attempt is no longer the job's current one), -1 refused (it does not
+        follow what the stream holds)."""
         if not appends:
             return []
         keys, args = batch_args([
-            ([self.keys.job(row.job_id), self.keys.tokens(row.job_id)],
-             [row.attempts, max_entries, ttl_s, self.consumer, text, ids, offset])
-            for row, text, ids, offset in appends])
-        return [bool(x) for x in await self._append(keys=keys, args=args)]
+            ([self.keys.job(a.row.job_id), self.keys.tokens(a.row.job_id)],
+             [a.row.attempts, max_entries, ttl_s, self.consumer, a.text, a.ids, a.offset,
+              a.tokens, a.seq])
+            for a in appends])
+        return [int(x) for x in await self._append(keys=keys, args=args)]
 
     @_redis_call
     async def heartbeat(self, fields: dict[Any, Any], ttl_s: float) -> None:
+        """Advertise this worker; the same round trip reads Redis' clock (``sync_clock``)."""
         key = self.keys.worker(self.consumer)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(key, mapping=fields)
         pipe.expire(key, max(1, int(ttl_s)))
-        await pipe.execute()
+        if self._cluster:  # a cluster pipeline refuses keyless commands: TIME on its own
+            await pipe.execute()
+            await self.sync_clock()
+            return
+        pipe.time()
+        t0 = time.time()
+        reply = await pipe.execute()
+        self._set_clock(reply[-1], t0, time.time())
+
+    async def sync_clock(self) -> None:
+        """Measure this host's clock against Redis' (``TIME``)."""
+        t0 = time.time()
+        reply = await self.redis.time()
+        self._set_clock(reply, t0, time.time())
+
+    def _set_clock(self, reply: Any, t0: float, t1: float) -> None:
+        sec, usec = reply
+        self.clock_offset = int(sec) + int(usec) / 1e6 - (t0 + t1) / 2
+
+    def now(self) -> float:
+        """Unix seconds on Redis' clock (the one deadlines and record times use), from this
+        host's clock and the offset last measured: a worker whose clock is off changes no
+        deadline."""
+        return time.time() + self.clock_offset
 
     @_redis_call
     async def drop_heartbeat(self) -> None:

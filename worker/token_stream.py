@@ -15,7 +15,8 @@ import json
 import logging
 from dataclasses import dataclass, field
 
-from worker.store import REDIS_ERRORS, Row, WorkerStore
+from worker.claim import ClaimedJob
+from worker.store import REDIS_ERRORS, Append, WorkerStore
 
 log = logging.getLogger("slotfill.worker")
 
@@ -24,27 +25,63 @@ RETRY_MAX_S = 2.0
 
 @dataclass
 class _Sink:
-    row: Row
+    row: ClaimedJob
     text: list[str] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
     announced: bool = False
     """The attempt's ``start`` entry has been written."""
     offset: int = 0
-    """Tokens of this attempt already handed to the writer."""
+    """Tokens of this attempt written to its stream."""
+    seq: int = 0
+    """Deltas of this attempt written to its stream."""
+    sending: Append | None = None
+    """The append on its way: a failed round trip (the reply may be lost after the write
+    landed) resends exactly it, so the step can tell a retry from new output."""
+    stopped: bool = False
+    """Fenced off or refused: nothing more is written for this attempt."""
     drained: asyncio.Event = field(default_factory=asyncio.Event)
     closing: bool = False
 
     @property
     def pending(self) -> bool:
-        return bool(self.ids or self.text) or not self.announced
+        if self.stopped:
+            return False
+        return self.sending is not None or bool(self.ids or self.text) or not self.announced
+
+    def next_append(self) -> Append:
+        """What to send now: the unacknowledged append again, or the output collected since."""
+        if self.sending is None:
+            ids = json.dumps(self.ids) if self.ids else ""
+            seq = self.seq + 1 if (self.text or self.ids) else 0
+            self.sending = Append(self.row, "".join(self.text), ids, self.offset,
+                                  len(self.ids), seq)
+            self.text.clear()
+            self.ids.clear()
+        return self.sending
+
+    def acknowledged(self, code: int) -> None:
+        a = self.sending
+        assert a is not None
+        self.sending = None
+        self.announced = True
+        if code == 1:
+            self.offset += a.tokens
+            self.seq = max(self.seq, a.seq)
+        else:
+            self.stopped = True
+            self.text.clear()
+            self.ids.clear()
 
 
 @dataclass
 class StreamCounters:
     appends: int = 0
-    """``append_tokens`` steps that wrote (start and delta entries)."""
+    """``append_tokens`` steps that wrote (start and delta entries), or found their write
+    already there (a retry after a lost reply)."""
     fenced: int = 0
     """Appends refused because the job had moved on (reclaimed elsewhere, or ended)."""
+    gaps: int = 0
+    """Appends refused because they did not follow what the stream held (a bug)."""
     flushes: int = 0
     """Round trips of the writer."""
 
@@ -61,7 +98,7 @@ class TokenStreamer:
         self._wake = asyncio.Event()
         self._urgent = asyncio.Event()
 
-    def open(self, row: Row) -> None:
+    def open(self, row: ClaimedJob) -> None:
         """Start streaming ``row``'s attempt (announced to readers with the next write)."""
         self._sinks[row.key] = _Sink(row)
         self._wake.set()
@@ -125,28 +162,27 @@ class TokenStreamer:
         for sink in self._sinks.values():
             sink.text.clear()
             sink.ids.clear()
-            sink.announced = True
+            sink.sending = None
+            sink.stopped = True
             if sink.closing:
                 sink.drained.set()
 
     async def _flush(self) -> None:
-        batch = [(s, len(s.text), len(s.ids)) for s in self._sinks.values() if s.pending]
+        batch = [s for s in self._sinks.values() if s.pending]
         if batch:
-            appends = [(s.row, "".join(s.text[:n_text]),
-                        json.dumps(s.ids[:n_ids]) if n_ids else "", s.offset)
-                       for s, n_text, n_ids in batch]
-            # Taken off the buffers only once written: a failed round trip resends them.
-            written = await self.store.append_tokens(appends, self.max_entries, self.ttl_s)
+            appends = [s.next_append() for s in batch]
+            codes = await self.store.append_tokens(appends, self.max_entries, self.ttl_s)
             self.counters.flushes += 1
-            for (s, n_text, n_ids), ok in zip(batch, written, strict=True):
-                if ok:
+            for s, code in zip(batch, codes, strict=True):
+                if code == 1:
                     self.counters.appends += 1
-                else:
+                elif code == 0:
                     self.counters.fenced += 1
-                s.announced = True
-                s.offset += n_ids
-                del s.text[:n_text]
-                del s.ids[:n_ids]
+                else:
+                    self.counters.gaps += 1
+                    log.error("job %s: token stream append refused (offset %d, delta %d "
+                              "does not follow the stream)", s.row.job_id, s.offset, s.seq + 1)
+                s.acknowledged(code)
         for s in self._sinks.values():
             if s.closing:
                 if s.pending:

@@ -1,52 +1,62 @@
 """Background duties of a worker beside the pull loop: leases, reclaim, cancellations,
-heartbeat and the hung-engine watchdog. Each is one long-running coroutine."""
+heartbeat and the hung-engine watchdog. Each is one long-running coroutine, given exactly the
+collaborators it reads or tells (the runner wires them); none reaches into the pull loop."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import redis.asyncio as aioredis
+
 from producer.errors import EngineDead
-from worker.feeder import Feeder
+from worker.claim import ClaimedJob
+from worker.engines.base import StepStats
+from worker.in_flight import Holdings
+from worker.settings import WorkerSettings
+from worker.state import Counters, FeederState
+from worker.store import WorkerStore
 
 log = logging.getLogger("slotfill.worker")
 
 
-async def renew_leases(feeder: Feeder) -> None:
+async def renew_leases(store: WorkerStore, holdings: Holdings,
+                       report: Callable[[list[ClaimedJob], list[str]], None],
+                       lease_s: float) -> None:
     """Renew every held entry well inside the lease, so a live worker's long generation is
     never stolen. The same pass finds cancellations the control channel missed (it was down,
-    or the cancel overtook the job) and jobs already finished elsewhere."""
-    period = feeder.settings.lease_seconds / 3
+    or the cancel overtook the job) and jobs already finished elsewhere: ``report`` acts."""
     while True:
-        await asyncio.sleep(period)
-        rows = feeder.held_rows()
+        await asyncio.sleep(lease_s / 3)
+        rows = holdings.rows()
         if rows:
-            codes = await feeder.store.renew_leases(rows)
-            feeder.lease_report(rows, codes)
+            report(rows, await store.renew_leases(rows))
 
 
-async def reclaim(feeder: Feeder) -> None:
+async def reclaim(request: Callable[[], None], lease_s: float) -> None:
     """Ask the pull loop for a reclaim sweep (entries whose worker stopped renewing, idle past
     the lease) every quarter lease; the loop runs it before its next read, even when full."""
-    period = max(0.2, feeder.settings.lease_seconds / 4)
     while True:
-        await asyncio.sleep(period)
-        feeder.request_reclaim()
+        await asyncio.sleep(max(0.2, lease_s / 4))
+        request()
 
 
 CANCEL_LISTEN_S = 1.0
 """Longest wait for one control message (shorter than the socket timeout)."""
 
 
-async def listen_for_cancels(feeder: Feeder) -> None:
+async def listen_for_cancels(redis: aioredis.Redis, channel: str,
+                             on_cancel: Callable[[str], None]) -> None:
     """Abort running jobs whose cancellation a client requested: the control channel is a
     sharded Pub/Sub channel (SSUBSCRIBE), served by the master of the queue's slot, so a
     cluster delivers it without broadcasting to every node. Cancels missed while it is down
     are found by lease renewal."""
-    pubsub: Any = feeder.store.redis.pubsub()
-    await pubsub.ssubscribe(feeder.store.keys.control)
+    pubsub: Any = redis.pubsub()
+    await pubsub.ssubscribe(channel)
     # A cluster's pub/sub object keeps one connection per node; its reader is separate.
     read = getattr(pubsub, "get_sharded_message", None) or pubsub.get_message
     try:
@@ -55,43 +65,56 @@ async def listen_for_cancels(feeder: Feeder) -> None:
             if not msg or msg.get("type") != "smessage":
                 continue
             data = msg["data"]
-            feeder.cancel_requested(data.decode() if isinstance(data, bytes) else str(data))
+            on_cancel(data.decode() if isinstance(data, bytes) else str(data))
     finally:
         await pubsub.aclose()
 
 
-async def heartbeat(feeder: Feeder) -> None:
+@dataclass(frozen=True)
+class WorkerView:
+    """What the heartbeat reports: read-only views of the engine and the pull loop."""
+
+    stats: StepStats
+    state: FeederState
+    counters: Counters
+    holdings: Holdings
+    capacity: int
+    slots: int
+    max_model_len: int
+
+
+async def heartbeat(store: WorkerStore, settings: WorkerSettings, view: WorkerView) -> None:
     """Advertise this worker for ``slotfill status`` (expires when the worker dies)."""
-    s = feeder.settings
+    s = settings
     started = time.time()
     last_tokens, last_t = 0, time.monotonic()
     while True:
         now = time.monotonic()
-        c = feeder.counters
+        c, st = view.counters, view.stats
         rate = (c.output_tokens - last_tokens) / max(now - last_t, 1e-6)
         last_tokens, last_t = c.output_tokens, now
-        st = feeder.engine.stats
-        await feeder.store.heartbeat({
+        await store.heartbeat({
             "consumer": s.consumer, "model": s.model, "started_at": started,
-            "capacity": feeder.capacity, "slots": feeder.engine.slots,
-            "in_flight": len(feeder.in_flight), "running": st.running, "waiting": st.waiting,
+            "capacity": view.capacity, "slots": view.slots,
+            "max_model_len": view.max_model_len,
+            "max_num_batched_tokens": s.max_num_batched_tokens,
+            "in_flight": len(view.holdings), "running": st.running, "waiting": st.waiting,
             "kv_cache_usage": st.kv_cache_usage, "steps": st.steps,
-            "full_steps": st.full_steps, "starved_steps": st.starved_steps,
+            "full_steps": st.full_steps, "starved_steps": view.state.starved_steps,
             "output_tokens_per_s": round(rate, 1), "output_tokens": c.output_tokens,
-            "pulling": int(feeder.pulling), "seen_at": time.time(),
+            "pulling": int(view.state.pulling), "seen_at": time.time(),
         }, ttl_s=s.heartbeat_seconds * 3)
         await asyncio.sleep(s.heartbeat_seconds)
 
 
-async def watchdog(feeder: Feeder) -> None:
+async def watchdog(stats: StepStats, state: FeederState, holdings: Holdings,
+                   on_hang: Callable[[BaseException], None], limit_s: float) -> None:
     """A hung engine makes no steps while jobs wait in it: treat it as dead."""
-    limit = feeder.settings.engine_hang_seconds
     while True:
-        await asyncio.sleep(min(5.0, limit / 4))
-        idle = time.monotonic() - feeder.engine.stats.last_step_at
+        await asyncio.sleep(min(5.0, limit_s / 4))
+        idle = time.monotonic() - max(stats.last_step_at, state.busy_since)
         # Only jobs inside the engine count: results waiting for Redis are not the engine's.
-        busy = any(not f.publishing and f.row.flag == "" for f in feeder.in_flight.values())
-        if busy and idle > limit:
+        if holdings.inside_engine() and idle > limit_s:
             log.error("engine made no step for %.0fs with jobs in flight: hung", idle)
-            feeder.die(EngineDead(f"engine hung: no step for {idle:.0f}s"))
+            on_hang(EngineDead(f"engine hung: no step for {idle:.0f}s"))
             return

@@ -1,27 +1,54 @@
 -- cancel_job: queued -> cancelled at once; running -> cancel requested (the worker aborts it).
--- KEYS[1] job hash  KEYS[2] done list  KEYS[3] control channel (sharded Pub/Sub)  KEYS[4] token stream
--- ARGV[1] job id  ARGV[2] result JSON for a queued job  ARGV[3] now  ARGV[4] result TTL
+-- A refused call writes nothing and replies "ERR slotfill:<code> <what>" (invalid_argument,
+-- invalid_key).
+-- KEYS[1] slotfill:{Q}:job:<id>  KEYS[2] slotfill:{Q}:done:<id>  KEYS[3] slotfill:{Q}:control (sharded)
+-- KEYS[4] slotfill:{Q}:tokens:<id>
+-- ARGV[1] job id: 1..128 of A-Z a-z 0-9 _ -   ARGV[2] result TTL: whole seconds 1..31536000
 -- Returns "cancelled" | "requested" | "finished" (already terminal) | "unknown"
-local st = redis.call("HGET", KEYS[1], "status")
+local function refuse(code, what)
+  return redis.error_reply("ERR slotfill:" .. code .. " " .. what)
+end
+if #KEYS ~= 4 or #ARGV ~= 2 then return refuse("invalid_argument", "want 4 KEYS, 2 ARGV") end
+local id, ttl = ARGV[1], ARGV[2]
+if #id < 1 or #id > 128 or string.find(id, "[^%w_%-]") then
+  return refuse("invalid_argument", "job id must be 1..128 of A-Z a-z 0-9 _ -")
+end
+if not (string.match(ttl, "^%d+$") and tonumber(ttl) >= 1 and tonumber(ttl) <= 31536000) then
+  return refuse("invalid_argument", "result TTL must be whole seconds 1..31536000")
+end
+local q = string.match(KEYS[3], "^slotfill:{([%w_%.%-]+)}:control$")
+if not q or #q > 64 then return refuse("invalid_key", "KEYS[3] is not a queue's control channel") end
+local base = "slotfill:{" .. q .. "}"
+if KEYS[1] ~= base .. ":job:" .. id or KEYS[2] ~= base .. ":done:" .. id
+    or KEYS[4] ~= base .. ":tokens:" .. id then
+  return refuse("invalid_key", "KEYS must be queue " .. q .. "'s keys for job " .. id)
+end
+local h = redis.call("HMGET", KEYS[1], "status", "stream", "entry", "queued_at", "streaming")
+local st = h[1]
 if not st then return "unknown" end
 if st == "queued" then
-  local stream = redis.call("HGET", KEYS[1], "stream")
-  local entry = redis.call("HGET", KEYS[1], "entry")
+  local t = redis.call("TIME")
+  local now = tonumber(string.format("%d.%06d", t[1], t[2]))
   -- Queued means no worker has read the entry yet (start_jobs marks running atomically).
-  if stream and entry then redis.call("XDEL", stream, entry) end
-  redis.call("HSET", KEYS[1], "status", "cancelled", "result", ARGV[2], "finished_at", ARGV[3])
-  redis.call("EXPIRE", KEYS[1], ARGV[4])
+  if h[2] and h[3] then redis.call("XDEL", h[2], h[3]) end
+  local result = cjson.encode({id = id, status = "cancelled", text = "",
+    finish_reason = "cancelled", usage = {prompt_tokens = 0, completion_tokens = 0},
+    timings = {queued_at = tonumber(h[4] or ""), finished_at = now}, attempts = 0,
+    error = {code = "cancelled", message = "cancelled before it ran", retryable = false}})
+  redis.call("HSET", KEYS[1], "status", "cancelled", "result", result, "finished_at", now)
+  redis.call("EXPIRE", KEYS[1], ttl)
   redis.call("RPUSH", KEYS[2], "cancelled")
-  redis.call("EXPIRE", KEYS[2], ARGV[4])
-  if redis.call("HGET", KEYS[1], "streaming") then
+  redis.call("EXPIRE", KEYS[2], ttl)
+  if h[5] then
     redis.call("XADD", KEYS[4], "*", "type", "end", "status", "cancelled")
-    redis.call("EXPIRE", KEYS[4], ARGV[4])
+    redis.call("EXPIRE", KEYS[4], ttl)
   end
   return "cancelled"
 end
 if st == "running" then
-  redis.call("HSET", KEYS[1], "cancel_requested", ARGV[3])
-  redis.call("SPUBLISH", KEYS[3], ARGV[1])  -- sharded: stays on the queue's slot in a cluster
+  local t = redis.call("TIME")
+  redis.call("HSET", KEYS[1], "cancel_requested", string.format("%d.%06d", t[1], t[2]))
+  redis.call("SPUBLISH", KEYS[3], id)  -- sharded: stays on the queue's slot in a cluster
   return "requested"
 end
 return "finished"

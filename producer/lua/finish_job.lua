@@ -1,17 +1,29 @@
+--- @include "includes/terminal"
 -- finish_job: running -> succeeded | failed | cancelled | expired, exactly once.
 -- KEYS[1] stream  KEYS[2] job hash  KEYS[3] done list  KEYS[4] stats hash  KEYS[5] dead stream
 -- ARGV[1] entry id  ARGV[2] group  ARGV[3] status  ARGV[4] result JSON  ARGV[5] now
 -- ARGV[6] result TTL seconds  ARGV[7] dead-letter reason ("" = none)  ARGV[8] entry body
 -- ARGV[9] delivery count  KEYS[6] token stream (its ``end`` entry, for a streaming job)
--- Returns 1 when this call published the result, 0 when a result already existed (duplicate).
-local st = redis.call("HGET", KEYS[2], "status")
-if st == "succeeded" or st == "failed" or st == "cancelled" or st == "expired" then
+-- ARGV[10] the writer's attempt (the job record's ``attempts`` when it started the job)
+-- Returns 1 when this attempt's result is the job's (written now, or by an earlier call of the
+-- same attempt whose reply was lost), 0 when it is not: the job already has another attempt's
+-- result, or a later attempt owns it (this worker's lease was taken: only the current attempt
+-- publishes, so the result is always the one its token stream shows).
+local h = redis.call("HMGET", KEYS[2], "status", "attempts", "finished_attempt")
+if is_terminal(h[1]) then
   redis.call("XACK", KEYS[1], ARGV[2], ARGV[1])
   redis.call("XDEL", KEYS[1], ARGV[1])
+  if h[3] == ARGV[10] then return 1 end
   redis.call("HINCRBY", KEYS[4], "duplicates_suppressed", 1)
   return 0
 end
-redis.call("HSET", KEYS[2], "status", ARGV[3], "result", ARGV[4], "finished_at", ARGV[5])
+if h[2] and h[2] ~= ARGV[10] then
+  -- Superseded: the entry is a peer's now; leave it (and its acknowledgement) to the peer.
+  redis.call("HINCRBY", KEYS[4], "duplicates_suppressed", 1)
+  return 0
+end
+redis.call("HSET", KEYS[2], "status", ARGV[3], "result", ARGV[4], "finished_at", ARGV[5],
+  "finished_attempt", ARGV[10])
 redis.call("HDEL", KEYS[2], "cancel_requested", "solo_run")
 redis.call("EXPIRE", KEYS[2], ARGV[6])
 redis.call("RPUSH", KEYS[3], ARGV[3])
@@ -19,7 +31,16 @@ redis.call("EXPIRE", KEYS[3], ARGV[6])
 redis.call("XACK", KEYS[1], ARGV[2], ARGV[1])
 redis.call("XDEL", KEYS[1], ARGV[1])
 redis.call("HINCRBY", KEYS[4], "finished_" .. ARGV[3], 1)
-if redis.call("HGET", KEYS[2], "streaming") then
+local sh = redis.call("HMGET", KEYS[2], "streaming", "stream_attempt", "worker")
+if sh[1] then
+  if sh[2] and sh[2] ~= ARGV[10] then
+    -- This attempt wrote no output (it ended before any): its ``start`` still goes first, so
+    -- the stream's last start names the attempt whose result this is.
+    local id = redis.call("XADD", KEYS[6], "*", "type", "start", "attempt", ARGV[10],
+      "worker", sh[3] or "")
+    redis.call("XTRIM", KEYS[6], "MINID", id)
+    redis.call("HSET", KEYS[2], "stream_attempt", ARGV[10], "stream_seq", 0, "stream_tokens", 0)
+  end
   redis.call("XADD", KEYS[6], "*", "type", "end", "status", ARGV[3])
   redis.call("EXPIRE", KEYS[6], ARGV[6])
 end

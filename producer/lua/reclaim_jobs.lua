@@ -1,19 +1,17 @@
+--- @include "includes/claim"
+--- @include "includes/poison"
 -- reclaim_jobs: running on a silent worker -> running here, for entries idle past the lease.
 -- KEYS[1..3] streams high, normal, low
 -- ARGV[1] group  ARGV[2] consumer  ARGV[3] count  ARGV[4] now  ARGV[5] key base
 -- ARGV[6] lease in milliseconds  ARGV[7] max deliveries  ARGV[8] solo rows allowed (0 or 1)
 -- ARGV[9] solo loss limit  ARGV[10] idle milliseconds after which a consumer with nothing
 -- pending is forgotten  ARGV[11] hard delivery limit
--- Returns rows (see take()); deliveries is the entry's delivery count after this claim.
+-- Returns claims (see take()); deliveries is the entry's delivery count after this claim.
 --
--- Culprit isolation: a job whose engine died while it was inside (``suspect``), or that has
--- been delivered ARGV[7] times, comes back with solo = 1 and runs alone. Such a row is
--- claimed only when the caller can take it now (ARGV[8]), one at a time; left unclaimed, it
--- waits for a worker that can. A job lost while it ran alone (its worker marked the run with
--- ``solo_run``, and it never finished) counts a ``solo_losses``: it took down whatever ran
--- it, with nothing else to blame. After ARGV[9] of those, or past ARGV[11] deliveries whatever
--- happened, it comes back flagged ``poisoned`` (the worker dead-letters it). Deliveries lost
--- while merely batched with others, or held waiting for an empty engine, are no evidence.
+-- Culprit isolation (the rule: includes/poison.lua): a job that is ``suspect`` or has been
+-- delivered ARGV[7] times comes back as "run_alone". Such an entry is claimed only when the
+-- caller can run it now (ARGV[8]), one at a time; left unclaimed, it waits for a worker that
+-- can. A job past its limits comes back "poisoned" (the worker dead-letters it).
 local group, consumer, base = ARGV[1], ARGV[2], ARGV[5]
 local now, lease = ARGV[4], tonumber(ARGV[6])
 local max_deliveries, loss_limit = tonumber(ARGV[7]), tonumber(ARGV[9])
@@ -23,6 +21,44 @@ local remaining = tonumber(ARGV[3])
 local solo_left = tonumber(ARGV[8])
 local SCAN_LIMIT = 1000
 
+-- The verdict for one pending entry, from its job's record (an entry without a usable id has
+-- none: only the delivery backstop applies to it).
+local function verdict_for(jid, deliveries)
+  local suspect, losses = false, 0
+  if valid_job_id(jid) then
+    local h = redis.call("HMGET", base .. ":job:" .. jid, "suspect", "solo_losses")
+    suspect = h[1] ~= false and h[1] ~= nil
+    losses = tonumber(h[2] or "0") or 0
+  end
+  return verdict(deliveries, suspect, losses, max_deliveries, loss_limit, hard_limit)
+end
+
+-- Claim one pending entry if this caller may run it; returns true when a claim was added.
+local function reclaim_one(stream, id, deliveries)
+  local e = redis.call("XRANGE", stream, id, id)
+  if #e == 0 then
+    redis.call("XACK", stream, group, id)  -- deleted meanwhile: nothing left to run
+    return false
+  end
+  local jid = fields_of(e[1][2])["id"]
+  local v = verdict_for(jid, deliveries)
+  if v == "run_alone" and solo_left <= 0 then return false end
+  local claimed = redis.call("XCLAIM", stream, group, consumer, lease, id)
+  if #claimed == 0 or not claimed[1] then return false end
+  if valid_job_id(jid) then note_vanished_alone(base .. ":job:" .. jid, now) end
+  local row, disposition = take(base, stream, group, consumer, id, claimed[1][2], now,
+    deliveries, v)
+  if not row then return false end
+  if valid_job_id(jid) then
+    add_history(base .. ":job:" .. jid, {at = tonumber(now), event = "reclaimed",
+      worker = consumer, delivery = deliveries, solo = v == "run_alone"})
+  end
+  if disposition == "run_alone" then solo_left = solo_left - 1 end
+  out[#out + 1] = row
+  redis.call("HINCRBY", base .. ":stats", "reclaimed", 1)
+  return true
+end
+
 for _, stream in ipairs(KEYS) do
   local start = "-"
   local scanned = 0
@@ -31,55 +67,9 @@ for _, stream in ipairs(KEYS) do
     if #pend == 0 then break end
     for _, p in ipairs(pend) do
       scanned = scanned + 1
-      local id = p[1]
-      start = "(" .. id
+      start = "(" .. p[1]
       if remaining <= 0 then break end
-      local deliveries = tonumber(p[4]) + 1
-      local e = redis.call("XRANGE", stream, id, id)
-      if #e == 0 then
-        redis.call("XACK", stream, group, id)  -- deleted meanwhile: nothing left to run
-      else
-        local jid = fields_of(e[1][2])["id"]
-        local suspect, losses, lost_alone = false, 0, false
-        if valid_job_id(jid) then
-          local h = redis.call("HMGET", base .. ":job:" .. jid, "suspect", "solo_losses",
-            "solo_run")
-          suspect = h[1] ~= false and h[1] ~= nil
-          losses = tonumber(h[2] or "0") or 0
-          lost_alone = h[3] ~= false and h[3] ~= nil
-          if lost_alone then losses = losses + 1 end
-        end
-        local poisoned = deliveries > hard_limit or losses >= loss_limit
-        local solo = (not poisoned) and (suspect or deliveries >= max_deliveries)
-        if not (solo and solo_left <= 0) then
-          local claimed = redis.call("XCLAIM", stream, group, consumer, lease, id)
-          if #claimed > 0 and claimed[1] then
-            if lost_alone then
-              local jkey = base .. ":job:" .. jid
-              local by = redis.call("HGET", jkey, "solo_run")
-              redis.call("HINCRBY", jkey, "solo_losses", 1)
-              redis.call("HDEL", jkey, "solo_run")
-              add_history(jkey, {at = tonumber(now), event = "lost_alone", worker = by})
-            end
-            local row = take(base, stream, group, consumer, id, claimed[1][2], now, deliveries)
-            if row then
-              if row[3] ~= "" then
-                add_history(base .. ":job:" .. row[3], {at = tonumber(now), event = "reclaimed",
-                  worker = consumer, delivery = deliveries, solo = solo})
-              end
-              if row[7] == "" and poisoned then
-                row[7] = "poisoned"
-              elseif row[7] == "" and solo then
-                row[9] = 1
-                solo_left = solo_left - 1
-              end
-              out[#out + 1] = row
-              remaining = remaining - 1
-              redis.call("HINCRBY", base .. ":stats", "reclaimed", 1)
-            end
-          end
-        end
-      end
+      if reclaim_one(stream, p[1], tonumber(p[4]) + 1) then remaining = remaining - 1 end
     end
   end
 end

@@ -1,3 +1,4 @@
+--- @include "includes/terminal"
 -- renew_leases: keep this worker's in-flight entries from being reclaimed (their idle time is
 -- reset; the delivery count is not touched) and report the jobs that need attention.
 -- KEYS[2i-1] stream of entry i   KEYS[2i] job hash of entry i
@@ -15,7 +16,7 @@ for i = 1, #KEYS / 2 do
     local h = redis.call("HMGET", jkey, "status", "cancel_requested")
     st, cancel = h[1], h[2]
   end
-  if st == "succeeded" or st == "failed" or st == "cancelled" or st == "expired" then
+  if is_terminal(st) then
     out[i] = "done"
   else
     local p = redis.call("XPENDING", stream, group, entry, entry, 1)

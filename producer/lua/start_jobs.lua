@@ -1,7 +1,9 @@
+--- @include "includes/claim"
 -- start_jobs: queued -> running, for up to ARGV[3] jobs, highest priority stream first.
 -- KEYS[1..3] streams high, normal, low
 -- ARGV[1] group  ARGV[2] consumer  ARGV[3] count  ARGV[4] now  ARGV[5] key base "slotfill:{q}"
--- Returns rows (see take()).
+-- Returns claims (see take()), each with disposition "run", "cancelled", "expired" or
+-- "malformed".
 local out = {}
 local remaining = tonumber(ARGV[3])
 for _, stream in ipairs(KEYS) do
@@ -10,7 +12,7 @@ for _, stream in ipairs(KEYS) do
     "STREAMS", stream, ">")
   if res then
     for _, e in ipairs(res[1][2]) do
-      local row = take(ARGV[5], stream, ARGV[1], ARGV[2], e[1], e[2], ARGV[4], 1)
+      local row = take(ARGV[5], stream, ARGV[1], ARGV[2], e[1], e[2], ARGV[4], 1, "run")
       if row then
         out[#out + 1] = row
         remaining = remaining - 1

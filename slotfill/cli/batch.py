@@ -11,9 +11,8 @@ the worker) and an OpenAI error object as body, or ``response: null`` and
 Resumable: run the same command again after an interrupt (Ctrl-C, kill -9, a crash). Each
 line's job is submitted with the idempotency key ``batch:<batch id>:<hash of custom_id>`` and
 recorded in the batch's ``custom_id → job id`` hash, so a line is never submitted twice;
-lines already in the output files are skipped, a torn last line is cut, every other line
-gets its result written. The batch id defaults to a hash of the input file's content.
-"""
+lines already in the output files are skipped, a torn last line is cut, every other line gets
+its result written; the batch id defaults to a hash of the input file's content."""
 
 from __future__ import annotations
 
@@ -32,7 +31,6 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from producer import protocol
-from producer.connection import connect
 from producer.keys import Priority, QueueKeys
 from producer.schema import JobResult
 from producer.scripts import source
@@ -45,6 +43,7 @@ from slotfill.cli.batch_format import (
     output_line,
     read_input,
 )
+from slotfill.cli.connect import connect
 
 
 def _console() -> Console:
@@ -96,6 +95,8 @@ class _Writer:
     err: IO[str]
     report: BatchReport
     on_line: Callable[[], None]
+    on_written: Callable[[int], None] | None = None
+    """Told the count after every line (a caller's progress hook)."""
     written: int = 0
 
     def write(self, ok: bool, obj: dict[str, Any]) -> None:
@@ -108,6 +109,8 @@ class _Writer:
         else:
             self.report.failed += 1
         self.on_line()
+        if self.on_written is not None:
+            self.on_written(self.written)
 
 
 @dataclass
@@ -122,6 +125,17 @@ class BatchRun:
     def __post_init__(self) -> None:
         self.keys = QueueKeys.for_queue(self.queue)
         self._submit = self.r.register_script(source("submit_job"))
+        self._models: dict[str, str | None] = {}
+
+    def model_of(self, worker: str | None) -> str | None:
+        """The model the worker that ran a job serves, from its heartbeat (None: it is gone,
+        or an unnamed worker); the generated tiny model is ``tiny``."""
+        if not worker:
+            return None
+        if worker not in self._models:
+            beat = self.r.hget(self.keys.worker(worker), "model")
+            self._models[worker] = None if beat is None else (_s(beat) or "tiny")
+        return self._models[worker]
 
     def touch(self, **fields: Any) -> None:
         pipe = self.r.pipeline(transaction=False)
@@ -198,6 +212,25 @@ def _s(x: Any) -> str:
     return x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x)
 
 
+def _sort_todo(todo: list[Line], known: dict[str, str], report: BatchReport, writer: _Writer
+               ) -> tuple[dict[str, str], list[Line]]:
+    """Answer invalid lines at once; returns the lines an earlier run submitted (custom id ->
+    job id, to collect) and the rest to submit, reversed (pop() keeps input order)."""
+    outstanding: dict[str, str] = {}
+    to_submit: list[Line] = []
+    for line in todo:
+        if line.request is None:
+            report.invalid += 1
+            writer.write(False, invalid_line(line))
+        elif line.custom_id in known:
+            outstanding[line.custom_id] = known[line.custom_id]
+            report.resumed += 1
+        else:
+            to_submit.append(line)
+    to_submit.reverse()
+    return outstanding, to_submit
+
+
 def run_batch(
     r: redis.Redis, settings: ClientSettings, input_path: Path, out: Path,
     errors: Path | None = None, *, queue: str | None = None, batch_id: str | None = None,
@@ -216,32 +249,13 @@ def run_batch(
     known = run.known_jobs()
     by_id = {line.custom_id: line for line in lines}
     todo = [line for line in lines if line.custom_id not in done]
-    outstanding: dict[str, str] = {}
-    to_submit: list[Line] = []
     bar = Progress(TextColumn("[progress.description]{task.description}"), BarColumn(),
                    MofNCompleteColumn(), TimeElapsedColumn(), console=_console(),
                    disable=not progress)
     with bar, open(out, "a", encoding="utf-8") as fo, open(errors, "a", encoding="utf-8") as fe:
         task = bar.add_task(f"{batch_id}", total=len(lines), completed=report.written_before)
-        writer = _Writer(fo, fe, report, lambda: bar.advance(task))
-        if on_written is not None:
-            inner = writer.on_line
-
-            def tell() -> None:
-                inner()
-                on_written(writer.written)
-
-            writer.on_line = tell
-        for line in todo:
-            if line.request is None:
-                report.invalid += 1
-                writer.write(False, invalid_line(line))
-            elif line.custom_id in known:
-                outstanding[line.custom_id] = known[line.custom_id]
-                report.resumed += 1
-            else:
-                to_submit.append(line)
-        to_submit.reverse()  # pop() from the end keeps input order
+        writer = _Writer(fo, fe, report, lambda: bar.advance(task), on_written)
+        outstanding, to_submit = _sort_todo(todo, known, report, writer)
         backoff = 0.05
         while to_submit or outstanding:
             room = MAX_OUTSTANDING - len(outstanding)
@@ -268,14 +282,13 @@ def run_batch(
                                   "message": "the job's record expired before its result was "
                                              "collected (result_ttl)"}})
                 else:
-                    ok, obj = output_line(by_id[cid], res)
+                    ok, obj = output_line(by_id[cid], res, run.model_of(res.worker))
                     writer.write(ok, obj)
             if got:
                 run.touch(written=report.written_before + writer.written)
             elif outstanding and not (to_submit and len(outstanding) < MAX_OUTSTANDING):
                 run.wait_any(outstanding, 0.5)
-    state = "completed"
-    run.touch(state=state, written=report.written_before + writer.written,
+    run.touch(state="completed", written=report.written_before + writer.written,
               finished_at=repr(time.time()))
     return report
 
@@ -323,8 +336,7 @@ def batch_submit(
 ) -> None:
     """Submit every line, write each result as it arrives. Re-run the same command after an
     interrupt: nothing is submitted twice and nothing is lost."""
-    settings = ClientSettings.model_validate({"redis_url": redis_url} if redis_url else {})
-    r = connect(settings.redis_url)
+    r, settings = connect(redis_url)
     if batch_id is not None and not all(ch.isalnum() or ch in "_.-" for ch in batch_id):
         _console().print("[red]batch id: letters, digits, _ . - only[/red]")
         raise typer.Exit(2)
@@ -349,8 +361,7 @@ def batch_status_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """One batch's progress (jobs by status), or the list of batches of the queue."""
-    settings = ClientSettings.model_validate({"redis_url": redis_url} if redis_url else {})
-    r = connect(settings.redis_url)
+    r, settings = connect(redis_url)
     q = queue or settings.queue
     keys = QueueKeys.for_queue(q)
     if batch_id is None:

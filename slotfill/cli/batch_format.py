@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from producer.errors import InvalidRequest, PayloadTooLarge
 from producer.keys import Priority
-from producer.schema import JobRequest, JobResult, JobStatus, dump
+from producer.schema import JobRequest, JobResult, JobStatus, dump, request_from_data
 
 URLS = {"/v1/completions": "text_completion", "/v1/chat/completions": "chat.completion"}
 
@@ -64,16 +64,25 @@ def to_request(url: str, body: dict[str, Any], priority: Priority) -> JobRequest
             b["messages"] = [_flatten_message(m) for m in msgs]
     b.setdefault("priority", priority.value)
     try:
-        return JobRequest.model_validate(b)
+        return request_from_data(b)  # strict: JSON's own types, as the wire takes them
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "body"
         raise InvalidRequest(f"{where}: {err['msg']}") from None
+    except ValueError as e:
+        raise InvalidRequest(str(e)) from None
 
 
 def _flatten_message(m: Any) -> Any:
-    """Chat content given as text parts becomes one string; other parts are refused."""
-    if isinstance(m, dict) and isinstance(m.get("content"), list):
+    """Chat content given as text parts becomes one string; other parts are refused.
+    OpenAI's ``developer`` role is its newer name for ``system``; a participant ``name`` is
+    dropped (chat templates have no place for it)."""
+    if not isinstance(m, dict):
+        return m
+    m = {k: v for k, v in m.items() if k != "name"}
+    if m.get("role") == "developer":
+        m["role"] = "system"
+    if isinstance(m.get("content"), list):
         parts = m["content"]
         if all(isinstance(p, dict) and p.get("type") == "text" for p in parts):
             return {**m, "content": "".join(str(p.get("text", "")) for p in parts)}
@@ -131,12 +140,13 @@ def read_input(path: Path, priority: Priority = Priority.low,
 
 # -- output --------------------------------------------------------------------------------
 
-def _completion_body(line: Line, res: JobResult) -> dict[str, Any]:
+def _completion_body(line: Line, res: JobResult, model: str | None) -> dict[str, Any]:
     usage = {"prompt_tokens": res.usage.prompt_tokens,
              "completion_tokens": res.usage.completion_tokens,
              "total_tokens": res.usage.total_tokens}
     created = int(res.timings.finished_at or time.time())
-    model = str(line.body.get("model") or "slotfill")
+    # The model that ran it where known (a worker serves one model, whatever was asked).
+    model = model or str(line.body.get("model") or "slotfill")
     choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": res.finish_reason}
     if line.url == "/v1/completions":
         choice["text"] = res.text
@@ -172,12 +182,14 @@ def _error_body(message: str, code: str, kind: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
-def output_line(line: Line, res: JobResult) -> tuple[bool, dict[str, Any]]:
-    """(succeeded?, the OpenAI-shaped line) for one finished job."""
+def output_line(line: Line, res: JobResult,
+                model: str | None = None) -> tuple[bool, dict[str, Any]]:
+    """(succeeded?, the OpenAI-shaped line) for one finished job; ``model``: the model of
+    the worker that ran it (default: the one the request named)."""
     base: dict[str, Any] = {"id": f"batch_req_{res.id}", "custom_id": line.custom_id}
     if res.status is JobStatus.succeeded:
         return True, {**base, "response": {"status_code": 200, "request_id": res.id,
-                                           "body": _completion_body(line, res)}, "error": None}
+                                           "body": _completion_body(line, res, model)}, "error": None}
     if res.status is JobStatus.failed and res.error is not None:
         caller = res.error.code in ("invalid_request", "prompt_too_long", "undecodable",
                                     "payload_too_large", "unknown_adapter")

@@ -20,6 +20,8 @@ from producer.keys import QueueKeys
 from slotfill.testing.fleet import WorkerProcess
 from slotfill.testing.redis_server import RedisServer
 
+START_TIMEOUT_S = 1800.0
+"""A first start may download a model and compile kernels: generous, but not endless."""
 TOPICS = ["the queue", "a worker", "the engine", "redis streams", "a full batch", "the gpu"]
 
 
@@ -45,6 +47,39 @@ def _finished(r: redis.Redis, keys: QueueKeys) -> int:
     return sum(int(v) for k, v in stats.items() if k.startswith(b"finished_"))
 
 
+def _last_line(w: WorkerProcess) -> str:
+    lines = [x for x in w.tail(5).splitlines() if x.strip()]
+    return lines[-1][-70:] if lines else ""
+
+
+def _wait_ready(w: WorkerProcess, console: Console, timeout: float = START_TIMEOUT_S) -> bool:
+    """Until the worker's first heartbeat, showing the elapsed time and its latest log line
+    (loading a model and compiling take minutes on a CPU); False, with the log's tail, when
+    the worker exits or is not ready in time."""
+    t0 = time.monotonic()
+    next_note = 30.0  # without a terminal (CI logs) the spinner is silent: a line per 30 s
+    with console.status("") as status:
+        while True:
+            try:
+                w.wait_ready(timeout=1.0)
+                break
+            except TimeoutError:
+                elapsed = time.monotonic() - t0
+                if elapsed > timeout:
+                    console.print(f"[red]worker not ready after {elapsed:.0f}s[/red]; its log "
+                                  f"({w.log_path}) ends:\n{w.tail(15)}")
+                    return False
+                status.update(f"engine loading: {elapsed:.0f}s  [dim]{_last_line(w)}[/dim]")
+                if not console.is_terminal and elapsed >= next_note:
+                    console.print(f"engine loading: {elapsed:.0f}s")
+                    next_note += 30.0
+            except RuntimeError as e:
+                console.print(f"[red]{e}[/red]")
+                return False
+    console.print(f"worker ready after {time.monotonic() - t0:.0f}s")
+    return True
+
+
 def run_demo(model: str, n_jobs: int, engine: str, console: Console) -> int:
     with ExitStack() as stack:
         url = os.environ.get("SLOTFILL_REDIS_URL")
@@ -57,11 +92,16 @@ def run_demo(model: str, n_jobs: int, engine: str, console: Console) -> int:
         settings: dict[str, str | int | float] = {"queue": queue, "engine": engine}
         if model:
             settings["model"] = model
+        if model:
+            # The worker kit defaults to offline (the tiny model needs no hub); a named
+            # model may have to be downloaded first.
+            os.environ.setdefault("HF_HUB_OFFLINE", "0")
         w = WorkerProcess(url, "demo-worker", workdir / "worker.log", **settings).start()
         stack.callback(w.stop)
         console.print(f"starting a worker ({model or 'generated tiny model'}; log "
-                      f"{w.log_path}) ...")
-        w.wait_ready()
+                      f"{w.log_path})")
+        if not _wait_ready(w, console):
+            return 1
         client = Client.from_url(url, queue=queue)
         keys = QueueKeys.for_queue(queue)
         r = connect(url)
@@ -80,7 +120,10 @@ def run_demo(model: str, n_jobs: int, engine: str, console: Console) -> int:
         elapsed = time.perf_counter() - t0
         results = [client.result(i) for i in ids]
         tokens = sum(res.usage.completion_tokens for res in results if res)
-        table = Table("job", "status", "tokens", "text")
+        table = Table()
+        for col in ("job", "status", "tokens"):
+            table.add_column(col, no_wrap=True)
+        table.add_column("text", no_wrap=True, overflow="ellipsis", max_width=44)
         for res in results[:5]:
             if res:
                 table.add_row(res.id[:8], res.status.value, str(res.usage.completion_tokens),

@@ -14,16 +14,20 @@ from typing import Annotated, Any
 
 import redis
 import typer
+from pydantic import ValidationError
+from rich import box
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
-from producer.connection import connect
 from producer.keys import Priority, QueueKeys
 from producer.protocol import new_job_id
 from producer.queue_stats import QueueSnapshot, WorkerBeat, discover_queues, entry_time, snapshot
+from producer.schema import JobRequest
 from producer.scripts import source
 from producer.settings import ClientSettings
+from slotfill.cli.connect import connect
 
 
 def _console() -> Console:
@@ -39,8 +43,7 @@ QueueOpt = Annotated[str | None, typer.Option("--queue", "-q",
 
 
 def _connect(redis_url: str | None) -> tuple[redis.Redis, ClientSettings]:
-    settings = ClientSettings.model_validate({"redis_url": redis_url} if redis_url else {})
-    return connect(settings.redis_url), settings
+    return connect(redis_url)
 
 
 def _s(x: Any) -> str:
@@ -60,41 +63,58 @@ def _age(seconds: float) -> str:
 # -- status --------------------------------------------------------------------------------
 
 def render(snaps: list[QueueSnapshot], now: float | None = None) -> Group:
-    """The two tables of ``slotfill status``: workers, then queues."""
+    """``slotfill status`` in 80 columns (more with --json): workers, their engines, queues,
+    and a warning for each queue no live worker pulls."""
     now = time.time() if now is None else now
-    workers = Table(title="workers (live heartbeats)", title_justify="left")
-    for col in ("worker", "queue", "model", "up", "in flight", "running/slots", "occupancy",
-                "waiting", "tokens/s", "tokens", "state", "seen"):
-        workers.add_column(col, justify="left" if col in ("worker", "queue", "model", "state")
-                           else "right", no_wrap=col in ("worker", "queue", "state"),
-                           overflow="fold")
     beats: list[tuple[str, WorkerBeat]] = [(s.queue, b) for s in snaps for b in s.workers]
+    workers = _table("workers (live heartbeats; held: jobs held / capacity)",
+                     "worker", "queue", "held", "run", "occ", "tok/s", "up", "state")
+    engines = _table("engines (settings as each engine chose them)",
+                     "worker", "model", "slots", "context", "tokens/step")
     for queue, b in beats:
-        slots = int(b.num("slots"))
         workers.add_row(
-            b.name, queue, b.fields.get("model") or "tiny",
-            _age(now - b.num("started_at", now)),
-            f"{int(b.num('in_flight'))}/{int(b.num('capacity'))}",
-            f"{int(b.num('running'))}/{slots}", f"{b.occupancy:.0%}",
-            str(int(b.num("waiting"))), f"{b.num('output_tokens_per_s'):.0f}",
-            str(int(b.num("output_tokens"))),
+            b.name, queue, f"{int(b.num('in_flight'))}/{int(b.num('capacity'))}",
+            str(int(b.num("running"))), f"{b.occupancy:.0%}",
+            f"{b.num('output_tokens_per_s'):.0f}", _age(now - b.num("started_at", now)),
             "pulling" if b.fields.get("pulling", "1") == "1" else "draining",
-            _age(now - b.num("seen_at", now)) + " ago" if b.num("seen_at") else "-",
         )
+        engines.add_row(b.name, b.fields.get("model") or "tiny (generated)",
+                        str(int(b.num("slots"))), _int(b.fields.get("max_model_len")),
+                        _int(b.fields.get("max_num_batched_tokens")))
     if not beats:
-        workers.add_row("(none)", *[""] * 11)
-    queues = Table(title="queues", title_justify="left")
-    for col in ("queue", "workers", "depth", "running", "waiting (lag)", "oldest waiting",
-                "dead letters", "succeeded", "failed", "cancelled", "expired"):
-        queues.add_column(col, justify="left" if col == "queue" else "right",
-                          no_wrap=col == "queue", overflow="fold")
+        workers.add_row("(none)", *[""] * 7)
+    queues = _table("queues (wait: not taken yet; ok/fail/canc/exp: finished jobs)",
+                    "queue", "wkrs", "depth", "run", "wait", "oldest", "dead", "ok", "fail",
+                    "canc", "exp")
     for s in snaps:
         fin = s.finished
         queues.add_row(s.queue, str(len(s.workers)), str(s.depth), str(s.pending), str(s.lag),
                        _age(s.oldest_waiting_age), str(s.dead_letters),
                        str(fin.get("succeeded", 0)), str(fin.get("failed", 0)),
                        str(fin.get("cancelled", 0)), str(fin.get("expired", 0)))
-    return Group(workers, queues)
+    warnings = [Text(f"warning: queue {s.queue!r} has no live worker"
+                     + (f"; {s.lag} job(s) wait for one" if s.lag else ""), style="yellow")
+                for s in snaps if not s.workers]
+    return Group(workers, *([engines] if beats else []), queues, *warnings)
+
+
+def _table(title: str, *columns: str) -> Table:
+    """Names and the model fold; numbers never wrap."""
+    t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False,
+              collapse_padding=True)
+    for i, col in enumerate(columns):
+        text = i == 0 or col in ("queue", "model", "state")
+        t.add_column(col, justify="left" if text else "right", overflow="fold",
+                     no_wrap=not text or col == "state")
+    return t
+
+
+def _int(value: str | None) -> str:
+    """A heartbeat number, or ``-`` where an older worker does not report it."""
+    try:
+        return str(int(float(value or "")))
+    except ValueError:
+        return "-"
 
 
 def collect(r: redis.Redis, queues: list[str]) -> list[QueueSnapshot]:
@@ -188,10 +208,9 @@ class Replay:
 class DeadLetters:
     """The dead-letter stream of one queue: list, show, replay."""
 
-    def __init__(self, r: redis.Redis, queue: str, max_pending: int = 100_000) -> None:
+    def __init__(self, r: redis.Redis, queue: str) -> None:
         self.r = r
         self.keys = QueueKeys.for_queue(queue)
-        self.max_pending = max_pending
         self._replay = r.register_script(source("replay_dead_letter"))
 
     def entries(self, limit: int = 100) -> list[DeadLetter]:
@@ -217,16 +236,23 @@ class DeadLetters:
         if not d.stream.startswith(self.keys.base + ":stream:"):
             return Replay(d.id, "invalid", d.job, f"stream {d.stream!r} is not this queue's")
         try:
-            priority = Priority(d.priority).value
+            Priority(d.priority)
         except ValueError:
             return Replay(d.id, "invalid", d.job, f"unknown stream {d.stream!r}")
+        try:
+            JobRequest.model_validate_json(d.fields.get("body", ""))
+        except ValidationError as e:
+            # A worker would only fail it again (undecodable): the body needs a person.
+            first = e.errors()[0]
+            return Replay(d.id, "invalid", d.job, f"body is not a job request ({first['msg']}):"
+                          " fix it and submit it as a new job (`dlq show` prints it)")
         job = d.job or new_job_id()
         if not _JOB_ID.match(job):
             return Replay(d.id, "invalid", job, "job id not usable")
         reply = self._replay(
             keys=[self.keys.dead_letter, self.keys.job(job), self.keys.done(job), d.stream,
-                  self.keys.stats, *self.keys.streams, self.keys.tokens(job)],
-            args=[d.id, job, repr(time.time()), self.max_pending, priority],
+                  self.keys.stats, *self.keys.streams, self.keys.tokens(job), self.keys.config],
+            args=[d.id, job],
         )
         outcome, detail = _s(reply[0]), _s(reply[1])
         if outcome == "ok":
@@ -256,7 +282,7 @@ dlq_app = typer.Typer(help="The dead-letter stream: entries delivered too often 
 
 def _dlq(redis_url: str | None, queue: str | None) -> DeadLetters:
     r, settings = _connect(redis_url)
-    return DeadLetters(r, queue or settings.queue, settings.max_pending)
+    return DeadLetters(r, queue or settings.queue)
 
 
 @dlq_app.command("list")
@@ -267,17 +293,17 @@ def dlq_list(
     """Dead letters, oldest first."""
     dl = _dlq(redis_url, queue)
     items = dl.entries(limit)
-    t = Table(title=f"dead letters of {dl.keys.queue!r}: {dl.size()}", title_justify="left")
-    t.add_column("id", no_wrap=True, min_width=15)
-    t.add_column("at", no_wrap=True)
-    t.add_column("job", no_wrap=True, min_width=32)
-    for col in ("reason", "deliveries", "priority"):
-        t.add_column(col, no_wrap=True)
-    t.add_column("body", overflow="ellipsis", no_wrap=True, max_width=24)
+    # 80 columns: the time is in the entry id, the priority in `dlq show`.
+    t = Table(title=f"dead letters of {dl.keys.queue!r}: {dl.size()} (details: dlq show ID)",
+              title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    t.add_column("id", no_wrap=True)
+    t.add_column("job", no_wrap=True)
+    t.add_column("reason", no_wrap=True)
+    t.add_column("dlv", no_wrap=True, justify="right")
+    t.add_column("body", overflow="ellipsis", no_wrap=True, min_width=6)
     for d in items:
-        t.add_row(d.id, time.strftime("%m-%d %H:%M:%S", time.localtime(d.at)),
-                  d.job or "(none)", d.fields.get("reason", ""), d.fields.get("deliveries", ""),
-                  d.priority, _preview(d.fields.get("body", "")))
+        t.add_row(d.id, d.job or "(none)", d.fields.get("reason", ""),
+                  d.fields.get("deliveries", ""), _preview(d.fields.get("body", "")))
     _console().print(t)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from producer.connection import connect
 from producer.keys import QueueKeys
+from slotfill.testing.redis_server import unblock_stream_reads
 
 
 class WorkerProcess:
@@ -76,9 +77,14 @@ class WorkerProcess:
         if self.proc is None:
             return None
         self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        end = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < end:
+            unblock_stream_reads(self.redis_url)  # its idle read would hold the drain 2 s
+            try:
+                self.proc.wait(timeout=0.1)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.proc.poll() is None:
             self.kill()
         try:  # engine processes left behind by a killed parent
             os.killpg(self.proc.pid, signal.SIGKILL)

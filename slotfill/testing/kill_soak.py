@@ -40,6 +40,7 @@ from producer import Client, QueueFull
 from producer.connection import connect
 from producer.keys import GROUP, QueueKeys
 from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.redis_server import unblock_stream_reads
 
 # -- the invariant checker -----------------------------------------------------------------
 
@@ -221,6 +222,11 @@ class Fleet:
             if w.proc is not None and w.proc.poll() is None:
                 w.proc.send_signal(15)
         end = time.monotonic() + timeout
+        # An idle worker's blocking read would hold its drain up to 2 s: end those reads.
+        while any(w.proc is not None and w.proc.poll() is None for w in self.workers) \
+                and time.monotonic() < end:
+            unblock_stream_reads(self.redis_url)
+            time.sleep(0.05)
         for w in self.workers:
             if w.proc is None:
                 continue
@@ -233,6 +239,46 @@ class Fleet:
 
 
 # -- the soak ------------------------------------------------------------------------------
+
+def _submit_spread(client: Client, rng: random.Random, jobs: int, tokens: tuple[int, int],
+                   phase: float, stop: threading.Event, ids: list[str],
+                   expected: dict[str, int]) -> None:
+    """Submit ``jobs`` jobs in batches of 25 spread over ``phase`` seconds (until ``stop``),
+    appending their ids to ``ids`` and their output length to ``expected``."""
+    batch = 25
+    per_batch_s = phase / max(1, jobs / batch)
+    sent = 0
+    while sent < jobs and not stop.is_set():
+        n = min(batch, jobs - sent)
+        reqs = [{"prompt": f"job {sent + k}", "max_tokens": rng.randint(*tokens),
+                 "ignore_eos": True} for k in range(n)]
+        try:
+            new = client.submit_many(reqs)
+        except QueueFull as e:  # backpressure: keep what went in, retry the rest
+            new = [i for i in (e.accepted or []) if i is not None]
+            reqs = [q for q, i in zip(reqs, e.accepted or [], strict=False) if i]
+            time.sleep(0.2)
+        for i, q in zip(new, reqs, strict=True):
+            expected[i] = int(str(q["max_tokens"]))
+        ids.extend(new)
+        sent += len(new)
+        time.sleep(per_batch_s)
+
+
+def _kill_one(fleet: Fleet, r: redis.Redis, queue: str, rng: random.Random, rep: Report) -> str:
+    """SIGKILL one worker (one holding jobs, when any does) and start its replacement;
+    returns the victim's name."""
+    fleet.wait_ready()  # every worker up: one stays alive whoever dies
+    loaded = [s for s, w in enumerate(fleet.workers) if held_by(r, queue, w.consumer) > 0]
+    slot = rng.choice(loaded or list(range(len(fleet.workers))))
+    victim = fleet.workers[slot]
+    victim.kill()
+    rep.held_at_kills += held_by(r, queue, victim.consumer)
+    fleet.exit_codes[victim.consumer] = victim.proc.returncode if victim.proc else None
+    fleet.workers[slot] = fleet._new(slot).start()
+    rep.kills += 1
+    return victim.consumer
+
 
 def soak(redis_url: str, queue: str, *, kills: int, jobs: int, log_dir: Path,
          workers: int = 2, lease: float = 2.0, kill_gap: tuple[float, float] = (2.0, 3.5),
@@ -257,24 +303,7 @@ def soak(redis_url: str, queue: str, *, kills: int, jobs: int, log_dir: Path,
     stop = threading.Event()
 
     def submitter() -> None:
-        batch = 25
-        per_batch_s = phase / max(1, jobs / batch)
-        sent = 0
-        while sent < jobs and not stop.is_set():
-            n = min(batch, jobs - sent)
-            reqs = [{"prompt": f"job {sent + k}", "max_tokens": rng.randint(*tokens),
-                     "ignore_eos": True} for k in range(n)]
-            try:
-                new = client.submit_many(reqs)
-            except QueueFull as e:  # backpressure: keep what went in, retry the rest
-                new = [i for i in (e.accepted or []) if i is not None]
-                reqs = [q for q, i in zip(reqs, e.accepted or [], strict=False) if i]
-                time.sleep(0.2)
-            for i, q in zip(new, reqs, strict=True):
-                expected[i] = int(str(q["max_tokens"]))
-            ids.extend(new)
-            sent += len(new)
-            time.sleep(per_batch_s)
+        _submit_spread(client, rng, jobs, tokens, phase, stop, ids, expected)
 
     fleet.start()
     sub = threading.Thread(target=submitter, name="submitter")
@@ -282,18 +311,9 @@ def soak(redis_url: str, queue: str, *, kills: int, jobs: int, log_dir: Path,
     try:
         for k in range(kills):
             time.sleep(rng.uniform(*kill_gap))
-            fleet.wait_ready()  # every worker up: one stays alive whoever dies
-            loaded = [s for s, w in enumerate(fleet.workers)
-                      if held_by(r, queue, w.consumer) > 0]
-            slot = rng.choice(loaded or list(range(len(fleet.workers))))
-            victim = fleet.workers[slot]
-            victim.kill()
-            rep.held_at_kills += held_by(r, queue, victim.consumer)
-            fleet.exit_codes[victim.consumer] = victim.proc.returncode if victim.proc else None
-            fleet.workers[slot] = fleet._new(slot).start()
-            rep.kills += 1
+            victim = _kill_one(fleet, r, queue, rng, rep)
             if progress:
-                print(f"kill {k + 1}/{kills}: {victim.consumer}; submitted {len(ids)}",
+                print(f"kill {k + 1}/{kills}: {victim}; submitted {len(ids)}",
                       file=sys.stderr, flush=True)
         sub.join()
         if not wait_all_terminal(r, queue, ids, drain_timeout):

@@ -11,6 +11,9 @@ import time
 from pathlib import Path
 
 import redis
+from redis.exceptions import RedisClusterException
+
+from producer.connection import connect, masters
 
 
 def free_port() -> int:
@@ -98,3 +101,22 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def unblock_stream_reads(url: str) -> int:
+    """End every blocking ``XREAD`` on this server as if its timeout had passed (``CLIENT
+    UNBLOCK``). A worker told to stop cancels its idle blocking read, and redis-py then
+    waits for the reply: up to the block time (2 s) per stop. This makes stopping fast; the
+    reader sees an ordinary timeout and reads again if it is still running."""
+    r = connect(url)
+    try:
+        n = 0
+        for node in masters(r):  # every master of a cluster; the master of a Sentinel group
+            ids = [int(c["id"]) for c in node.client_list() if c.get("cmd") == "xread"
+                   and "b" in c.get("flags", "")]
+            n += sum(bool(node.client_unblock(i)) for i in ids)
+        return n
+    except (redis.RedisError, RedisClusterException):
+        return 0  # best effort: the read still ends at its timeout
+    finally:
+        r.close()

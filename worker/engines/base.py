@@ -7,11 +7,10 @@ satisfy :class:`Engine`, so the feeder cannot tell them apart.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import IO, Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from producer.schema import JobRequest
 
@@ -36,52 +35,85 @@ STEP_GAP_MAX_S = 5.0
 """A longer gap between two steps is an idle engine, not a step time."""
 
 
-@dataclass
-class StepStats:
-    """Engine state, updated every step by the engine's stat logger."""
+@dataclass(frozen=True)
+class Step:
+    """One engine step, as the engine's scheduler saw it."""
 
-    steps: int = 0
-    running: int = 0
-    waiting: int = 0
-    kv_cache_usage: float = 0.0
-    last_step_at: float = field(default_factory=time.monotonic)
-    full_steps: int = 0
-    """Steps with every slot busy."""
-    starved_steps: int = 0
-    """Steps with a free slot, nothing waiting inside the engine to take it, and jobs
-    waiting in Redis (as the feeder last saw it): the idle time slotfill is to blame for."""
-    backlog: bool = False
-    """Set by the feeder: its last read filled every free place, so more jobs wait."""
-    held: int = 0
-    """Set by the feeder: jobs it holds (in the engine, or being read/published)."""
-    reading: bool = False
-    """Set by the feeder while a read of new jobs is on its way to Redis: a step with a free
-    slot then is Redis latency (or a starved CPU), not a feeder that forgot to pull."""
-    step_s: float = 0.0
-    """Smoothed time between steps while requests run (0 until measured)."""
-    log: IO[str] | None = None
-    on_step: Callable[[], None] | None = None
-    """Set by the feeder: called after each step, so admission that depends on the engine's
-    state (not only on finished jobs) is re-evaluated at once. Must not block."""
+    at: float
+    """``time.monotonic()`` when it was recorded."""
+    running: int
+    waiting: int
+    kv_cache_usage: float
+    slots: int
+
+    @property
+    def full(self) -> bool:
+        return self.running >= self.slots
+
+
+StepListener = Callable[[Step], None]
+"""Called with every step (the admission wake-up, the step log). Must not block."""
+
+
+class StepStats:
+    """The engine's per-step record. Only its engine writes it (:meth:`record`, once per
+    step); everyone else reads it, or subscribes to each step. It knows nothing of the
+    feeder and does no I/O: a step log is a subscriber the runner attaches."""
+
+    def __init__(self) -> None:
+        self._last = Step(time.monotonic(), 0, 0, 0.0, 0)
+        self._steps = 0
+        self._full_steps = 0
+        self._step_s = 0.0
+        self._listeners: list[StepListener] = []
+
+    @property
+    def steps(self) -> int:
+        return self._steps
+
+    @property
+    def full_steps(self) -> int:
+        """Steps with every slot busy."""
+        return self._full_steps
+
+    @property
+    def running(self) -> int:
+        return self._last.running
+
+    @property
+    def waiting(self) -> int:
+        return self._last.waiting
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self._last.kv_cache_usage
+
+    @property
+    def last_step_at(self) -> float:
+        """``time.monotonic()`` of the last step (of creation, before any)."""
+        return self._last.at
+
+    @property
+    def step_s(self) -> float:
+        """Smoothed time between steps while requests run (0 until measured)."""
+        return self._step_s
+
+    def subscribe(self, listener: StepListener) -> None:
+        self._listeners.append(listener)
 
     def record(self, running: int, waiting: int, kv: float, slots: int) -> None:
+        """The engine's scheduler finished a step (called by the engine only)."""
         now = time.monotonic()
-        if self.running and now - self.last_step_at < STEP_GAP_MAX_S:
-            gap = now - self.last_step_at
-            self.step_s = gap if not self.step_s else self.step_s + STEP_WEIGHT * (gap - self.step_s)
-        self.steps += 1
-        self.running, self.waiting, self.kv_cache_usage = running, waiting, kv
-        self.last_step_at = now
-        if running >= slots:
-            self.full_steps += 1
-        elif waiting == 0 and self.backlog:
-            self.starved_steps += 1
-        if self.log is not None:
-            self.log.write(json.dumps({"t": time.time(), "running": running, "waiting": waiting,
-                                       "kv": round(kv, 4), "backlog": self.backlog,
-                                       "held": self.held, "reading": self.reading}) + "\n")
-        if self.on_step is not None:
-            self.on_step()
+        prev = self._last
+        if prev.running and now - prev.at < STEP_GAP_MAX_S:
+            gap = now - prev.at
+            self._step_s = gap if not self._step_s else self._step_s + STEP_WEIGHT * (gap - self._step_s)
+        step = Step(now, running, waiting, kv, slots)
+        self._steps += 1
+        self._full_steps += step.full
+        self._last = step
+        for listener in self._listeners:
+            listener(step)
 
 
 DeltaSink = Callable[[str, list[int]], None]

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
+from collections.abc import Callable
 from typing import Any
 
 from producer.errors import EngineDead, ErrorCode, InvalidRequest
@@ -16,9 +20,29 @@ MAX_STREAM_WINDOW_TOKENS = 256
 """Cap on tokens per intermediate output of a streaming job (a stalled step estimate must
 not turn streaming into one output at the end)."""
 _PRIORITY = {Priority.high: -1, Priority.normal: 0, Priority.low: 1}
+CPU_KV_SHARE, CPU_KV_MIN_GIB, CPU_KV_MAX_GIB = 0.25, 1, 32
+"""Unset ``VLLM_CPU_KVCACHE_SPACE``: a quarter of the memory available at start, 1-32 GiB
+(vLLM would otherwise read ``gpu_memory_utilization`` as a share of all RAM and fail)."""
+log = logging.getLogger("slotfill.worker")
 
 
-def _stat_logger_factory(stats: StepStats, slots: int) -> Any:
+def _default_cpu_kv_cache() -> None:
+    """Set ``VLLM_CPU_KVCACHE_SPACE`` when the CPU build runs and nobody set it."""
+    if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        return
+    try:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return
+    except ImportError:
+        return
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    gib = int(min(max(available * CPU_KV_SHARE, CPU_KV_MIN_GIB), CPU_KV_MAX_GIB))
+    os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(gib)
+
+
+def _stat_logger_factory(stats: StepStats, slots: Callable[[], int]) -> Any:
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     class SlotStatLogger(StatLoggerBase):  # type: ignore[misc]
@@ -31,7 +55,7 @@ def _stat_logger_factory(stats: StepStats, slots: int) -> Any:
                    mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
             if scheduler_stats is not None:
                 stats.record(scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs,
-                             scheduler_stats.kv_cache_usage, slots)
+                             scheduler_stats.kv_cache_usage, slots())
 
         def log_engine_initialized(self) -> None:
             pass
@@ -65,6 +89,17 @@ def _engine_input_builder() -> Any:
     except ImportError:
         return lambda ids: {"prompt_token_ids": ids}
     return tokens_input
+
+
+INLINE_TOKENIZE_CHARS = 16_384
+"""Prompts up to this many characters are tokenized on the event loop (well under a
+millisecond); longer ones on a thread."""
+
+
+def _prompt_chars(req: JobRequest) -> int:
+    if isinstance(req.prompt, str):
+        return len(req.prompt)
+    return sum(len(m.content) for m in req.messages or ())
 
 
 class _Accumulator:
@@ -125,11 +160,13 @@ class VllmEngine:
         self.settings = settings
         self.slots = settings.max_num_seqs
         self.stats = StepStats()
+        _default_cpu_kv_cache()
+        # 0 = unset: vLLM picks for the card and the model; the values it chose are read back.
         args = AsyncEngineArgs(
             model=model_path,
-            max_num_seqs=settings.max_num_seqs,
-            max_num_batched_tokens=settings.max_num_batched_tokens,
-            max_model_len=settings.max_model_len,
+            max_num_seqs=settings.max_num_seqs or None,
+            max_num_batched_tokens=settings.max_num_batched_tokens or None,
+            max_model_len=settings.max_model_len or None,
             dtype=settings.dtype,
             load_format=settings.load_format,
             skip_tokenizer_init=settings.skip_tokenizer_init,
@@ -147,11 +184,33 @@ class VllmEngine:
         self.adapters = Adapters(settings.lora_dir, settings.max_lora_rank)
         self._client_errors = _client_errors()
         self.llm = AsyncLLM.from_engine_args(
-            args, stat_loggers=[_stat_logger_factory(self.stats, self.slots)]
+            args, stat_loggers=[_stat_logger_factory(self.stats, lambda: self.slots)]
         )
         self.max_model_len: int = self.llm.model_config.max_model_len
+        self._adopt_engine_choice()
         self.tokenizer = None if settings.skip_tokenizer_init else self.llm.get_tokenizer()
         self._engine_input = _engine_input_builder()
+
+    def _adopt_engine_choice(self) -> None:
+        """The sizes vLLM settled on become the worker's (capacity, admission, heartbeat)."""
+        sched = self.llm.vllm_config.scheduler_config
+        s = self.settings
+        s.max_num_seqs, s.max_num_batched_tokens = sched.max_num_seqs, sched.max_num_batched_tokens
+        s.max_model_len = self.max_model_len
+        self.slots = s.max_num_seqs
+        kv = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+        log.info("engine ready: %s, max_num_seqs=%d, max_model_len=%d, "
+                 "max_num_batched_tokens=%d%s", s.model or "generated tiny model", s.max_num_seqs,
+                 s.max_model_len, s.max_num_batched_tokens,
+                 f", VLLM_CPU_KVCACHE_SPACE={kv} GiB" if kv else "")
+
+    async def _tokenize(self, req: JobRequest) -> list[int]:
+        """The prompt's token ids. A long prompt is tokenized on a thread: a 1 MB prompt took
+        ~1.8 s here, and on the event loop that starved lease renewal and heartbeats (live
+        jobs were reclaimed from their own worker)."""
+        if _prompt_chars(req) <= INLINE_TOKENIZE_CHARS:
+            return self._prompt_ids(req)
+        return await asyncio.to_thread(self._prompt_ids, req)
 
     def _prompt_ids(self, req: JobRequest) -> list[int]:
         if isinstance(req.prompt, list):
@@ -221,7 +280,7 @@ class VllmEngine:
                        on_delta: DeltaSink | None = None) -> Generation:
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        ids = self._prompt_ids(request)
+        ids = await self._tokenize(request)
         self._check_length(len(ids), request)
         params = self._sampling_params(request)
         if on_delta is not None:

@@ -34,8 +34,8 @@ from pydantic import ValidationError
 from producer.schema import CeleryCallback
 
 if TYPE_CHECKING:
+    from worker.claim import ClaimedJob
     from worker.settings import WorkerSettings
-    from worker.store import Row
 
 log = logging.getLogger("slotfill.worker")
 
@@ -57,7 +57,7 @@ class CeleryBridge:
             self.counts[outcome] += 1
         self.outcome(outcome)
 
-    def on_published(self, row: Row, status: str, result_json: str) -> None:
+    def on_published(self, row: ClaimedJob, status: str, result_json: str) -> None:
         """``Feeder.on_published`` listener: never blocks, never raises."""
         if '"callback"' not in row.body:
             return

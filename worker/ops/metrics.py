@@ -39,9 +39,9 @@ from producer import queue_stats
 from producer.connection import connect
 
 if TYPE_CHECKING:
+    from worker.claim import ClaimedJob
     from worker.feeder import Feeder
     from worker.settings import WorkerSettings
-    from worker.store import Row
 
 log = logging.getLogger("slotfill.worker")
 
@@ -135,7 +135,7 @@ class WorkerMetrics:
 
     # -- listeners -------------------------------------------------------------------------
 
-    def on_published(self, row: Row, status: str, result_json: str) -> None:
+    def on_published(self, row: ClaimedJob, status: str, result_json: str) -> None:
         try:
             t = json.loads(result_json).get("timings") or {}
         except ValueError:
@@ -215,30 +215,32 @@ class _Collector(Collector):
     def describe(self) -> Iterator[Metric]:
         return iter(())  # unchecked collector: families vary with what the queue holds
 
+    def _gauge(self, name: str, doc: str, value: float, **labels: str) -> GaugeMetricFamily:
+        g = GaugeMetricFamily(name, doc, labels=["queue", *labels])
+        g.add_metric([self.m.queue, *labels.values()], value)
+        return g
+
+    def _counter(self, name: str, doc: str, value: float) -> CounterMetricFamily:
+        cm = CounterMetricFamily(name, doc, labels=["queue"])
+        cm.add_metric([self.m.queue], value)
+        return cm
+
     def collect(self) -> Iterator[Metric]:
-        m, q = self.m, self.m.queue
-        f = m.feeder
+        yield from self._engine_metrics()
+        yield from self._worker_metrics()
+        yield from self._queue_metrics()
+
+    def _engine_metrics(self) -> Iterator[Metric]:
+        m, gauge, counter = self.m, self._gauge, self._counter
+        f, s = m.feeder, m.settings
         st = f.engine.stats
-        c = f.counters
-        s = m.settings
-
-        def gauge(name: str, doc: str, value: float, **labels: str) -> GaugeMetricFamily:
-            g = GaugeMetricFamily(name, doc, labels=["queue", *labels])
-            g.add_metric([q, *labels.values()], value)
-            return g
-
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            cm = CounterMetricFamily(name, doc, labels=["queue"])
-            cm.add_metric([q], value)
-            return cm
-
         yield gauge("slotfill_worker_info", "This worker (value 1)", 1, worker=s.consumer,
                     model=s.model or "tiny", engine=s.engine)
         yield gauge("slotfill_worker_pulling", "1 while the worker pulls new jobs (0 once "
-                    "draining or dead)", int(f.pulling))
+                    "draining or dead)", int(f.state.pulling))
         yield gauge("slotfill_worker_capacity", "Places: engine slots + headroom", f.capacity)
         yield gauge("slotfill_worker_in_flight", "Jobs this worker holds (in the engine or "
-                    "having their result written)", len(f.in_flight))
+                    "having their result written)", len(f.holdings))
         yield gauge("slotfill_engine_slots", "Engine batch slots (max_num_seqs)", f.engine.slots)
         yield gauge("slotfill_engine_running", "Sequences running in the engine (last step)",
                     st.running)
@@ -251,7 +253,12 @@ class _Collector(Collector):
         yield counter("slotfill_engine_full_steps", "Engine steps with every slot busy",
                       st.full_steps)
         yield counter("slotfill_engine_starved_steps", "Engine steps with a free slot while "
-                      "jobs waited in Redis", st.starved_steps)
+                      "jobs waited in Redis", f.state.starved_steps)
+
+    def _worker_metrics(self) -> Iterator[Metric]:
+        m, q, gauge, counter = self.m, self.m.queue, self._gauge, self._counter
+        f = m.feeder
+        c = f.counters
         yield counter("slotfill_output_tokens", "Generated tokens", c.output_tokens)
         yield gauge("slotfill_output_tokens_per_second", "Generated tokens per second "
                     "(over the last 30 s of scrapes; rate() of the counter is better)",
@@ -282,7 +289,6 @@ class _Collector(Collector):
                       "had moved on (reclaimed by a peer, or ended)", sc.fenced)
         yield counter("slotfill_stream_writes", "Round trips of the token-stream writer (each "
                       "carries every streaming job's new output)", sc.flushes)
-        yield from self._queue_metrics()
 
     def _queue_metrics(self) -> Iterator[Metric]:
         m, q = self.m, self.m.queue

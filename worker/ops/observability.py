@@ -23,9 +23,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from worker.claim import ClaimedJob
     from worker.feeder import Feeder
     from worker.settings import WorkerSettings
-    from worker.store import Row
 
 jobs_log = logging.getLogger("slotfill.jobs")
 
@@ -71,7 +71,7 @@ class JobEvents:
         self.queue = settings.queue
         self.worker = settings.consumer
 
-    def _line(self, event: str, row: Row, msg: str = "", **fields: Any) -> None:
+    def _line(self, event: str, row: ClaimedJob, msg: str = "", **fields: Any) -> None:
         extra = {"event": event, "job_id": row.job_id, "queue": self.queue,
                  "worker": self.worker, "attempt": row.attempts, "delivery": row.deliveries,
                  **fields}
@@ -79,11 +79,11 @@ class JobEvents:
         jobs_log.info("job %s %s%s%s", row.job_id or f"<entry {row.entry}>", event,
                       f" {tail}" if tail else "", msg, extra=extra)
 
-    def started(self, row: Row) -> None:
+    def started(self, row: ClaimedJob) -> None:
         self._line("reclaimed" if row.deliveries > 1 else "started", row,
                    wait_s=round(max(0.0, time.time() - row.queued_at), 3))
 
-    def published(self, row: Row, status: str, result_json: str) -> None:
+    def published(self, row: ClaimedJob, status: str, result_json: str) -> None:
         fields: dict[str, Any] = {}
         try:
             res = json.loads(result_json)

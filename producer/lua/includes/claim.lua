@@ -1,0 +1,51 @@
+--- @include "includes/terminal"
+--- @include "includes/entries"
+-- Take one delivered entry into this worker: mark its job running, or drop it when its job is
+-- already terminal (cancelled while queued, a duplicate id). Returns the claim the worker runs
+-- and its disposition, or nil. A claim is flat field/value pairs (decoded in one place,
+-- worker/claim.py): stream, entry, job (id, "" for a malformed entry), body, attempts,
+-- deliveries, disposition, queued_at. The disposition is "malformed" (no usable id),
+-- "cancelled" (cancel requested), "expired" (deadline passed) or else ``runnable``: "run", or
+-- reclaim's verdict ("run_alone", "poisoned").
+local function take(base, stream, group, consumer, entry, flat, now, deliveries, runnable)
+  local f = fields_of(flat)
+  local jid = f["id"]
+  local function claim(job, attempts, disposition, queued_at)
+    return {"stream", stream, "entry", entry, "job", job, "body", f["body"] or "",
+      "attempts", attempts, "deliveries", deliveries, "disposition", disposition,
+      "queued_at", queued_at}, disposition
+  end
+  if not valid_job_id(jid) then
+    return claim("", 0, "malformed", now)
+  end
+  local jkey = base .. ":job:" .. jid
+  local st = redis.call("HGET", jkey, "status")
+  local own = redis.call("HGET", jkey, "entry")
+  if is_terminal(st) then
+    drop_entry(stream, group, entry)
+    if own and own ~= entry then redis.call("HINCRBY", base .. ":stats", "duplicate_entries", 1) end
+    return nil
+  end
+  if own and own ~= entry then
+    -- A second stream entry carrying an id that is already taken: never run it twice.
+    drop_entry(stream, group, entry)
+    redis.call("HINCRBY", base .. ":stats", "duplicate_entries", 1)
+    return nil
+  end
+  local attempts = redis.call("HINCRBY", jkey, "attempts", 1)
+  redis.call("HSET", jkey, "status", "running", "started_at", now, "worker", consumer,
+    "entry", entry, "stream", stream)
+  local queued_at = redis.call("HGET", jkey, "queued_at")
+  if not queued_at then
+    queued_at = now
+    redis.call("HSET", jkey, "queued_at", now)
+  end
+  local disposition = runnable
+  local deadline = tonumber(redis.call("HGET", jkey, "deadline") or "")
+  if redis.call("HGET", jkey, "cancel_requested") then
+    disposition = "cancelled"
+  elseif deadline and deadline <= tonumber(now) then
+    disposition = "expired"
+  end
+  return claim(jid, attempts, disposition, queued_at)
+end

@@ -1,0 +1,57 @@
+"""1 MB prompts on the real engine (CPU build, generated tiny model): tokenizing one takes
+seconds, and on the worker's event loop that starved lease renewal and heartbeats until the
+worker's own live jobs were reclaimed (issue 12 case 5). Off the loop, nothing is."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from producer import Client, QueueKeys
+from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.redis_server import RedisServer
+
+pytestmark = pytest.mark.engine
+
+LEASE_S = 4.0
+
+
+def test_megabyte_prompts_never_starve_leases_or_heartbeats(
+        redis_server: RedisServer, r: redis.Redis, queue: str, tmp_path: Path) -> None:
+    w = WorkerProcess(redis_server.url, "big", tmp_path / "w.log", queue=queue,
+                      max_num_seqs=4, headroom=4, max_model_len=512,
+                      max_num_batched_tokens=1024, lease_seconds=LEASE_S,
+                      heartbeat_seconds=0.5, engine_hang_seconds=300).start()
+    keys = QueueKeys.for_queue(queue)
+    c = Client.from_url(redis_server.url, queue=queue)
+    try:
+        w.wait_ready(600)
+        prompt = " ".join(f"word{i % 977}" for i in range(130_000))[:1_000_000]
+        big = c.submit_many([{"prompt": prompt, "max_tokens": 4}] * 12)
+        small = [c.submit("hello", max_tokens=4, ignore_eos=True).id for _ in range(4)]
+        done: set[str] = set()
+        last_beat, gaps, last = None, [0.0], time.monotonic()
+        end = time.monotonic() + 300
+        while len(done) < len(big) + len(small):
+            assert time.monotonic() < end, w.tail()
+            beat = r.hget(keys.worker("big"), "seen_at")
+            if beat != last_beat:
+                now = time.monotonic()
+                gaps.append(now - last)
+                last, last_beat = now, beat
+            done = {i for i in big + small if r.hget(keys.job(i), "result") is not None}
+            time.sleep(0.1)
+        results = {i: c.result(i) for i in big + small}
+        stats = {k.decode(): int(v) for k, v in r.hgetall(keys.stats).items()}
+    finally:
+        w.stop(60)
+    attempts = [res.attempts for res in results.values() if res is not None]
+    print(f"\n1 MB prompts: attempts {sorted(attempts)}, stats {stats}, longest heartbeat "
+          f"gap {max(gaps):.1f}s, codes "
+          f"{sorted({(res.error.code if res and res.error else 'ok') for res in results.values()})}")
+    assert all(res is not None and res.attempts == 1 for res in results.values())
+    assert stats.get("reclaimed", 0) == 0 and "reclaimed (delivery" not in w.tail(2000)
+    assert all(results[i] is not None and results[i].ok for i in small)  # type: ignore[union-attr]

@@ -1,0 +1,223 @@
+"""Exact under stalls: redis-server and workers frozen (SIGSTOP) past the lease and past the
+clients' socket timeout (lost replies), with streaming jobs and Celery callbacks. Every test
+checks the invariant over every job (slotfill/testing/stream_check.py): one visible result,
+and a token stream whose last attempt joins to exactly that result."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from producer import Client, QueueKeys
+from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.redis_server import RedisServer
+from slotfill.testing.stream_check import check_jobs, read_stream
+
+pytestmark = pytest.mark.fault
+
+Q = "stall"
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server this test may freeze (the session's serves the other tests)."""
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(appendfsync=None, workdir=str(tmp_path / "redis")).start()
+    try:
+        yield server
+    finally:
+        assert server.proc is not None
+        os.kill(server.proc.pid, signal.SIGCONT)
+        server.stop()
+
+
+def _worker(url: str, name: str, tmp: Path, **settings: Any) -> WorkerProcess:
+    cfg: dict[str, Any] = dict(queue=Q, engine="sim", sim_step_ms=10, max_num_seqs=8,
+                               headroom=2, lease_seconds=2, heartbeat_seconds=0.5,
+                               grace_seconds=10, stream_interval_ms=20)
+    cfg.update(settings)
+    return WorkerProcess(url, name, tmp / f"{name}.log", **cfg).start()
+
+
+def _freeze(pid: int, seconds: float) -> None:
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(seconds)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def _wait_tokens(r: redis.Redis, ids: list[str], at_least: int, timeout: float = 30.0) -> None:
+    """Until every job's stream holds ``at_least`` tokens of its attempt."""
+    keys = QueueKeys.for_queue(Q)
+    end = time.monotonic() + timeout
+    while min(len(read_stream(r, keys.tokens(i)).ids) for i in ids) < at_least:
+        assert time.monotonic() < end, "jobs never streamed that far"
+        time.sleep(0.02)
+
+
+def _wait_all(c: Client, ids: list[str], timeout: float = 90.0) -> None:
+    end = time.monotonic() + timeout
+    for i in ids:
+        c.wait(i, timeout=max(1.0, end - time.monotonic()))
+
+
+def _stats(r: redis.Redis) -> dict[str, int]:
+    return {k.decode(): int(v) for k, v in r.hgetall(QueueKeys.for_queue(Q).stats).items()}
+
+
+def test_a_redis_stall_never_makes_a_worker_reclaim_its_own_jobs(
+        own_redis: RedisServer, tmp_path: Path) -> None:
+    """Issue 12 case 1: one worker, lease 2 s, Redis frozen 6 s mid-stream."""
+    r = redis.Redis.from_url(own_redis.url)
+    c = Client.from_url(own_redis.url, queue=Q)
+    w = _worker(own_redis.url, "solo", tmp_path)
+    try:
+        w.wait_ready(60)
+        ids = [c.submit("x", max_tokens=400 + 10 * k, ignore_eos=True, stream=True).id
+               for k in range(6)]
+        _wait_tokens(r, ids, 120)
+        assert own_redis.proc is not None
+        _freeze(own_redis.proc.pid, 6.0)
+        _wait_all(c, ids)
+        rep = check_jobs(r, Q, ids)
+        stats = _stats(r)
+    finally:
+        w.stop(30)
+    print(f"\nredis stall, one worker: {rep.mismatched_streams}/{rep.checked} streams "
+          f"mismatched, attempts {Counter(rep.attempts.values())}, stats {stats}")
+    assert rep.ok, rep.problems
+    assert set(rep.attempts.values()) == {1}, rep.attempts
+    assert stats.get("reclaimed", 0) == 0 and stats.get("duplicates_suppressed", 0) == 0
+    assert "reclaimed (delivery" not in w.tail(400)
+
+
+def test_a_frozen_lone_worker_keeps_its_own_jobs(own_redis: RedisServer,
+                                                 tmp_path: Path) -> None:
+    """The same from the worker's side: its own process frozen 6 s (3 x lease), as a loop
+    starved by CPU work would be; on waking it renews before it sweeps."""
+    r = redis.Redis.from_url(own_redis.url)
+    c = Client.from_url(own_redis.url, queue=Q)
+    w = _worker(own_redis.url, "solo", tmp_path)
+    try:
+        w.wait_ready(60)
+        ids = [c.submit("x", max_tokens=400 + 10 * k, ignore_eos=True, stream=True).id
+               for k in range(6)]
+        _wait_tokens(r, ids, 120)
+        assert w.proc is not None
+        _freeze(w.proc.pid, 6.0)
+        _wait_all(c, ids)
+        rep = check_jobs(r, Q, ids)
+        stats = _stats(r)
+    finally:
+        w.stop(30)
+    print(f"\nfrozen lone worker: {rep.mismatched_streams}/{rep.checked} streams mismatched, "
+          f"attempts {Counter(rep.attempts.values())}, stats {stats}")
+    assert rep.ok, rep.problems
+    assert set(rep.attempts.values()) == {1}, rep.attempts
+    assert stats.get("reclaimed", 0) == 0
+
+
+def _callbacks(broker: redis.Redis) -> Counter[str]:
+    """Celery messages waiting in the broker's default queue, by task id."""
+    out: Counter[str] = Counter()
+    for raw in broker.lrange("celery", 0, -1):
+        out[json.loads(raw)["headers"]["id"]] += 1
+    return out
+
+
+def test_lost_replies_duplicate_no_delta_and_lose_no_callback(
+        own_redis: RedisServer, redis_server: RedisServer, tmp_path: Path) -> None:
+    """Issue 12 cases 2 and 3: two workers, Redis frozen 7 s (past the 5 s socket timeout:
+    replies of writes that landed are lost, the writes are retried)."""
+    broker_url = f"redis://127.0.0.1:{redis_server.port}/7"
+    broker = redis.Redis.from_url(broker_url)
+    broker.delete("celery")
+    r = redis.Redis.from_url(own_redis.url)
+    c = Client.from_url(own_redis.url, queue=Q)
+    ws = [_worker(own_redis.url, n, tmp_path, celery_broker_url=broker_url) for n in "ab"]
+    cb = {"celery_task": "backend.on_llm_result"}
+    try:
+        for w in ws:
+            w.wait_ready(60)
+        ids = c.submit_many([{"prompt": "x", "max_tokens": 300 + k, "ignore_eos": True,
+                              "stream": True, "callback": cb} for k in range(16)])
+        ids += c.submit_many([{"prompt": "y", "max_tokens": 3 + k % 5, "callback": cb}
+                              for k in range(200)])
+        _wait_tokens(r, ids[:8], 60)
+        assert own_redis.proc is not None
+        _freeze(own_redis.proc.pid, 7.0)
+        _wait_all(c, ids)
+        rep = check_jobs(r, Q, ids[:16])
+        rep_plain = check_jobs(r, Q, ids[16:], streaming=False)
+        stats = _stats(r)
+        end = time.monotonic() + 30
+        while sum(_callbacks(broker).values()) < len(ids) and time.monotonic() < end:
+            time.sleep(0.1)
+        time.sleep(0.5)  # nothing more arrives
+        sent = _callbacks(broker)
+    finally:
+        for w in ws:
+            w.stop(30)
+    logs = "".join(w.tail(5000) for w in ws)
+    print(f"\nlost replies: {rep.mismatched_streams}/{rep.checked} streams mismatched, "
+          f"{len(rep_plain.problems)}/{rep_plain.checked} plain jobs with problems, callbacks "
+          f"{sum(sent.values())} for {len(ids)} jobs ({len(sent)} distinct), attempts "
+          f"{Counter((rep.attempts | rep_plain.attempts).values())}, stats {stats}, "
+          f"'duplicate result suppressed' lines {logs.count('duplicate result suppressed')}")
+    assert rep.ok, rep.problems
+    assert rep_plain.ok, rep_plain.problems
+    assert {f"slotfill-{i}" for i in ids} == set(sent) and set(sent.values()) == {1}, (
+        len(sent), [k for k, v in sent.items() if v != 1])
+    re_executions = sum(a - 1 for a in (rep.attempts | rep_plain.attempts).values())
+    assert stats.get("duplicates_suppressed", 0) <= re_executions
+    assert "duplicate result suppressed" not in logs or re_executions > 0
+
+
+def test_a_frozen_worker_publishes_nothing_its_stream_declared_void(
+        own_redis: RedisServer, tmp_path: Path) -> None:
+    """Issue 12 case 4: worker A frozen 6 s (3 x lease) 60 % through its jobs; B takes them
+    over; A thaws (and would finish first). The result is B's, the one its stream shows."""
+    r = redis.Redis.from_url(own_redis.url)
+    c = Client.from_url(own_redis.url, queue=Q)
+    a = _worker(own_redis.url, "a", tmp_path, sim_step_ms=10)
+    b: WorkerProcess | None = None
+    try:
+        a.wait_ready(60)
+        ids = [c.submit("x", max_tokens=400 + 5 * k, ignore_eos=True, stream=True).id
+               for k in range(4)]
+        _wait_tokens(r, ids, 40)
+        b = _worker(own_redis.url, "b", tmp_path, sim_step_ms=25)
+        b.wait_ready(60)
+        _wait_tokens(r, ids, 240)
+        assert a.proc is not None
+        os.kill(a.proc.pid, signal.SIGSTOP)
+        try:
+            keys = QueueKeys.for_queue(Q)
+            end = time.monotonic() + 30
+            while any(r.hget(keys.job(i), "worker") != b"b" for i in ids):
+                assert time.monotonic() < end, "b never took the jobs over"
+                time.sleep(0.05)
+            time.sleep(1.0)  # b streams a little of its own attempt first
+        finally:
+            os.kill(a.proc.pid, signal.SIGCONT)
+        _wait_all(c, ids)
+        rep = check_jobs(r, Q, ids)
+    finally:
+        a.stop(30)
+        if b is not None:
+            b.stop(30)
+    print(f"\nfrozen worker: {rep.mismatched_streams}/{rep.checked} streams mismatched, "
+          f"workers {Counter(rep.workers.values())}, attempts {Counter(rep.attempts.values())}")
+    assert rep.ok, rep.problems
+    assert set(rep.workers.values()) == {"b"} and set(rep.attempts.values()) == {2}
+    assert "lease lost to a peer" in a.tail(400)

@@ -1,0 +1,94 @@
+"""A claimed job, as it crosses from Lua: decoded here, and only here.
+
+``start_jobs`` and ``reclaim_jobs`` (``producer/lua/includes/claim.lua``) return each claim as
+flat field/value pairs; :func:`decode` turns them into a frozen :class:`ClaimedJob` whose
+:class:`Disposition` says what the worker does with it. A reply that lacks a field or names an
+unknown disposition is a bug in the scripts: it raises, it is never guessed at.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from enum import Enum
+from typing import Any
+
+
+class Disposition(str, Enum):
+    """What the worker does with a claimed entry (decided in Lua, at claim time)."""
+
+    run = "run"
+    run_alone = "run_alone"
+    """Run it with nothing else in the engine (culprit isolation; includes/poison.lua)."""
+    cancelled = "cancelled"
+    """Cancelled before it ran: publish that."""
+    expired = "expired"
+    """Its deadline passed before it ran: publish that."""
+    malformed = "malformed"
+    """No usable job id: the entry goes to the dead-letter stream (there is no job)."""
+    poisoned = "poisoned"
+    """Past the poison rule's limits: fail it and dead-letter it."""
+
+    @property
+    def runs(self) -> bool:
+        """The job goes into the engine."""
+        return self in (Disposition.run, Disposition.run_alone)
+
+
+class ClaimError(ValueError):
+    """A script's claim reply is not what worker/claim.py decodes (a protocol bug)."""
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """One delivered stream entry, now held by this worker."""
+
+    stream: str
+    entry: str
+    job_id: str
+    """"" for a malformed entry."""
+    body: str
+    attempts: int
+    """Times a worker started the job, this start included."""
+    deliveries: int
+    """Times the entry was delivered (this one included)."""
+    disposition: Disposition
+    queued_at: float
+
+    @property
+    def key(self) -> str:
+        """The worker's key for what it holds: the job id, or the entry for one without."""
+        return self.job_id or f"entry:{self.stream}:{self.entry}"
+
+    def becomes(self, disposition: Disposition) -> ClaimedJob:
+        """The same claim, now to be handled as ``disposition`` (a cancel heard meanwhile)."""
+        return replace(self, disposition=disposition)
+
+
+def _s(x: Any) -> str:
+    return x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x)
+
+
+def _body(x: Any) -> str:
+    # A body that is not UTF-8 keeps its bytes (surrogate-escaped): its job fails as
+    # ``undecodable`` instead of running on replacement characters.
+    return x.decode("utf-8", "surrogateescape") if isinstance(x, bytes) else str(x)
+
+
+def decode_one(flat: list[Any]) -> ClaimedJob:
+    if len(flat) % 2:
+        raise ClaimError(f"odd field/value list of {len(flat)} items")
+    f = {_s(flat[i]): flat[i + 1] for i in range(0, len(flat), 2)}
+    try:
+        return ClaimedJob(
+            stream=_s(f["stream"]), entry=_s(f["entry"]), job_id=_s(f["job"]),
+            body=_body(f["body"]), attempts=int(f["attempts"]), deliveries=int(f["deliveries"]),
+            disposition=Disposition(_s(f["disposition"])), queued_at=float(f["queued_at"]))
+    except KeyError as e:
+        raise ClaimError(f"claim without field {e.args[0]!r}: {sorted(f)}") from None
+    except ValueError as e:
+        raise ClaimError(f"bad claim value ({e}) in fields {sorted(f)}") from None
+
+
+def decode(raw: list[Any]) -> list[ClaimedJob]:
+    """A script's reply (a list of claims) as typed records."""
+    return [decode_one(flat) for flat in raw]
