@@ -98,19 +98,16 @@ def _duties(feeder: Feeder, store: WorkerStore, settings: WorkerSettings
     }
 
 
-async def serve(settings: WorkerSettings, engine: Engine | None = None, *,
-                owns_process: bool = False) -> int:
-    """Run until SIGTERM/SIGINT (drain, exit 0) or engine death (exit 3). ``owns_process``:
-    this worker is the whole process (``slotfill worker``), so once it decides to exit it may
-    end the process by force (:func:`_exit_backstop`); a worker embedded in another program
-    (the in-process test kit) leaves the process alone."""
-    engine = engine or build_engine(settings)
+async def _open_store(settings: WorkerSettings) -> WorkerStore | None:
+    """Connect, make the queue's groups and read Redis' clock, waiting out any outage. None
+    when Redis refuses this worker for good (already logged)."""
     try:
         client = connect_async(settings.redis_url)
     except ValueError as e:
         log.error("redis configuration error: %s", e)
-        return EXIT_REDIS_CONFIG
+        return None
     store = WorkerStore(client, settings.queue, settings.consumer)
+
     async def start() -> None:
         await store.ensure_groups()
         await store.seed_config(settings.max_pending)
@@ -124,7 +121,30 @@ async def serve(settings: WorkerSettings, engine: Engine | None = None, *,
         log.error("redis refuses this worker (%s: %s); fix the URL or its ACL",
                   type(e).__name__, e)
         await client.aclose()
+        return None
+    return store
+
+
+def _failure_code(fatal: BaseException) -> int:
+    """Exit code for a pull loop that ended with something other than engine death."""
+    if is_config_error(fatal):
+        log.error("redis refuses this worker (%s); fix the URL or its ACL", fatal)
         return EXIT_REDIS_CONFIG
+    log.error("pull loop failed: %r; exiting for the supervisor to restart us", fatal)
+    return EXIT_ENGINE_DEAD
+
+
+async def serve(settings: WorkerSettings, engine: Engine | None = None, *,
+                owns_process: bool = False) -> int:
+    """Run until SIGTERM/SIGINT (drain, exit 0) or engine death (exit 3). ``owns_process``:
+    this worker is the whole process (``slotfill worker``), so once it decides to exit it may
+    end the process by force (:func:`_exit_backstop`); a worker embedded in another program
+    (the in-process test kit) leaves the process alone."""
+    engine = engine or build_engine(settings)
+    store = await _open_store(settings)
+    if store is None:
+        return EXIT_REDIS_CONFIG
+    client = store.redis
     feeder = Feeder(engine, store, settings)
     step_log = None
     if settings.step_log:
@@ -146,13 +166,8 @@ async def serve(settings: WorkerSettings, engine: Engine | None = None, *,
     pull = tasks["pull"]
     if pull.done() and not pull.cancelled() and pull.exception() is not None:
         feeder.die(pull.exception() or RuntimeError("pull loop failed"))
-    if feeder.fatal is not None and is_config_error(feeder.fatal):
-        log.error("redis refuses this worker (%s); fix the URL or its ACL", feeder.fatal)
-        code = EXIT_REDIS_CONFIG
-    elif feeder.fatal is not None and not isinstance(feeder.fatal, EngineDead):
-        log.error("pull loop failed: %r; exiting for the supervisor to restart us",
-                  feeder.fatal)
-        code = EXIT_ENGINE_DEAD
+    if feeder.fatal is not None and not isinstance(feeder.fatal, EngineDead):
+        code = _failure_code(feeder.fatal)
     elif feeder.fatal is not None:
         # The feeder's crash report has already said which jobs it handed back.
         log.error("engine dead: %s; exiting for the supervisor to restart us", feeder.fatal)
