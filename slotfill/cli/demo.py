@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 from rich.table import Table
 
 from producer import Client
+from producer.connection import connect
 from producer.keys import QueueKeys
 from slotfill.cli.connect import EXIT_SETTINGS, CliError, ping
 from slotfill.testing.fleet import WorkerProcess
@@ -130,7 +131,7 @@ def run_demo(model: str, n_jobs: int, engine: str, console: Console) -> int:
             return 1
         client = Client.from_url(url, queue=queue)
         keys = QueueKeys.for_queue(queue)
-        r = redis.Redis.from_url(url)
+        r = connect(url)
         t0 = time.perf_counter()
         ids = client.submit_many(demo_requests(n_jobs))
         with Progress("[progress.description]{task.description}", BarColumn(),

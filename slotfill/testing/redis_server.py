@@ -11,6 +11,9 @@ import time
 from pathlib import Path
 
 import redis
+from redis.exceptions import RedisClusterException
+
+from producer.connection import connect, masters
 
 
 def free_port() -> int:
@@ -105,12 +108,15 @@ def unblock_stream_reads(url: str) -> int:
     UNBLOCK``). A worker told to stop cancels its idle blocking read, and redis-py then
     waits for the reply: up to the block time (2 s) per stop. This makes stopping fast; the
     reader sees an ordinary timeout and reads again if it is still running."""
-    r = redis.Redis.from_url(url)
+    r = connect(url)
     try:
-        ids = [int(c["id"]) for c in r.client_list() if c.get("cmd") == "xread"
-               and "b" in c.get("flags", "")]
-        return sum(bool(r.client_unblock(i)) for i in ids)
-    except redis.RedisError:
+        n = 0
+        for node in masters(r):  # every master of a cluster; the master of a Sentinel group
+            ids = [int(c["id"]) for c in node.client_list() if c.get("cmd") == "xread"
+                   and "b" in c.get("flags", "")]
+            n += sum(bool(node.client_unblock(i)) for i in ids)
+        return n
+    except (redis.RedisError, RedisClusterException):
         return 0  # best effort: the read still ends at its timeout
     finally:
         r.close()
