@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from producer.errors import EngineDead, ErrorCode, InvalidRequest
@@ -18,7 +19,10 @@ not turn streaming into one output at the end)."""
 _PRIORITY = {Priority.high: -1, Priority.normal: 0, Priority.low: 1}
 
 
-def _stat_logger_factory(stats: StepStats, slots: int) -> Any:
+def stat_logger_class(on_step: Callable[[Any], None]) -> Any:
+    """A vLLM stat-logger class (for ``stat_loggers=[...]``) that hands the scheduler's
+    stats of every engine step to ``on_step``. Public: the bench logs its own engines' steps
+    with the worker's logger."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     class SlotStatLogger(StatLoggerBase):  # type: ignore[misc]
@@ -30,13 +34,20 @@ def _stat_logger_factory(stats: StepStats, slots: int) -> Any:
         def record(self, scheduler_stats: Any, iteration_stats: Any,
                    mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
             if scheduler_stats is not None:
-                stats.record(scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs,
-                             scheduler_stats.kv_cache_usage, slots)
+                on_step(scheduler_stats)
 
         def log_engine_initialized(self) -> None:
             pass
 
     return SlotStatLogger
+
+
+def _stat_logger_factory(stats: StepStats, slots: int) -> Any:
+    def on_step(scheduler_stats: Any) -> None:
+        stats.record(scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs,
+                     scheduler_stats.kv_cache_usage, slots)
+
+    return stat_logger_class(on_step)
 
 
 def _client_errors() -> tuple[type[BaseException], ...]:
@@ -53,8 +64,9 @@ def _client_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _engine_input_builder() -> Any:
-    """Token ids in the engine's already-rendered input form where this vLLM has one.
+def engine_input_builder() -> Any:
+    """Token ids in the engine's already-rendered input form where this vLLM has one (public:
+    the bench feeds its own ``AsyncLLM`` the worker's way).
 
     A plain ``{"prompt_token_ids": ...}`` is treated as a raw prompt and preprocessed in a
     thread pool: measured here, that delayed refills enough to leave slots idle for several
@@ -151,7 +163,7 @@ class VllmEngine:
         )
         self.max_model_len: int = self.llm.model_config.max_model_len
         self.tokenizer = None if settings.skip_tokenizer_init else self.llm.get_tokenizer()
-        self._engine_input = _engine_input_builder()
+        self._engine_input = engine_input_builder()
 
     def _prompt_ids(self, req: JobRequest) -> list[int]:
         if isinstance(req.prompt, list):
