@@ -1,4 +1,9 @@
-"""Run the modes one after another (never two engines at once), then report."""
+"""Run the modes one after another (never two engines at once), then report.
+
+Everything a run produces beyond its summary (logs, step logs, per-request timings, the
+occupancy series the plot is drawn from) goes to ``RESULTS_DIR/raw/`` (ignored by git); the
+summary JSON and the plot go to the output prefix (``bench/results/`` by default, tracked).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,6 @@ import os
 import platform
 import shutil
 import subprocess
-import sys
-import time
-from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -27,10 +29,11 @@ from rich.progress import (
 
 from bench import report
 from bench.analysis import occupancy_series, summarize
-from bench.config import FLEET_MODES, BenchConfig, model_vocab_size, resolve_model, stream_interval
+from bench.config import FLEET_MODES, REPO_ROOT, BenchConfig, model_vocab_size, resolve_model
+from bench.modes import ModeRun, run_mode
+from bench.redis_server import bench_redis, scheduling
 from bench.workload import Request, make_workload, total_output_tokens
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 MAX_PLOT_POINTS = 4000
 
 
@@ -77,7 +80,7 @@ def meta(argv: list[str]) -> dict[str, Any]:
     gpu = _gpu()
     return {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
-        "command": " ".join(["slotfill", "bench", *argv]),
+        "command": " ".join(["python", "-m", "bench", *argv]),
         "device": gpu or f"{_cpu_name()} ({os.cpu_count()} cores)",
         "gpu": gpu,
         "cpus": os.cpu_count(),
@@ -109,43 +112,11 @@ class Runner:
         self.console = console
         self.results_dir = results_dir
 
-    def _run_inproc(self, mode: str, run_dir: Path, progress: Callable[[str, int, int], None],
-                    total: int) -> dict[str, Any]:
-        """offline / asyncio in a fresh Python process (one engine; clean shutdown)."""
-        log = run_dir / f"{mode}.log"
-        prog = run_dir / f"{mode}.progress"
-        progress("starting engine", 0, total)
-        with open(log, "ab") as f:
-            proc = subprocess.Popen([sys.executable, "-m", "bench.inproc", mode, str(run_dir)],
-                                    stdout=f, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-                                    start_new_session=True)
-        try:
-            while proc.poll() is None:
-                if prog.exists():
-                    try:
-                        done, tot = (int(x) for x in prog.read_text().split())
-                        progress("running", done, tot)
-                    except ValueError:
-                        pass
-                time.sleep(0.25)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            try:
-                os.killpg(proc.pid, 9)  # engine processes left behind, if any
-            except ProcessLookupError:
-                pass
-        if proc.returncode != 0:
-            tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
-            raise RuntimeError(f"{mode} exited with {proc.returncode}; log {log}:\n{tail}")
-        data: dict[str, Any] = json.loads((run_dir / f"{mode}.json").read_text())
-        return data
-
     def run(self, argv: list[str], submit: dict[str, int] | None = None, soak_jobs: int = 0,
             out_prefix: str | None = None) -> dict[str, Any]:
         cfg = self.cfg
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = (self.results_dir / "tmp" / stamp).resolve()
+        run_dir = (self.results_dir / "raw" / stamp).resolve()
         (run_dir / "redis").mkdir(parents=True, exist_ok=True)
         cfg.run_dir = str(run_dir)
         cfg.model_path = resolve_model(cfg.engine)
@@ -167,20 +138,16 @@ class Runner:
         gpu = results["meta"]["gpu"]
         kind = "gpu" if gpu else "cpu"
         prefix = Path(out_prefix) if out_prefix else self.results_dir / f"{kind}-{stamp}"
-        json_path, png_path = prefix.with_suffix(".json"), prefix.with_suffix(".png")
-        results["files"] = {"json": str(json_path), "png": str(png_path)}
+        results["files"] = report.files_for(prefix, self.results_dir)
         self.console.print(f"[bold]slotfill bench[/bold] on {results['meta']['device']}; "
                            f"model {cfg.model_path} ({cfg.engine.load_format}); "
                            f"{len(reqs)} requests, {results['workload']['output_tokens']:,} "
                            f"output tokens; modes {', '.join(cfg.modes)}; logs in {run_dir}")
-        from bench.redis_boost import BenchRedisServer
-
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn())
         with Progress(*columns, console=self.console) as bar, \
-                BenchRedisServer(workdir=str(run_dir / "redis"),
-                                 priority_boost=self.redis_boost) as server:
-            results["meta"]["redis_scheduling"] = server.scheduling()
+                bench_redis(str(run_dir / "redis"), self.redis_boost) as server:
+            results["meta"]["redis_scheduling"] = scheduling(server)
             overall = bar.add_task("all", total=len(cfg.modes) * self.repeat
                                    + int(submit is not None)
                                    + int(soak_jobs > 0))
@@ -205,7 +172,7 @@ class Runner:
                 results["modes"][mode] = pick_median(got)
             if submit is not None:
                 task = bar.add_task("submit throughput", total=None)
-                from bench.submit_bench import run_submit_bench
+                from bench.modes.submit import run_submit_bench
 
                 try:
                     results["submit"] = run_submit_bench(
@@ -222,8 +189,7 @@ class Runner:
                 bar.advance(overall)
         report.add_ratios(results)
         results["targets"] = report.targets(results)
-        report.write_json(results, json_path)
-        report.plot(results, png_path)
+        report.write_results(results)
         return results
 
     def _mode(self, mode: str, reqs: list[Request], run_dir: Path, redis_url: str,
@@ -233,43 +199,15 @@ class Runner:
         def progress(phase: str, done: int, total: int) -> None:
             bar.update(task, description=f"{mode}: {phase}", completed=done, total=total)
 
-        capacity: int | None = None
-        if mode in ("offline", "asyncio"):
-            raw = self._run_inproc(mode, run_dir, progress, len(reqs))
-            if mode == "asyncio":
-                capacity = cfg.engine.max_num_seqs + cfg.engine.headroom
-        elif mode == "slotfill":
-            from bench.slotfill_mode import run_slotfill
-
-            raw = run_slotfill(cfg, reqs, run_dir, redis_url, progress, redis_pid)
-            capacity = cfg.engine.max_num_seqs + cfg.engine.headroom
-        elif stream_interval(mode) is not None:
-            from bench.slotfill_mode import run_slotfill
-
-            raw = run_slotfill(cfg, reqs, run_dir, redis_url, progress, redis_pid,
-                               stream_interval_ms=stream_interval(mode))
-            capacity = cfg.engine.max_num_seqs + cfg.engine.headroom
-        elif mode in FLEET_MODES:
-            from bench.fleet import run_fleet
-
-            raw = run_fleet(cfg, mode, reqs, run_dir, redis_url, progress, redis_pid,
-                            _gpu() is not None)
-            raw["mode"] = mode
-        elif mode in ("celery_batch", "celery_per_request"):
-            from bench.celery_mode import run_celery
-
-            sub = reqs if mode == "celery_batch" else reqs[:cfg.celery_requests]
-            size = cfg.batch_size if mode == "celery_batch" else 1
-            raw = run_celery(cfg, sub, run_dir, redis_url, mode, size, progress, redis_pid)
-            reqs = sub
-        else:
-            raise ValueError(f"unknown mode {mode!r}")
+        got = run_mode(mode, ModeRun(cfg, reqs, run_dir, redis_url, redis_pid, progress,
+                                     _gpu() is not None))
+        raw, reqs = got.raw, got.reqs
         (run_dir / f"{mode.replace('@', '-')}.raw.json").write_text(json.dumps(raw))
         expected = {r.index: r.max_tokens for r in reqs}
-        summary = summarize(raw, expected, cfg.engine.max_num_seqs, capacity)
+        summary = summarize(raw, expected, cfg.engine.max_num_seqs, got.capacity)
         summary["occupancy"] = _series(raw.get("steps_file"), raw["t_start"], raw["t_end"])
         if mode in FLEET_MODES:
-            from bench.fleet import add_fleet_figures
+            from bench.modes.fleet import add_fleet_figures
 
             add_fleet_figures(summary, raw, cfg)
             summary["occupancy"] = None  # several engines: see the per-worker figures
@@ -295,7 +233,7 @@ def pick_median(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_soak_with_bar(bar: Progress, jobs: int, workdir: Path, boost: bool) -> dict[str, Any]:
-    from bench.soak import run_soak
+    from bench.modes.soak import run_soak
 
     task = bar.add_task("soak", total=jobs)
 
