@@ -126,9 +126,12 @@ def plot_sizes(rows: list[dict[str, Any]], path: Path) -> None:
         xs = [r["slots"] for r in mine]
         axes[0].plot(xs, [100 * (r["free_slot_share"] or 0) for r in mine], "o-", label=adm)
         axes[1].plot(xs, [r["refill_p99_ms"] or 0 for r in mine], "o-", label=adm)
+    sizes = sorted({r["slots"] for r in ok})
     for ax, label in zip(axes, ("free-slot steps while jobs waited (%)", "refill p99 (ms)"),
                          strict=True):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(x) for x in sizes])
+        ax.minorticks_off()
         ax.set_xlabel("engine slots")
         ax.set_title(label, fontsize=9)
         ax.legend(fontsize=8)
