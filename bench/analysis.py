@@ -12,7 +12,9 @@ Definitions (every mode is measured the same way):
   the last request's start (while requests still waited outside the engine: in Redis, in a
   broker, in the feeder's list), after which ``running < max_num_seqs`` and ``waiting == 0``,
   i.e. the next step runs with a free slot nobody inside the engine can take.
-  **slot-step idle** weighs each such step by its number of free slots.
+  **slot-step idle** weighs each such step by its number of free slots. ``slot_idle_after_full``
+  counts the same from the first step that ran every slot: without the first steps, which
+  run while the submitted jobs are still landing in Redis.
 - **refill latency** (slotfill, asyncio): a place frees when a generation ends; its
   replacement is the request that enters the engine in its place. With capacity C (slots +
   headroom) held, the k-th place to free (by time) is refilled by the (C+k)-th request to start,
@@ -173,6 +175,7 @@ def summarize(raw: dict[str, Any], expected: dict[int, int], slots: int,
     steps = load_steps(raw.get("steps_file"))
     last_start = max((r["started"] for r in recs), default=t0)
     first_step = next((s["t"] for s in steps if s["t"] >= t0), t0)
+    first_full = next((s["t"] for s in steps if s["t"] >= t0 and s["running"] >= slots), None)
     in_run = [st for st in steps if t0 <= st["t"] <= t1]
     full_dt = [b["t"] - a["t"] for a, b in itertools.pairwise(in_run)
                if a["running"] >= slots and b["running"] >= slots]
@@ -196,6 +199,8 @@ def summarize(raw: dict[str, Any], expected: dict[int, int], slots: int,
         "mean_occupancy": mean_occupancy(steps, t0, t1, slots),
         "held": held_figures(in_run),
         "slot_idle": slot_idle(steps, first_step, last_start, slots),
+        "slot_idle_after_full": slot_idle(steps, first_full, last_start, slots)
+        if first_full is not None else None,
     }
     if capacity:
         refills = refill_latencies(recs, capacity)

@@ -40,6 +40,10 @@ def row(slots: int, admission: str, mode: str, m: dict[str, Any]) -> dict[str, A
             "free_slot_share": idle.get("free_slot_share"),
             "free_slot_steps": idle.get("free_slot_steps"), "window_steps": idle.get("steps"),
             "slot_step_idle_share": idle.get("slot_step_idle_share"),
+            "free_after_full_share": (m.get("slot_idle_after_full") or {}).get(
+                "free_slot_share"),
+            "free_after_full_steps": (m.get("slot_idle_after_full") or {}).get(
+                "free_slot_steps"),
             "refill_p50_ms": refill.get("p50_ms"), "refill_p99_ms": refill.get("p99_ms"),
             "refill_max_ms": refill.get("max_ms"), "full_step_p50_ms": full.get("p50"),
             "held_p50": (m.get("held") or {}).get("p50"),
@@ -86,19 +90,22 @@ def _fmt(v: Any, fmt: str) -> str:
 def sizes_table(rows: list[dict[str, Any]]) -> Table:
     t = Table(title="by batch size: free-slot steps while jobs waited, refill latency, "
                     "throughput")
-    for col in ("slots", "admission", "mode", "step ms", "free-slot steps", "slot-steps idle",
+    for col in ("slots", "admission", "mode", "step ms", "free-slot steps",
+                "from the first full step", "slot-steps idle",
                 "refill p50 / p99 / max ms", "held p50 / max", "out tok/s", "tokens/step",
                 "mean occ."):
         t.add_column(col, justify="left" if col in ("admission", "mode") else "right")
     for r in rows:
         if r.get("error"):
             t.add_row(str(r["slots"]), r["admission"], r["mode"], "failed", r["error"][:40],
-                      "", "", "", "", "", "")
+                      "", "", "", "", "", "", "")
             continue
         t.add_row(str(r["slots"]), r["admission"], r["mode"],
                   _fmt(r.get("full_step_p50_ms"), "{:.1f}"),
                   f"{_fmt(r['free_slot_share'], '{:.2%}')} ({r['free_slot_steps']}"
                   f"/{r['window_steps']})",
+                  f"{_fmt(r.get('free_after_full_share'), '{:.2%}')} "
+                  f"({_fmt(r.get('free_after_full_steps'), '{}')})",
                   _fmt(r["slot_step_idle_share"], "{:.3%}"),
                   " / ".join(_fmt(r[k], "{:.2f}") for k in ("refill_p50_ms", "refill_p99_ms",
                                                            "refill_max_ms")),
