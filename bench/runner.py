@@ -33,6 +33,7 @@ from bench.config import FLEET_MODES, REPO_ROOT, BenchConfig, model_vocab_size, 
 from bench.modes import ModeRun, run_mode
 from bench.redis_server import bench_redis, scheduling
 from bench.workload import Request, make_workload, total_output_tokens
+from slotfill.testing.redis_server import RedisServer
 
 MAX_PLOT_POINTS = 4000
 
@@ -114,6 +115,32 @@ class Runner:
 
     def run(self, argv: list[str], submit: dict[str, int] | None = None, soak_jobs: int = 0,
             out_prefix: str | None = None) -> dict[str, Any]:
+        """Every mode (``repeat`` times, interleaved), then the submit measurement and the
+        soak if asked; writes the summary, series and plot; returns the results."""
+        results, reqs, run_dir = self._prepare(argv, out_prefix)
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn())
+        with Progress(*columns, console=self.console) as bar, \
+                bench_redis(str(run_dir / "redis"), self.redis_boost) as server:
+            results["meta"]["redis_scheduling"] = scheduling(server)
+            overall = bar.add_task("all", total=len(self.cfg.modes) * self.repeat
+                                   + int(submit is not None) + int(soak_jobs > 0))
+            results["modes"] = self._run_modes(reqs, run_dir, server, bar, overall)
+            if submit is not None:
+                results["submit"] = self._run_submit(reqs, submit, bar)
+                bar.advance(overall)
+            if soak_jobs:
+                results["soak"] = run_soak_with_bar(bar, soak_jobs, run_dir / "soak",
+                                                    self.redis_boost)
+                bar.advance(overall)
+        report.add_ratios(results)
+        results["targets"] = report.targets(results)
+        report.write_results(results)
+        return results
+
+    def _prepare(self, argv: list[str], out_prefix: str | None
+                 ) -> tuple[dict[str, Any], list[Request], Path]:
+        """The run directory (under ``raw/``), the model, the workload, the results' head."""
         cfg = self.cfg
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = (self.results_dir / "raw" / stamp).resolve()
@@ -127,70 +154,59 @@ class Runner:
         results: dict[str, Any] = {
             "meta": meta(argv),
             "config": {"engine": vars(cfg.engine), "workload": vars(cfg.workload),
-                       "modes": cfg.modes, "repeat": self.repeat, "celery_requests": cfg.celery_requests,
-                       "celery_batch": cfg.batch_size, "workers": cfg.workers,
-                       "model_path": cfg.model_path,
+                       "modes": cfg.modes, "repeat": self.repeat,
+                       "celery_requests": cfg.celery_requests, "celery_batch": cfg.batch_size,
+                       "workers": cfg.workers, "model_path": cfg.model_path,
                        "run_dir": str(run_dir)},
             "workload": {"requests": len(reqs), "output_tokens": total_output_tokens(reqs),
                          "prompt_tokens": sum(len(r.prompt) for r in reqs)},
             "modes": {},
         }
-        gpu = results["meta"]["gpu"]
-        kind = "gpu" if gpu else "cpu"
+        kind = "gpu" if results["meta"]["gpu"] else "cpu"
         prefix = Path(out_prefix) if out_prefix else self.results_dir / f"{kind}-{stamp}"
         results["files"] = report.files_for(prefix, self.results_dir)
         self.console.print(f"[bold]slotfill bench[/bold] on {results['meta']['device']}; "
                            f"model {cfg.model_path} ({cfg.engine.load_format}); "
                            f"{len(reqs)} requests, {results['workload']['output_tokens']:,} "
                            f"output tokens; modes {', '.join(cfg.modes)}; logs in {run_dir}")
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn())
-        with Progress(*columns, console=self.console) as bar, \
-                bench_redis(str(run_dir / "redis"), self.redis_boost) as server:
-            results["meta"]["redis_scheduling"] = scheduling(server)
-            overall = bar.add_task("all", total=len(cfg.modes) * self.repeat
-                                   + int(submit is not None)
-                                   + int(soak_jobs > 0))
-            runs: dict[str, list[dict[str, Any]]] = {m: [] for m in cfg.modes}
-            for rep in range(self.repeat):
-                rep_dir = run_dir if self.repeat == 1 else run_dir / f"rep{rep + 1}"
-                if rep_dir != run_dir:
-                    (rep_dir).mkdir(exist_ok=True)
-                    cfg.save(rep_dir / "config.json")
-                for mode in cfg.modes:
-                    label = mode if self.repeat == 1 else f"{mode} #{rep + 1}"
-                    task = bar.add_task(label, total=len(reqs))
-                    try:
-                        runs[mode].append(self._mode(
-                            mode, reqs, rep_dir, server.url,
-                            server.proc.pid if server.proc else None, bar, task))
-                    except Exception as e:  # report it; the other modes still run
-                        self.console.print(f"[red]{label} failed:[/red] {e}")
-                        runs[mode].append({"error": str(e)})
-                    bar.advance(overall)
-            for mode, got in runs.items():
-                results["modes"][mode] = pick_median(got)
-            if submit is not None:
-                task = bar.add_task("submit throughput", total=None)
-                from bench.modes.submit import run_submit_bench
+        return results, reqs, run_dir
 
+    def _run_modes(self, reqs: list[Request], run_dir: Path, server: RedisServer,
+                   bar: Progress, overall: TaskID) -> dict[str, Any]:
+        """Each mode's summary (with repeats: its median run, every run's headline)."""
+        cfg = self.cfg
+        runs: dict[str, list[dict[str, Any]]] = {m: [] for m in cfg.modes}
+        for rep in range(self.repeat):
+            rep_dir = run_dir if self.repeat == 1 else run_dir / f"rep{rep + 1}"
+            if rep_dir != run_dir:
+                rep_dir.mkdir(exist_ok=True)
+                cfg.save(rep_dir / "config.json")
+            for mode in cfg.modes:
+                label = mode if self.repeat == 1 else f"{mode} #{rep + 1}"
+                task = bar.add_task(label, total=len(reqs))
                 try:
-                    results["submit"] = run_submit_bench(
-                        reqs, **submit, boost=self.redis_boost,
-                        progress=lambda s: bar.update(task, description=s))
-                except Exception as e:
-                    self.console.print(f"[red]submit bench failed:[/red] {e}")
-                    results["submit"] = {"error": str(e)}
-                bar.update(task, total=1, completed=1)
+                    runs[mode].append(self._mode(
+                        mode, reqs, rep_dir, server.url,
+                        server.proc.pid if server.proc else None, bar, task))
+                except Exception as e:  # report it; the other modes still run
+                    self.console.print(f"[red]{label} failed:[/red] {e}")
+                    runs[mode].append({"error": str(e)})
                 bar.advance(overall)
-            if soak_jobs:
-                results["soak"] = run_soak_with_bar(bar, soak_jobs, run_dir / "soak",
-                                                    self.redis_boost)
-                bar.advance(overall)
-        report.add_ratios(results)
-        results["targets"] = report.targets(results)
-        report.write_results(results)
-        return results
+        return {mode: pick_median(got) for mode, got in runs.items()}
+
+    def _run_submit(self, reqs: list[Request], sizes: dict[str, int],
+                    bar: Progress) -> dict[str, Any]:
+        from bench.modes.submit import run_submit_bench
+
+        task = bar.add_task("submit throughput", total=None)
+        try:
+            return run_submit_bench(reqs, **sizes, boost=self.redis_boost,
+                                    progress=lambda s: bar.update(task, description=s))
+        except Exception as e:
+            self.console.print(f"[red]submit bench failed:[/red] {e}")
+            return {"error": str(e)}
+        finally:
+            bar.update(task, total=1, completed=1)
 
     def _mode(self, mode: str, reqs: list[Request], run_dir: Path, redis_url: str,
               redis_pid: int | None, bar: Progress, task: TaskID) -> dict[str, Any]:
