@@ -241,6 +241,10 @@ def test_adaptive_ready_queue_follows_the_finish_rate_between_headroom_and_the_s
                  kv_high_water=0.9, adaptive=True)
     assert adaptive_ready(big, 100.0, 0.085) == 19
     assert adaptive_ready(ADAPTIVE, 1e6, 0.1) == SLOTS  # never more than a batch
+    none = Policy(engine_aware=False, slots=SLOTS, ready_target=0, token_budget=BUDGET,
+                  kv_high_water=0.9, adaptive=True)
+    assert adaptive_ready(none, 1e3, 0.1) == 0  # headroom 0: nothing beyond the slots
+    assert to_read(view(0, 0), none, None, target=5) == SLOTS
     # Reads fill up to slots + the ready queue, whatever the engine reports.
     assert to_read(view(0, 0), ADAPTIVE, None, target=18) == SLOTS + 18
     assert to_read(view(40, 32), ADAPTIVE, None, target=3) == 0  # floor: headroom

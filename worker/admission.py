@@ -6,10 +6,11 @@ the next step without a Redis round trip, so the queue must cover the jobs that 
 between a slot freeing and its replacement arriving. Finishes come per engine step, about
 ``slots / mean output length`` of them, so a count that suits 32 slots starves 1,024 (there
 ~4 jobs finish per 40 ms step and the fixed 8 of ``headroom`` ran out on 4.7 % of an H200's
-steps). The queue is the Poisson upper quantile (miss chance ``READY_MISS`` per step) of the
-jobs finishing over one refill window (two engine steps plus a read's round trip), from the
+steps). The queue is the Poisson upper quantile (miss chance ``READY_MISS``) of the jobs
+finishing over one refill window (two engine steps plus a read's round trip), from the
 measured finish rate and step time; never less than ``headroom`` (the fixed rule, which it
-thus never undercuts), never more than the slots; grown by one per measuring window in
+thus never undercuts), never more than the slots (``headroom = 0``: none, as for every rule);
+grown by one per measuring window in
 which the engine still ran a step with a free slot while jobs waited in Redis (shrunk back
 after ``CALM_WINDOWS`` calm windows). Each read takes what is missing to that level: what
 finished since the last read.
@@ -111,8 +112,10 @@ class Policy:
 
     @property
     def ready_cap(self) -> int:
-        """Most ready jobs a policy holds beyond the slots."""
-        return max(self.ready_target, self.slots) if self.adaptive else self.ready_target
+        """Most ready jobs a policy holds beyond the slots (``headroom = 0``: none)."""
+        if self.adaptive and self.ready_target > 0:
+            return max(self.ready_target, self.slots)
+        return self.ready_target
 
 
 @dataclass(frozen=True)

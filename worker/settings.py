@@ -32,7 +32,7 @@ class WorkerSettings(ClientSettings):
     """Jobs held ready beyond the engine's slots, so a freed slot is refilled in the next
     engine step instead of after a Redis round trip. ``adaptive`` admission holds at least
     this many (more when the measured finish rate needs more), ``fixed`` exactly this many,
-    ``engine`` at most this many."""
+    ``engine`` at most this many; 0: none beyond the slots, whatever the rule."""
     admission: Literal["adaptive", "engine", "fixed"] = "adaptive"
     """How many jobs each read takes (``worker/admission.py``). ``adaptive``: hold
     ``max_num_seqs`` plus a ready queue covering the jobs that finish during a refill (from
