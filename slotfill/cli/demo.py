@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 from rich.table import Table
 
 from producer import Client
+from producer.connection import connect
 from producer.keys import QueueKeys
 from slotfill.cli.connect import EXIT_SETTINGS, CliError, ping
 from slotfill.testing.fleet import WorkerProcess
@@ -130,7 +131,7 @@ def run_demo(model: str, n_jobs: int, engine: str, console: Console) -> int:
             return 1
         client = Client.from_url(url, queue=queue)
         keys = QueueKeys.for_queue(queue)
-        r = redis.Redis.from_url(url)
+        r = connect(url)
         t0 = time.perf_counter()
         ids = client.submit_many(demo_requests(n_jobs))
         with Progress("[progress.description]{task.description}", BarColumn(),
@@ -144,21 +145,27 @@ def run_demo(model: str, n_jobs: int, engine: str, console: Console) -> int:
                 time.sleep(0.2)
             bar.update(task, completed=len(ids))
         elapsed = time.perf_counter() - t0
-        results = [client.result(i) for i in ids]
-        tokens = sum(res.usage.completion_tokens for res in results if res)
-        table = Table()
-        for col in ("job", "status", "tokens"):
-            table.add_column(col, no_wrap=True)
-        table.add_column("text", no_wrap=True, overflow="ellipsis", max_width=44)
-        for res in results[:5]:
-            if res:
-                table.add_row(res.id[:8], res.status.value, str(res.usage.completion_tokens),
-                              res.text[:60].replace("\n", " "))
-        console.print(table)
-        if not model:
-            console.print("[dim](the tiny model has random weights: its text is noise)[/dim]")
-        ok = sum(1 for res in results if res and res.ok)
-        console.print(f"{ok}/{len(ids)} succeeded in {elapsed:.1f}s: "
-                      f"{len(ids) / elapsed:.1f} jobs/s, {tokens / elapsed:.0f} output tokens/s")
-        return 0 if ok == len(ids) else 1
+        return _report(client, ids, elapsed, model, console)
     return 1
+
+
+def _report(client: Client, ids: list[str], elapsed: float, model: str,
+            console: Console) -> int:
+    """The first results as a table, then the totals; exit 0 only if every job succeeded."""
+    results = [client.result(i) for i in ids]
+    tokens = sum(res.usage.completion_tokens for res in results if res)
+    table = Table()
+    for col in ("job", "status", "tokens"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("text", no_wrap=True, overflow="ellipsis", max_width=44)
+    for res in results[:5]:
+        if res:
+            table.add_row(res.id[:8], res.status.value, str(res.usage.completion_tokens),
+                          res.text[:60].replace("\n", " "))
+    console.print(table)
+    if not model:
+        console.print("[dim](the tiny model has random weights: its text is noise)[/dim]")
+    ok = sum(1 for res in results if res and res.ok)
+    console.print(f"{ok}/{len(ids)} succeeded in {elapsed:.1f}s: "
+                  f"{len(ids) / elapsed:.1f} jobs/s, {tokens / elapsed:.0f} output tokens/s")
+    return 0 if ok == len(ids) else 1

@@ -32,6 +32,7 @@ from typing import Any
 
 import redis
 
+from producer.connection import connect
 from producer.keys import QueueKeys
 from slotfill.testing.poll import wait_until
 from slotfill.testing.redis_server import unblock_stream_reads
@@ -148,7 +149,7 @@ class InprocWorker:
 
     def wait_ready(self, timeout: float = 30.0) -> InprocWorker:
         """Until the worker's heartbeat appears (as ``WorkerProcess.wait_ready``)."""
-        r = redis.Redis.from_url(self.redis_url)
+        r = connect(self.redis_url)
         key = QueueKeys.for_queue(self.queue).worker(self.consumer)
 
         def ready() -> bool:
@@ -247,7 +248,7 @@ class InprocWorker:
 
     def wait_idle(self, timeout: float = 60.0) -> None:
         """Until no entry is left in the queue's streams (finished jobs are deleted)."""
-        r = redis.Redis.from_url(self.redis_url)
+        r = connect(self.redis_url)
         def idle() -> bool:
             self._check_running()
             return self.queue_size(r) == 0
