@@ -53,6 +53,9 @@ class StallReport:
     stream_mismatches: int = 0
     callbacks_missing: int = 0
     callbacks_double: int = 0
+    callbacks_unacknowledged: int = 0
+    """Callbacks of jobs whose submit reply the soak's client lost in a stall (it never
+    learned their ids): they ran, correctly; not counted as repeats."""
     re_executions: int = 0
     duplicates_suppressed: int = 0
     unfinished_entries: int = 0
@@ -197,7 +200,8 @@ def _fill(rep: StallReport, ids: list[str], sent: Counter[str], base: Any,
     rep.stream_mismatches = len(streams.problems)
     rep.callbacks_missing = len(want - set(sent))
     rep.first_missing_callbacks = sorted(want - set(sent))[:5]
-    rep.callbacks_double = sum(1 for k, v in sent.items() if v > 1 or k not in want)
+    rep.callbacks_double = sum(1 for k, v in sent.items() if v > 1 and k in want)
+    rep.callbacks_unacknowledged = sum(1 for k in sent if k not in want)
     rep.re_executions, rep.duplicates_suppressed = base.re_executions, base.duplicates_suppressed
     rep.unfinished_entries = base.unfinished_entries
     rep.first_problems = dict(list(streams.problems.items())[:5])
