@@ -14,8 +14,9 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 from producer.connection import connect_async
 from producer.errors import EngineDead
@@ -71,11 +72,35 @@ async def _resilient(name: str, loop_fn: Callable[[], Awaitable[None]]) -> None:
         except Exception as e:
             if not is_transient(e):
                 raise
+            if _being_cancelled():
+                # redis-py can turn a cancellation that lands mid-command into a connection
+                # error; retrying it would keep a stopping worker alive forever.
+                raise asyncio.CancelledError from e
             if asyncio.get_running_loop().time() - started > 10 * BACKOFF_MAX_S:
                 delay = BACKOFF_MIN_S  # it had recovered: this is a new outage
             log.warning("%s: redis unavailable (%s); retrying in %.1fs", name, e, delay)
             await asyncio.sleep(delay)
             delay = min(2 * delay, BACKOFF_MAX_S)
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python >= 3.11
+    return bool(cancelling()) if cancelling is not None else False
+
+
+async def _cancel_all(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel until every task has ended: one that swallowed its cancellation (inside a
+    library call) gets it again instead of holding the exit forever."""
+    tasks = list(tasks)
+    pending = set(tasks)
+    while pending:
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
+    for t in tasks:  # retrieved, so asyncio does not report them as never retrieved
+        if not t.cancelled():
+            t.exception()
 
 
 def _duties(feeder: Feeder, store: WorkerStore, settings: WorkerSettings
@@ -177,11 +202,11 @@ async def serve(settings: WorkerSettings, engine: Engine | None = None, *,
     else:
         if owns_process:
             _exit_backstop(loop, code, settings.grace_seconds + EXIT_SLACK_S)
+        log.info("stopping: draining for up to %.0fs (a second SIGTERM ends the process now)",
+                 settings.grace_seconds)
         handed_back = await feeder.drain(settings.grace_seconds)
         log.info("drained; %d unfinished jobs handed back for reclaim", handed_back)
-    for t in (*tasks.values(), stopper, dead):
-        t.cancel()
-    await asyncio.gather(*tasks.values(), stopper, dead, return_exceptions=True)
+    await _cancel_all((*tasks.values(), stopper, dead))
     if code == EXIT_OK:
         try:
             await store.drop_heartbeat()

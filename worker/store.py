@@ -185,20 +185,23 @@ class WorkerStore:
     @_redis_call
     async def finish(
         self, row: ClaimedJob, status: str, result_json: str, result_ttl: int,
-        dead_reason: str = "",
+        dead_reason: str = "", callback: str = "", redeliver_s: float = 30.0,
     ) -> bool:
         """Publish the result, flip the status, wake waiters and XACK: one atomic step.
 
         Idempotent for this attempt: a retry after a lost reply returns True again when the
         first call did write. False when the result is not this attempt's: the job already had
         another's (a duplicate run, suppressed), or a later attempt owns it (our lease was
-        taken; the current attempt publishes)."""
+        taken; the current attempt publishes). ``callback`` (its JSON spec) goes to the
+        callback outbox in the same step, offered to any worker after ``redeliver_s``."""
+        now = self.now()
         published = await self._finish(
             keys=[row.stream, self.keys.job(row.job_id), self.keys.done(row.job_id),
-                  self.keys.stats, self.keys.dead_letter, self.keys.tokens(row.job_id)],
-            args=[row.entry, GROUP, status, result_json, repr(self.now()), result_ttl,
+                  self.keys.stats, self.keys.dead_letter, self.keys.tokens(row.job_id),
+                  self.keys.callbacks],
+            args=[row.entry, GROUP, status, result_json, repr(now), result_ttl,
                   dead_reason, _raw(row.body) if dead_reason else "", row.deliveries,
-                  row.attempts],
+                  row.attempts, callback, repr(now + redeliver_s)],
         )
         return bool(published)
 
