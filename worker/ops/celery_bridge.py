@@ -50,15 +50,14 @@ SWEEP_BATCH = 50
 class CeleryBridge:
     def __init__(self, settings: WorkerSettings,
                  outcome: Callable[[str], None] | None = None) -> None:
-        import redis
-
+        from producer.connection import connect
         from producer.keys import QueueKeys
         from producer.scripts import source
 
         self.settings = settings
         self.keys = QueueKeys.for_queue(settings.queue)
-        self._redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5.0,
-                                           socket_connect_timeout=5.0)
+        self._redis = connect(settings.redis_url, socket_timeout=5.0,
+                              socket_connect_timeout=5.0)
         self._claim = self._redis.register_script(source("claim_callbacks"))
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep, name="slotfill-callback-sweeper",
