@@ -170,12 +170,13 @@ def to_read(view: EngineView, p: Policy, next_prompt_tokens: float | None,
     free slots (default ``p.ready_target``)."""
     # Results not yet written beyond one capacity's worth slow pulling, so a slow Redis
     # cannot pile up finished work in memory.
-    backlog = max(0, view.publishing - p.capacity)
     if not p.engine_aware:
         ready = p.ready_target
         if p.adaptive and target is not None:
             ready = max(p.ready_target, min(p.ready_cap, target))
+        backlog = max(0, view.publishing - p.slots - ready)
         return max(0, p.slots + ready - view.held - backlog)
+    backlog = max(0, view.publishing - p.capacity)
     # The step may predate jobs that left since; and no engine runs more than its slots.
     running = min(view.running, view.held, p.slots)
     ready = view.held - running
