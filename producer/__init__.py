@@ -28,7 +28,7 @@ from producer.schema import (
     Usage,
 )
 from producer.settings import ClientSettings
-from producer.streaming import Restarted, StreamEvent, TokenDelta
+from producer.streaming import Moved, Restarted, StreamEvent, TokenDelta
 
 __all__ = [
     "AsyncClient",
@@ -44,6 +44,7 @@ __all__ = [
     "JobRequest",
     "JobResult",
     "JobStatus",
+    "Moved",
     "PayloadTooLarge",
     "Priority",
     "QueueFull",

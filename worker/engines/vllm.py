@@ -55,7 +55,8 @@ def _stat_logger_factory(stats: StepStats, slots: Callable[[], int]) -> Any:
                    mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
             if scheduler_stats is not None:
                 stats.record(scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs,
-                             scheduler_stats.kv_cache_usage, slots())
+                             scheduler_stats.kv_cache_usage, slots(),
+                             getattr(iteration_stats, "num_generation_tokens", 0) or 0)
 
         def log_engine_initialized(self) -> None:
             pass
@@ -254,14 +255,17 @@ class VllmEngine:
         except self._client_errors as e:  # 0.32's VLLMValidationError is no ValueError
             raise InvalidRequest(f"invalid sampling parameters: {e}") from None
 
-    def _stream_window(self, params: Any) -> None:
+    def _stream_window(self, params: Any, stream: bool) -> None:
         """Where vLLM takes a per-request ``stream_interval`` (0.32; not 0.26), ask for one
-        output per coalescing window (``stream_interval_ms`` worth of measured steps): the
-        worker writes no more often than that anyway."""
+        output per coalescing window (``stream_interval_ms`` worth of measured steps, or
+        ``checkpoint_interval_ms`` for a job that is only checkpointed): the worker writes no
+        more often than that anyway."""
         step_s = self.stats.step_s
         if step_s <= 0 or not hasattr(params, "stream_interval"):
             return
-        tokens = int(self.settings.stream_interval_ms / 1000 / step_s)
+        s = self.settings
+        window_ms = s.stream_interval_ms if stream else s.checkpoint_interval_ms
+        tokens = int(window_ms / 1000 / step_s)
         if tokens > self.settings.stream_output_tokens:
             params.stream_interval = min(tokens, MAX_STREAM_WINDOW_TOKENS)
 
@@ -276,19 +280,32 @@ class VllmEngine:
                 f"prompt ({n_prompt} tokens) + max_tokens ({req.max_tokens}) exceeds the "
                 f"model's context of {self.max_model_len} tokens", ErrorCode.prompt_too_long)
 
+    async def prompt_tokens(self, request: JobRequest) -> int:
+        return len(await self._tokenize(request))
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return str(self.tokenizer.decode(token_ids))
+
     async def generate(self, job_id: str, request: JobRequest,
-                       on_delta: DeltaSink | None = None) -> Generation:
+                       on_delta: DeltaSink | None = None,
+                       resume_ids: list[int] | None = None) -> Generation:
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        ids = await self._tokenize(request)
+        prompt = await self._tokenize(request)
+        # A resumed job's earlier output joins its prompt as ids: nothing is re-tokenized,
+        # and the prompt's cached prefix blocks are reused.
+        ids = prompt + list(resume_ids or ())
         self._check_length(len(ids), request)
         params = self._sampling_params(request)
         if on_delta is not None:
-            # Only streaming jobs pay for intermediate outputs (one per
-            # ``stream_output_tokens`` tokens, the engine's stream_interval); the rest get one.
+            # Only jobs with a sink (streaming, or checkpointed) pay for intermediate outputs
+            # (one per ``stream_output_tokens`` tokens, the engine's stream_interval, or per
+            # window); the rest get one.
             from vllm.sampling_params import RequestOutputKind
             params.output_kind = RequestOutputKind.DELTA
-            self._stream_window(params)
+            self._stream_window(params, request.stream)
         priority = _PRIORITY[request.priority] if self.settings.priority_scheduling else 0
         # Outside the try: InvalidRequest is a ValueError, which would lose unknown_adapter.
         lora = self._lora_request(request)
@@ -304,7 +321,7 @@ class VllmEngine:
             raise InvalidRequest(f"rejected by the engine: {e}") from None
         if self.llm.errored:
             raise EngineDead("engine died")
-        gen = acc.generation(len(ids))
+        gen = acc.generation(len(prompt))
         if request.logprobs:
             gen.logprobs = convert_logprobs(acc.logprobs, gen.token_ids, self.tokenizer,
                                             request.top_logprobs or 0)
