@@ -66,12 +66,16 @@ end
 if write_stream then
   redis.call("XADD", KEYS[2], "MAXLEN", "~", ARGV[2], "*", "type", "delta", "attempt", ARGV[1],
     "text", ARGV[5], "ids", ARGV[6], "offset", ARGV[7])
-  redis.call("HSET", KEYS[1], "stream_seq", my_seq, "stream_tokens", tokens + n)
 end
-if write_ck then
-  redis.call("APPEND", KEYS[3], ARGV[11])
+if write_ck then redis.call("APPEND", KEYS[3], ARGV[11]) end
+if write_ck then redis.call("EXPIRE", KEYS[3], ARGV[13]) end
+if write_stream and write_ck then
+  redis.call("HSET", KEYS[1], "stream_seq", my_seq, "stream_tokens", tokens + n,
+    "ckpt_tokens", ck + n)
+elseif write_stream then
+  redis.call("HSET", KEYS[1], "stream_seq", my_seq, "stream_tokens", tokens + n)
+elseif write_ck then
   redis.call("HSET", KEYS[1], "ckpt_tokens", ck + n)
 end
 if stream then redis.call("EXPIRE", KEYS[2], ARGV[3]) end
-if ARGV[11] ~= "" then redis.call("EXPIRE", KEYS[3], ARGV[13]) end
 return 1
