@@ -5,9 +5,10 @@ kill costs with them (resume) and without them (restart).
 Redis commands (``INFO commandstats``, Lua's inner commands included), bytes the workers sent
 (``total_net_input_bytes``) and round trips of the token writer, per job.
 
-``python -m bench.resume kill``: one long job on a worker process, SIGKILLed at a share of
-its tokens; a peer finishes it. Per kill: engine tokens wasted (both engines' step logs, less
-``max_tokens``) and time from the kill to the result.
+``python -m bench.resume kill``: one long job on a worker process (``--engine sim`` or the
+real tiny ``vllm``), SIGKILLed at a share of its tokens; a peer (already up) finishes it.
+Per kill: engine tokens wasted (both engines' step logs, less ``max_tokens``) and time from
+the kill to the result.
 """
 
 from __future__ import annotations
@@ -75,34 +76,44 @@ def _engine_tokens(log: Path) -> int:
     return sum(json.loads(line)["tokens"] for line in log.read_text().splitlines())
 
 
-def _one_kill(url: str, tmp: Path, tag: str, interval_ms: float, tokens: int, share: float,
-              step_ms: float) -> dict[str, Any]:
-    queue = f"kill{tag}"
-    r = redis.Redis.from_url(url)
+def _one_kill(url: str, tmp: Path, tag: str, interval_ms: float, args: argparse.Namespace
+              ) -> dict[str, Any]:
+    """The peer is up before the kill: kill -> result is the reclaim plus the remainder."""
+    tokens, queue = args.tokens, f"kill{tag}"
     client = Client(redis.Redis.from_url(url), ClientSettings(queue=queue))
     cfg: dict[str, str | int | float] = dict(
-        SIM, queue=queue, sim_step_ms=step_ms, checkpoint_interval_ms=interval_ms,
-        stream_interval_ms=50)
+        SIM, queue=queue, checkpoint_interval_ms=interval_ms, stream_interval_ms=50)
+    if args.engine == "sim":
+        cfg["sim_step_ms"] = args.step_ms
+    else:
+        cfg.update(engine="vllm", max_num_seqs=4, max_model_len=2048,
+                   max_num_batched_tokens=2048, engine_hang_seconds=300)
     logs = [tmp / f"{tag}-{n}.steps" for n in "ab"]
     a = WorkerProcess(url, "a", tmp / f"{tag}-a.log", step_log=str(logs[0]), **cfg).start()
-    a.wait_ready(60)
-    job = client.submit("hello world", max_tokens=tokens, ignore_eos=True)
-    wait_until(lambda: _engine_tokens(logs[0]) >= share * tokens, timeout=300, interval=0.01)
-    a.kill()
-    killed = time.monotonic()
-    at_kill = _engine_tokens(logs[0])
+    a.wait_ready(600)
+    job = client.submit("Once upon a time", max_tokens=tokens, ignore_eos=True,
+                        temperature=0.0, stream=args.stream)
+    wait_until(lambda: _engine_tokens(logs[0]) > 0, timeout=300, interval=0.005)
     b = WorkerProcess(url, "b", tmp / f"{tag}-b.log", step_log=str(logs[1]), **cfg).start()
     try:
+        b.wait_ready(600)
+        wait_until(lambda: _engine_tokens(logs[0]) >= args.share * tokens, timeout=600,
+                   interval=0.005)
+        a.kill()
+        killed = time.monotonic()
+        at_kill = _engine_tokens(logs[0])
         res = client.wait(job.id, timeout=600)
         finish_s = time.monotonic() - killed
     finally:
-        b.stop(30)
-    r.close()
+        a.kill()
+        b.stop(60)
+        client.close()
     assert res.usage.completion_tokens == tokens, res
     survivor = _engine_tokens(logs[1])
-    return {"mode": "resume" if interval_ms else "restart", "interval_ms": interval_ms,
-            "tokens": tokens, "killed_at_token": at_kill, "resumed_at": res.resumed_at_token,
-            "survivor_tokens": survivor, "wasted_tokens": at_kill + survivor - tokens,
+    return {"engine": args.engine, "mode": "resume" if interval_ms else "restart",
+            "interval_ms": interval_ms, "tokens": tokens, "killed_at_token": at_kill,
+            "resumed_at": res.resumed_at_token, "survivor_tokens": survivor,
+            "wasted_tokens": at_kill + survivor - tokens,
             "kill_to_result_s": round(finish_s, 2)}
 
 
@@ -114,8 +125,7 @@ def kill(args: argparse.Namespace) -> None:
             for i in range(args.repeat):
                 for interval in (args.interval, 0):
                     print(json.dumps(_one_kill(server.url, Path(tmp), f"{i}{int(interval)}",
-                                               interval, args.tokens, args.share,
-                                               args.step_ms)), flush=True)
+                                               interval, args)), flush=True)
         finally:
             server.stop()
 
@@ -134,6 +144,8 @@ def main() -> None:
     k.add_argument("--step-ms", type=float, default=5)
     k.add_argument("--interval", type=float, default=1000)
     k.add_argument("--repeat", type=int, default=2)
+    k.add_argument("--engine", choices=["sim", "vllm"], default="sim")
+    k.add_argument("--stream", action="store_true")
     args = p.parse_args()
     {"cost": cost, "kill": kill}[args.what](args)
 
