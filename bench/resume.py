@@ -70,6 +70,10 @@ def cost(args: argparse.Namespace) -> None:
             server.stop()
 
 
+def _s(x: Any) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x or "")
+
+
 def _engine_tokens(log: Path) -> int:
     if not log.exists():
         return 0
@@ -78,7 +82,7 @@ def _engine_tokens(log: Path) -> int:
 
 def _one_kill(url: str, tmp: Path, tag: str, interval_ms: float, args: argparse.Namespace
               ) -> dict[str, Any]:
-    """The peer is up before the kill: kill -> result is the reclaim plus the remainder."""
+    """Both workers are up before the job: kill -> result is the reclaim plus the remainder."""
     tokens, queue = args.tokens, f"kill{tag}"
     client = Client(redis.Redis.from_url(url), ClientSettings(queue=queue))
     cfg: dict[str, str | int | float] = dict(
@@ -88,28 +92,30 @@ def _one_kill(url: str, tmp: Path, tag: str, interval_ms: float, args: argparse.
     else:
         cfg.update(engine="vllm", max_num_seqs=4, max_model_len=2048,
                    max_num_batched_tokens=2048, engine_hang_seconds=300)
-    logs = [tmp / f"{tag}-{n}.steps" for n in "ab"]
-    a = WorkerProcess(url, "a", tmp / f"{tag}-a.log", step_log=str(logs[0]), **cfg).start()
-    a.wait_ready(600)
-    job = client.submit("Once upon a time", max_tokens=tokens, ignore_eos=True,
-                        temperature=0.0, stream=args.stream)
-    wait_until(lambda: _engine_tokens(logs[0]) > 0, timeout=300, interval=0.005)
-    b = WorkerProcess(url, "b", tmp / f"{tag}-b.log", step_log=str(logs[1]), **cfg).start()
+    logs = {n: tmp / f"{tag}-{n}.steps" for n in "ab"}
+    ws = {n: WorkerProcess(url, n, tmp / f"{tag}-{n}.log", step_log=str(logs[n]), **cfg).start()
+          for n in "ab"}
     try:
-        b.wait_ready(600)
-        wait_until(lambda: _engine_tokens(logs[0]) >= args.share * tokens, timeout=600,
-                   interval=0.005)
-        a.kill()
+        for w in ws.values():
+            w.wait_ready(600)
+        job = client.submit("Once upon a time", max_tokens=tokens, ignore_eos=True,
+                            temperature=0.0, stream=args.stream)
+        holder = wait_until(lambda: _s(client.redis.hget(QueueKeys.for_queue(queue).job(job.id),
+                                                         "worker")), timeout=60, interval=0.005)
+        other = "b" if holder == "a" else "a"
+        wait_until(lambda: _engine_tokens(logs[holder]) >= args.share * tokens, timeout=600,
+                   interval=0.002)
+        ws[holder].kill()
         killed = time.monotonic()
-        at_kill = _engine_tokens(logs[0])
+        at_kill = _engine_tokens(logs[holder])
         res = client.wait(job.id, timeout=600)
         finish_s = time.monotonic() - killed
     finally:
-        a.kill()
-        b.stop(60)
+        for w in ws.values():
+            w.stop(60)
         client.close()
     assert res.usage.completion_tokens == tokens, res
-    survivor = _engine_tokens(logs[1])
+    survivor = _engine_tokens(logs[other])
     return {"engine": args.engine, "mode": "resume" if interval_ms else "restart",
             "interval_ms": interval_ms, "tokens": tokens, "killed_at_token": at_kill,
             "resumed_at": res.resumed_at_token, "survivor_tokens": survivor,

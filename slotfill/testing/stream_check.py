@@ -3,8 +3,8 @@
 PROTOCOL.md promises: every job has exactly one visible result, and for a streaming job that
 result equals the concatenation of the deltas since the stream's last ``start`` (across any
 ``moved``: a job that continued elsewhere keeps its text, and each move comes exactly after
-the tokens the stream holds: nothing repeated, nothing lost). :func:`check_jobs` reads each job back with plain Redis commands and lists what
-breaks that promise, job by job.
+the tokens the stream holds: nothing repeated, nothing lost). :func:`check_jobs` reads each
+job back with plain Redis commands and lists what breaks that promise, job by job.
 """
 
 from __future__ import annotations
