@@ -1,4 +1,4 @@
-"""``python -m bench`` = ``slotfill bench``."""
+"""``python -m bench``: the benchmark (not installed; run it from the repository root)."""
 
 from bench.cli import main
 

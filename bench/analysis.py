@@ -12,14 +12,18 @@ Definitions (every mode is measured the same way):
   the last request's start (while requests still waited outside the engine: in Redis, in a
   broker, in the feeder's list), after which ``running < max_num_seqs`` and ``waiting == 0``,
   i.e. the next step runs with a free slot nobody inside the engine can take.
-  **slot-step idle** weighs each such step by its number of free slots.
+  **slot-step idle** weighs each such step by its number of free slots. ``slot_idle_after_full``
+  counts the same from the first step that ran every slot: without the first steps, which
+  run while the submitted jobs are still landing in Redis.
 - **refill latency** (slotfill, asyncio): a place frees when a generation ends; its
   replacement is the request that enters the engine in its place. With capacity C (slots +
   headroom) held, the k-th place to free (by time) is refilled by the (C+k)-th request to start,
   so refill_k = start[C+k] - end[k], for every k whose replacement exists (the queue was not
   empty). slotfill: end = the worker's ``finished_at`` (taken when the generation returns,
   before the result is written), start = ``started_at`` (right after the ``start_jobs`` read
-  returned, just before the request is handed to the engine).
+  returned, just before the request is handed to the engine). C is ``slots + headroom``, the
+  fixed count; the adaptive rule holds at least that many and more when finishes come fast,
+  so a replacement it read ahead of the finish counts as 0 (read before it was needed).
 - **full-step ms**: time between consecutive engine steps that both ran every slot: the
   engine's own speed, slowed on a small CPU box by whatever else takes CPU (``cpu_s``).
 - **mean occupancy**: time-weighted mean of ``running / max_num_seqs`` over the wall time;
@@ -137,6 +141,15 @@ def slot_idle(steps: list[dict[str, Any]], t_from: float, t_to: float,
     }
 
 
+def held_figures(steps: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Jobs the worker held (its step log's ``held``: in the engine or on their way) at each
+    step: how deep its admission rule filled beyond the slots."""
+    held = [float(s["held"]) for s in steps if "held" in s]
+    if not held:
+        return None
+    return {"p50": pct(held, 50), "max": max(held)}
+
+
 def refill_latencies(records: list[dict[str, Any]], capacity: int) -> list[float]:
     """refill_k = start[C+k] - end[k] (see the module docstring), in seconds."""
     ends = sorted(r["finished"] for r in records)
@@ -162,6 +175,7 @@ def summarize(raw: dict[str, Any], expected: dict[int, int], slots: int,
     steps = load_steps(raw.get("steps_file"))
     last_start = max((r["started"] for r in recs), default=t0)
     first_step = next((s["t"] for s in steps if s["t"] >= t0), t0)
+    first_full = next((s["t"] for s in steps if s["t"] >= t0 and s["running"] >= slots), None)
     in_run = [st for st in steps if t0 <= st["t"] <= t1]
     full_dt = [b["t"] - a["t"] for a, b in itertools.pairwise(in_run)
                if a["running"] >= slots and b["running"] >= slots]
@@ -183,7 +197,10 @@ def summarize(raw: dict[str, Any], expected: dict[int, int], slots: int,
         "full_step_ms": {"mean": _ms(statistics.mean(full_dt)) if full_dt else None,
                          "p50": _ms(pct(full_dt, 50)), "n": len(full_dt)},
         "mean_occupancy": mean_occupancy(steps, t0, t1, slots),
+        "held": held_figures(in_run),
         "slot_idle": slot_idle(steps, first_step, last_start, slots),
+        "slot_idle_after_full": slot_idle(steps, first_full, last_start, slots)
+        if first_full is not None else None,
     }
     if capacity:
         refills = refill_latencies(recs, capacity)

@@ -60,6 +60,13 @@ def run(
                                         "step-simulating engine; worker modes only)")] = (
         os.environ.get("SLOTFILL_ENGINE", "vllm")),
     sim_step_ms: Annotated[float, typer.Option(help="step time of --engine sim")] = 5.0,
+    admission: Annotated[str, typer.Option(help="slotfill/stream workers' admission rule: "
+                                           "adaptive, fixed or engine; default: the "
+                                           "worker's. Several (comma-separated): one run "
+                                           "each")] = "",
+    sizes: Annotated[str, typer.Option(help="batch-size sweep: SLOTS[:SIM_STEP_MS],... e.g. "
+                                       "256:13,512:23,1024:40; one run per size (and "
+                                       "admission rule), then a table by size")] = "",
     celery_requests: Annotated[int, typer.Option(
         help="requests for the (slow) celery per-request mode")] = 64,
     celery_batch: Annotated[int, typer.Option(
@@ -76,8 +83,10 @@ def run(
                                            "(0 = none)")] = 100_000,
     redis_boost: Annotated[bool, typer.Option(
         help="give the private redis-server its own session with autogroup nice -10 (see "
-             "bench/redis_boost.py); --no-redis-boost = RedisServer's plain renice")] = True,
-    results_dir: Annotated[Path, typer.Option(help="where JSON/PNG go")] = Path("bench/results"),
+             "bench/redis_server.py); --no-redis-boost = RedisServer's plain renice")] = True,
+    results_dir: Annotated[Path, typer.Option(help="summaries and plots go here; logs, step "
+                                              "logs and series to RESULTS_DIR/raw/")] = (
+        Path("bench/results")),
     out: Annotated[str, typer.Option(help="output path prefix (default: "
                                      "RESULTS_DIR/cpu|gpu-DATE)")] = "",
 ) -> None:
@@ -94,7 +103,7 @@ def run(
         stream_interval,
     )
     from bench.report import print_report
-    from bench.run import Runner
+    from bench.runner import Runner
 
     chosen = [m.strip() for m in modes.split(",") if m.strip()]
     bad = [m for m in chosen if m not in ALL_MODES and stream_interval(m) is None]
@@ -107,7 +116,7 @@ def run(
                             max_model_len=max_model_len,
                             gpu_memory_utilization=gpu_memory_utilization,
                             enforce_eager=enforce_eager, headroom=headroom, engine=engine,
-                            sim_step_ms=sim_step_ms),
+                            sim_step_ms=sim_step_ms, admission=admission),
         workload=WorkloadConfig(requests=requests, prompt_tokens=prompt_tokens,
                                 min_prompt_tokens=min_prompt_tokens, min_output=min_output,
                                 max_output=max_output, seed=seed, long_share=long_share,
@@ -123,6 +132,13 @@ def run(
     if engine == "sim" and not all(is_worker_mode(m) for m in cfg.modes):
         raise typer.BadParameter(f"--engine sim runs only the modes {', '.join(WORKER_MODES)}")
     argv = sys.argv[sys.argv.index("bench") + 1:] if "bench" in sys.argv else sys.argv[1:]
+    rules = [a.strip() for a in admission.split(",")]
+    if sizes or len(rules) > 1:
+        from bench.sweep import parse_sizes, run_sweep
+
+        grid = parse_sizes(sizes) or [(max_num_seqs, None)]
+        run_sweep(cfg, grid, rules, console, results_dir, out or None, argv, redis_boost, repeat)
+        return
     submit_sizes = {"single": max(1, submit_jobs // 10), "many": submit_jobs,
                     "depth": submit_depth, "probe": max(1, min(5000, submit_jobs // 4))}
     results = Runner(cfg, console, results_dir, redis_boost=redis_boost, repeat=repeat).run(
@@ -147,7 +163,7 @@ def soak(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from bench.soak import run_soak
+    from bench.modes.soak import run_soak
 
     with Progress("{task.description}", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as bar:
@@ -157,7 +173,10 @@ def soak(
     shown = {k: v for k, v in res.items() if k != "rss_samples"}
     console.print_json(json.dumps(shown))
     if out:
-        Path(out).write_text(json.dumps({"soak": res}, indent=1))
+        from bench import report
+
+        prefix = Path(out)
+        report.write_results({"soak": res, "files": report.files_for(prefix, prefix.parent)})
 
 
 @app.command(name="report")
@@ -165,15 +184,15 @@ def report_cmd(
     files: Annotated[list[Path], typer.Argument(help="bench JSON files; later ones' modes "
                                                 "override earlier ones'")],
     out: Annotated[str, typer.Option(help="write the merged JSON/PNG with this prefix")] = "",
+    results_dir: Annotated[Path, typer.Option(help="its series go to RESULTS_DIR/raw/")] = (
+        Path("bench/results")),
 ) -> None:
     """Print (and optionally merge) bench results, e.g. modes run in separate calls."""
-    import json
-
     from bench import report
 
     merged: dict[str, Any] = {}
     for f in files:
-        data = json.loads(f.read_text())
+        data = report.load_results(f)
         if merged and any(merged.get("config", {}).get(k) != data.get("config", {}).get(k)
                           for k in ("engine", "workload")):
             console.print(f"[yellow]warning:[/yellow] {f} ran another engine configuration "
@@ -189,10 +208,8 @@ def report_cmd(
     merged["targets"] = report.targets(merged)
     if out:
         prefix = Path(out)
-        merged["files"] = {"json": str(prefix.with_suffix(".json")),
-                           "png": str(prefix.with_suffix(".png"))}
-        report.write_json(merged, prefix.with_suffix(".json"))
-        report.plot(merged, prefix.with_suffix(".png"))
+        merged["files"] = report.files_for(prefix, results_dir)
+        report.write_results(merged)
     report.print_report(merged, console)
 
 

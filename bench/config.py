@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
 ALL_MODES = ("offline", "slotfill", "asyncio", "celery_batch", "celery_per_request", "fleet",
              "fleet_fixed")
 """Run order. Offline first: every ratio is relative to it."""
@@ -60,6 +62,9 @@ class EngineConfig:
     engine: str = "vllm"
     """Workers' engine: ``vllm``, or ``sim`` (the step-simulating stand-in; worker modes only)."""
     sim_step_ms: float = 5.0
+    admission: str = ""
+    """slotfill and stream workers' admission rule (``adaptive``/``fixed``/``engine``); empty =
+    the worker's default. The fleet modes set their own."""
 
     def engine_kwargs(self, model_path: str) -> dict[str, Any]:
         """Keyword arguments for ``vllm.LLM`` and ``AsyncEngineArgs``: the same set the
@@ -92,6 +97,7 @@ class EngineConfig:
             "enforce_eager": int(self.enforce_eager),
             "engine": self.engine,
             "sim_step_ms": self.sim_step_ms,
+            **({"admission": self.admission} if self.admission else {}),
         }
 
 

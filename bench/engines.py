@@ -3,6 +3,8 @@
 Everything here imports vLLM lazily: only engine processes call it. Each engine gets a step
 logger that appends one JSON line per engine step (``t``, ``running``, ``waiting``), the same
 shape as the worker's ``SLOTFILL_STEP_LOG``, so every mode's occupancy is read one way.
+``AsyncLLM`` gets it through the worker's own stat logger (``stat_logger_class``); ``LLM``
+takes no stat loggers, so its logger manager's ``record`` is wrapped.
 """
 
 from __future__ import annotations
@@ -38,23 +40,6 @@ class StepWriter:
         self.f.close()
 
 
-def _logger_factory(writer: StepWriter) -> Any:
-    from vllm.v1.metrics.loggers import StatLoggerBase
-
-    class BenchStepLogger(StatLoggerBase):  # type: ignore[misc]
-        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
-            pass
-
-        def record(self, scheduler_stats: Any, iteration_stats: Any,
-                   mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
-            writer.record(scheduler_stats)
-
-        def log_engine_initialized(self) -> None:
-            pass
-
-    return BenchStepLogger
-
-
 def build_llm(cfg: BenchConfig, steps: StepWriter) -> Any:
     """``vllm.LLM`` with the shared settings, stats on (as the worker's engine has them), and
     the step writer hooked into its stat-logger manager (``LLM`` takes no ``stat_loggers``)."""
@@ -84,7 +69,9 @@ def build_async_llm(cfg: BenchConfig, steps: StepWriter) -> Any:
 
     kwargs = cfg.engine.engine_kwargs(cfg.model_path)
     args = AsyncEngineArgs(**kwargs, enable_log_requests=False)
-    return AsyncLLM.from_engine_args(args, stat_loggers=[_logger_factory(steps)])
+    from worker.engines.vllm import stat_logger_class
+
+    return AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger_class(steps.record)])
 
 
 def sampling_params(cfg: BenchConfig, max_tokens: int, final_only: bool = False) -> Any:
@@ -108,9 +95,9 @@ def token_prompt(ids: list[int]) -> dict[str, Any]:
 
 def async_input_builder() -> Any:
     """The worker's own token-id input form for ``AsyncLLM.generate``."""
-    from worker.engines.vllm import _engine_input_builder
+    from worker.engines.vllm import engine_input_builder
 
-    return _engine_input_builder()
+    return engine_input_builder()
 
 
 def output_record(out: Any, index: int, submitted: float, started: float,

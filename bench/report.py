@@ -1,4 +1,10 @@
-"""Ratios, targets, the terminal tables, the JSON file and the occupancy plot."""
+"""Ratios, targets, the terminal tables, the result files and the occupancy plot.
+
+A run's results are written as two files: the summary (``PREFIX.json``, every figure, no
+series: small enough to commit) and its series (``RESULTS_DIR/raw/NAME.series.json``, ignored
+by git: each mode's occupancy curve and the soak's RSS samples), plus the plot drawn from the
+series (``PREFIX.png``). :func:`load_results` puts the two back together.
+"""
 
 from __future__ import annotations
 
@@ -299,9 +305,72 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"engine occupancy (dashed: max_num_seqs={slots}) — {meta.get('device', '')}",
                  fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     plt.close(fig)
 
 
-def write_json(results: dict[str, Any], path: Path) -> None:
-    path.write_text(json.dumps(results, indent=1, default=str))
+def save_png(fig: Any, path: Path) -> None:
+    """A committed plot: 90 dpi and a 64-colour palette (a few lines and fills need no more;
+    a quarter of the size of full colour)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=90, format="png")
+    buf.seek(0)
+    with Image.open(buf) as img:
+        img.convert("RGB").quantize(colors=64).save(path, optimize=True)
+
+
+SERIES_KEYS = {"occupancy"}
+"""Per-mode keys holding series (moved out of the summary)."""
+
+
+def files_for(prefix: Path, results_dir: Path) -> dict[str, str]:
+    """Where a run's summary, plot and series go."""
+    return {"json": str(prefix.with_suffix(".json")), "png": str(prefix.with_suffix(".png")),
+            "series": str(results_dir / "raw" / f"{prefix.name}.series.json")}
+
+
+def split_series(results: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(summary, series): the results without their series, and the series alone."""
+    series: dict[str, Any] = {"modes": {}}
+    modes = {}
+    for name, m in results.get("modes", {}).items():
+        modes[name] = {k: v for k, v in m.items() if k not in SERIES_KEYS}
+        got = {k: m[k] for k in SERIES_KEYS if m.get(k) is not None}
+        if got:
+            series["modes"][name] = got
+    summary = {**results, "modes": modes}
+    soak = results.get("soak")
+    if isinstance(soak, dict) and "rss_samples" in soak:
+        summary["soak"] = {k: v for k, v in soak.items() if k != "rss_samples"}
+        series["soak_rss_samples"] = soak["rss_samples"]
+    return summary, series
+
+
+def write_results(results: dict[str, Any]) -> None:
+    """The summary, the series and the plot, to ``results["files"]``."""
+    files = results["files"]
+    summary, series = split_series(results)
+    Path(files["json"]).parent.mkdir(parents=True, exist_ok=True)
+    Path(files["json"]).write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    if "series" in files:
+        Path(files["series"]).parent.mkdir(parents=True, exist_ok=True)
+        Path(files["series"]).write_text(json.dumps(series, default=str))
+    plot(results, Path(files["png"]))
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    """A summary with its series put back where they were (when its series file is here)."""
+    data: dict[str, Any] = json.loads(path.read_text())
+    series_path = (data.get("files") or {}).get("series")
+    if series_path and Path(series_path).exists():
+        series = json.loads(Path(series_path).read_text())
+        for name, got in series.get("modes", {}).items():
+            if name in data.get("modes", {}):
+                data["modes"][name].update(got)
+        if "soak_rss_samples" in series and isinstance(data.get("soak"), dict):
+            data["soak"]["rss_samples"] = series["soak_rss_samples"]
+    return data

@@ -10,11 +10,13 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from producer import protocol
+from producer.connection import connect_async, connection_kwargs, is_cluster
 from producer.errors import JobNotFound, WaitTimeout
 from producer.keys import QueueKeys
 from producer.protocol import Job
+from producer.redis_errors import translated
 from producer.schema import JobRequest, JobResult, JobStatus
-from producer.scripts import source
+from producer.scripts import batch_args, batched, source
 from producer.settings import ClientSettings
 from producer.streaming import FIRST_ID, READ_COUNT, StreamCursor, StreamEvent
 
@@ -29,11 +31,14 @@ class AsyncClient:
         self.settings = settings or ClientSettings()
         self._submit = self.redis.register_script(source("submit_job"))
         self._cancel = self.redis.register_script(source("cancel_job"))
+        self._submit_batch = self.redis.register_script(batched("submit_job"))
+        if self.settings.replica_acks and is_cluster(self.redis):
+            raise ValueError("replica_acks needs a standalone or Sentinel URL, not a cluster")
 
     @classmethod
     def from_url(cls, url: str | None = None, **settings: Any) -> AsyncClient:
         cfg = ClientSettings.model_validate({**({"redis_url": url} if url else {}), **settings})
-        return cls(aioredis.Redis.from_url(cfg.redis_url), cfg)
+        return cls(connect_async(cfg.redis_url), cfg)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -59,14 +64,16 @@ class AsyncClient:
     ) -> Job:
         if prompt is not None:
             params["prompt"] = prompt
-        now = None if timeout is None else protocol.server_time(await self.redis.time())
+        with translated():
+            now = None if timeout is None else protocol.server_time(await self.redis.time())
         req = protocol.build_request(request, params, timeout, now)
         keys = self._keys(queue)
         key_list, args = protocol.submit_call(keys, self.settings, req, idempotency_key)
-        try:
-            reply = await self._submit(keys=key_list, args=args)
-        except ResponseError as e:
-            raise protocol.refusal(e) or e from None
+        with translated():
+            try:
+                reply = await self._acked(self._submit, key_list, args)
+            except ResponseError as e:
+                raise protocol.refusal(e) or e from None
         return protocol.parse_submit(reply, keys.queue)
 
     async def submit_many(
@@ -77,31 +84,48 @@ class AsyncClient:
         calls = protocol.submit_calls(keys, self.settings, requests)
         accepted: list[str | None] = []
         for start in range(0, len(calls), chunk):
-            pipe = self.redis.pipeline(transaction=False)
-            for key_list, args in calls[start:start + chunk]:
-                await self._submit(keys=key_list, args=args, client=pipe)
-            try:
-                replies = await pipe.execute()
-            except ResponseError as e:
-                raise protocol.refusal(e) or e from None
+            key_list, args = batch_args(calls[start:start + chunk])
+            with translated():
+                try:
+                    replies = await self._acked(self._submit_batch, key_list, args)
+                except ResponseError as e:
+                    raise protocol.refusal(e) or e from None
             accepted.extend(protocol.parse_submit_many(replies, keys.queue))
             protocol.raise_if_refused(accepted, len(calls), keys.queue)
         return [i for i in accepted if i is not None]
 
+    async def _acked(self, script: Any, key_list: list[str], args: list[Any]) -> Any:
+        """Run a submit script; with ``replica_acks``, acknowledge only what replicas hold."""
+        n = self.settings.replica_acks
+        if not n:
+            return await script(keys=key_list, args=args)
+        pipe = self.redis.pipeline(transaction=False)
+        await script(keys=key_list, args=args, client=pipe)
+        pipe.execute_command("WAIT", n, self.settings.replica_ack_timeout_ms)
+        reply, acks = await pipe.execute()
+        protocol.check_replicated(acks, n)
+        return reply
+
     async def status(self, job_id: str, *, queue: str | None = None) -> JobStatus:
-        raw = await self.redis.hget(self._keys(queue).job(job_id), "status")
+        with translated():
+            raw = await self.redis.hget(self._keys(queue).job(job_id), "status")
         st = protocol.parse_status(raw)
         if st is None:
             raise JobNotFound(job_id)
         return st
 
     async def result(self, job_id: str, *, queue: str | None = None) -> JobResult | None:
-        return protocol.parse_result(await self.redis.hget(self._keys(queue).job(job_id), "result"))
+        with translated():
+            raw = await self.redis.hget(self._keys(queue).job(job_id), "result")
+        return protocol.parse_result(raw)
 
     async def wait(
         self, job_id: str, timeout: float = 30.0, *, queue: str | None = None
     ) -> JobResult:
-        keys = self._keys(queue)
+        with translated():
+            return await self._wait(job_id, timeout, self._keys(queue))
+
+    async def _wait(self, job_id: str, timeout: float, keys: QueueKeys) -> JobResult:
         deadline = time.monotonic() + timeout
         while True:
             res = await self.result(job_id, queue=keys.queue)
@@ -116,25 +140,32 @@ class AsyncClient:
             # Redis, not for redis-py's stub.
             await self.redis.blmove(
                 keys.done(job_id), keys.done(job_id),
-                protocol.block_slice(left, self.redis.connection_pool.connection_kwargs),  # type: ignore[arg-type]
+                protocol.block_slice(left, connection_kwargs(self.redis)),  # type: ignore[arg-type]
                 "LEFT", "LEFT")
 
     async def cancel(self, job_id: str, *, queue: str | None = None) -> str:
         keys = self._keys(queue)
-        try:
-            reply = await self._cancel(keys=protocol.cancel_keys(keys, job_id),
-                                       args=[job_id, self.settings.result_ttl])
-        except ResponseError as e:
-            raise protocol.refusal(e) or e from None
+        with translated():
+            try:
+                reply = await self._cancel(keys=protocol.cancel_keys(keys, job_id),
+                                           args=[job_id, self.settings.result_ttl])
+            except ResponseError as e:
+                raise protocol.refusal(e) or e from None
         return reply.decode() if isinstance(reply, bytes) else str(reply)
 
     async def stream(self, job_id: str, *, after: str = FIRST_ID, timeout: float | None = None,
                      queue: str | None = None) -> AsyncIterator[StreamEvent]:
         """Same as :meth:`producer.Client.stream`, as an async iterator."""
         keys = self._keys(queue)
+        with translated():
+            async for event in self._stream(job_id, after, timeout, keys):
+                yield event
+
+    async def _stream(self, job_id: str, after: str, timeout: float | None, keys: QueueKeys
+                      ) -> AsyncIterator[StreamEvent]:
         cursor = StreamCursor(after)
         end = None if timeout is None else time.monotonic() + timeout
-        kwargs = self.redis.connection_pool.connection_kwargs
+        kwargs = connection_kwargs(self.redis)
         probe = True
         while True:
             left = protocol.BLOCK_SLICE_S if end is None else end - time.monotonic()

@@ -10,11 +10,13 @@ import redis
 from redis.exceptions import ResponseError
 
 from producer import protocol, queue_config
+from producer.connection import connect, connection_kwargs, is_cluster
 from producer.errors import InvalidRequest, JobNotFound, WaitTimeout
 from producer.keys import QueueKeys
 from producer.protocol import Job
+from producer.redis_errors import translated
 from producer.schema import JobRequest, JobResult, JobStatus
-from producer.scripts import source
+from producer.scripts import batch_args, batched, source
 from producer.settings import ClientSettings
 from producer.streaming import FIRST_ID, READ_COUNT, StreamCursor, StreamEvent
 
@@ -31,11 +33,15 @@ class Client:
         self.settings = settings or ClientSettings()
         self._submit = self.redis.register_script(source("submit_job"))
         self._cancel = self.redis.register_script(source("cancel_job"))
+        self._submit_batch = self.redis.register_script(batched("submit_job"))
+        if self.settings.replica_acks and is_cluster(self.redis):
+            raise ValueError("replica_acks needs a standalone or Sentinel URL, not a cluster")
 
     @classmethod
     def from_url(cls, url: str | None = None, **settings: Any) -> Client:
         cfg = ClientSettings.model_validate({**({"redis_url": url} if url else {}), **settings})
-        return cls(redis.Redis.from_url(cfg.redis_url), cfg)
+        with translated():  # a cluster client reads the slot map here already
+            return cls(connect(cfg.redis_url), cfg)
 
     def close(self) -> None:
         self.redis.close()
@@ -61,18 +67,20 @@ class Client:
     ) -> Job:
         """Validate and enqueue one job. ``timeout``: seconds from now to its deadline.
 
-        Raises InvalidRequest (caller's fault) or QueueFull (retry later).
+        Raises InvalidRequest (caller's fault), QueueFull or RedisUnavailable (retry later).
         """
         if prompt is not None:
             params["prompt"] = prompt
-        now = None if timeout is None else protocol.server_time(self.redis.time())
+        with translated():
+            now = None if timeout is None else protocol.server_time(self.redis.time())
         req = protocol.build_request(request, params, timeout, now)
         keys = self._keys(queue)
         key_list, args = protocol.submit_call(keys, self.settings, req, idempotency_key)
-        try:
-            reply = self._submit(keys=key_list, args=args)
-        except ResponseError as e:
-            raise protocol.refusal(e) or e from None
+        with translated():
+            try:
+                reply = self._acked(self._submit, key_list, args)
+            except ResponseError as e:
+                raise protocol.refusal(e) or e from None
         return protocol.parse_submit(reply, keys.queue)
 
     def configure_queue(self, *, max_pending: int | None = None,
@@ -90,7 +98,9 @@ class Client:
         self, requests: Iterable[JobRequest | dict[str, Any]], *, queue: str | None = None,
         chunk: int = 1000,
     ) -> list[str]:
-        """Validate all, then enqueue in pipelined chunks. Returns the job ids in order.
+        """Validate all, then enqueue in chunks, one script call each. Returns the job ids
+        in order. RedisUnavailable mid-way: the chunks before it are stored, the one in
+        flight may be.
 
         If the queue fills, raises QueueFull whose ``accepted`` lists, in input order, each
         request's job id or None where it was refused; no chunk after that one is sent.
@@ -99,30 +109,48 @@ class Client:
         calls = protocol.submit_calls(keys, self.settings, requests)
         accepted: list[str | None] = []
         for start in range(0, len(calls), chunk):
-            pipe = self.redis.pipeline(transaction=False)
-            for key_list, args in calls[start:start + chunk]:
-                self._submit(keys=key_list, args=args, client=pipe)
-            try:
-                replies = pipe.execute()
-            except ResponseError as e:
-                raise protocol.refusal(e) or e from None
+            key_list, args = batch_args(calls[start:start + chunk])
+            with translated():
+                try:
+                    replies = self._acked(self._submit_batch, key_list, args)
+                except ResponseError as e:
+                    raise protocol.refusal(e) or e from None
             accepted.extend(protocol.parse_submit_many(replies, keys.queue))
             protocol.raise_if_refused(accepted, len(calls), keys.queue)
         return [i for i in accepted if i is not None]
 
+    def _acked(self, script: Any, key_list: list[str], args: list[Any]) -> Any:
+        """Run a submit script; with ``replica_acks``, acknowledge only what replicas hold."""
+        n = self.settings.replica_acks
+        if not n:
+            return script(keys=key_list, args=args)
+        pipe = self.redis.pipeline(transaction=False)
+        script(keys=key_list, args=args, client=pipe)
+        pipe.execute_command("WAIT", n, self.settings.replica_ack_timeout_ms)  # type: ignore[no-untyped-call]
+        reply, acks = pipe.execute()
+        protocol.check_replicated(acks, n)
+        return reply
+
     def status(self, job_id: str, *, queue: str | None = None) -> JobStatus:
-        st = protocol.parse_status(self.redis.hget(self._keys(queue).job(job_id), "status"))
+        with translated():
+            raw = self.redis.hget(self._keys(queue).job(job_id), "status")
+        st = protocol.parse_status(raw)
         if st is None:
             raise JobNotFound(job_id)
         return st
 
     def result(self, job_id: str, *, queue: str | None = None) -> JobResult | None:
         """The result if the job is finished, else None. Never blocks."""
-        return protocol.parse_result(self.redis.hget(self._keys(queue).job(job_id), "result"))
+        with translated():
+            raw = self.redis.hget(self._keys(queue).job(job_id), "result")
+        return protocol.parse_result(raw)
 
     def wait(self, job_id: str, timeout: float = 30.0, *, queue: str | None = None) -> JobResult:
         """Block until the job is finished (no polling: BLMOVE on its done list)."""
-        keys = self._keys(queue)
+        with translated():
+            return self._wait(job_id, timeout, self._keys(queue))
+
+    def _wait(self, job_id: str, timeout: float, keys: QueueKeys) -> JobResult:
         deadline = time.monotonic() + timeout
         while True:
             res = self.result(job_id, queue=keys.queue)
@@ -135,7 +163,7 @@ class Client:
                 raise WaitTimeout(f"job {job_id} not finished after {timeout}s")
             # Rotating the list onto itself wakes every waiter without consuming the signal.
             # Redis takes fractional seconds here; redis-py's stub says int.
-            block = protocol.block_slice(left, self.redis.connection_pool.connection_kwargs)
+            block = protocol.block_slice(left, connection_kwargs(self.redis))
             self.redis.blmove(keys.done(job_id), keys.done(job_id), block,  # type: ignore[arg-type]
                               "LEFT", "LEFT")
 
@@ -143,11 +171,12 @@ class Client:
         """Cancel a job: ``cancelled`` (was queued), ``requested`` (running: the worker aborts
         it within one engine step), ``finished`` (too late) or ``unknown``."""
         keys = self._keys(queue)
-        try:
-            reply = self._cancel(keys=protocol.cancel_keys(keys, job_id),
-                                 args=[job_id, self.settings.result_ttl])
-        except ResponseError as e:
-            raise protocol.refusal(e) or e from None
+        with translated():
+            try:
+                reply = self._cancel(keys=protocol.cancel_keys(keys, job_id),
+                                     args=[job_id, self.settings.result_ttl])
+            except ResponseError as e:
+                raise protocol.refusal(e) or e from None
         return reply.decode() if isinstance(reply, bytes) else str(reply)
 
     def stream(self, job_id: str, *, after: str = FIRST_ID, timeout: float | None = None,
@@ -158,11 +187,17 @@ class Client:
         ``JobResult``. Resume after a disconnect with ``after=<entry_id of the last event>``:
         nothing is lost or repeated. Any number of readers may follow one job. A job that
         was not submitted with ``stream=True`` yields its whole text once it ends.
-        ``timeout``: seconds before WaitTimeout (None: until the job ends)."""
+        ``timeout``: seconds before WaitTimeout (None: until the job ends). A Redis outage
+        raises RedisUnavailable: resume with ``after=`` once it is back."""
         keys = self._keys(queue)
+        with translated():
+            yield from self._stream(job_id, after, timeout, keys)
+
+    def _stream(self, job_id: str, after: str, timeout: float | None, keys: QueueKeys
+                ) -> Iterator[StreamEvent]:
         cursor = StreamCursor(after)
         end = None if timeout is None else time.monotonic() + timeout
-        kwargs = self.redis.connection_pool.connection_kwargs
+        kwargs = connection_kwargs(self.redis)
         probe = True
         while True:
             left = protocol.BLOCK_SLICE_S if end is None else end - time.monotonic()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from enum import Enum
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+
 
 class ErrorCode(str, Enum):
     """Codes carried in a failed job's result (``error.code``)."""
@@ -92,3 +94,20 @@ class EngineDead(SlotfillError):
 
     engine_dead = True
     retryable = True
+
+
+class RedisUnavailable(SlotfillError, RedisConnectionError):
+    """Redis cannot serve the request right now: unreachable, stalled past the socket
+    timeout, failing over (READONLY, MASTERDOWN, CLUSTERDOWN, TRYAGAIN), waiting for its
+    replicas (NOREPLICAS), loading, busy, or out of memory (OOM). Retry with backoff.
+
+    A ``submit`` that raised this may or may not have been stored (the reply was lost):
+    resubmit with the same ``idempotency_key`` to be sure of exactly one job. ``code`` is
+    Redis' error code (``READONLY``, ``OOM``...), or "" for a lost connection or timeout.
+    Also a ``redis.ConnectionError``, so code that caught those keeps working."""
+
+    retryable = True
+
+    def __init__(self, message: str, code: str = "") -> None:
+        super().__init__(message)
+        self.code = code

@@ -89,6 +89,12 @@ class QueueKeys:
         return f"{self.base}:control"
 
     @property
+    def callbacks(self) -> str:
+        """Sorted set of jobs whose completion callback is not yet known to be sent, scored by
+        when any worker may (re)send it (the job record keeps the ``callback`` spec)."""
+        return f"{self.base}:callbacks"
+
+    @property
     def config(self) -> str:
         """Hash of the queue's own limits (``max_pending``, ``max_payload_bytes``), read by
         the submit step instead of trusting its caller; written by an operator

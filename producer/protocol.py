@@ -14,7 +14,14 @@ from typing import Any
 from pydantic import ValidationError
 from redis.exceptions import ResponseError
 
-from producer.errors import InvalidRequest, JobNotFound, PayloadTooLarge, QueueFull, Refused
+from producer.errors import (
+    InvalidRequest,
+    JobNotFound,
+    PayloadTooLarge,
+    QueueFull,
+    RedisUnavailable,
+    Refused,
+)
 from producer.keys import QueueKeys
 from producer.schema import JobRequest, JobResult, JobStatus, dump, request_from_data
 from producer.settings import ClientSettings
@@ -152,6 +159,8 @@ def submit_calls(
 def parse_submit_many(replies: list[Any], queue: str) -> list[str | None]:
     out: list[str | None] = []
     for reply in replies:
+        if isinstance(reply, ResponseError):  # one call of a batched script refused
+            raise refusal(reply) or reply
         try:
             out.append(parse_submit(reply, queue).id)
         except QueueFull:
@@ -167,6 +176,14 @@ def raise_if_refused(accepted: list[str | None], total: int, queue: str) -> None
             f"{total - len(accepted)} not sent",
             accepted=accepted,
         )
+
+
+def check_replicated(acks: Any, wanted: int) -> None:
+    """After ``WAIT``: fewer replicas than wanted hold the write, so it could vanish in a
+    failover and must not be acknowledged."""
+    if int(acks) < wanted:
+        raise RedisUnavailable(f"submit reached {int(acks)} of {wanted} replicas in time; "
+                               "it may or may not be kept", "NOREPLICAS")
 
 
 def cancel_keys(keys: QueueKeys, job_id: str) -> list[str]:

@@ -13,7 +13,10 @@ class ClientSettings(BaseSettings):
                                       use_attribute_docstrings=True)
 
     redis_url: str = "redis://localhost:6379/0"
-    """Redis to use; ``rediss://`` for TLS, ``redis://user:password@host`` for ACL users."""
+    """Redis to use; ``rediss://`` for TLS, ``redis://user:password@host`` for ACL users,
+    ``redis+sentinel://host:port,host:port/service_name`` (Sentinel's own password:
+    ``?sentinel_password=``), ``redis+cluster://host:port,host:port`` (see
+    producer/connection.py)."""
     queue: str = "default"
     """Queue name; all its keys share the Redis Cluster hash tag ``{queue}``."""
     max_pending: int = Field(100_000, ge=1)
@@ -26,6 +29,15 @@ class ClientSettings(BaseSettings):
     """Seconds an idempotency key keeps returning the job it first created."""
     max_payload_bytes: int = Field(1_048_576, ge=1024)
     """Largest request body accepted at submit (JSON bytes)."""
+    replica_acks: int = Field(0, ge=0)
+    """Replicas that must hold each submit before it is acknowledged (``WAIT`` after the
+    submit, on the same connection). 1 with a Sentinel-managed master and two replicas: an
+    acknowledged submit survives kill -9 of the master (the sentinels promote the replica
+    that has the most); a planned switchover also needs writes paused first (README, Redis
+    high availability). When fewer confirm in time the submit raises RedisUnavailable (the
+    job may exist: resubmit with the same idempotency key). Standalone and Sentinel only."""
+    replica_ack_timeout_ms: int = Field(1000, ge=1)
+    """How long a submit waits for ``replica_acks`` replicas."""
     batch_ttl: int = Field(7 * 86_400, ge=60)
     """Seconds a batch's bookkeeping (``slotfill batch``: custom id → job id) is kept after
     its last change; a batch resumed within this time never submits a line twice."""

@@ -80,6 +80,7 @@ cleanup() {
   fi
 }
 trap cleanup EXIT
+trap "exit 130" INT TERM
 log "compose up redis worker-cpu (Redis published on 127.0.0.1:$port)"
 compose up -d --no-build redis worker-cpu > .compose-check/up.log 2>&1 \
   || { tail -n 30 .compose-check/up.log >&2; die "compose up (log: .compose-check/up.log)"; }

@@ -3,7 +3,7 @@
 # the extras that command needs, plus a redis-server binary.
 #
 #   scripts/setup.sh demo    slotfill[worker-cpu] (CUDA: slotfill[worker])   `make demo`
-#   scripts/setup.sh test    ... + dev (pytest, ruff, mypy, ...)               `make test`
+#   scripts/setup.sh test    ... + dev and bench (the bench smoke test)   `make test`
 #   scripts/setup.sh bench   ... + bench (matplotlib, celery)                  `make bench`
 #
 # The CPU build of vLLM pins a `+cpu` torch that PyPI does not carry: it comes from PyTorch's CPU
@@ -33,7 +33,7 @@ else
 fi
 case "$purpose" in
   demo) extras="$engine" ;;
-  test) extras="$engine dev" ;;
+  test) extras="$engine dev bench" ;;
   bench) extras="$engine bench" ;;
   *) echo "usage: $0 demo|test|bench" >&2; exit 2 ;;
 esac

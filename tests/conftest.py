@@ -86,10 +86,38 @@ def inproc(redis_server: RedisServer, queue: str) -> Iterator[Callable[..., Inpr
             w.stop(30)
 
 
+SHARED_ENGINES = {"engine_worker", "engine_client", "feature_worker", "feature_client"}
+FEATURES_QUEUE = "features"
+LORA_RANK = 8
+
+
+def _phase(item: pytest.Item) -> int:
+    """0: no real engine; 1: the session's shared engines; 2: tests that boot their own."""
+    if item.get_closest_marker("engine") is None:
+        return 0
+    return 1 if SHARED_ENGINES & set(getattr(item, "fixturenames", ())) else 2
+
+
+_shared_engines: list[WorkerProcess] = []
+_early_stops: list[threading.Thread] = []
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """After the last test that uses the shared engines, stop them in the background: the
+    tests that boot engines of their own then have the CPU, and the shutdown overlaps them."""
+    if _phase(item) == 1 and (nextitem is None or _phase(nextitem) != 1):
+        for w in _shared_engines:
+            t = threading.Thread(target=w.stop, name=f"stop-{w.consumer}")
+            t.start()
+            _early_stops.append(t)
+        _shared_engines.clear()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Real-engine tests run last, so the session's engine boots while the others run (see
-    ``_boot_session_engine``). The sort is stable: file order otherwise."""
-    items.sort(key=lambda item: item.get_closest_marker("engine") is not None)
+    """Real-engine tests run last, so the shared engines boot while the others run (see
+    ``_boot_shared_engines``); tests that boot engines of their own come at the very end.
+    The sort is stable: file order otherwise."""
+    items.sort(key=_phase)
 
 
 @pytest.fixture(scope="session")
@@ -103,17 +131,45 @@ def _session_engine(redis_server: RedisServer, tmp_path_factory: pytest.TempPath
         max_num_batched_tokens=1024, step_log=str(d / "steps.jsonl"),
         lease_seconds=30, engine_hang_seconds=300,
     ).start()
+    _shared_engines.append(w)
     yield w
+    for t in _early_stops:
+        t.join()
+    w.stop()
+
+
+@pytest.fixture(scope="session")
+def _feature_engine(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+                    ) -> Iterator[WorkerProcess]:
+    """A second real engine with what the session's default worker lacks: LoRA adapters,
+    priority scheduling and a lower logprobs cap (tests/test_features.py), started."""
+    from slotfill.testing.tiny_lora import make_tiny_lora
+
+    d = tmp_path_factory.mktemp("feature-worker")
+    make_tiny_lora(d / "adapters" / "style", rank=LORA_RANK)
+    make_tiny_lora(d / "adapters" / "too-big", rank=2 * LORA_RANK)
+    w = WorkerProcess(
+        redis_server.url, "feature-worker", d / "worker.log", queue=FEATURES_QUEUE,
+        max_num_seqs=4, headroom=2, max_model_len=512, max_num_batched_tokens=1024,
+        lease_seconds=30, engine_hang_seconds=300, priority_scheduling="true",
+        max_logprobs=5, lora_dir=str(d / "adapters"), max_loras=1, max_lora_rank=LORA_RANK,
+    ).start()
+    _shared_engines.append(w)
+    yield w
+    for t in _early_stops:
+        t.join()
     w.stop()
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _boot_session_engine(request: pytest.FixtureRequest) -> None:
-    """Start the engine worker with the session's first test when a selected test needs it:
-    its 30-60 s boot then overlaps the tests that run before the engine tests."""
-    if any({"engine_worker", "engine_client"} & set(getattr(item, "fixturenames", ()))
-           for item in request.session.items):
+def _boot_shared_engines(request: pytest.FixtureRequest) -> None:
+    """Start the shared engine workers with the session's first test when a selected test
+    needs them: their 30-60 s boots then overlap the tests that run before the engine tests."""
+    used = set().union(*(getattr(item, "fixturenames", ()) for item in request.session.items))
+    if {"engine_worker", "engine_client"} & used:
         request.getfixturevalue("_session_engine")
+    if {"feature_worker", "feature_client"} & used:
+        request.getfixturevalue("_feature_engine")
 
 
 @pytest.fixture(scope="session")
@@ -141,6 +197,8 @@ def stop_later() -> Iterator[Callable[[WorkerProcess], None]]:
     threads: list[threading.Thread] = []
 
     def stop(w: WorkerProcess) -> None:
+        if w in _shared_engines:  # stopped here, not again after the shared-engine tests
+            _shared_engines.remove(w)
         t = threading.Thread(target=w.stop, name=f"stop-{w.consumer}")
         t.start()
         threads.append(t)

@@ -1,4 +1,4 @@
-"""Engine-aware admission (worker/admission.py): the arithmetic, without Redis or an engine."""
+"""Admission (worker/admission.py): the arithmetic, without Redis or an engine."""
 
 from __future__ import annotations
 
@@ -180,7 +180,7 @@ def test_finish_rate_and_step_time_are_measured(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(adm_mod.time, "monotonic", lambda: now[0])
     stats = StepStats()
     done = [0]
-    adm = Admission(WorkerSettings(max_num_seqs=32, headroom=8), stats, 32,
+    adm = Admission(WorkerSettings(max_num_seqs=32, headroom=8, admission="engine"), stats, 32,
                     finished=lambda: done[0])
     for _ in range(20):  # 20 windows of 0.5 s: 25 jobs and 50 steps each
         now[0] += 0.5
@@ -208,7 +208,7 @@ def test_starved_steps_grow_the_ready_queue_and_calm_shrinks_it(
     stats = StepStats()
     state = FeederState(backlog=True)
     stats.subscribe(state.on_step)
-    adm = Admission(WorkerSettings(max_num_seqs=4, headroom=3), stats, 4,
+    adm = Admission(WorkerSettings(max_num_seqs=4, headroom=3, admission="engine"), stats, 4,
                     starved=lambda: state.starved_steps)
 
     def window(starved: bool) -> None:
@@ -231,3 +231,60 @@ def test_starved_steps_grow_the_ready_queue_and_calm_shrinks_it(
     for _ in range(2 * adm_mod.CALM_WINDOWS):
         window(starved=False)
     assert adm.target == 1 and adm.learned == 0
+
+
+ADAPTIVE = Policy(engine_aware=False, slots=SLOTS, ready_target=TARGET, token_budget=BUDGET,
+                  kv_high_water=0.9, adaptive=True)
+
+
+def test_poisson_quantile() -> None:
+    from worker.admission import poisson_quantile
+
+    assert poisson_quantile(0.0, 0.001) == 0
+    assert poisson_quantile(1.0, 0.5) == 1  # P(X > 1) = 0.26
+    assert poisson_quantile(4.0, 0.001) == 11  # P(X > 10) = 0.0028, P(X > 11) = 0.00092
+    assert poisson_quantile(10_000.0, 0.001) == 10_400  # normal approximation
+
+
+def test_adaptive_ready_queue_follows_the_finish_rate_between_headroom_and_the_slots() -> None:
+    from worker.admission import adaptive_ready
+
+    assert adaptive_ready(ADAPTIVE, 0.0, 0.08) == TARGET  # nothing measured: the fixed count
+    assert adaptive_ready(ADAPTIVE, 10.0, 0.08) == TARGET  # slow finishes: never fewer
+    # ~4 finish per 40 ms step at 1,024 slots: 100/s over two steps and a read (85 ms).
+    big = Policy(engine_aware=False, slots=1024, ready_target=8, token_budget=BUDGET,
+                 kv_high_water=0.9, adaptive=True)
+    assert adaptive_ready(big, 100.0, 0.085) == 19
+    assert adaptive_ready(ADAPTIVE, 1e6, 0.1) == SLOTS  # never more than a batch
+    none = Policy(engine_aware=False, slots=SLOTS, ready_target=0, token_budget=BUDGET,
+                  kv_high_water=0.9, adaptive=True)
+    assert adaptive_ready(none, 1e3, 0.1) == 0  # headroom 0: nothing beyond the slots
+    assert to_read(view(0, 0), none, None, target=5) == SLOTS
+    # Reads fill up to slots + the ready queue, whatever the engine reports.
+    assert to_read(view(0, 0), ADAPTIVE, None, target=18) == SLOTS + 18
+    assert to_read(view(40, 32), ADAPTIVE, None, target=3) == 0  # floor: headroom
+    # Unwritten results beyond what it holds slow it as they slow the fixed rule.
+    assert to_read(view(40, 32, publishing=SLOTS + 12 + 3), ADAPTIVE, None, target=12) == 1
+
+
+def test_adaptive_is_the_default_and_grows_its_queue_with_the_measured_rate(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import worker.admission as adm_mod
+
+    now = [100.0]
+    monkeypatch.setattr(adm_mod.time, "monotonic", lambda: now[0])
+    stats = StepStats()
+    done = [0]
+    adm = Admission(WorkerSettings(max_num_seqs=1024, headroom=8), stats, 1024,
+                    finished=lambda: done[0])
+    assert adm.policy.adaptive and adm.target == 8 and adm.want(0, 0, iter([])) == 1032
+    for _ in range(30):  # 40 ms steps, 100 jobs/s finishing
+        now[0] += 0.4
+        done[0] += 40
+        for _ in range(10):
+            stats.record(1024, 100, 0.5, 1024)
+        adm.read_took(0.005)
+        adm.update()
+        adm.want(1032, 0, iter([]))
+    assert adm.target == 19
+    assert adm.want(1032, 0, iter([])) == 11  # what the larger queue lacks

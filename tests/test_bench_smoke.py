@@ -33,6 +33,10 @@ def test_bench_small_run(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     data = json.loads(out.with_suffix(".json").read_text())
     assert out.with_suffix(".png").stat().st_size > 1000
+    # The summary holds figures only; the series the plot is drawn from are raw files.
+    assert data["files"]["series"] == str(tmp_path / "raw" / "smoke.series.json")
+    series = json.loads(Path(data["files"]["series"]).read_text())
+    assert (tmp_path / "raw").is_dir() and not list(tmp_path.glob("*.raw.json"))
 
     assert data["workload"]["requests"] == 40
     for name in ("offline", "slotfill"):
@@ -44,7 +48,8 @@ def test_bench_small_run(tmp_path: Path) -> None:
                     "e2e_p99_ms", "queue_wait_p50_ms", "queue_wait_p99_ms", "wall_s"):
             assert m[key] is not None and m[key] >= 0, (name, key)
         assert m["ratio_to_offline"] > 0
-        xs, ys = m["occupancy"]
+        assert "occupancy" not in m
+        xs, ys = series["modes"][name]["occupancy"]
         assert len(xs) == len(ys) > 2 and max(ys) <= 8
     assert data["modes"]["offline"]["ratio_to_offline"] == pytest.approx(1.0)
 
@@ -61,6 +66,7 @@ def test_bench_small_run(tmp_path: Path) -> None:
     assert empty["by_command"]["xadd"] == deep["by_command"]["xadd"] == 1
 
     soak = data["soak"]
+    assert "rss_samples" not in soak and series["soak_rss_samples"]
     assert soak["finished"].get("finished_succeeded") == 500
     assert soak["rss_mib"]["start"] > 0 and soak["rss_mib"]["end"] > 0
     assert set(data["targets"]) >= {"slotfill / offline (output tok/s)",

@@ -135,3 +135,20 @@ def test_job_commands_find_the_queue(redis_server: RedisServer, queue: str,
             assert f"warning: queue '{queue}-ecco' has no live worker" in status.stdout
         finally:
             w.stop()
+
+
+def test_cpu_kv_cache_is_defaulted_only_when_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("vllm")
+    from vllm.platforms import current_platform
+
+    from worker.engines import vllm as engine
+
+    if not current_platform.is_cpu():
+        pytest.skip("the CPU build of vLLM only")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "7")
+    engine._default_cpu_kv_cache()
+    assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "7"
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
+    engine._default_cpu_kv_cache()
+    gib = int(os.environ["VLLM_CPU_KVCACHE_SPACE"])
+    assert engine.CPU_KV_MIN_GIB <= gib <= engine.CPU_KV_MAX_GIB

@@ -50,7 +50,7 @@ def test_backlog_keeps_the_real_engine_busy(engine_client: Client,
     """With jobs waiting in Redis, the feeder refills the real engine's slots: read from
     vLLM's own scheduler stats (stat logger), no step had a free slot, nothing queued inside
     the engine, and a feeder that was neither at capacity nor already reading from Redis;
-    the engine never held more than the worker's capacity.
+    the engine never held more than the admission rule allows.
 
     How full the engine ran overall is reported, not asserted: on a 2-core box the CPU engine
     busy-polls both cores and Redis / the worker go unscheduled for up to ~0.5 s (measured),
@@ -75,7 +75,10 @@ def test_backlog_keeps_the_real_engine_busy(engine_client: Client,
     assert len(forgot) <= max(3, 0.02 * len(window)), (len(forgot), len(window))
     fed = sum(1 for s in window if s["running"] >= ENGINE_SLOTS or s["waiting"] > 0)
     print(f"engine fed on {fed}/{len(window)} backlog steps ({100 * fed / len(window):.0f} %)")
-    assert max(s["running"] + s["waiting"] for s in steps) <= capacity
+    # The default (adaptive) rule holds at least ``capacity`` and, when finishes come faster
+    # than a refill, at most one more batch (worker/admission.py).
+    assert max(s["running"] + s["waiting"] for s in steps) <= ENGINE_SLOTS + max(
+        ENGINE_HEADROOM, ENGINE_SLOTS)
 
 
 BAD_VIA_RAW_XADD = {

@@ -63,8 +63,9 @@ def _finish(r: redis.Redis, keys: QueueKeys, job_id: str, entry: str, attempt: i
     result = json.dumps({"id": job_id, "status": "succeeded", "text": text,
                          "attempts": attempt, "usage": {"completion_tokens": len(text)}})
     return int(script(keys=[keys.stream(), keys.job(job_id), keys.done(job_id), keys.stats,
-                            keys.dead_letter, keys.tokens(job_id)],
-                      args=[entry, GROUP, "succeeded", result, 1.0, 60, "", "", 1, attempt]))
+                            keys.dead_letter, keys.tokens(job_id), keys.callbacks],
+                      args=[entry, GROUP, "succeeded", result, 1.0, 60, "", "", 1, attempt,
+                            "", 0]))
 
 
 def _stat(r: redis.Redis, keys: QueueKeys, name: str) -> int:
@@ -109,3 +110,20 @@ def test_an_attempt_without_output_still_names_itself_in_the_stream(
     v = read_stream(r, keys.tokens(job_id))
     assert (v.attempt, v.text, v.ended) == ("2", "", True)
     assert check_job(r, keys, job_id, True) == []
+
+
+def test_dropped_entries_never_let_a_lower_stream_go_first(r: redis.Redis, client: Client,
+                                                           queue: str) -> None:
+    """Issue 12: two plain XADD entries carrying a finished job's id on the normal stream let
+    low jobs start before the normal one behind them."""
+    keys, done_id, entry = _running(r, client, queue)
+    assert _finish(r, keys, done_id, entry, 1, "") == 1
+    for _ in range(2):
+        r.xadd(keys.stream("normal"), {"id": done_id, "body": '{"prompt": "again"}'})
+    normal = client.submit("n").id
+    client.submit_many([{"prompt": "l", "priority": "low"}] * 2)
+    start = r.register_script(source("start_jobs"))
+    rows = start(keys=keys.streams, args=[GROUP, "w2", 1, 1.0, keys.base])
+    jobs = [dict(zip(row[::2], row[1::2], strict=True))[b"job"].decode() for row in rows]
+    assert jobs == [normal]
+    assert int(r.hget(keys.stats, "duplicate_entries") or 0) == 2

@@ -124,7 +124,7 @@ def _run_restart(tmp: Path, fsync: str, power_loss_s: float = 0.0
     # Traffic again, and both workers back on the cancel channel (a listener that lost its
     # connection retries after a second).
     wait_until(lambda: len(t.acked) >= acked_at_restart + 100
-               and _retry(lambda: r.pubsub_numsub(keys.control))[0][1] >= len(ws),
+               and _retry(lambda: r.pubsub_shardnumsub(keys.control))[0][1] >= len(ws),
                timeout=30, what="submits after the restart and both cancel listeners back")
     stop.set()
     for th in threads:

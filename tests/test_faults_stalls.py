@@ -75,9 +75,12 @@ def _stats(r: redis.Redis) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in r.hgetall(QueueKeys.for_queue(Q).stats).items()}
 
 
-def test_a_redis_stall_never_makes_a_worker_reclaim_its_own_jobs(
-        own_redis: RedisServer, tmp_path: Path) -> None:
-    """Issue 12 case 1: one worker, lease 2 s, Redis frozen 6 s mid-stream."""
+@pytest.mark.parametrize("frozen", ["redis", "worker"])
+def test_a_stall_never_makes_a_lone_worker_reclaim_its_own_jobs(
+        own_redis: RedisServer, tmp_path: Path, frozen: str) -> None:
+    """Issue 12 case 1: one worker, lease 2 s, 6 streaming jobs; frozen 6 s (3 x lease)
+    mid-stream: redis-server, or the worker's own process (as a loop starved by CPU work
+    would be: on waking it renews before it sweeps)."""
     r = redis.Redis.from_url(own_redis.url)
     c = Client.from_url(own_redis.url, queue=Q)
     w = _worker(own_redis.url, "solo", tmp_path)
@@ -86,45 +89,20 @@ def test_a_redis_stall_never_makes_a_worker_reclaim_its_own_jobs(
         ids = [c.submit("x", max_tokens=400 + 10 * k, ignore_eos=True, stream=True).id
                for k in range(6)]
         _wait_tokens(r, ids, 120)
-        assert own_redis.proc is not None
-        _freeze(own_redis.proc.pid, 6.0)
+        proc = own_redis.proc if frozen == "redis" else w.proc
+        assert proc is not None
+        _freeze(proc.pid, 6.0)
         _wait_all(c, ids)
         rep = check_jobs(r, Q, ids)
         stats = _stats(r)
     finally:
         w.stop(30)
-    print(f"\nredis stall, one worker: {rep.mismatched_streams}/{rep.checked} streams "
+    print(f"\n{frozen} frozen, one worker: {rep.mismatched_streams}/{rep.checked} streams "
           f"mismatched, attempts {Counter(rep.attempts.values())}, stats {stats}")
     assert rep.ok, rep.problems
     assert set(rep.attempts.values()) == {1}, rep.attempts
     assert stats.get("reclaimed", 0) == 0 and stats.get("duplicates_suppressed", 0) == 0
     assert "reclaimed (delivery" not in w.tail(400)
-
-
-def test_a_frozen_lone_worker_keeps_its_own_jobs(own_redis: RedisServer,
-                                                 tmp_path: Path) -> None:
-    """The same from the worker's side: its own process frozen 6 s (3 x lease), as a loop
-    starved by CPU work would be; on waking it renews before it sweeps."""
-    r = redis.Redis.from_url(own_redis.url)
-    c = Client.from_url(own_redis.url, queue=Q)
-    w = _worker(own_redis.url, "solo", tmp_path)
-    try:
-        w.wait_ready(60)
-        ids = [c.submit("x", max_tokens=400 + 10 * k, ignore_eos=True, stream=True).id
-               for k in range(6)]
-        _wait_tokens(r, ids, 120)
-        assert w.proc is not None
-        _freeze(w.proc.pid, 6.0)
-        _wait_all(c, ids)
-        rep = check_jobs(r, Q, ids)
-        stats = _stats(r)
-    finally:
-        w.stop(30)
-    print(f"\nfrozen lone worker: {rep.mismatched_streams}/{rep.checked} streams mismatched, "
-          f"attempts {Counter(rep.attempts.values())}, stats {stats}")
-    assert rep.ok, rep.problems
-    assert set(rep.attempts.values()) == {1}, rep.attempts
-    assert stats.get("reclaimed", 0) == 0
 
 
 def _callbacks(broker: redis.Redis) -> Counter[str]:
@@ -221,3 +199,48 @@ def test_a_frozen_worker_publishes_nothing_its_stream_declared_void(
     assert rep.ok, rep.problems
     assert set(rep.workers.values()) == {"b"} and set(rep.attempts.values()) == {2}
     assert "lease lost to a peer" in a.tail(400)
+
+
+def test_a_callback_whose_sender_died_is_sent_by_a_peer(
+        redis_server: RedisServer, r: redis.Redis, queue: str, tmp_path: Path) -> None:
+    """The outbox: a result published by a worker that died before sending its callback (its
+    entry left in ``slotfill:{Q}:callbacks``) gets the callback from another worker, once;
+    a callback sent normally leaves nothing behind."""
+    broker_url = f"redis://127.0.0.1:{redis_server.port}/8"
+    broker = redis.Redis.from_url(broker_url)
+    broker.delete("celery")
+    keys = QueueKeys.for_queue(queue)
+    orphan = "0" * 31 + "1"
+    r.hset(keys.job(orphan), mapping={
+        "status": "succeeded", "callback": json.dumps({"celery_task": "backend.on_llm_result"}),
+        "result": json.dumps({"id": orphan, "status": "succeeded", "text": "t1"})})
+    r.zadd(keys.callbacks, {orphan: 1.0})
+    w = WorkerProcess(redis_server.url, "sweeper", tmp_path / "w.log", queue=queue,
+                      engine="sim", sim_step_ms=5, celery_broker_url=broker_url,
+                      celery_redeliver_seconds=1).start()
+    c = Client.from_url(redis_server.url, queue=queue)
+    try:
+        w.wait_ready(60)
+        job = c.submit("x", max_tokens=3, callback={"celery_task": "backend.on_llm_result"})
+        c.wait(job.id, timeout=30)
+        end = time.monotonic() + 30
+        while (sum(_callbacks(broker).values()) < 2 or r.zcard(keys.callbacks)) and (
+                time.monotonic() < end):
+            time.sleep(0.1)
+        time.sleep(2.5)  # past two sweeps: nothing more is sent
+        sent = _callbacks(broker)
+    finally:
+        w.stop(30)
+    assert sent == Counter({f"slotfill-{orphan}": 1, f"slotfill-{job.id}": 1})
+    assert r.zcard(keys.callbacks) == 0
+
+
+def test_a_soak_of_kills_freezes_and_stalls_keeps_every_promise(tmp_path: Path) -> None:
+    """The mix (slotfill.testing.stall_soak, run longer for the figures in PROTOCOL.md):
+    streaming jobs and callbacks while workers are killed and frozen and Redis stalls."""
+    from slotfill.testing.stall_soak import soak
+
+    rep = soak(events=6, jobs=600, log_dir=tmp_path, seed=7)
+    print(f"\nstall soak: {rep}")
+    assert rep.ok(), rep
+    assert rep.jobs == 600 and rep.streaming_jobs > 0

@@ -21,7 +21,7 @@ from producer.schema import JobRequest, dump
 from slotfill.cli.batch_format import Line, output_line, to_request
 from slotfill.testing.fleet import WorkerProcess
 from slotfill.testing.redis_server import RedisServer
-from slotfill.testing.tiny_lora import make_tiny_lora
+from tests.conftest import FEATURES_QUEUE
 from worker.engines.logprobs import MIN_LOGPROB, convert_logprobs
 
 PROMPT_IDS = [5, 17, 42, 99, 123, 7, 300, 11]
@@ -100,31 +100,18 @@ def test_convert_logprobs_lists_the_top_ranks_not_the_sampled_token() -> None:
 
 # --- on the real engine --------------------------------------------------------------------
 
-FEATURES_QUEUE = "features"
-LORA_RANK = 8
-
-
 @pytest.fixture(scope="module")
-def feature_worker(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory,
-                   stop_later: Callable[[WorkerProcess], None]) -> Iterator[WorkerProcess]:
-    """A second real engine with what the session's default worker lacks: LoRA adapters,
-    priority scheduling and a lower logprobs cap. One start for every test that needs it."""
-    d = tmp_path_factory.mktemp("feature-worker")
-    make_tiny_lora(d / "adapters" / "style", rank=LORA_RANK)
-    make_tiny_lora(d / "adapters" / "too-big", rank=2 * LORA_RANK)
-    w = WorkerProcess(
-        redis_server.url, "feature-worker", d / "worker.log", queue=FEATURES_QUEUE,
-        max_num_seqs=4, headroom=2, max_model_len=512, max_num_batched_tokens=1024,
-        lease_seconds=30, engine_hang_seconds=300, priority_scheduling="true",
-        max_logprobs=5, lora_dir=str(d / "adapters"), max_loras=1, max_lora_rank=LORA_RANK,
-    ).start()
+def feature_worker(_feature_engine: WorkerProcess, stop_later: Callable[[WorkerProcess], None]
+                   ) -> Iterator[WorkerProcess]:
+    """The LoRA / priority / logprobs-cap engine (``_feature_engine`` in conftest, booted
+    with the session's first test), stopped in the background after this module."""
     try:
-        w.wait_ready(timeout=600)
+        _feature_engine.wait_ready(timeout=600)
     except Exception:
-        w.kill()
+        _feature_engine.kill()
         raise
-    yield w
-    stop_later(w)
+    yield _feature_engine
+    stop_later(_feature_engine)
 
 
 @pytest.fixture

@@ -129,7 +129,7 @@ def test_a_job_runs_end_to_end_over_tls_with_restricted_acl_users(
         long = c.submit(prompt="long", max_tokens=400)
         wait_until(lambda: c.status(long.id) is JobStatus.running, interval=0.01,
                    what="the long job to run")
-        assert c.cancel(long.id) == "requested"  # PUBLISH on an allowed channel
+        assert c.cancel(long.id) == "requested"  # SPUBLISH on an allowed channel
         assert c.wait(long.id, timeout=5).status is JobStatus.cancelled
         log = w.log_text()
         assert "NOPERM" not in log and "Traceback" not in log and "redis unavailable" not in log

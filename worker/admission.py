@@ -1,9 +1,26 @@
-"""How many jobs the pull loop reads: engine-aware admission.
+"""How many jobs the pull loop reads.
 
-A worker that reads more than its engine can start soon *hoards*: the extra jobs sit in its
-pending list, unstarted, while a peer with free slots could have run them. A worker that
-reads too little leaves slots idle while a refill crosses Redis. The rule, re-evaluated on
-every finished job and every engine step (vLLM's stat logger, :class:`StepStats`):
+The default rule (``admission = "adaptive"``) holds the engine's slots plus a ready queue
+sized by what the engine finishes: jobs inside the engine beyond its slots refill a slot in
+the next step without a Redis round trip, so the queue must cover the jobs that finish
+between a slot freeing and its replacement arriving. Finishes come per engine step, about
+``slots / mean output length`` of them, so a count that suits 32 slots starves 1,024 (there
+~4 jobs finish per 40 ms step and the fixed 8 of ``headroom`` ran out on 4.7 % of an H200's
+steps). The queue is the Poisson upper quantile (miss chance ``READY_MISS``) of the jobs
+finishing over one refill window (two engine steps plus a read's round trip), from the
+measured finish rate and step time; never less than ``headroom`` (the fixed rule, which it
+thus never undercuts), never more than the slots (``headroom = 0``: none, as for every rule);
+grown by one per measuring window in
+which the engine still ran a step with a free slot while jobs waited in Redis (shrunk back
+after ``CALM_WINDOWS`` calm windows). Each read takes what is missing to that level: what
+finished since the last read.
+
+``admission = "engine"`` (for fleets of workers on one queue) holds no more than it needs,
+so jobs wait in Redis where any peer can take them. A worker that reads more than its
+engine can start soon *hoards*: the extra jobs sit in its pending list, unstarted, while a
+peer with free slots could have run them. A worker that reads too little leaves slots idle
+while a refill crosses Redis. The rule, re-evaluated on every finished job and every engine
+step (vLLM's stat logger, :class:`StepStats`):
 
 * **Fill the free slots.** ``slots - running`` jobs (minus held jobs not yet running, which
   take those slots first) are always read: occupancy never waits on admission.
@@ -24,8 +41,9 @@ every finished job and every engine step (vLLM's stat logger, :class:`StepStats`
   be preempted. Then only the ready queue is topped up, i.e. a job is read when one of the
   ready ones got into the batch.
 
-``admission = "fixed"`` keeps the earlier rule (capacity minus held jobs, whatever the engine
-reports) for comparison. Both subtract a publish backlog (see :meth:`Admission.want`).
+``admission = "fixed"`` keeps the earliest rule (``slots + headroom`` minus held jobs, whatever
+the engine reports) for comparison. All subtract a publish backlog (see
+:meth:`Admission.want`).
 
 What the engine runs is known per step in aggregate only, so which held jobs wait is
 inferred: the engine schedules first come first served, so the *newest* ``held - running``
@@ -60,6 +78,12 @@ RATE_WEIGHT = 0.3
 """...and smoothed with this weight per window."""
 CALM_WINDOWS = 8
 """Windows without a starved engine step after which the learned extra ready job is dropped."""
+READY_MISS = 0.001
+"""Adaptive rule: chance per refill window that more jobs finish than are held ready."""
+REFILL_STEPS = 2
+"""Engine steps in a refill window besides the read: the step in which jobs finish (their
+places are refilled at the next step's schedule) and one more for a replacement that lands
+just after a schedule (the event loop and the engine's input queue add delay too)."""
 
 
 @dataclass(frozen=True)
@@ -71,17 +95,27 @@ class Policy:
     token_budget: int
     """Prompt tokens the ready queue may hold."""
     kv_high_water: float
+    adaptive: bool = False
+    """Hold ``slots`` + the ready queue the finish rate needs (at least ``ready_target``)."""
 
     @classmethod
     def from_settings(cls, s: WorkerSettings, slots: int) -> Policy:
         return cls(engine_aware=s.admission == "engine", slots=slots, ready_target=s.headroom,
                    token_budget=s.ready_token_budget or s.max_num_batched_tokens,
-                   kv_high_water=s.kv_high_water)
+                   kv_high_water=s.kv_high_water, adaptive=s.admission == "adaptive")
 
     @property
     def capacity(self) -> int:
-        """Most jobs ever held in the engine (and on their way to it)."""
+        """Jobs held in the engine (and on their way to it) by the fixed rule; the adaptive
+        rule's floor."""
         return self.slots + self.ready_target
+
+    @property
+    def ready_cap(self) -> int:
+        """Most ready jobs a policy holds beyond the slots (``headroom = 0``: none)."""
+        if self.adaptive and self.ready_target > 0:
+            return max(self.ready_target, self.slots)
+        return self.ready_target
 
 
 @dataclass(frozen=True)
@@ -107,6 +141,28 @@ def ready_target(p: Policy, finish_per_s: float, refill_s: float) -> int:
     return max(1, min(p.ready_target, need))
 
 
+def poisson_quantile(mean: float, miss: float) -> int:
+    """Smallest n with P(X > n) <= ``miss`` for X ~ Poisson(``mean``)."""
+    if mean <= 0:
+        return 0
+    if mean > 500:  # exp(-mean) underflows; the normal approximation is close by then
+        return math.ceil(mean + 4 * math.sqrt(mean))
+    term = cdf = math.exp(-mean)
+    n = 0
+    while 1 - cdf > miss:
+        n += 1
+        term *= mean / n
+        cdf += term
+    return n
+
+
+def adaptive_ready(p: Policy, finish_per_s: float, refill_s: float) -> int:
+    """The adaptive rule's ready queue: what finishes during a refill window (upper
+    quantile), between ``headroom`` and the slots."""
+    need = poisson_quantile(finish_per_s * refill_s, READY_MISS)
+    return max(p.ready_target, min(p.ready_cap, need))
+
+
 def to_read(view: EngineView, p: Policy, next_prompt_tokens: float | None,
             target: int | None = None) -> int:
     """Jobs to read now. ``next_prompt_tokens``: expected prompt size of a job still in Redis
@@ -114,9 +170,13 @@ def to_read(view: EngineView, p: Policy, next_prompt_tokens: float | None,
     free slots (default ``p.ready_target``)."""
     # Results not yet written beyond one capacity's worth slow pulling, so a slow Redis
     # cannot pile up finished work in memory.
-    backlog = max(0, view.publishing - p.capacity)
     if not p.engine_aware:
-        return max(0, p.capacity - view.held - backlog)
+        ready = p.ready_target
+        if p.adaptive and target is not None:
+            ready = max(p.ready_target, min(p.ready_cap, target))
+        backlog = max(0, view.publishing - p.slots - ready)
+        return max(0, p.slots + ready - view.held - backlog)
+    backlog = max(0, view.publishing - p.capacity)
     # The step may predate jobs that left since; and no engine runs more than its slots.
     running = min(view.running, view.held, p.slots)
     ready = view.held - running
@@ -211,8 +271,12 @@ class Admission:
     @property
     def target(self) -> int:
         """Ready jobs wanted now (see the module docstring)."""
-        est = ready_target(self.policy, self.finish_per_s, self.read_s + 2 * self.step_s)
-        return min(max(est, self.learned), self.policy.ready_target)
+        p = self.policy
+        if p.adaptive:
+            est = adaptive_ready(p, self.finish_per_s, self.read_s + REFILL_STEPS * self.step_s)
+            return min(max(est, self.learned), p.ready_cap)
+        est = ready_target(p, self.finish_per_s, self.read_s + 2 * self.step_s)
+        return min(max(est, self.learned), p.ready_target)
 
     def update(self) -> None:
         """Re-measure the finish rate, the step time and the starved steps once a window
@@ -227,7 +291,7 @@ class Admission:
         self._mark = (now, done, steps)
         starved = self.starved()
         if starved > self._starved:
-            self.learned = min(self.policy.ready_target, max(self.learned, self.target) + 1)
+            self.learned = min(self.policy.ready_cap, max(self.learned, self.target) + 1)
             self._calm = 0
         else:
             self._calm += 1

@@ -266,6 +266,9 @@ class Feeder:
                 else:
                     self.abort(row.job_id, JobStatus.cancelled)  # result already exists
             elif code == "lost":
+                flight = self.holdings.get(row.key)
+                if flight is not None and flight.lost:
+                    continue  # already stopped here, still on its way out
                 self.counters.leases_lost += 1
                 self.holdings.take_waiting(row.key)  # a peer runs it now
                 self.tasks.lose(row.key)

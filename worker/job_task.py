@@ -272,7 +272,8 @@ class JobTasks:
                     return True
                 return await _guard(self.store.finish(
                     row, outcome.status.value, outcome.result_json, self.settings.result_ttl,
-                    outcome.dead_reason))
+                    outcome.dead_reason, results.callback_of(row),
+                    self.settings.celery_redeliver_seconds))
             except REDIS_ERRORS as e:
                 if self.dying():
                     return None

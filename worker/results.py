@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
@@ -31,6 +32,18 @@ class Outcome:
     result_json: str = ""
     dead_reason: str = ""
     """Non-empty: also copy the entry to the dead-letter stream."""
+
+
+def callback_of(row: ClaimedJob) -> str:
+    """The job's completion callback as JSON ("" for none, or for a body that is not JSON):
+    it goes to the callback outbox with the result (worker/ops/celery_bridge.py)."""
+    if '"callback"' not in row.body:
+        return ""
+    try:
+        spec = json.loads(row.body).get("callback")
+    except (ValueError, AttributeError):
+        return ""
+    return json.dumps(spec) if isinstance(spec, dict) else ""
 
 
 def parse_request(row: ClaimedJob) -> JobRequest:

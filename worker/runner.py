@@ -1,7 +1,10 @@
 """A worker process: one engine, one feeder, its upkeep tasks, signals and exit codes.
 
 Exit codes: 0 after a clean drain, 3 when the engine died or hung (jobs stay un-acked and
-are reclaimed by peers), 4 for a settings error.
+are reclaimed by peers), 4 for a settings error, 5 when Redis refuses us for good (wrong
+password, missing ACL permission, a malformed URL). A Redis that is down, stalled, failing
+over, read-only, short of replicas or out of memory never ends a worker: it waits with
+backoff and reconnects (a Sentinel client asks the sentinels for the new master).
 """
 
 from __future__ import annotations
@@ -11,13 +14,13 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
+from typing import Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
+from producer.connection import connect_async
+from producer.errors import EngineDead
+from producer.redis_errors import is_config_error, is_transient
 from worker import upkeep
 from worker.engines.base import Engine
 from worker.feeder import Feeder
@@ -28,8 +31,8 @@ from worker.store import WorkerStore
 
 log = logging.getLogger("slotfill.worker")
 
-EXIT_OK, EXIT_ENGINE_DEAD, EXIT_SETTINGS = 0, 3, 4
-REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+EXIT_OK, EXIT_ENGINE_DEAD, EXIT_SETTINGS, EXIT_REDIS_CONFIG = 0, 3, 4, 5
+BACKOFF_MIN_S, BACKOFF_MAX_S = 0.1, 2.0
 
 
 def default_model_dir() -> Path:
@@ -58,15 +61,46 @@ def build_engine(settings: WorkerSettings) -> Engine:
 
 
 async def _resilient(name: str, loop_fn: Callable[[], Awaitable[None]]) -> None:
-    """Run a loop forever; a Redis outage (restart, failover) pauses it instead of killing
-    the worker."""
+    """Run a loop forever; a Redis outage (restart, failover, OOM) pauses it with backoff
+    instead of killing the worker."""
+    delay = BACKOFF_MIN_S
     while True:
+        started = asyncio.get_running_loop().time()
         try:
             await loop_fn()
             return
-        except REDIS_ERRORS as e:
-            log.warning("%s: redis unavailable (%s); retrying in 1s", name, e)
-            await asyncio.sleep(1.0)
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            if _being_cancelled():
+                # redis-py can turn a cancellation that lands mid-command into a connection
+                # error; retrying it would keep a stopping worker alive forever.
+                raise asyncio.CancelledError from e
+            if asyncio.get_running_loop().time() - started > 10 * BACKOFF_MAX_S:
+                delay = BACKOFF_MIN_S  # it had recovered: this is a new outage
+            log.warning("%s: redis unavailable (%s); retrying in %.1fs", name, e, delay)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, BACKOFF_MAX_S)
+
+
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python >= 3.11
+    return bool(cancelling()) if cancelling is not None else False
+
+
+async def _cancel_all(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel until every task has ended: one that swallowed its cancellation (inside a
+    library call) gets it again instead of holding the exit forever."""
+    tasks = list(tasks)
+    pending = set(tasks)
+    while pending:
+        for t in pending:
+            t.cancel()
+        _, pending = await asyncio.wait(pending, timeout=1.0)
+    for t in tasks:  # retrieved, so asyncio does not report them as never retrieved
+        if not t.cancelled():
+            t.exception()
 
 
 def _duties(feeder: Feeder, store: WorkerStore, settings: WorkerSettings
@@ -89,6 +123,42 @@ def _duties(feeder: Feeder, store: WorkerStore, settings: WorkerSettings
     }
 
 
+async def _open_store(settings: WorkerSettings) -> WorkerStore | None:
+    """Connect, make the queue's groups and read Redis' clock, waiting out any outage. None
+    when Redis refuses this worker for good (already logged)."""
+    try:
+        client = connect_async(settings.redis_url)
+    except ValueError as e:
+        log.error("redis configuration error: %s", e)
+        return None
+    store = WorkerStore(client, settings.queue, settings.consumer)
+
+    async def start() -> None:
+        await store.ensure_groups()
+        await store.seed_config(settings.max_pending)
+        await store.sync_clock()
+
+    try:
+        await _resilient("start", start)
+    except Exception as e:
+        if not is_config_error(e):
+            raise
+        log.error("redis refuses this worker (%s: %s); fix the URL or its ACL",
+                  type(e).__name__, e)
+        await client.aclose()
+        return None
+    return store
+
+
+def _failure_code(fatal: BaseException) -> int:
+    """Exit code for a pull loop that ended with something other than engine death."""
+    if is_config_error(fatal):
+        log.error("redis refuses this worker (%s); fix the URL or its ACL", fatal)
+        return EXIT_REDIS_CONFIG
+    log.error("pull loop failed: %r; exiting for the supervisor to restart us", fatal)
+    return EXIT_ENGINE_DEAD
+
+
 async def serve(settings: WorkerSettings, engine: Engine | None = None, *,
                 owns_process: bool = False) -> int:
     """Run until SIGTERM/SIGINT (drain, exit 0) or engine death (exit 3). ``owns_process``:
@@ -96,11 +166,10 @@ async def serve(settings: WorkerSettings, engine: Engine | None = None, *,
     end the process by force (:func:`_exit_backstop`); a worker embedded in another program
     (the in-process test kit) leaves the process alone."""
     engine = engine or build_engine(settings)
-    client = aioredis.Redis.from_url(settings.redis_url)
-    store = WorkerStore(client, settings.queue, settings.consumer)
-    await store.ensure_groups()
-    await store.seed_config(settings.max_pending)
-    await store.sync_clock()
+    store = await _open_store(settings)
+    if store is None:
+        return EXIT_REDIS_CONFIG
+    client = store.redis
     feeder = Feeder(engine, store, settings)
     step_log = None
     if settings.step_log:
@@ -122,7 +191,9 @@ async def serve(settings: WorkerSettings, engine: Engine | None = None, *,
     pull = tasks["pull"]
     if pull.done() and not pull.cancelled() and pull.exception() is not None:
         feeder.die(pull.exception() or RuntimeError("pull loop failed"))
-    if feeder.fatal is not None:
+    if feeder.fatal is not None and not isinstance(feeder.fatal, EngineDead):
+        code = _failure_code(feeder.fatal)
+    elif feeder.fatal is not None:
         # The feeder's crash report has already said which jobs it handed back.
         log.error("engine dead: %s; exiting for the supervisor to restart us", feeder.fatal)
         code = EXIT_ENGINE_DEAD
@@ -131,16 +202,17 @@ async def serve(settings: WorkerSettings, engine: Engine | None = None, *,
     else:
         if owns_process:
             _exit_backstop(loop, code, settings.grace_seconds + EXIT_SLACK_S)
+        log.info("stopping: draining for up to %.0fs (a second SIGTERM ends the process now)",
+                 settings.grace_seconds)
         handed_back = await feeder.drain(settings.grace_seconds)
         log.info("drained; %d unfinished jobs handed back for reclaim", handed_back)
-    for t in (*tasks.values(), stopper, dead):
-        t.cancel()
-    await asyncio.gather(*tasks.values(), stopper, dead, return_exceptions=True)
+    await _cancel_all((*tasks.values(), stopper, dead))
     if code == EXIT_OK:
         try:
             await store.drop_heartbeat()
-        except REDIS_ERRORS:
-            pass
+        except Exception as e:
+            if not is_transient(e):
+                raise
     await asyncio.to_thread(ops.close)
     await client.aclose()
     if step_log is not None:

@@ -31,12 +31,16 @@ class WorkerSettings(ClientSettings):
     (the generated tiny model: 32). The worker's start-up line and ``slotfill status`` show
     the value chosen."""
     headroom: int = Field(8, ge=0)
-    """Jobs held ready beyond the engine's free slots, so a freed slot is refilled in the
-    same engine step instead of after a Redis round trip. Capacity = slots + headroom; the
-    ``engine`` admission holds fewer when their prompts exceed ``ready_token_budget``."""
-    admission: Literal["engine", "fixed"] = "fixed"
-    """How many jobs each read takes (``worker/admission.py``). ``fixed``: always hold
-    ``max_num_seqs + headroom`` jobs, whatever the engine reports. ``engine``: fill the slots
+    """Jobs held ready beyond the engine's slots, so a freed slot is refilled in the next
+    engine step instead of after a Redis round trip. ``adaptive`` admission holds at least
+    this many (more when the measured finish rate needs more), ``fixed`` exactly this many,
+    ``engine`` at most this many; 0: none beyond the slots, whatever the rule."""
+    admission: Literal["adaptive", "engine", "fixed"] = "adaptive"
+    """How many jobs each read takes (``worker/admission.py``). ``adaptive``: hold
+    ``max_num_seqs`` plus a ready queue covering the jobs that finish during a refill (from
+    the measured finish rate and step time; at least ``headroom``, at most ``max_num_seqs``),
+    so 1,024 slots stay as full as 32. ``fixed``: always hold ``max_num_seqs + headroom``
+    jobs, whatever the engine reports. ``engine``: fill the slots
     the engine reports free, plus a ready queue sized to what finishes during a refill (at
     most ``headroom`` jobs and ``ready_token_budget`` prompt tokens); past ``kv_high_water``
     only replace what starts. Jobs then wait in Redis, where any worker can take them, not
@@ -144,6 +148,10 @@ class WorkerSettings(ClientSettings):
     a submitter cannot make workers connect to arbitrary hosts."""
     celery_send_timeout: float = Field(10.0, gt=0)
     """Seconds one callback send may take (connection and publish retries included)."""
+    celery_redeliver_seconds: float = Field(30.0, gt=0)
+    """A completion callback whose sender has not confirmed it this long after its result
+    (the worker died, or the broker was down) is sent again by any worker. Repeats carry the
+    same task id (``slotfill-<job id>``)."""
 
 
 TINY_ENGINE = {"max_num_seqs": 32, "max_model_len": 512, "max_num_batched_tokens": 2048}

@@ -1,9 +1,11 @@
 """The worker's side of the protocol: every Redis call a worker makes, one method each.
 
-A Redis that is down, restarting, loading its AOF, read-only (a failover in progress) or out
-of memory raises a ``redis.ConnectionError`` (:class:`RedisUnavailable` for the reply errors
-among these), which the worker's loops treat as "wait and retry", never as a reason to die.
-Streams or groups that vanished (a Redis that lost its data) are created again.
+A Redis that is down, stalled, restarting, loading its AOF, read-only or masterless (a
+failover in progress), short of replicas (NOREPLICAS), busy or out of memory raises
+:class:`RedisUnavailable` (a ``redis.ConnectionError``), which the worker's loops treat as
+"wait and retry", never as a reason to die. The classification is by exception class and
+Redis error code (``producer.redis_errors``), not message text. Streams or groups that
+vanished (a Redis that lost its data) are created again.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from producer.connection import is_cluster
+from producer.errors import RedisUnavailable
 from producer.keys import GROUP, QueueKeys
-from producer.scripts import source
+from producer.redis_errors import error_code, is_transient, unavailable
+from producer.scripts import batch_args, batched, source
 from worker.claim import ClaimedJob, decode
 
 P = ParamSpec("P")
@@ -32,13 +37,6 @@ by that engine's worker) is dead-lettered (``poisoned``). The rule: lua/includes
 HARD_DELIVERY_FACTOR = 3
 """Past ``max_deliveries`` × this many deliveries a job is dead-lettered whatever happened
 (the backstop for losses nobody reported: a job that kills its worker outright)."""
-
-_TRANSIENT = ("OOM", "READONLY", "MISCONF", "LOADING", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN")
-
-
-class RedisUnavailable(RedisConnectionError):
-    """Redis answered, but cannot serve the worker right now (restart, failover, full)."""
-
 
 REDIS_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
 """What a Redis outage looks like from redis-py: wait and retry, never die of it."""
@@ -74,22 +72,39 @@ def _raw(body: str) -> bytes:
     return body.encode("utf-8", "surrogateescape")
 
 
+def _cluster_client_race(e: Exception) -> bool:
+    """redis-py 8.1's asyncio cluster client, on a lost node, closes every node's connections
+    while other tasks are still writing on them: those fail with AttributeError inside
+    redis-py (seen under a cluster master kill -9). It is the same lost connection."""
+    if not isinstance(e, AttributeError):
+        return False
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and "/redis/" in tb.tb_frame.f_code.co_filename
+
+
 def _redis_call(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-    """Map Redis' transient reply errors to :class:`RedisUnavailable`; recreate lost groups."""
+    """Map Redis' transient failures to :class:`RedisUnavailable`; recreate lost groups."""
 
     @functools.wraps(method)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await method(*args, **kwargs)
+        except RedisUnavailable:
+            raise
         except ResponseError as e:
-            msg = str(e)
-            if msg.startswith("NOGROUP") or "no such key" in msg:
+            if error_code(e) == "NOGROUP" or "no such key" in str(e):
                 store = args[0]
                 assert isinstance(store, WorkerStore)
                 await store.ensure_groups()
-                raise RedisUnavailable(f"stream or group was missing, recreated: {msg}") from e
-            if msg.split(" ", 1)[0] in _TRANSIENT:
-                raise RedisUnavailable(msg) from e
+                raise RedisUnavailable(f"stream or group was missing, recreated: {e}") from e
+            if is_transient(e):
+                raise unavailable(e) from e
+            raise
+        except Exception as e:
+            if is_transient(e) or _cluster_client_race(e):
+                raise unavailable(e) from e
             raise
 
     return wrapper
@@ -100,6 +115,7 @@ class WorkerStore:
         self.redis = redis_client
         self.keys = QueueKeys.for_queue(queue)
         self.consumer = consumer
+        self._cluster = is_cluster(redis_client)
         self.clock_offset = 0.0
         """Redis' clock minus this host's, seconds (``sync_clock``)."""
         self._start = redis_client.register_script(source("start_jobs"))
@@ -108,8 +124,9 @@ class WorkerStore:
         self._dead = redis_client.register_script(source("dead_letter_entry"))
         self._renew = redis_client.register_script(source("renew_leases"))
         self._release = redis_client.register_script(source("release_jobs"))
-        self._append = redis_client.register_script(source("append_tokens"))
+        self._append = redis_client.register_script(batched("append_tokens"))
 
+    @_redis_call
     async def ensure_groups(self) -> None:
         for stream in self.keys.streams:
             try:
@@ -174,20 +191,23 @@ class WorkerStore:
     @_redis_call
     async def finish(
         self, row: ClaimedJob, status: str, result_json: str, result_ttl: int,
-        dead_reason: str = "",
+        dead_reason: str = "", callback: str = "", redeliver_s: float = 30.0,
     ) -> bool:
         """Publish the result, flip the status, wake waiters and XACK: one atomic step.
 
         Idempotent for this attempt: a retry after a lost reply returns True again when the
         first call did write. False when the result is not this attempt's: the job already had
         another's (a duplicate run, suppressed), or a later attempt owns it (our lease was
-        taken; the current attempt publishes)."""
+        taken; the current attempt publishes). ``callback`` (its JSON spec) goes to the
+        callback outbox in the same step, offered to any worker after ``redeliver_s``."""
+        now = self.now()
         published = await self._finish(
             keys=[row.stream, self.keys.job(row.job_id), self.keys.done(row.job_id),
-                  self.keys.stats, self.keys.dead_letter, self.keys.tokens(row.job_id)],
-            args=[row.entry, GROUP, status, result_json, repr(self.now()), result_ttl,
+                  self.keys.stats, self.keys.dead_letter, self.keys.tokens(row.job_id),
+                  self.keys.callbacks],
+            args=[row.entry, GROUP, status, result_json, repr(now), result_ttl,
                   dead_reason, _raw(row.body) if dead_reason else "", row.deliveries,
-                  row.attempts],
+                  row.attempts, callback, repr(now + redeliver_s)],
         )
         return bool(published)
 
@@ -234,19 +254,20 @@ class WorkerStore:
     @_redis_call
     async def append_tokens(self, appends: Sequence[Append], max_entries: int,
                             ttl_s: int, checkpoint_ttl_s: int) -> list[int]:
-        """Write each append to its job's token stream and checkpoint, in one round trip. Per
-        append: 1 written (or already there: a retry), 0 fenced off (the attempt is no longer
-        the job's current one), -1 refused (it does not follow what the stream holds)."""
-        pipe = self.redis.pipeline(transaction=False)
-        for a in appends:
-            job = a.row.job_id
-            await self._append(
-                keys=[self.keys.job(job), self.keys.tokens(job), self.keys.checkpoint(job)],
-                args=[a.row.attempts, max_entries, ttl_s, self.consumer, a.text, a.ids,
-                      a.offset, a.tokens, a.seq, "1" if a.stream else "0", a.checkpoint,
-                      "" if a.resumed_at is None else a.resumed_at, checkpoint_ttl_s],
-                client=pipe)
-        return [int(x) for x in await pipe.execute()]
+        """Write each append to its job's token stream and checkpoint, in one script call
+        (cluster clients refuse pipelined EVALSHA). Per append: 1 written (or already there: a
+        retry), 0 fenced off (the attempt is no longer the job's current one), -1 refused (it
+        does not follow what the stream or checkpoint holds)."""
+        if not appends:
+            return []
+        keys, args = batch_args([
+            ([self.keys.job(a.row.job_id), self.keys.tokens(a.row.job_id),
+              self.keys.checkpoint(a.row.job_id)],
+             [a.row.attempts, max_entries, ttl_s, self.consumer, a.text, a.ids, a.offset,
+              a.tokens, a.seq, "1" if a.stream else "0", a.checkpoint,
+              "" if a.resumed_at is None else a.resumed_at, checkpoint_ttl_s])
+            for a in appends])
+        return [int(x) for x in await self._append(keys=keys, args=args)]
 
     @_redis_call
     async def load_checkpoint(self, job_id: str) -> list[int]:
@@ -261,12 +282,17 @@ class WorkerStore:
             return []  # expired or torn: start over rather than trust it
         return ids
 
+    @_redis_call
     async def heartbeat(self, fields: dict[Any, Any], ttl_s: float) -> None:
         """Advertise this worker; the same round trip reads Redis' clock (``sync_clock``)."""
         key = self.keys.worker(self.consumer)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(key, mapping=fields)
         pipe.expire(key, max(1, int(ttl_s)))
+        if self._cluster:  # a cluster pipeline refuses keyless commands: TIME on its own
+            await pipe.execute()
+            await self.sync_clock()
+            return
         pipe.time()
         t0 = time.time()
         reply = await pipe.execute()
@@ -288,5 +314,6 @@ class WorkerStore:
         deadline."""
         return time.time() + self.clock_offset
 
+    @_redis_call
     async def drop_heartbeat(self) -> None:
         await self.redis.delete(self.keys.worker(self.consumer))

@@ -9,9 +9,11 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 
+from producer.connection import is_cluster
 from producer.errors import EngineDead
 from worker.claim import ClaimedJob
 from worker.engines.base import StepStats
@@ -44,19 +46,46 @@ async def reclaim(request: Callable[[], None], lease_s: float) -> None:
         request()
 
 
+CANCEL_LISTEN_S = 1.0
+"""Longest wait for one control message (shorter than the socket timeout)."""
+
+
 async def listen_for_cancels(redis: aioredis.Redis, channel: str,
                              on_cancel: Callable[[str], None]) -> None:
-    """Abort running jobs whose cancellation a client requested (Pub/Sub control channel)."""
-    pubsub = redis.pubsub()
-    await pubsub.subscribe(channel)
+    """Abort running jobs whose cancellation a client requested: the control channel is a
+    sharded Pub/Sub channel (SSUBSCRIBE), served by the master of the queue's slot, so a
+    cluster delivers it without broadcasting to every node. Cancels missed while it is down
+    are found by lease renewal."""
+    client = await _channel_client(redis, channel)
+    pubsub: Any = client.pubsub()
     try:
-        async for msg in pubsub.listen():
-            if msg.get("type") != "message":
+        await pubsub.ssubscribe(channel)
+        while True:
+            msg = await pubsub.get_message(ignore_subscribe_messages=True,
+                                           timeout=CANCEL_LISTEN_S)
+            if not msg or msg.get("type") != "smessage":
                 continue
             data = msg["data"]
             on_cancel(data.decode() if isinstance(data, bytes) else str(data))
     finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()
+        if client is not redis:
+            await client.aclose()
+
+
+async def _channel_client(redis: aioredis.Redis, channel: str) -> aioredis.Redis:
+    """The client to subscribe with: ``redis`` itself, or for a cluster a plain client of the
+    master that serves the channel's slot. (redis-py 8.1's cluster pub/sub, which moves
+    subscriptions itself when slots move, froze a whole worker during a cluster failover;
+    here a failover ends the subscription and the listener starts again on the new master.)"""
+    if not is_cluster(redis):
+        return redis
+    cluster: Any = redis
+    await cluster.initialize()
+    node = cluster.get_node_from_key(channel)
+    pool = aioredis.ConnectionPool(connection_class=node.connection_class,
+                                   **node.connection_kwargs)
+    return aioredis.Redis(connection_pool=pool)
 
 
 @dataclass(frozen=True)

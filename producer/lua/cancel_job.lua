@@ -1,7 +1,7 @@
 -- cancel_job: queued -> cancelled at once; running -> cancel requested (the worker aborts it).
 -- A refused call writes nothing and replies "ERR slotfill:<code> <what>" (invalid_argument,
 -- invalid_key).
--- KEYS[1] slotfill:{Q}:job:<id>  KEYS[2] slotfill:{Q}:done:<id>  KEYS[3] slotfill:{Q}:control
+-- KEYS[1] slotfill:{Q}:job:<id>  KEYS[2] slotfill:{Q}:done:<id>  KEYS[3] slotfill:{Q}:control (sharded)
 -- KEYS[4] slotfill:{Q}:tokens:<id>
 -- ARGV[1] job id: 1..128 of A-Z a-z 0-9 _ -   ARGV[2] result TTL: whole seconds 1..31536000
 -- Returns "cancelled" | "requested" | "finished" (already terminal) | "unknown"
@@ -48,7 +48,7 @@ end
 if st == "running" then
   local t = redis.call("TIME")
   redis.call("HSET", KEYS[1], "cancel_requested", string.format("%d.%06d", t[1], t[2]))
-  redis.call("PUBLISH", KEYS[3], id)
+  redis.call("SPUBLISH", KEYS[3], id)  -- sharded: stays on the queue's slot in a cluster
   return "requested"
 end
 return "finished"

@@ -5,6 +5,8 @@
 -- ARGV[6] result TTL seconds  ARGV[7] dead-letter reason ("" = none)  ARGV[8] entry body
 -- ARGV[9] delivery count  KEYS[6] token stream (its ``end`` entry, for a streaming job)
 -- ARGV[10] the writer's attempt (the job record's ``attempts`` when it started the job)
+-- ARGV[11] the job's completion callback (JSON, "" = none)  ARGV[12] when a worker may send it
+-- again if its sender never confirms (unix seconds)  KEYS[7] the callback outbox (sorted set)
 -- Returns 1 when this attempt's result is the job's (written now, or by an earlier call of the
 -- same attempt whose reply was lost), 0 when it is not: the job already has another attempt's
 -- result, or a later attempt owns it (this worker's lease was taken: only the current attempt
@@ -31,6 +33,11 @@ redis.call("EXPIRE", KEYS[3], ARGV[6])
 redis.call("XACK", KEYS[1], ARGV[2], ARGV[1])
 redis.call("XDEL", KEYS[1], ARGV[1])
 redis.call("HINCRBY", KEYS[4], "finished_" .. ARGV[3], 1)
+if ARGV[11] ~= "" then
+  -- In the same step as the result: a sender that dies before confirming leaves it here.
+  redis.call("HSET", KEYS[2], "callback", ARGV[11])
+  redis.call("ZADD", KEYS[7], ARGV[12], string.match(KEYS[2], ":job:(.*)$"))
+end
 local sh = redis.call("HMGET", KEYS[2], "streaming", "stream_attempt", "worker")
 if sh[1] then
   if sh[2] and sh[2] ~= ARGV[10] then

@@ -6,11 +6,18 @@
 -- "malformed".
 local out = {}
 local remaining = tonumber(ARGV[3])
+-- A stream is read again while entries it gave were dropped (duplicate ids, finished jobs):
+-- dropped entries never let a lower stream's jobs start before this one's.
+local MAX_READS = 100
 for _, stream in ipairs(KEYS) do
-  if remaining <= 0 then break end
-  local res = redis.call("XREADGROUP", "GROUP", ARGV[1], ARGV[2], "COUNT", remaining,
-    "STREAMS", stream, ">")
-  if res then
+  local reads = 0
+  while remaining > 0 and reads < MAX_READS do
+    reads = reads + 1
+    local res = redis.call("XREADGROUP", "GROUP", ARGV[1], ARGV[2], "COUNT", remaining,
+      "STREAMS", stream, ">")
+    if not res or #res[1][2] == 0 then break end
+    local got = #res[1][2]
+    local wanted = remaining
     for _, e in ipairs(res[1][2]) do
       local row = take(ARGV[5], stream, ARGV[1], ARGV[2], e[1], e[2], ARGV[4], 1, "run")
       if row then
@@ -18,6 +25,7 @@ for _, stream in ipairs(KEYS) do
         remaining = remaining - 1
       end
     end
+    if got < wanted then break end  -- the stream is drained
   end
 end
 return out

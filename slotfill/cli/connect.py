@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import redis
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, ResponseError
+from redis.exceptions import AuthenticationError, RedisClusterException, ResponseError
 from redis.retry import Retry
 
+from producer.connection import connect as open_redis
 from producer.keys import QueueKeys
 from producer.queue_stats import discover_queues, worker_beats
 from producer.settings import ClientSettings
@@ -79,11 +80,13 @@ def ping(url: str) -> None:
     """Raise CliError unless Redis answers within a few seconds."""
     check_url(url)
     try:
-        probe = redis.Redis.from_url(url, socket_connect_timeout=PING_TIMEOUT_S,
-                                     socket_timeout=PING_TIMEOUT_S, retry=Retry(NoBackoff(), 0))
+        probe = open_redis(url, socket_connect_timeout=PING_TIMEOUT_S,
+                           socket_timeout=PING_TIMEOUT_S, retry=Retry(NoBackoff(), 0))
     except ValueError as e:
         raise CliError(f"bad Redis URL {where(url)}: {e}", "see README, Settings",
                        EXIT_SETTINGS) from None
+    except (redis.RedisError, RedisClusterException, OSError) as e:  # a cluster connects here
+        raise redis_error(url, e) from None
     try:
         probe.ping()
     except (redis.RedisError, OSError) as e:
@@ -106,7 +109,7 @@ def settings_for(redis_url: str | None, queue: str | None = None) -> ClientSetti
 
 def connect(redis_url: str | None) -> tuple[redis.Redis, ClientSettings]:
     settings = settings_for(redis_url)
-    return redis.Redis.from_url(settings.redis_url), settings
+    return open_redis(settings.redis_url), settings
 
 
 def live_workers(r: redis.Redis, queue: str) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import tempfile
 import time
 from contextlib import ExitStack
@@ -15,7 +16,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 from rich.table import Table
 
 from producer import Client
+from producer.connection import connect
 from producer.keys import QueueKeys
+from slotfill.cli.connect import EXIT_SETTINGS, CliError, ping
 from slotfill.testing.fleet import WorkerProcess
 from slotfill.testing.redis_server import RedisServer
 
@@ -51,6 +54,24 @@ def _last_line(w: WorkerProcess) -> str:
     return lines[-1][-70:] if lines else ""
 
 
+_ERROR_LINE = re.compile(r"^[A-Za-z_.]*(Error|Exception|Exit)[A-Za-z]*: ")
+
+
+def _last_error(w: WorkerProcess) -> str:
+    """The worker log's last exception line (with its wrapped continuation), or its last
+    line: what went wrong, without a screenful of traceback."""
+    lines = w.tail(200).splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        if _ERROR_LINE.match(lines[i]):
+            tail = []
+            for more in lines[i + 1:]:
+                if not more.strip() or more.startswith((" ", "\t", "│", "╰")):
+                    break
+                tail.append(more.strip())
+            return " ".join([lines[i].strip(), *tail])[:400]
+    return _last_line(w)
+
+
 def _wait_ready(w: WorkerProcess, console: Console, timeout: float = START_TIMEOUT_S) -> bool:
     """Until the worker's first heartbeat, showing the elapsed time and its latest log line
     (loading a model and compiling take minutes on a CPU); False, with the log's tail, when
@@ -72,8 +93,10 @@ def _wait_ready(w: WorkerProcess, console: Console, timeout: float = START_TIMEO
                 if not console.is_terminal and elapsed >= next_note:
                     console.print(f"engine loading: {elapsed:.0f}s")
                     next_note += 30.0
-            except RuntimeError as e:
-                console.print(f"[red]{e}[/red]")
+            except RuntimeError:
+                code = w.proc.returncode if w.proc is not None else None
+                console.print(f"[red]the worker exited ({code}) before it was ready:[/red] "
+                              f"{_last_error(w)}\n[dim]full log: {w.log_path}[/dim]")
                 return False
     console.print(f"worker ready after {time.monotonic() - t0:.0f}s")
     return True
@@ -82,9 +105,14 @@ def _wait_ready(w: WorkerProcess, console: Console, timeout: float = START_TIMEO
 def run_demo(model: str, n_jobs: int, engine: str, console: Console) -> int:
     with ExitStack() as stack:
         url = os.environ.get("SLOTFILL_REDIS_URL")
-        if not url:
+        if url:
+            ping(url)
+        else:
             console.print("starting a private redis-server ...")
-            server = stack.enter_context(RedisServer())
+            try:
+                server = stack.enter_context(RedisServer())
+            except RuntimeError as e:  # no redis-server binary, or it would not start
+                raise CliError(str(e), code=EXIT_SETTINGS) from None
             url = server.url
         workdir = Path(tempfile.mkdtemp(prefix="slotfill-demo-"))
         queue = f"demo-{os.getpid()}"
@@ -103,7 +131,7 @@ def run_demo(model: str, n_jobs: int, engine: str, console: Console) -> int:
             return 1
         client = Client.from_url(url, queue=queue)
         keys = QueueKeys.for_queue(queue)
-        r = redis.Redis.from_url(url)
+        r = connect(url)
         t0 = time.perf_counter()
         ids = client.submit_many(demo_requests(n_jobs))
         with Progress("[progress.description]{task.description}", BarColumn(),
@@ -117,21 +145,27 @@ def run_demo(model: str, n_jobs: int, engine: str, console: Console) -> int:
                 time.sleep(0.2)
             bar.update(task, completed=len(ids))
         elapsed = time.perf_counter() - t0
-        results = [client.result(i) for i in ids]
-        tokens = sum(res.usage.completion_tokens for res in results if res)
-        table = Table()
-        for col in ("job", "status", "tokens"):
-            table.add_column(col, no_wrap=True)
-        table.add_column("text", no_wrap=True, overflow="ellipsis", max_width=44)
-        for res in results[:5]:
-            if res:
-                table.add_row(res.id[:8], res.status.value, str(res.usage.completion_tokens),
-                              res.text[:60].replace("\n", " "))
-        console.print(table)
-        if not model:
-            console.print("[dim](the tiny model has random weights: its text is noise)[/dim]")
-        ok = sum(1 for res in results if res and res.ok)
-        console.print(f"{ok}/{len(ids)} succeeded in {elapsed:.1f}s: "
-                      f"{len(ids) / elapsed:.1f} jobs/s, {tokens / elapsed:.0f} output tokens/s")
-        return 0 if ok == len(ids) else 1
+        return _report(client, ids, elapsed, model, console)
     return 1
+
+
+def _report(client: Client, ids: list[str], elapsed: float, model: str,
+            console: Console) -> int:
+    """The first results as a table, then the totals; exit 0 only if every job succeeded."""
+    results = [client.result(i) for i in ids]
+    tokens = sum(res.usage.completion_tokens for res in results if res)
+    table = Table()
+    for col in ("job", "status", "tokens"):
+        table.add_column(col, no_wrap=True)
+    table.add_column("text", no_wrap=True, overflow="ellipsis", max_width=44)
+    for res in results[:5]:
+        if res:
+            table.add_row(res.id[:8], res.status.value, str(res.usage.completion_tokens),
+                          res.text[:60].replace("\n", " "))
+    console.print(table)
+    if not model:
+        console.print("[dim](the tiny model has random weights: its text is noise)[/dim]")
+    ok = sum(1 for res in results if res and res.ok)
+    console.print(f"{ok}/{len(ids)} succeeded in {elapsed:.1f}s: "
+                  f"{len(ids) / elapsed:.1f} jobs/s, {tokens / elapsed:.0f} output tokens/s")
+    return 0 if ok == len(ids) else 1

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from fastapi import Request
 
 from producer import AsyncClient, ClientSettings
+from producer.connection import connect_async
 from producer.keys import Priority
 from slotfill.gateway.errors import APIError, bad_request
 from slotfill.gateway.keys import GatewayKeys
@@ -49,8 +50,8 @@ class Gateway:
     @classmethod
     def connect(cls, settings: GatewaySettings, client_settings: ClientSettings) -> Gateway:
         # A short connect timeout turns an unreachable Redis into a prompt 503, not a hang.
-        r = aioredis.Redis.from_url(client_settings.redis_url, socket_connect_timeout=2.0,
-                                    socket_timeout=10.0)
+        r = connect_async(client_settings.redis_url, socket_connect_timeout=2.0,
+                          socket_timeout=10.0)
         return cls(settings, client_settings, r)
 
     def keys(self, queue: str) -> GatewayKeys:

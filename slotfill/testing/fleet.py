@@ -9,8 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-import redis
-
+from producer.connection import connect
 from producer.keys import QueueKeys
 from slotfill.testing.redis_server import unblock_stream_reads
 
@@ -45,7 +44,7 @@ class WorkerProcess:
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         """Until the worker's heartbeat appears (engine loaded, pulling)."""
-        r = redis.Redis.from_url(self.redis_url)
+        r = connect(self.redis_url)
         key = QueueKeys.for_queue(self.queue).worker(self.consumer)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

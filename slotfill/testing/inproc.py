@@ -26,17 +26,20 @@ import logging
 import signal as _signal
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import redis
 
+from producer.connection import connect
 from producer.keys import QueueKeys
 from slotfill.testing.poll import wait_until
 from slotfill.testing.redis_server import unblock_stream_reads
 from worker.runner import build_engine, serve
 from worker.settings import WorkerSettings
 
+STUCK_AFTER_S = 3.0
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _log_users = 0
 _log_lock = threading.Lock()
@@ -101,6 +104,7 @@ class InprocWorker:
         self._thread: threading.Thread | None = None
         self._capture = _Capture()
         self._logs_attached = False
+        self._root: asyncio.Task[int] | None = None
 
     # -- life cycle -------------------------------------------------------------------------
 
@@ -127,6 +131,7 @@ class InprocWorker:
             self._loop.close()
 
     async def _serve(self) -> int:
+        self._root = asyncio.current_task()
         engine = build_engine(self.settings)
         try:
             return await serve(self.settings, engine)
@@ -144,7 +149,7 @@ class InprocWorker:
 
     def wait_ready(self, timeout: float = 30.0) -> InprocWorker:
         """Until the worker's heartbeat appears (as ``WorkerProcess.wait_ready``)."""
-        r = redis.Redis.from_url(self.redis_url)
+        r = connect(self.redis_url)
         key = QueueKeys.for_queue(self.queue).worker(self.consumer)
 
         def ready() -> bool:
@@ -170,10 +175,14 @@ class InprocWorker:
         """Until the worker returns; its exit code (``EXIT_*`` of ``worker.runner``)."""
         if self._thread is not None:
             self._thread.join(0.05)
-            end = time.monotonic() + timeout
+            start = time.monotonic()
+            end, recancelled = start + timeout, False
             while self._thread.is_alive() and time.monotonic() < end:
                 unblock_stream_reads(self.redis_url)  # its idle read would hold it 2 s
                 self._thread.join(0.05)
+                if not recancelled and time.monotonic() - start > STUCK_AFTER_S:
+                    recancelled = True
+                    self._recancel()
             if self._thread.is_alive():
                 raise TimeoutError(f"in-process worker {self.consumer} still running after "
                                    f"{timeout}s:\n{self.tail()}\n{self._task_stacks()}")
@@ -181,6 +190,26 @@ class InprocWorker:
         if self.error is not None:
             raise RuntimeError(f"in-process worker {self.consumer} failed") from self.error
         return self.exit_code
+
+    def _recancel(self) -> None:
+        """Seen a few times under load: a stopping worker whose upkeep task, cancelled in the
+        middle of a Redis call, got a Redis error instead of the cancellation, and the
+        runner's retry loop (``_resilient``) went on retrying, so ``serve`` never returned.
+        Cancel the stragglers once more (a worker process would wait for its SIGKILL) and
+        warn with where they were, so it stays visible."""
+        loop, root = self._loop, self._root
+        if loop is None:
+            return
+        warnings.warn(f"in-process worker {self.consumer} still stopping after "
+                      f"{STUCK_AFTER_S}s; cancelling its tasks again:\n{self.tail(5)}\n"
+                      f"{self._task_stacks()}", RuntimeWarning, stacklevel=3)
+
+        def cancel_all() -> None:
+            for task in asyncio.all_tasks(loop):
+                if task is not root:
+                    task.cancel()
+
+        loop.call_soon_threadsafe(cancel_all)
 
     def _detach_logs(self) -> None:
         if self._logs_attached:
@@ -194,8 +223,15 @@ class InprocWorker:
             return ""
         out = io.StringIO()
         for task in list(asyncio.all_tasks(self._loop)):
-            out.write(f"task {task.get_name()}:\n")
-            task.print_stack(limit=6, file=out)
+            out.write(f"task {task.get_name()} ({'cancelling' if task.cancelling() else 'pending'})"
+                      ":\n")
+            coro: Any = task.get_coro()
+            while coro is not None:  # the whole await chain, not only the task's own frame
+                frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+                if frame is not None:
+                    out.write(f"  {frame.f_code.co_filename}:{frame.f_lineno} "
+                              f"{frame.f_code.co_name}\n")
+                coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
         return out.getvalue()
 
     def stop(self, timeout: float = 60.0) -> int | None:
@@ -212,7 +248,7 @@ class InprocWorker:
 
     def wait_idle(self, timeout: float = 60.0) -> None:
         """Until no entry is left in the queue's streams (finished jobs are deleted)."""
-        r = redis.Redis.from_url(self.redis_url)
+        r = connect(self.redis_url)
         def idle() -> bool:
             self._check_running()
             return self.queue_size(r) == 0

@@ -37,6 +37,7 @@ from typing import Any
 import redis
 
 from producer import Client, QueueFull
+from producer.connection import connect
 from producer.keys import GROUP, QueueKeys
 from slotfill.testing.fleet import WorkerProcess
 from slotfill.testing.redis_server import unblock_stream_reads
@@ -287,7 +288,7 @@ def soak(redis_url: str, queue: str, *, kills: int, jobs: int, log_dir: Path,
          extra: dict[str, str | int | float] | None = None,
          progress: bool = False) -> Report:
     rng = random.Random(seed)
-    r = redis.Redis.from_url(redis_url)
+    r = connect(redis_url)
     client = Client.from_url(redis_url, queue=queue)
     settings: dict[str, str | int | float] = dict(
         engine=engine, sim_step_ms=step_ms, max_num_seqs=slots, headroom=headroom,

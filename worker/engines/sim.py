@@ -114,6 +114,10 @@ class SimEngine:
                 self._wake.clear()
                 await self._wake.wait()
             advanced = self._schedule()
+            # Reported as vLLM's scheduler reports them: the batch this step ran with and what
+            # was left waiting (counted after the step's finishes, a free slot that the next
+            # schedule cannot fill would hide behind the jobs still waiting).
+            scheduled = len(self._running), len(self._waiting)
             await asyncio.sleep(self.step_s)
             if any(s.poison for s in self._running.values()):
                 self._die()
@@ -131,8 +135,8 @@ class SimEngine:
                 if s.generated >= s.max_tokens:
                     self._finish(s)
             kv = sum(s.prefilled + s.generated for s in self._running.values())
-            self.stats.record(len(self._running), len(self._waiting),
-                              kv / (self.slots * self.max_model_len), self.slots, len(produced))
+            self.stats.record(*scheduled, kv / (self.slots * self.max_model_len), self.slots,
+                              len(produced))
 
     def _schedule(self) -> list[_Seq]:
         """One step's token budget: decodes, then prompt chunks (running requests first, then

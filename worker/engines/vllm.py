@@ -42,7 +42,11 @@ def _default_cpu_kv_cache() -> None:
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(gib)
 
 
-def _stat_logger_factory(stats: StepStats, slots: Callable[[], int]) -> Any:
+def stat_logger_class(on_step: Callable[[Any], None],
+                      on_tokens: Callable[[int], None] | None = None) -> Any:
+    """A vLLM stat-logger class (for ``stat_loggers=[...]``) that hands the scheduler's
+    stats of every engine step to ``on_step``. Public: the bench logs its own engines' steps
+    with the worker's logger."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     class SlotStatLogger(StatLoggerBase):  # type: ignore[misc]
@@ -54,14 +58,28 @@ def _stat_logger_factory(stats: StepStats, slots: Callable[[], int]) -> Any:
         def record(self, scheduler_stats: Any, iteration_stats: Any,
                    mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
             if scheduler_stats is not None:
-                stats.record(scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs,
-                             scheduler_stats.kv_cache_usage, slots(),
-                             getattr(iteration_stats, "num_generation_tokens", 0) or 0)
+                if on_tokens is not None and iteration_stats is not None:
+                    on_tokens(getattr(iteration_stats, "num_generation_tokens", 0) or 0)
+                on_step(scheduler_stats)
 
         def log_engine_initialized(self) -> None:
             pass
 
     return SlotStatLogger
+
+
+def _stat_logger_factory(stats: StepStats, slots: Callable[[], int]) -> Any:
+    generated = [0]  # the step's generated tokens, handed over just before its scheduler stats
+
+    def on_tokens(n: int) -> None:
+        generated[0] += n
+
+    def on_step(scheduler_stats: Any) -> None:
+        stats.record(scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs,
+                     scheduler_stats.kv_cache_usage, slots(), generated[0])
+        generated[0] = 0
+
+    return stat_logger_class(on_step, on_tokens)
 
 
 def _client_errors() -> tuple[type[BaseException], ...]:
@@ -78,8 +96,9 @@ def _client_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _engine_input_builder() -> Any:
-    """Token ids in the engine's already-rendered input form where this vLLM has one.
+def engine_input_builder() -> Any:
+    """Token ids in the engine's already-rendered input form where this vLLM has one (public:
+    the bench feeds its own ``AsyncLLM`` the worker's way).
 
     A plain ``{"prompt_token_ids": ...}`` is treated as a raw prompt and preprocessed in a
     thread pool: measured here, that delayed refills enough to leave slots idle for several
@@ -190,7 +209,7 @@ class VllmEngine:
         self.max_model_len: int = self.llm.model_config.max_model_len
         self._adopt_engine_choice()
         self.tokenizer = None if settings.skip_tokenizer_init else self.llm.get_tokenizer()
-        self._engine_input = _engine_input_builder()
+        self._engine_input = engine_input_builder()
 
     def _adopt_engine_choice(self) -> None:
         """The sizes vLLM settled on become the worker's (capacity, admission, heartbeat)."""

@@ -8,11 +8,14 @@ The worker calls ``Celery(broker=...).send_task(name, args=[result_dict], queue=
 one-thread executor, so the event loop never waits on a broker. The task id is
 ``slotfill-<job id>``, which lets the receiving side drop a repeat.
 
-Guarantees: the callback is sent after the result is durable in Redis, at most once per
-published result, by the worker that published it. A worker killed between those two steps
-loses the callback (the result itself is safe in Redis); a broker that stays unreachable for
-``celery_send_timeout`` seconds loses it too (logged, counted as ``error``). Jobs cancelled
-while still queued never reach a worker and send no callback.
+Guarantees: at least once per published result. ``finish_job`` puts the job in the queue's
+callback outbox (``slotfill:{Q}:callbacks``, with the spec in the job record) in the same step
+as the result; the publishing worker sends it and then removes it. One that was never
+confirmed — its worker died between the two, or the broker was unreachable — is claimed by
+any worker's sweeper ``celery_redeliver_seconds`` later and sent again (again and again while
+the broker stays down, until the result expires). A repeat is possible only when a sender
+dies (or stalls past that time) between sending and confirming; it carries the same task id.
+Jobs cancelled while still queued never reach a worker and send no callback.
 
 Brokers: a callback without ``broker_url`` goes to ``SLOTFILL_CELERY_BROKER_URL``; one that
 names a broker must name that one or one of ``SLOTFILL_CELERY_BROKERS``; anything else is
@@ -24,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -40,13 +44,28 @@ if TYPE_CHECKING:
 log = logging.getLogger("slotfill.worker")
 
 
+SWEEP_BATCH = 50
+
+
 class CeleryBridge:
     def __init__(self, settings: WorkerSettings,
                  outcome: Callable[[str], None] | None = None) -> None:
+        from producer.connection import connect
+        from producer.keys import QueueKeys
+        from producer.scripts import source
+
         self.settings = settings
+        self.keys = QueueKeys.for_queue(settings.queue)
+        self._redis = connect(settings.redis_url, socket_timeout=5.0,
+                              socket_connect_timeout=5.0)
+        self._claim = self._redis.register_script(source("claim_callbacks"))
+        self._stop = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep, name="slotfill-callback-sweeper",
+                                         daemon=True)
+        self._sweeper.start()
         self.allowed = {u for u in [settings.celery_broker_url, *settings.celery_brokers] if u}
         self.outcome = outcome or (lambda _o: None)
-        self.counts: dict[str, int] = {"sent": 0, "refused": 0, "error": 0}
+        self.counts: dict[str, int] = {"sent": 0, "refused": 0, "error": 0, "redelivered": 0}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slotfill-celery")
         self._apps: dict[str, Any] = {}
         self._pending: set[Future[None]] = set()
@@ -63,21 +82,28 @@ class CeleryBridge:
             return
         try:
             spec = json.loads(row.body).get("callback")
-            if spec is None:
-                return
+        except (ValueError, AttributeError) as e:
+            spec = e
+        if spec is not None:
+            self._dispatch(row.job_id, spec, result_json)
+
+    def _dispatch(self, job_id: str, spec: Any, result_json: str) -> None:
+        try:
             cb = CeleryCallback.model_validate(spec)
-        except (ValueError, AttributeError, ValidationError) as e:
-            log.warning("job %s: bad completion callback: %s", row.job_id, e)
+        except (ValueError, ValidationError) as e:
+            log.warning("job %s: bad completion callback: %s", job_id, e)
             self._count("refused")
+            self._executor.submit(self._confirm, job_id)
             return
         broker = cb.broker_url or self.settings.celery_broker_url
         if not broker or broker not in self.allowed:
-            log.warning("job %s: callback %s refused: broker %s", row.job_id, cb.celery_task,
+            log.warning("job %s: callback %s refused: broker %s", job_id, cb.celery_task,
                         "not configured (SLOTFILL_CELERY_BROKER_URL)" if not broker
                         else "not allowed (SLOTFILL_CELERY_BROKERS)")
             self._count("refused")
+            self._executor.submit(self._confirm, job_id)
             return
-        fut = self._executor.submit(self._send, broker, cb, row.job_id, result_json)
+        fut = self._executor.submit(self._send, broker, cb, job_id, result_json)
         with self._lock:
             self._pending.add(fut)
         fut.add_done_callback(self._done)
@@ -119,10 +145,54 @@ class CeleryBridge:
         log.info("job %s: callback %s sent", job_id, cb.celery_task,
                  extra={"job_id": job_id, "event": "callback_sent"})
         self._count("sent")
+        self._confirm(job_id)
+
+    def _confirm(self, job_id: str) -> None:
+        """Take the job out of the outbox: its callback needs no redelivery. Retried through
+        a Redis stall for up to half the redelivery time (a peer would send it again)."""
+        give_up = time.monotonic() + self.settings.celery_redeliver_seconds / 2
+        delay = 0.1
+        while True:
+            try:
+                self._redis.zrem(self.keys.callbacks, job_id)
+                return
+            except Exception as e:
+                if time.monotonic() + delay > give_up or self._stop.is_set():
+                    # Sent again later: a repeat (same task id), never a loss.
+                    log.warning("job %s: callback sent, not confirmed (%s): it may repeat",
+                                job_id, e)
+                    return
+                time.sleep(delay)
+                delay = min(2 * delay, 2.0)
+
+    def _sweep(self) -> None:
+        """Send again what no sender confirmed (see the module docstring)."""
+        period = max(0.2, self.settings.celery_redeliver_seconds / 4)
+        while not self._stop.wait(period):
+            try:
+                self._redeliver()
+            except Exception as e:  # Redis away: next time
+                log.debug("callback sweep failed: %s", e)
+
+    def _redeliver(self) -> None:
+        sec, usec = self._redis.time()
+        now = int(sec) + int(usec) / 1e6
+        raw = self._claim(keys=[self.keys.callbacks], args=[
+            repr(now), repr(now + self.settings.celery_redeliver_seconds), SWEEP_BATCH,
+            self.keys.base])
+        for i in range(0, len(raw), 3):
+            job_id, spec, result = (x.decode() for x in raw[i:i + 3])
+            log.info("job %s: callback never confirmed by its sender: sending it again", job_id)
+            self._count("redelivered")
+            try:
+                self._dispatch(job_id, json.loads(spec), result)
+            except ValueError:
+                self._executor.submit(self._confirm, job_id)
 
     def close(self, timeout: float | None = None) -> int:
         """Let queued sends finish (up to ``timeout``, default ``celery_send_timeout``);
-        returns how many were still unsent."""
+        returns how many were still unsent (they stay in the outbox for a peer)."""
+        self._stop.set()
         with self._lock:
             pending = list(self._pending)
         left = 0
@@ -135,4 +205,5 @@ class CeleryBridge:
                 app.close()
             except Exception:
                 pass
+        self._redis.close()
         return left

@@ -33,8 +33,10 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+from redis.exceptions import RedisClusterException
 
 from producer import queue_stats
+from producer.connection import connect
 
 if TYPE_CHECKING:
     from worker.claim import ClaimedJob
@@ -183,12 +185,12 @@ class WorkerMetrics:
             now = time.monotonic()
             if snap is not None and now - at < QUEUE_CACHE_S:
                 return snap
-            if self._redis is None:
-                self._redis = redis.Redis.from_url(self.settings.redis_url, socket_timeout=2.0,
-                                                   socket_connect_timeout=2.0)
             try:
+                if self._redis is None:  # a cluster client connects here already
+                    self._redis = connect(self.settings.redis_url, socket_timeout=2.0,
+                                          socket_connect_timeout=2.0)
                 snap = queue_stats.snapshot(self._redis, self.queue)
-            except (redis.RedisError, OSError) as e:
+            except (redis.RedisError, RedisClusterException, OSError) as e:
                 log.warning("metrics: queue state unavailable: %s", e)
                 snap = None
             self._cache = (now, snap)

@@ -32,11 +32,20 @@ local function take(base, stream, group, consumer, entry, flat, now, deliveries,
     redis.call("HINCRBY", base .. ":stats", "duplicate_entries", 1)
     return nil
   end
-  local attempts = redis.call("HINCRBY", jkey, "attempts", 1)
+  -- The record is anyone's to write (a client's ACL allows HSET): a field that is not the
+  -- number it must be is replaced, never passed on, so no record content can make a worker
+  -- fail to read its claim (it would crash on every delivery, past every backstop).
+  local rec = redis.call("HMGET", jkey, "attempts", "queued_at")
+  local attempts = tonumber(rec[1] or "0")
+  if not attempts or attempts ~= math.floor(attempts) or attempts < 0 or attempts > 1e9 then
+    redis.call("HSET", jkey, "attempts", 0)
+  end
+  attempts = redis.call("HINCRBY", jkey, "attempts", 1)
   redis.call("HSET", jkey, "status", "running", "started_at", now, "worker", consumer,
     "entry", entry, "stream", stream)
-  local queued_at = redis.call("HGET", jkey, "queued_at")
-  if not queued_at then
+  local queued_at = rec[2]
+  local q = tonumber(queued_at or "")
+  if not q or q ~= q or q == math.huge or q == -math.huge then
     queued_at = now
     redis.call("HSET", jkey, "queued_at", now)
   end

@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from bench.redis_boost import BenchRedisServer
+from bench.redis_server import bench_redis
 from bench.redis_stats import command_calls, delta, per_job
 from bench.workload import Request
 from producer import Client, QueueKeys
@@ -30,8 +30,7 @@ def run_submit_bench(reqs: list[Request], single: int = 2000, many: int = 20_000
                      depth: int = 100_000, probe: int = 5000,
                      progress: Callable[[str], None] = lambda s: None,
                      boost: bool = True) -> dict[str, Any]:
-    with BenchRedisServer(workdir=tempfile.mkdtemp(prefix="slotfill-bench-submit-"),
-                          priority_boost=boost) as server:
+    with bench_redis(tempfile.mkdtemp(prefix="slotfill-bench-submit-"), boost) as server:
         r = redis.Redis.from_url(server.url)
         c = Client.from_url(server.url)
         for name in ("single", "many", "empty", "deep"):

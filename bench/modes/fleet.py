@@ -22,7 +22,7 @@ from typing import Any
 
 from bench.analysis import load_steps, mean_occupancy, pct, slot_idle
 from bench.config import FLEET_MODES, BenchConfig
-from bench.slotfill_mode import QUEUE, measure
+from bench.modes.slotfill import QUEUE, measure
 from bench.workload import Request
 from slotfill.testing.fleet import WorkerProcess
 

@@ -13,10 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from bench import cpu
-from bench.config import BenchConfig
+from bench.config import REPO_ROOT, BenchConfig
 from bench.workload import Request
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _db_url(redis_url: str, db: int) -> str:
@@ -41,7 +39,7 @@ def run_celery(cfg: BenchConfig, reqs: list[Request], run_dir: Path, redis_url: 
     t_load = time.time()
     with open(run_dir / f"{mode}.celery.log", "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "bench.celery_app", "worker", "--pool", "solo",
+            [sys.executable, "-m", "celery", "-A", "bench.modes.celery_app", "worker", "--pool", "solo",
              "--concurrency", "1", "-Q", "slotfill-bench", "--loglevel", "WARNING",
              "-n", f"bench-{mode}@%h"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -68,7 +66,7 @@ def _measure(reqs: list[Request], broker: str, backend: str, mode: str, batch_si
     from celery import Celery
     from celery.exceptions import TimeoutError as CeleryTimeout
 
-    from bench.celery_app import TASK
+    from bench.modes.celery_app import TASK
 
     client = Celery("slotfill_bench_client", broker=broker, backend=backend)
     client.conf.update(task_serializer="json", result_serializer="json",

@@ -16,7 +16,7 @@ from typing import Any
 
 import redis
 
-from bench.redis_boost import BenchRedisServer
+from bench.redis_server import bench_redis
 from bench.redis_stats import command_calls, delta, per_job
 from producer import Client, QueueKeys
 from slotfill.testing.fleet import WorkerProcess
@@ -40,7 +40,7 @@ def run_soak(jobs: int = 100_000, slots: int = 256, headroom: int = 32, step_ms:
     wd = Path(workdir or tempfile.mkdtemp(prefix="slotfill-bench-soak-")).resolve()
     (wd / "redis").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    with BenchRedisServer(workdir=str(wd / "redis"), priority_boost=boost) as server:
+    with bench_redis(str(wd / "redis"), boost) as server:
         c = Client.from_url(server.url, queue=QUEUE)
         c.configure_queue(max_pending=jobs + 1)
         t = time.perf_counter()

@@ -1,0 +1,95 @@
+"""Every command path against a 3-master Redis Cluster (``redis+cluster://``): submit, batch
+submit, wait, stream, cancel through the sharded control channel, the asyncio client, and
+``slotfill status`` seeing queues whose slots live on different masters."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+from redis.cluster import key_slot
+
+from producer import AsyncClient, Client, JobStatus
+from producer.keys import QueueKeys
+from slotfill.testing.cluster import LocalCluster
+from slotfill.testing.fleet import WorkerProcess
+
+QUEUES = ("qa", "qb")  # slots 2031 and 14220: the first and the last master
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    with LocalCluster(masters=3) as cl:
+        yield cl
+
+
+@pytest.fixture(scope="module")
+def workers(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory
+            ) -> Iterator[list[WorkerProcess]]:
+    d = tmp_path_factory.mktemp("cluster-workers")
+    ws = [WorkerProcess(cluster.url, f"w-{q}", d / f"{q}.log", queue=q, engine="sim",
+                        sim_step_ms=5, max_num_seqs=8, headroom=4, lease_seconds=2,
+                        heartbeat_seconds=0.5).start() for q in QUEUES]
+    try:
+        for w in ws:
+            w.wait_ready(60)
+        yield ws
+    finally:
+        for w in ws:
+            w.stop(10)
+
+
+def test_the_queues_live_on_different_masters(cluster: LocalCluster) -> None:
+    a, b = (cluster.master_of_key(QueueKeys.for_queue(q).base) for q in QUEUES)
+    assert a.port != b.port
+    assert key_slot(QueueKeys.for_queue("qa").job("x").encode()) == key_slot(
+        QueueKeys.for_queue("qa").stream().encode())
+
+
+def test_submit_wait_stream_and_cancel(cluster: LocalCluster,
+                                       workers: list[WorkerProcess]) -> None:
+    c = Client.from_url(cluster.url, queue="qa")
+    try:
+        ids = c.submit_many([{"prompt": f"p{i}", "max_tokens": 5} for i in range(30)])
+        assert all(c.wait(i, timeout=20).status is JobStatus.succeeded for i in ids)
+        job = c.submit("stream me", max_tokens=12, stream=True)
+        events = list(c.stream(job.id, timeout=20))
+        text = "".join(getattr(e, "text", "") for e in events[:-1])
+        assert events[-1].status is JobStatus.succeeded  # type: ignore[union-attr]
+        assert text == events[-1].text  # type: ignore[union-attr]
+        long = c.submit("long", max_tokens=400)
+        end = time.monotonic() + 10
+        while c.status(long.id) is not JobStatus.running and time.monotonic() < end:
+            time.sleep(0.01)
+        assert c.cancel(long.id) == "requested"
+        assert c.wait(long.id, timeout=5).status is JobStatus.cancelled
+        assert f"job {long.id} cancel requested (control channel)" in workers[0].log_path.read_text()
+    finally:
+        c.close()
+
+
+def test_async_client(cluster: LocalCluster, workers: list[WorkerProcess]) -> None:
+    async def run() -> list[JobStatus]:
+        async with AsyncClient.from_url(cluster.url, queue="qb") as c:
+            ids = await c.submit_many([{"prompt": "y", "max_tokens": 3}] * 10)
+            one = await c.submit("z", max_tokens=3)
+            return [(await c.wait(i, timeout=20)).status for i in [*ids, one.id]]
+
+    assert set(asyncio.run(run())) == {JobStatus.succeeded}
+
+
+def test_status_sees_every_master(cluster: LocalCluster, workers: list[WorkerProcess]) -> None:
+    out = subprocess.run([sys.executable, "-m", "slotfill", "status", "--json",
+                          "--redis-url", cluster.url], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    queues = data["queues"] if isinstance(data, dict) else data
+    seen = {q["queue"]: q for q in queues}
+    assert set(QUEUES) <= set(seen)
+    assert all(len(seen[q]["workers"]) == 1 for q in QUEUES)
