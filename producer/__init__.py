@@ -29,7 +29,7 @@ from producer.schema import (
     Usage,
 )
 from producer.settings import ClientSettings
-from producer.streaming import Restarted, StreamEvent, TokenDelta
+from producer.streaming import Moved, Restarted, StreamEvent, TokenDelta
 
 __all__ = [
     "AsyncClient",
@@ -45,6 +45,7 @@ __all__ = [
     "JobRequest",
     "JobResult",
     "JobStatus",
+    "Moved",
     "PayloadTooLarge",
     "Priority",
     "QueueFull",

@@ -182,7 +182,8 @@ class Client:
     def stream(self, job_id: str, *, after: str = FIRST_ID, timeout: float | None = None,
                queue: str | None = None) -> Iterator[StreamEvent]:
         """Follow a job's output as it is generated: ``TokenDelta`` events, ``Restarted``
-        when the job starts over on another worker (drop the text so far), and last the
+        when the job starts over on another worker (drop the text so far), ``Moved`` when it
+        continues on another worker (keep it: only new text follows), and last the
         ``JobResult``. Resume after a disconnect with ``after=<entry_id of the last event>``:
         nothing is lost or repeated. Any number of readers may follow one job. A job that
         was not submitted with ``stream=True`` yields its whole text once it ends.

@@ -69,6 +69,12 @@ class QueueKeys:
         (coalesced new text of that attempt), ``end`` (terminal status). Capped, with a TTL."""
         return f"{self.base}:tokens:{job_id}"
 
+    def checkpoint(self, job_id: str) -> str:
+        """String of the generated token ids a running job has so far (``"id,"`` items, in
+        order), whatever attempt made them: a reclaiming worker continues from it. Written
+        with the token stream (``append_tokens``); expires with the result."""
+        return f"{self.base}:ckpt:{job_id}"
+
     def idempotency(self, key: str) -> str:
         return f"{self.base}:idem:{key}"
 

@@ -227,6 +227,11 @@ class JobResult(BaseModel):
     error: JobError | None = None
     worker: str | None = None
     attempts: int = 0
+    resumed_at_token: int | None = None
+    """Set when this attempt continued an earlier one's output: the completion tokens it
+    carried over (generated before the move; ``usage`` counts them too)."""
+    restarted: str | None = None
+    """Set when a reclaimed job started over instead: why (PROTOCOL.md, "Resume or restart")."""
 
     @property
     def ok(self) -> bool:

@@ -2,8 +2,9 @@
 stream entries into them (shared by the sync and async clients).
 
 The worker appends to ``slotfill:{Q}:tokens:<id>`` (see PROTOCOL.md, Streaming):
-``start`` when an attempt begins, ``delta`` entries with the new text of that attempt,
-coalesced, and ``end`` with the terminal status, written in the same step as the result.
+``start`` when an attempt begins from scratch, ``moved`` when an attempt continues the
+earlier one's output on another worker, ``delta`` entries with the new text, coalesced, and
+``end`` with the terminal status, written in the same step as the result.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class TokenDelta:
     entry_id: str
     attempt: int
     offset: int
-    """Tokens of this attempt before this delta."""
+    """The job's tokens before this delta (a moved job's count on across the move)."""
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,19 @@ class Restarted:
     worker: str
 
 
-StreamEvent = TokenDelta | Restarted | JobResult
-"""What ``stream`` yields: deltas, restarts, and last the job's result."""
+@dataclass(frozen=True)
+class Moved:
+    """The job continues on another worker (its worker died or lost the job) from token
+    ``at``: keep the text so far; the deltas that follow are only new text."""
+
+    attempt: int
+    entry_id: str
+    worker: str
+    at: int
+
+
+StreamEvent = TokenDelta | Restarted | Moved | JobResult
+"""What ``stream`` yields: deltas, restarts, moves, and last the job's result."""
 
 
 @dataclass
@@ -61,7 +73,7 @@ class StreamCursor:
         # is an attempt it has not followed, so it must be told to drop its text.
         self.seen_output = self.last_id != FIRST_ID
 
-    def feed(self, entry_id: str, raw: dict[Any, Any]) -> TokenDelta | Restarted | None:
+    def feed(self, entry_id: str, raw: dict[Any, Any]) -> TokenDelta | Restarted | Moved | None:
         """The event of one stream entry (None: nothing to yield). Sets ``ended`` at
         ``end``; the caller then fetches the result."""
         self.last_id = entry_id
@@ -76,6 +88,12 @@ class StreamCursor:
             self.attempt = attempt
             if restarted:
                 return Restarted(attempt, entry_id, f.get("worker", ""))
+            return None
+        if kind == "moved":
+            moved = self.seen_output and attempt != self.attempt
+            self.attempt = attempt
+            if moved:
+                return Moved(attempt, entry_id, f.get("worker", ""), int(f.get("at", "0") or 0))
             return None
         if kind != "delta":
             return None  # written by a newer slotfill: skip what this reader cannot use

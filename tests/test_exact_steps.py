@@ -29,9 +29,9 @@ def _running(r: redis.Redis, client: Client, queue: str, attempts: int = 1,
 def _append(r: redis.Redis, keys: QueueKeys, job_id: str, attempt: int, text: str,
             ids: list[int], offset: int, seq: int) -> int:
     script = r.register_script(source("append_tokens"))
-    return int(script(keys=[keys.job(job_id), keys.tokens(job_id)],
+    return int(script(keys=[keys.job(job_id), keys.tokens(job_id), keys.checkpoint(job_id)],
                       args=[attempt, 1000, 60, "w", text, json.dumps(ids) if ids else "",
-                            offset, len(ids), seq]))
+                            offset, len(ids), seq, 1, "", "", 60]))
 
 
 def test_a_retried_append_writes_nothing_and_a_gap_is_refused(

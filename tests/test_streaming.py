@@ -11,7 +11,16 @@ from pathlib import Path
 import pytest
 import redis
 
-from producer import AsyncClient, Client, JobResult, JobStatus, QueueKeys, Restarted, TokenDelta
+from producer import (
+    AsyncClient,
+    Client,
+    JobResult,
+    JobStatus,
+    Moved,
+    QueueKeys,
+    Restarted,
+    TokenDelta,
+)
 from producer.scripts import source
 from producer.streaming import StreamEvent
 from slotfill.testing.poll import wait_until
@@ -112,10 +121,10 @@ def test_a_job_that_did_not_ask_to_stream_yields_its_whole_text(
     assert collect(events)[0] == events[-1].text != ""  # type: ignore[union-attr]
 
 
-@pytest.mark.fault
-def test_worker_killed_mid_stream_reader_is_told_and_sees_only_the_new_attempt(
-        redis_server: RedisServer, r: redis.Redis, client: Client, queue: str,
-        tmp_path: Path) -> None:
+def _kill_mid_stream(redis_server: RedisServer, client: Client, queue: str, tmp_path: Path,
+                     **b_settings: float) -> tuple[list[StreamEvent], str]:
+    """A streaming job whose worker is killed after 3 deltas; worker b finishes it. The
+    reader's events (it resumed after its last one), and the job id."""
     a = sim_worker(redis_server.url, queue, tmp_path, "a", stream_interval_ms=20)
     with workers(a):
         job = client.submit("hello", max_tokens=300, stream=True)
@@ -126,9 +135,20 @@ def test_worker_killed_mid_stream_reader_is_told_and_sees_only_the_new_attempt(
             if sum(isinstance(e, TokenDelta) for e in events) == 3:
                 break
         a.kill()
-        with workers(inproc_worker(redis_server.url, queue, "b", stream_interval_ms=20)):
+        with workers(inproc_worker(redis_server.url, queue, "b", stream_interval_ms=20,
+                                   **b_settings)):
             events += list(client.stream(job.id, after=events[-1].entry_id,  # type: ignore[union-attr]
                                          timeout=60))
+    return events, job.id
+
+
+@pytest.mark.fault
+def test_worker_killed_mid_stream_reader_is_told_and_sees_only_the_new_attempt(
+        redis_server: RedisServer, r: redis.Redis, client: Client, queue: str,
+        tmp_path: Path) -> None:
+    """Without checkpoints (b has them off) the job starts over."""
+    events, job_id = _kill_mid_stream(redis_server, client, queue, tmp_path,
+                                      checkpoint_interval_ms=0)
     restarts = [e for e in events if isinstance(e, Restarted)]
     assert len(restarts) == 1 and restarts[0].attempt == 2 and restarts[0].worker == "b"
     text, res = collect(events)
@@ -137,9 +157,32 @@ def test_worker_killed_mid_stream_reader_is_told_and_sees_only_the_new_attempt(
     after = [e for e in events[events.index(restarts[0]):] if isinstance(e, TokenDelta)]
     assert after[0].offset == 0 and all(d.attempt == 2 for d in after)
     # A reader that starts now sees one attempt only: the first one's entries were dropped.
-    fresh = list(client.stream(job.id, timeout=5))
+    fresh = list(client.stream(job_id, timeout=5))
     assert not any(isinstance(e, Restarted) for e in fresh) and collect(fresh)[0] == res.text
-    assert job_field(r, queue, job.id, "stream_attempt") == "2"
+    assert job_field(r, queue, job_id, "stream_attempt") == "2"
+    assert res.restarted and res.resumed_at_token is None
+
+
+@pytest.mark.fault
+def test_worker_killed_mid_stream_the_job_moves_and_the_reader_sees_only_new_text(
+        redis_server: RedisServer, r: redis.Redis, client: Client, queue: str,
+        tmp_path: Path) -> None:
+    events, job_id = _kill_mid_stream(redis_server, client, queue, tmp_path)
+    assert not any(isinstance(e, Restarted) for e in events)
+    moves = [e for e in events if isinstance(e, Moved)]
+    assert len(moves) == 1 and moves[0].attempt == 2 and moves[0].worker == "b"
+    text, res = collect(events)
+    assert res.status is JobStatus.succeeded and res.attempts == 2
+    assert text == res.text and res.usage.completion_tokens == 300
+    assert res.resumed_at_token == moves[0].at > 0 and res.restarted is None
+    before = [e for e in events[:events.index(moves[0])] if isinstance(e, TokenDelta)]
+    after = [e for e in events[events.index(moves[0]):] if isinstance(e, TokenDelta)]
+    assert after[0].offset == moves[0].at and all(d.attempt == 2 for d in after)
+    ids = [t for d in before + after for t in d.token_ids]
+    assert len(ids) == 300 and ids == (res.token_ids or ids)
+    # A reader that starts now sees the whole text once: both attempts' entries stay.
+    fresh = list(client.stream(job_id, timeout=5))
+    assert not any(isinstance(e, Restarted) for e in fresh) and collect(fresh)[0] == res.text
 
 
 def test_a_stale_attempt_cannot_write(fake_r: redis.Redis, fake_client: Client,
@@ -151,8 +194,9 @@ def test_a_stale_attempt_cannot_write(fake_r: redis.Redis, fake_client: Client,
     append = r.register_script(source("append_tokens"))
 
     def write(attempt: int, text: str) -> int:
-        return int(append(keys=[keys.job(job.id), keys.tokens(job.id)],
-                          args=[attempt, 100, 60, "w", text, "", 0, 0, 1]))
+        return int(append(keys=[keys.job(job.id), keys.tokens(job.id),
+                                keys.checkpoint(job.id)],
+                          args=[attempt, 100, 60, "w", text, "", 0, 0, 1, 1, "", "", 60]))
 
     assert write(1, "old") == 0
     assert write(2, "new") == 1

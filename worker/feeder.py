@@ -64,8 +64,9 @@ class Feeder:
                                    starved=lambda: self.state.starved_steps)
         self.capacity = self.admission.capacity
         self.streamer = TokenStreamer(store, settings.stream_interval_ms,
-                                      settings.stream_max_entries, settings.result_ttl)
-        """Writes streaming jobs' output; its ``run`` is one of the worker's tasks."""
+                                      settings.stream_max_entries, settings.result_ttl,
+                                      settings.checkpoint_interval_ms)
+        """Writes jobs' output and checkpoints; its ``run`` is one of the worker's tasks."""
         self.tasks = JobTasks(engine, store, settings, self.holdings, self.streamer,
                               self.counters, left_engine=self._wake, on_fatal=self.die,
                               dying=lambda: self.fatal is not None)

@@ -24,6 +24,7 @@ from worker.claim import ClaimedJob, Disposition
 from worker.engines.base import Engine, Generation
 from worker.in_flight import Holdings, InFlight
 from worker.results import Outcome
+from worker.resume import NO_CHECKPOINT, ResumePlan, Seam, restart_reason
 from worker.settings import WorkerSettings
 from worker.state import Counters
 from worker.store import HARD_DELIVERY_FACTOR, REDIS_ERRORS, SOLO_LOSS_LIMIT, WorkerStore
@@ -128,8 +129,9 @@ class JobTasks:
             return req
         s, t0 = self.settings, row.queued_at
         self._arm_deadline(flight, req)
+        plan, restarted = await self._plan(row, req)
         try:
-            gen = await self._generate(row, req)
+            gen = await self._generate(row, req, plan)
         except InvalidRequest as e:
             return results.failure(row, e.code, str(e), s.consumer,
                                    results.timings(t0, flight.started_at))
@@ -140,20 +142,45 @@ class JobTasks:
             # Aborted by our own shutdown (the entry stays for a peer), or a peer owns the job
             # now: only the current attempt publishes, the one its token stream shows.
             return None
-        self.counters.output_tokens += gen.completion_tokens
+        self.counters.output_tokens += gen.completion_tokens - (plan.at if plan else 0)
         return results.from_generation(
             row, gen, flight.abort_reason or JobStatus.succeeded, s.consumer,
-            results.timings(t0, flight.started_at, gen.first_token_at))
+            results.timings(t0, flight.started_at, gen.first_token_at),
+            plan.at if plan else None, restarted)
 
-    async def _generate(self, row: ClaimedJob, req: JobRequest) -> Generation:
+    async def _plan(self, row: ClaimedJob, req: JobRequest) -> tuple[ResumePlan | None,
+                                                                     str | None]:
+        """Where a reclaimed job's attempt starts: its checkpoint (a plan), or from scratch
+        (and why)."""
+        if row.attempts <= 1:
+            return None, None
+        why = restart_reason(req)
+        if why is not None:
+            return None, why
+        ids: list[int] = []
+        if self.streamer.checkpoints:
+            try:
+                ids = await self.store.load_checkpoint(row.job_id)
+            except REDIS_ERRORS as e:  # starting over is always sound
+                log.warning("job %s: checkpoint not read (%s); starting over", row.job_id, e)
+        if not ids:
+            return None, NO_CHECKPOINT
+        ids = ids[:req.max_tokens]
+        log.info("job %s resumes at token %d (attempt %d)", row.job_id, len(ids), row.attempts)
+        return ResumePlan(req, ids, self.engine.detokenize(ids)), None
+
+    async def _generate(self, row: ClaimedJob, req: JobRequest,
+                        plan: ResumePlan | None = None) -> Generation:
         """The engine's answer; an unexpected error fails this job alone (retryable) unless
         the engine keeps failing, then it counts as dead."""
         on_delta = None
-        if req.stream:
-            self.streamer.open(row)
+        if self.streamer.open(row, req.stream, plan.at if plan else None):
             on_delta = functools.partial(self.streamer.add, row.key)
         try:
-            gen = await self.engine.generate(row.job_id, req, on_delta)
+            if plan is None:
+                gen = await self.engine.generate(row.job_id, req, on_delta)
+            else:
+                gen = await self._continue(row, plan, on_delta)
         except (InvalidRequest, EngineDead, asyncio.CancelledError):
             raise
         except Exception as e:
@@ -165,6 +192,20 @@ class JobTasks:
             raise _EngineError(f"engine error: {type(e).__name__}: {e}") from None
         self._engine_errors = 0
         return gen
+
+    async def _continue(self, row: ClaimedJob, plan: ResumePlan,
+                        on_delta: Any) -> Generation:
+        """Generate the rest of a job after its carried tokens, and merge the two."""
+        req = plan.request
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or ())
+        seam = Seam(plan.text, stops, on_delta,
+                    lambda: self.background(self.engine.abort(row.job_id)))
+        if plan.left == 0:  # the earlier attempt generated everything, then died
+            gen = Generation("", [], "length", await self.engine.prompt_tokens(req), 0)
+        else:
+            gen = await self.engine.generate(row.job_id, plan.narrowed(), seam.feed, plan.ids)
+        seam.close()
+        return plan.merge(gen, seam)
 
     def _arm_deadline(self, flight: InFlight, req: JobRequest) -> None:
         if req.deadline is None:

@@ -77,7 +77,8 @@ def timings(queued_at: float | None, started_at: float | None,
 
 
 def from_generation(row: ClaimedJob, gen: Generation, status: JobStatus, worker: str,
-                    t: Timings) -> Outcome:
+                    t: Timings, resumed_at: int | None = None,
+                    restarted: str | None = None) -> Outcome:
     return Outcome(status, dump(JobResult(
         id=row.job_id, status=status, text=gen.text,
         token_ids=gen.token_ids if not gen.text else None,
@@ -85,7 +86,8 @@ def from_generation(row: ClaimedJob, gen: Generation, status: JobStatus, worker:
         finish_reason=status.value if gen.aborted else gen.finish_reason,
         usage={"prompt_tokens": gen.prompt_tokens,  # type: ignore[arg-type]
                "completion_tokens": gen.completion_tokens},
-        timings=t, worker=worker, attempts=row.attempts,
+        timings=t, worker=worker, attempts=row.attempts, resumed_at_token=resumed_at,
+        restarted=restarted,
     )))
 
 

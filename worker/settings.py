@@ -93,6 +93,12 @@ class WorkerSettings(ClientSettings):
     stream_interval_ms: float = Field(50.0, ge=0)
     """Streaming jobs: how long new output is collected before it is written to the job's
     token stream (all jobs' output in one round trip). 0 writes as fast as Redis answers."""
+    checkpoint_interval_ms: float = Field(1000.0, ge=0)
+    """How often a running job's new token ids are added to its checkpoint (a job whose
+    worker dies continues on a peer from there instead of starting over). A streaming job's
+    ride along with each token-stream write at no extra command; other jobs' go in the
+    same round trip, at most once per this interval. 0 = no checkpoints (reclaimed jobs
+    start over). Measured cost: bench/README.md, "Checkpoints"."""
     stream_output_tokens: int = Field(4, ge=1)
     """Streaming jobs: the engine hands their new output to the worker every this many
     tokens (vLLM ``stream_interval``; the first token and the end always at once). 1 = every

@@ -24,8 +24,8 @@ class StepLog:
         st = self._state
         self._file.write(json.dumps({
             "t": time.time(), "running": step.running, "waiting": step.waiting,
-            "kv": round(step.kv_cache_usage, 4), "backlog": st.backlog, "held": self._held(),
-            "reading": st.reading}) + "\n")
+            "kv": round(step.kv_cache_usage, 4), "tokens": step.tokens,
+            "backlog": st.backlog, "held": self._held(), "reading": st.reading}) + "\n")
 
     def close(self) -> None:
         self._file.close()

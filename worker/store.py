@@ -48,18 +48,24 @@ def _s(x: Any) -> str:
 
 @dataclass(frozen=True)
 class Append:
-    """One write to a streaming job's token stream (``append_tokens``)."""
+    """One write to a job's token stream and checkpoint (``append_tokens``)."""
 
     row: ClaimedJob
     text: str
     ids: str
     """The new token ids, JSON ("" when only announcing the attempt)."""
     offset: int
-    """Tokens of this attempt written before this one."""
+    """The job's tokens written before this one (a resumed attempt's start at its checkpoint)."""
     tokens: int
     """Tokens in this append."""
     seq: int
     """This append's number in its attempt (1, 2, ...; 0 when only announcing)."""
+    stream: bool = True
+    """Write the token stream (a streaming job); False: the checkpoint only."""
+    checkpoint: str = ""
+    """The new ids as checkpoint items (``"id,"`` each); "" writes no checkpoint."""
+    resumed_at: int | None = None
+    """Tokens of the checkpoint this attempt continues from; None: it started from scratch."""
 
 
 def _raw(body: str) -> bytes:
@@ -247,19 +253,34 @@ class WorkerStore:
 
     @_redis_call
     async def append_tokens(self, appends: Sequence[Append], max_entries: int,
-                            ttl_s: int) -> list[int]:
-        """Write each append to its job's token stream, in one script call (cluster clients
-        refuse pipelined EVALSHA). Per append: 1 written (or already there: a retry), 0
-        fenced off (the attempt is no longer the job's current one), -1 refused (it does not
-        follow what the stream holds)."""
+                            ttl_s: int, checkpoint_ttl_s: int) -> list[int]:
+        """Write each append to its job's token stream and checkpoint, in one script call
+        (cluster clients refuse pipelined EVALSHA). Per append: 1 written (or already there: a
+        retry), 0 fenced off (the attempt is no longer the job's current one), -1 refused (it
+        does not follow what the stream or checkpoint holds)."""
         if not appends:
             return []
         keys, args = batch_args([
-            ([self.keys.job(a.row.job_id), self.keys.tokens(a.row.job_id)],
+            ([self.keys.job(a.row.job_id), self.keys.tokens(a.row.job_id),
+              self.keys.checkpoint(a.row.job_id)],
              [a.row.attempts, max_entries, ttl_s, self.consumer, a.text, a.ids, a.offset,
-              a.tokens, a.seq])
+              a.tokens, a.seq, "1" if a.stream else "0", a.checkpoint,
+              "" if a.resumed_at is None else a.resumed_at, checkpoint_ttl_s])
             for a in appends])
         return [int(x) for x in await self._append(keys=keys, args=args)]
+
+    @_redis_call
+    async def load_checkpoint(self, job_id: str) -> list[int]:
+        """The generated token ids a job's earlier attempts checkpointed (read after this
+        worker's claim fenced them off, so it cannot grow meanwhile)."""
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.get(self.keys.checkpoint(job_id))
+        pipe.hget(self.keys.job(job_id), "ckpt_tokens")
+        raw, count = await pipe.execute()
+        ids = [int(x) for x in _s(raw or b"").split(",") if x]
+        if len(ids) != int(count or 0):
+            return []  # expired or torn: start over rather than trust it
+        return ids
 
     @_redis_call
     async def heartbeat(self, fields: dict[Any, Any], ttl_s: float) -> None:

@@ -1,11 +1,13 @@
-"""Write streaming jobs' output to their token streams, coalesced.
+"""Write running jobs' output to their token streams and checkpoints, coalesced.
 
 The engine hands over new text every step for every streaming job; writing each one would be
 one Redis command per token per job. Instead every job collects its deltas and one writer
 task sends what all jobs collected once per ``stream_interval_ms``, in one pipelined round
-trip, one ``append_tokens`` step per job. One writer means a job's entries reach Redis in the
-order they were generated; :meth:`TokenStreamer.drain` lets the feeder write a job's last
-delta before its result (whose step adds the ``end`` entry).
+trip, one ``append_tokens`` step per job. The same step adds the new token ids to the job's
+checkpoint (what a peer resumes from); a job that does not stream is only checkpointed, in
+the same round trip, at most once per ``checkpoint_interval_ms``. One writer means a job's
+entries reach Redis in the order they were generated; :meth:`TokenStreamer.drain` lets the
+feeder write a job's last delta before its result (whose step adds the ``end`` entry).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 
 from worker.claim import ClaimedJob
@@ -26,12 +29,20 @@ RETRY_MAX_S = 2.0
 @dataclass
 class _Sink:
     row: ClaimedJob
+    stream: bool = True
+    """Write the token stream; False: a job that only checkpoints."""
+    checkpoint: bool = True
+    resumed_at: int | None = None
+    """Tokens of the checkpoint the attempt continues from (None: from scratch)."""
+    due_s: float = 0.0
+    """Checkpoint only: minimum time between writes."""
+    last_sent: float = field(default_factory=time.monotonic)
     text: list[str] = field(default_factory=list)
     ids: list[int] = field(default_factory=list)
     announced: bool = False
     """The attempt's ``start`` entry has been written."""
     offset: int = 0
-    """Tokens of this attempt written to its stream."""
+    """The job's tokens written (from the resumed-at point on a resumed attempt)."""
     seq: int = 0
     """Deltas of this attempt written to its stream."""
     sending: Append | None = None
@@ -42,21 +53,31 @@ class _Sink:
     drained: asyncio.Event = field(default_factory=asyncio.Event)
     closing: bool = False
 
+    def __post_init__(self) -> None:
+        self.offset = self.resumed_at or 0
+
     @property
     def pending(self) -> bool:
         if self.stopped:
             return False
-        return self.sending is not None or bool(self.ids or self.text) or not self.announced
+        if self.sending is not None:
+            return True
+        if not self.stream:  # checkpoint only: new ids, once per interval
+            return bool(self.ids) and time.monotonic() - self.last_sent >= self.due_s
+        return bool(self.ids or self.text) or not self.announced
 
     def next_append(self) -> Append:
         """What to send now: the unacknowledged append again, or the output collected since."""
         if self.sending is None:
-            ids = json.dumps(self.ids) if self.ids else ""
+            ids = json.dumps(self.ids) if self.ids and self.stream else ""
+            items = "".join(f"{t}," for t in self.ids) if self.checkpoint else ""
             seq = self.seq + 1 if (self.text or self.ids) else 0
-            self.sending = Append(self.row, "".join(self.text), ids, self.offset,
-                                  len(self.ids), seq)
+            self.sending = Append(self.row, "".join(self.text) if self.stream else "", ids,
+                                  self.offset, len(self.ids), seq, self.stream, items,
+                                  self.resumed_at)
             self.text.clear()
             self.ids.clear()
+            self.last_sent = time.monotonic()
         return self.sending
 
     def acknowledged(self, code: int) -> None:
@@ -80,6 +101,8 @@ class StreamCounters:
     already there (a retry after a lost reply)."""
     fenced: int = 0
     """Appends refused because the job had moved on (reclaimed elsewhere, or ended)."""
+    checkpointed: int = 0
+    """Token ids written to checkpoints."""
     gaps: int = 0
     """Appends refused because they did not follow what the stream held (a bug)."""
     flushes: int = 0
@@ -88,9 +111,10 @@ class StreamCounters:
 
 class TokenStreamer:
     def __init__(self, store: WorkerStore, interval_ms: float, max_entries: int,
-                 ttl_s: int) -> None:
+                 ttl_s: int, checkpoint_interval_ms: float = 0.0) -> None:
         self.store = store
         self.interval_s = interval_ms / 1000
+        self.checkpoint_s = checkpoint_interval_ms / 1000
         self.max_entries = max_entries
         self.ttl_s = ttl_s
         self.counters = StreamCounters()
@@ -98,10 +122,20 @@ class TokenStreamer:
         self._wake = asyncio.Event()
         self._urgent = asyncio.Event()
 
-    def open(self, row: ClaimedJob) -> None:
-        """Start streaming ``row``'s attempt (announced to readers with the next write)."""
-        self._sinks[row.key] = _Sink(row)
+    @property
+    def checkpoints(self) -> bool:
+        return self.checkpoint_s > 0
+
+    def open(self, row: ClaimedJob, stream: bool, resumed_at: int | None = None) -> bool:
+        """Start writing ``row``'s attempt: its token stream (``stream``; announced to readers
+        with the next write) and, where checkpoints are on, its checkpoint. ``resumed_at``:
+        the checkpoint's length the attempt continues from. False: nothing to write."""
+        if not (stream or self.checkpoints):
+            return False
+        self._sinks[row.key] = _Sink(row, stream, self.checkpoints, resumed_at,
+                                     self.checkpoint_s)
         self._wake.set()
+        return True
 
     def add(self, key: str, text: str, token_ids: list[int]) -> None:
         """New output of a streaming job (called from the engine's output loop)."""
@@ -117,6 +151,9 @@ class TokenStreamer:
         it. Its result may be published after this without overtaking its last delta."""
         sink = self._sinks.get(key)
         if sink is None:
+            return
+        if not sink.stream:  # its result supersedes the checkpoint
+            self._sinks.pop(key, None)
             return
         sink.closing = True
         self._wake.set()
@@ -171,11 +208,13 @@ class TokenStreamer:
         batch = [s for s in self._sinks.values() if s.pending]
         if batch:
             appends = [s.next_append() for s in batch]
-            codes = await self.store.append_tokens(appends, self.max_entries, self.ttl_s)
+            codes = await self.store.append_tokens(appends, self.max_entries, self.ttl_s,
+                                                   self.ttl_s)
             self.counters.flushes += 1
-            for s, code in zip(batch, codes, strict=True):
+            for s, a, code in zip(batch, appends, codes, strict=True):
                 if code == 1:
                     self.counters.appends += 1
+                    self.counters.checkpointed += a.tokens if a.checkpoint else 0
                 elif code == 0:
                     self.counters.fenced += 1
                 else:

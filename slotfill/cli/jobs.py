@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from producer import Client, JobResult, Restarted, SlotfillError, TokenDelta
+from producer import Client, JobResult, Moved, Restarted, SlotfillError, TokenDelta
 from producer.streaming import FIRST_ID
 from slotfill.cli.connect import (
     EXIT_JOB_FAILED,
@@ -125,6 +125,10 @@ def _follow(c: Client, job_id: str, after: str | None, timeout: float) -> int:
             elif isinstance(event, Restarted):
                 err.print(f"\n[yellow][restarted: attempt {event.attempt} on "
                           f"{event.worker or 'another worker'}; output starts over][/yellow]")
+            elif isinstance(event, Moved):
+                err.print(f"\n[yellow][moved: attempt {event.attempt} on "
+                          f"{event.worker or 'another worker'} goes on from token "
+                          f"{event.at}][/yellow]")
             elif isinstance(event, JobResult):
                 sys.stdout.write("\n")
                 note = f": {event.error.message}" if event.error else ""

@@ -1,9 +1,10 @@
 """The exactness invariant, checked over every job of a queue (fault tests and soaks).
 
 PROTOCOL.md promises: every job has exactly one visible result, and for a streaming job that
-result equals the concatenation of the deltas of the attempt named by the stream's last
-``start``. :func:`check_jobs` reads each job back with plain Redis commands and lists what
-breaks that promise, job by job.
+result equals the concatenation of the deltas since the stream's last ``start`` (across any
+``moved``: a job that continued elsewhere keeps its text, and each move comes exactly after
+the tokens the stream holds: nothing repeated, nothing lost). :func:`check_jobs` reads each
+job back with plain Redis commands and lists what breaks that promise, job by job.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class StreamView:
     """What a reader of a job's token stream ends up with."""
 
     attempt: str | None = None
-    """The attempt named by the last ``start``."""
+    """The attempt named by the last ``start`` or ``moved``."""
     text: str = ""
     ids: list[int] = field(default_factory=list)
     ended: bool = False
@@ -41,6 +42,12 @@ def read_stream(r: redis.Redis, key: str) -> StreamView:
         kind = f.get("type")
         if kind == "start":
             v.attempt, v.text, v.ids, v.ended = f.get("attempt"), "", [], False
+        elif kind == "moved":
+            if v.ended:
+                v.problems.append("moved after end")
+            if v.attempt is not None and int(f.get("at", -1)) != len(v.ids):
+                v.problems.append(f"moved at token {f.get('at')} after {len(v.ids)} tokens")
+            v.attempt = f.get("attempt")
         elif kind == "delta":
             if v.ended:
                 v.problems.append("delta after end")

@@ -45,6 +45,8 @@ class Step:
     waiting: int
     kv_cache_usage: float
     slots: int
+    tokens: int = 0
+    """Tokens the engine generated in this step (all requests)."""
 
     @property
     def full(self) -> bool:
@@ -65,11 +67,17 @@ class StepStats:
         self._steps = 0
         self._full_steps = 0
         self._step_s = 0.0
+        self._tokens = 0
         self._listeners: list[StepListener] = []
 
     @property
     def steps(self) -> int:
         return self._steps
+
+    @property
+    def tokens(self) -> int:
+        """Tokens generated since start (what the engine did, wasted work included)."""
+        return self._tokens
 
     @property
     def full_steps(self) -> int:
@@ -101,15 +109,17 @@ class StepStats:
     def subscribe(self, listener: StepListener) -> None:
         self._listeners.append(listener)
 
-    def record(self, running: int, waiting: int, kv: float, slots: int) -> None:
+    def record(self, running: int, waiting: int, kv: float, slots: int,
+               tokens: int = 0) -> None:
         """The engine's scheduler finished a step (called by the engine only)."""
         now = time.monotonic()
         prev = self._last
         if prev.running and now - prev.at < STEP_GAP_MAX_S:
             gap = now - prev.at
             self._step_s = gap if not self._step_s else self._step_s + STEP_WEIGHT * (gap - self._step_s)
-        step = Step(now, running, waiting, kv, slots)
+        step = Step(now, running, waiting, kv, slots, tokens)
         self._steps += 1
+        self._tokens += tokens
         self._full_steps += step.full
         self._last = step
         for listener in self._listeners:
@@ -126,10 +136,24 @@ class Engine(Protocol):
     stats: StepStats
 
     async def generate(self, job_id: str, request: JobRequest,
-                       on_delta: DeltaSink | None = None) -> Generation:
+                       on_delta: DeltaSink | None = None,
+                       resume_ids: list[int] | None = None) -> Generation:
         """Run one request to completion (or abort). Raises InvalidRequest for bad input
         (the job alone fails) and EngineDead when the engine is gone. With ``on_delta``,
-        new output is also handed over step by step as it is generated."""
+        new output is also handed over step by step as it is generated.
+
+        ``resume_ids``: tokens an earlier attempt generated. They follow the prompt's ids as
+        the engine's prompt (ids, never re-tokenized), and generation continues after them;
+        the request's ``max_tokens`` / ``min_tokens`` already count only what is left. The
+        ``Generation`` then holds the new tokens only, with the request's own prompt size."""
+        ...
+
+    async def prompt_tokens(self, request: JobRequest) -> int:
+        """How many tokens the request's prompt is (a resumed job with nothing left to do)."""
+        ...
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        """The text of generated ids (an earlier attempt's, for the result)."""
         ...
 
     async def abort(self, job_id: str) -> None: ...

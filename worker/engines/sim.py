@@ -64,23 +64,35 @@ class SimEngine:
         if self._loop_task is None:
             self._loop_task = asyncio.create_task(self._step_loop())
 
+    async def prompt_tokens(self, request: JobRequest) -> int:
+        return (len(request.prompt) if isinstance(request.prompt, list)
+                else len((request.prompt or "").split()) + sum(
+                    len(m.content.split()) for m in request.messages or []))
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return " ".join(f"t{t}" for t in token_ids)
+
     async def generate(self, job_id: str, request: JobRequest,
-                       on_delta: DeltaSink | None = None) -> Generation:
+                       on_delta: DeltaSink | None = None,
+                       resume_ids: list[int] | None = None) -> Generation:
         if self._dead:
             raise EngineDead("sim engine is dead")
         if isinstance(request.prompt, list) and any(t >= VOCAB_SIZE for t in request.prompt):
             raise InvalidRequest(f"token id out of the vocabulary (size {VOCAB_SIZE})")
-        n_prompt = (len(request.prompt) if isinstance(request.prompt, list)
-                    else len((request.prompt or "").split()) + sum(
-                        len(m.content.split()) for m in request.messages or []))
-        if n_prompt + request.max_tokens > self.max_model_len:
+        n_prompt = await self.prompt_tokens(request)
+        done = len(resume_ids or ())
+        if n_prompt + done + request.max_tokens > self.max_model_len:
             raise InvalidRequest("prompt + max_tokens exceeds max_model_len",
                                  ErrorCode.prompt_too_long)
         self._ensure_loop()
         text = str(request.prompt) + " ".join(m.content for m in request.messages or [])
         if RAISE in text:
             raise RuntimeError("simulated engine error for one request")
-        seq = _Seq(job_id, n_prompt, request.max_tokens, asyncio.get_running_loop().create_future(),
+        # A resumed request prefills its earlier output too, and its tokens go on where the
+        # earlier attempt's stopped (token i is a function of i alone, so a resumed job's
+        # text equals an uninterrupted one's).
+        seq = _Seq(job_id, n_prompt + done, done + request.max_tokens,
+                   asyncio.get_running_loop().create_future(), generated=done,
                    poison=POISON in text, hang=HANG in text, on_delta=on_delta)
         self._waiting.append(seq)
         self._wake.set()
@@ -91,9 +103,9 @@ class SimEngine:
             raise
         if self._dead:
             raise EngineDead("sim engine died")
-        text = " ".join(f"t{t}" for t in seq.tokens)
+        text = ("" if not seq.tokens else " " if done else "") + self.detokenize(seq.tokens)
         reason = "abort" if seq.aborted else "length"
-        return Generation(text, seq.tokens, reason, n_prompt, seq.generated,
+        return Generation(text, seq.tokens, reason, n_prompt, seq.generated - done,
                           seq.first_token_at, aborted=seq.aborted)
 
     async def _step_loop(self) -> None:
@@ -113,7 +125,8 @@ class SimEngine:
             if any(s.hang for s in self._running.values()):
                 await asyncio.Event().wait()  # never set: no step ever again
             now = time.time()
-            for s in [s for s in advanced if s.job_id in self._running]:  # not aborted
+            produced = [s for s in advanced if s.job_id in self._running]  # not aborted
+            for s in produced:
                 s.generated += 1
                 s.tokens.append(s.generated % 997)
                 if s.on_delta is not None:
@@ -122,7 +135,8 @@ class SimEngine:
                 if s.generated >= s.max_tokens:
                     self._finish(s)
             kv = sum(s.prefilled + s.generated for s in self._running.values())
-            self.stats.record(*scheduled, kv / (self.slots * self.max_model_len), self.slots)
+            self.stats.record(*scheduled, kv / (self.slots * self.max_model_len), self.slots,
+                              len(produced))
 
     def _schedule(self) -> list[_Seq]:
         """One step's token budget: decodes, then prompt chunks (running requests first, then

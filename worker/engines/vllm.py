@@ -42,7 +42,8 @@ def _default_cpu_kv_cache() -> None:
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(gib)
 
 
-def stat_logger_class(on_step: Callable[[Any], None]) -> Any:
+def stat_logger_class(on_step: Callable[[Any], None],
+                      on_tokens: Callable[[int], None] | None = None) -> Any:
     """A vLLM stat-logger class (for ``stat_loggers=[...]``) that hands the scheduler's
     stats of every engine step to ``on_step``. Public: the bench logs its own engines' steps
     with the worker's logger."""
@@ -57,6 +58,8 @@ def stat_logger_class(on_step: Callable[[Any], None]) -> Any:
         def record(self, scheduler_stats: Any, iteration_stats: Any,
                    mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
             if scheduler_stats is not None:
+                if on_tokens is not None and iteration_stats is not None:
+                    on_tokens(getattr(iteration_stats, "num_generation_tokens", 0) or 0)
                 on_step(scheduler_stats)
 
         def log_engine_initialized(self) -> None:
@@ -66,11 +69,17 @@ def stat_logger_class(on_step: Callable[[Any], None]) -> Any:
 
 
 def _stat_logger_factory(stats: StepStats, slots: Callable[[], int]) -> Any:
+    generated = [0]  # the step's generated tokens, handed over just before its scheduler stats
+
+    def on_tokens(n: int) -> None:
+        generated[0] += n
+
     def on_step(scheduler_stats: Any) -> None:
         stats.record(scheduler_stats.num_running_reqs, scheduler_stats.num_waiting_reqs,
-                     scheduler_stats.kv_cache_usage, slots())
+                     scheduler_stats.kv_cache_usage, slots(), generated[0])
+        generated[0] = 0
 
-    return stat_logger_class(on_step)
+    return stat_logger_class(on_step, on_tokens)
 
 
 def _client_errors() -> tuple[type[BaseException], ...]:
@@ -265,14 +274,17 @@ class VllmEngine:
         except self._client_errors as e:  # 0.32's VLLMValidationError is no ValueError
             raise InvalidRequest(f"invalid sampling parameters: {e}") from None
 
-    def _stream_window(self, params: Any) -> None:
+    def _stream_window(self, params: Any, stream: bool) -> None:
         """Where vLLM takes a per-request ``stream_interval`` (0.32; not 0.26), ask for one
-        output per coalescing window (``stream_interval_ms`` worth of measured steps): the
-        worker writes no more often than that anyway."""
+        output per coalescing window (``stream_interval_ms`` worth of measured steps, or
+        ``checkpoint_interval_ms`` for a job that is only checkpointed): the worker writes no
+        more often than that anyway."""
         step_s = self.stats.step_s
         if step_s <= 0 or not hasattr(params, "stream_interval"):
             return
-        tokens = int(self.settings.stream_interval_ms / 1000 / step_s)
+        s = self.settings
+        window_ms = s.stream_interval_ms if stream else s.checkpoint_interval_ms
+        tokens = int(window_ms / 1000 / step_s)
         if tokens > self.settings.stream_output_tokens:
             params.stream_interval = min(tokens, MAX_STREAM_WINDOW_TOKENS)
 
@@ -287,19 +299,32 @@ class VllmEngine:
                 f"prompt ({n_prompt} tokens) + max_tokens ({req.max_tokens}) exceeds the "
                 f"model's context of {self.max_model_len} tokens", ErrorCode.prompt_too_long)
 
+    async def prompt_tokens(self, request: JobRequest) -> int:
+        return len(await self._tokenize(request))
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return str(self.tokenizer.decode(token_ids))
+
     async def generate(self, job_id: str, request: JobRequest,
-                       on_delta: DeltaSink | None = None) -> Generation:
+                       on_delta: DeltaSink | None = None,
+                       resume_ids: list[int] | None = None) -> Generation:
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        ids = await self._tokenize(request)
+        prompt = await self._tokenize(request)
+        # A resumed job's earlier output joins its prompt as ids: nothing is re-tokenized,
+        # and the prompt's cached prefix blocks are reused.
+        ids = prompt + list(resume_ids or ())
         self._check_length(len(ids), request)
         params = self._sampling_params(request)
         if on_delta is not None:
-            # Only streaming jobs pay for intermediate outputs (one per
-            # ``stream_output_tokens`` tokens, the engine's stream_interval); the rest get one.
+            # Only jobs with a sink (streaming, or checkpointed) pay for intermediate outputs
+            # (one per ``stream_output_tokens`` tokens, the engine's stream_interval, or per
+            # window); the rest get one.
             from vllm.sampling_params import RequestOutputKind
             params.output_kind = RequestOutputKind.DELTA
-            self._stream_window(params)
+            self._stream_window(params, request.stream)
         priority = _PRIORITY[request.priority] if self.settings.priority_scheduling else 0
         # Outside the try: InvalidRequest is a ValueError, which would lose unknown_adapter.
         lora = self._lora_request(request)
@@ -315,7 +340,7 @@ class VllmEngine:
             raise InvalidRequest(f"rejected by the engine: {e}") from None
         if self.llm.errored:
             raise EngineDead("engine died")
-        gen = acc.generation(len(ids))
+        gen = acc.generation(len(prompt))
         if request.logprobs:
             gen.logprobs = convert_logprobs(acc.logprobs, gen.token_ids, self.tokenizer,
                                             request.top_logprobs or 0)
