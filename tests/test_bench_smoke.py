@@ -57,7 +57,8 @@ def test_bench_small_run(tmp_path: Path) -> None:
     assert sf["refill"]["n"] == 40 - (8 + 4)
     assert sf["slot_idle"]["steps"] > 0
     assert 0 <= sf["slot_idle"]["free_slot_share"] <= 1
-    assert sf["redis"]["script_calls_per_job"] >= 2  # submit + finish, at least
+    # finish_job runs once per job; submit_many sends its submits as one batched script call.
+    assert sf["redis"]["script_calls_per_job"] >= 1
 
     sub = data["submit"]
     assert sub["submit_jobs_s"] > 0 and sub["submit_many_jobs_s"] > 0
