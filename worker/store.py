@@ -11,6 +11,7 @@ vanished (a Redis that lost its data) are created again.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -44,6 +45,11 @@ REDIS_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutE
 
 def _s(x: Any) -> str:
     return x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x)
+
+
+CLOCK_DRIFT_S_PER_S = 0.001
+"""How fast the error of a clock sample in use is assumed to grow (seconds per second): far
+above real clock drift, so a better-or-equal sample a moment later always replaces it."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,7 @@ class WorkerStore:
         self._cluster = is_cluster(redis_client)
         self.clock_offset = 0.0
         """Redis' clock minus this host's, seconds (``sync_clock``)."""
+        self._clock_err, self._clock_at = math.inf, 0.0
         self._start = redis_client.register_script(source("start_jobs"))
         self._reclaim = redis_client.register_script(source("reclaim_jobs"))
         self._finish = redis_client.register_script(source("finish_job"))
@@ -305,8 +312,17 @@ class WorkerStore:
         self._set_clock(reply, t0, time.time())
 
     def _set_clock(self, reply: Any, t0: float, t1: float) -> None:
+        """Take a ``TIME`` sample if it is at least as exact as the one in use. A sample is
+        off by at most half its round trip, and on a busy worker the round trip includes
+        event-loop stalls (seen: a deadline of 0.8 s expired before start after one slow
+        sample); the error of the sample in use grows by ``CLOCK_DRIFT_S_PER_S`` with its
+        age, so a jumped host clock is re-learned within seconds."""
         sec, usec = reply
-        self.clock_offset = int(sec) + int(usec) / 1e6 - (t0 + t1) / 2
+        err = (t1 - t0) / 2
+        held = self._clock_err + (t1 - self._clock_at) * CLOCK_DRIFT_S_PER_S
+        if err <= held:
+            self.clock_offset = int(sec) + int(usec) / 1e6 - (t0 + t1) / 2
+            self._clock_err, self._clock_at = err, t1
 
     def now(self) -> float:
         """Unix seconds on Redis' clock (the one deadlines and record times use), from this
