@@ -82,6 +82,7 @@ def test_a_batch_end_to_end_with_output_and_error_files(oai: openai.OpenAI) -> N
     assert oai.batches.retrieve(b.id).status == "completed"  # finished batches keep their files
 
 
+@pytest.mark.slow
 def test_a_batch_larger_than_the_queue_cap_is_fed_as_room_frees(
         redis_server: RedisServer, gw: GatewayThread) -> None:
     from tests.gateway_kit import GatewayThread as Gw

@@ -333,6 +333,7 @@ def test_sigterm_past_the_grace_period_hands_jobs_back_for_a_quick_reclaim(
 
 # -- waiting ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 async def test_a_wait_longer_than_the_socket_timeout_blocks_in_slices(
         redis_server: RedisServer, client: Client, queue: str) -> None:
     """redis-py 8 gives connections a 5 s socket timeout: a 6 s wait must still end in

@@ -71,6 +71,7 @@ def test_backlog_keeps_every_slot_busy(redis_server: RedisServer, r: redis.Redis
     assert 0 < peak["pel"] <= 2 * (SLOTS + HEADROOM)
 
 
+@pytest.mark.slow
 def test_a_batch_where_many_finish_per_step_stays_full(
         redis_server: RedisServer, queue: str, tmp_path: Path) -> None:
     """~6 jobs finish per engine step (128 slots, outputs of 4..36 tokens), as ~4 do at 1,024
