@@ -34,6 +34,9 @@ _TRANSIENT_CLASSES: tuple[type[BaseException], ...] = (
     rx.ConnectionError, rx.TimeoutError, rx.ReadOnlyError, rx.OutOfMemoryError,
     rx.TryAgainError, rx.ClusterDownError, rx.ClusterError, rx.AskError,
     rx.SlotNotCoveredError, OSError,
+    # A failover promoted a node that never saw our scripts (they are not replicated), and
+    # redis-py's reload went to the old topology: the next call loads them where they run.
+    rx.NoScriptError,
 )
 _PIPELINE_PREFIX = re.compile(r"^Command # \d+ \(.*?\) of pipeline caused error: ", re.S)
 _CONFIG_CLASSES: tuple[type[BaseException], ...] = (

@@ -70,6 +70,8 @@ def test_plain_urls_still_go_through_from_url() -> None:
     (rx.ResponseError("BUSY Redis is busy running a script."), "BUSY"),
     (rx.ResponseError("Command # 1 (EVALSHA 6f72 6 k) of pipeline caused error: NOREPLICAS "
                       "Not enough good replicas to write."), "NOREPLICAS"),
+    # Raised after a cluster failover: the promoted node had never loaded our scripts.
+    (rx.NoScriptError("No matching script. Please use EVAL."), ""),
     (rx.ConnectionError("Error 111 connecting to 127.0.0.1:6379."), ""),
     (rx.TimeoutError("Timeout reading from socket"), ""),
 ])
