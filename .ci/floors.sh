@@ -19,7 +19,7 @@ for req in project["dependencies"] + project["optional-dependencies"]["cli"]:
 PY
 )
 echo "floors:" $pins
-"$venv/bin/python" -m pip install -q --disable-pip-version-check $pins "pytest>=8" "pytest-asyncio>=0.23"
+"$venv/bin/python" -m pip install -q --disable-pip-version-check $pins "pytest>=8" "pytest-asyncio>=0.23" "fakeredis[lua]>=2.23"
 PYTHONPATH=$PWD HF_HUB_OFFLINE=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider \
   tests/test_client.py tests/test_schema.py tests/test_light_client.py \
   tests/test_cli_first_hour.py -k "not job_commands and not worker_checks"
