@@ -8,7 +8,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import fakeredis
 import pytest
@@ -16,8 +16,10 @@ import redis
 
 from producer import Client, ClientSettings
 from slotfill.testing.fleet import WorkerProcess
-from slotfill.testing.inproc import InprocWorker
 from slotfill.testing.redis_server import RedisServer
+
+if TYPE_CHECKING:  # the worker runtime: not on a light install (.ci/floors.sh)
+    from slotfill.testing.inproc import InprocWorker
 
 _queue_ids = itertools.count()
 
@@ -73,6 +75,8 @@ def fake_client(fake_r: redis.Redis, queue: str) -> Client:
 def inproc(redis_server: RedisServer, queue: str) -> Iterator[Callable[..., InprocWorker]]:
     """Make in-process simulated-engine workers on this test's queue (``inproc("a",
     max_num_seqs=4)``, started); whatever is still running at the end is drained."""
+    from slotfill.testing.inproc import InprocWorker
+
     made: list[InprocWorker] = []
 
     def make(name: str, **settings: Any) -> InprocWorker:
