@@ -56,6 +56,17 @@ def run(
              "admission), stream@<ms> (every job streams, coalesced every <ms> ms)")] = (
         "offline,slotfill,asyncio,celery_batch,celery_per_request"),
     workers: Annotated[int, typer.Option(help="worker processes of the fleet modes")] = 2,
+    gpus: Annotated[str, typer.Option(help="fleet modes: one worker per listed GPU, each "
+                                      "seeing only its own (CUDA_VISIBLE_DEVICES), e.g. 0,1 "
+                                      "(0+1,2+3: two GPUs each); overrides --workers and "
+                                      "adds scaling = fleet / (workers x offline)")] = "",
+    text: Annotated[bool, typer.Option(help="text prompts cut from the model directory's "
+                                       "corpus.txt.gz, detokenized output (needs the "
+                                       "tokenizer: bench/gpu/make_text_model.py)")] = False,
+    tensor_parallel_size: Annotated[int, typer.Option(help="GPUs each engine spans (every "
+                                                      "mode's engine)")] = 1,
+    executor: Annotated[str, typer.Option(help="vLLM distributed_executor_backend; default: "
+                                          "mp with tensor parallelism, else vLLM's")] = "",
     engine: Annotated[str, typer.Option(help="workers' engine: vllm, or sim (the "
                                         "step-simulating engine; worker modes only)")] = (
         os.environ.get("SLOTFILL_ENGINE", "vllm")),
@@ -116,14 +127,18 @@ def run(
                             max_model_len=max_model_len,
                             gpu_memory_utilization=gpu_memory_utilization,
                             enforce_eager=enforce_eager, headroom=headroom, engine=engine,
-                            sim_step_ms=sim_step_ms, admission=admission),
+                            sim_step_ms=sim_step_ms, admission=admission,
+                            tensor_parallel_size=tensor_parallel_size, executor=executor),
         workload=WorkloadConfig(requests=requests, prompt_tokens=prompt_tokens,
                                 min_prompt_tokens=min_prompt_tokens, min_output=min_output,
                                 max_output=max_output, seed=seed, long_share=long_share,
-                                long_prompt_tokens=long_prompt_tokens),
+                                long_prompt_tokens=long_prompt_tokens, text=text),
         modes=[m for m in ALL_MODES if m in chosen]
         + [m for m in chosen if stream_interval(m) is not None],
-        celery_requests=celery_requests, celery_batch=celery_batch, workers=workers)
+        celery_requests=celery_requests, celery_batch=celery_batch, workers=workers,
+        gpus=[g.strip() for g in gpus.split(",") if g.strip()])
+    if text and skip_tokenizer_init:
+        raise typer.BadParameter("--text needs the tokenizer: drop --skip-tokenizer-init")
     longest = max(prompt_tokens, long_prompt_tokens if long_share else 0)
     if longest + cfg.workload.max_output > max_model_len:
         raise typer.BadParameter("prompt tokens + max_output exceeds max_model_len")

@@ -65,6 +65,15 @@ class EngineConfig:
     admission: str = ""
     """slotfill and stream workers' admission rule (``adaptive``/``fixed``/``engine``); empty =
     the worker's default. The fleet modes set their own."""
+    tensor_parallel_size: int = 1
+    """GPUs each engine spans (every mode's engine, offline's too)."""
+    executor: str = ""
+    """vLLM ``distributed_executor_backend``; empty = vLLM's choice, except ``mp`` when
+    ``tensor_parallel_size`` > 1 (one process per GPU, as the worker needs it)."""
+
+    @property
+    def executor_backend(self) -> str:
+        return self.executor or ("mp" if self.tensor_parallel_size > 1 else "")
 
     def engine_kwargs(self, model_path: str) -> dict[str, Any]:
         """Keyword arguments for ``vllm.LLM`` and ``AsyncEngineArgs``: the same set the
@@ -80,6 +89,9 @@ class EngineConfig:
             "gpu_memory_utilization": self.gpu_memory_utilization,
             "enforce_eager": self.enforce_eager,
             "disable_log_stats": False,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            **({"distributed_executor_backend": self.executor_backend}
+               if self.executor_backend else {}),
         }
 
     def worker_settings(self, model_path: str) -> dict[str, str | int | float]:
@@ -98,6 +110,8 @@ class EngineConfig:
             "engine": self.engine,
             "sim_step_ms": self.sim_step_ms,
             **({"admission": self.admission} if self.admission else {}),
+            "tensor_parallel_size": self.tensor_parallel_size,
+            **({"executor": self.executor_backend} if self.executor_backend else {}),
         }
 
 
@@ -121,6 +135,9 @@ class WorkloadConfig:
     """Share of requests whose prompt has ``long_prompt_tokens`` tokens instead (mixed
     lengths: admission must count them by tokens)."""
     long_prompt_tokens: int = 0
+    text: bool = False
+    """Text prompts cut from the model directory's ``corpus.txt.gz`` (bench/workload.py),
+    tokenized and detokenized by the engine, instead of token ids."""
 
 
 @dataclass
@@ -134,6 +151,10 @@ class BenchConfig:
     """Requests per task in the celery static-batch mode; 0 = max_num_seqs."""
     workers: int = 2
     """Worker processes of the fleet modes, all on one queue (and one GPU, if there is one)."""
+    gpus: list[str] = field(default_factory=list)
+    """Fleet modes: one worker per entry, each seeing only that GPU (``CUDA_VISIBLE_DEVICES``
+    = the entry; ``0+1`` = GPUs 0 and 1, for a tensor-parallel worker); overrides
+    ``workers``. Empty: every worker sees what the bench sees."""
     model_path: str = ""
     """Resolved model directory (filled in by the runner)."""
     run_dir: str = ""

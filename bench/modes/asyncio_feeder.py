@@ -40,7 +40,8 @@ async def run_asyncio(cfg: BenchConfig, reqs: list[Request], run_dir: Path) -> d
         try:
             started = time.time()
             final = None
-            async for out in llm.generate(make_input(r.prompt),
+            async for out in llm.generate(r.prompt if isinstance(r.prompt, str)
+                                          else make_input(r.prompt),
                                           sampling_params(cfg, r.max_tokens, final_only=True),
                                           request_id=f"bench-{r.index}"):
                 final = out

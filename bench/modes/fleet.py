@@ -10,12 +10,15 @@ the read returns, its first token when the engine ran it) and when its last job 
 
 Workers start one after another: engines sharing a GPU must each profile its memory with
 the others' already allocated (and each needs ``--gpu-memory-utilization`` ≈ 0.9 / workers).
+With ``--gpus 0,1`` each worker sees only its own GPU (``CUDA_VISIBLE_DEVICES``), they start
+together, and the report adds ``scaling`` = fleet out tok/s / (workers x offline out tok/s).
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,22 +36,23 @@ GPU_MEMORY_SHARE = 0.92
 def run_fleet(cfg: BenchConfig, mode: str, reqs: list[Request], run_dir: Path,
               redis_url: str, progress: Callable[[str, int, int], None],
               redis_pid: int | None, gpu: bool) -> dict[str, Any]:
-    n = cfg.workers
-    util = cfg.engine.gpu_memory_utilization
-    if gpu and cfg.engine.engine == "vllm" and n * util > GPU_MEMORY_SHARE:
-        raise ValueError(f"{n} engines x gpu_memory_utilization {util} > {GPU_MEMORY_SHARE} "
-                         f"of one GPU: pass --gpu-memory-utilization {0.9 / n:.2f}")
-    settings = {**cfg.engine.worker_settings(cfg.model_path), "admission": FLEET_MODES[mode]}
-    workers = [WorkerProcess(redis_url, f"{mode}-w{i + 1}", run_dir / f"{mode}.w{i + 1}.log",
-                             queue=QUEUE, step_log=str(run_dir / f"{mode}.w{i + 1}.steps.jsonl"),
-                             engine_hang_seconds=900, **settings)
-               for i in range(n)]
+    if gpu and cfg.engine.engine == "vllm":
+        check_gpu_memory(cfg)
+    workers = fleet_workers(cfg, mode, run_dir, redis_url)
+    n = len(workers)
     bind = _cpu_bind(workers, gpu or cfg.engine.engine != "vllm")
     t_load = time.time()
     try:
-        for i, w in enumerate(workers):
-            progress(f"starting worker {i + 1}/{n}", 0, len(reqs))
-            w.start().wait_ready(timeout=1800)
+        if cfg.gpus and len(set(cfg.gpus)) == n:  # own GPUs: no engine profiles beside another
+            progress(f"starting {n} workers", 0, len(reqs))
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.wait_ready(timeout=1800)
+        else:
+            for i, w in enumerate(workers):
+                progress(f"starting worker {i + 1}/{n}", 0, len(reqs))
+                w.start().wait_ready(timeout=1800)
         startup = time.time() - t_load
         raw = measure(reqs, workers, redis_url, startup, None, progress,
                       _cpu_groups(workers, redis_pid))
@@ -57,7 +61,40 @@ def run_fleet(cfg: BenchConfig, mode: str, reqs: list[Request], run_dir: Path,
             w.stop()
     raw["worker_steps"] = {w.consumer: w.env["SLOTFILL_STEP_LOG"] for w in workers}
     raw["extra"]["cpu_bind"] = bind
+    raw["extra"]["gpus"] = [w.env.get("CUDA_VISIBLE_DEVICES") for w in workers]
     return raw
+
+
+def visible_devices(entry: str) -> str:
+    """A ``--gpus`` entry as ``CUDA_VISIBLE_DEVICES``: ``1`` -> ``1``, ``0+1`` -> ``0,1``."""
+    return ",".join(p.strip() for p in entry.split("+"))
+
+
+def fleet_workers(cfg: BenchConfig, mode: str, run_dir: Path,
+                  redis_url: str) -> list[WorkerProcess]:
+    """The fleet's workers, not started: ``--workers`` of them seeing what the bench sees, or
+    one per ``--gpus`` entry, each seeing only its GPU(s)."""
+    settings = {**cfg.engine.worker_settings(cfg.model_path), "admission": FLEET_MODES[mode]}
+    n = len(cfg.gpus) or cfg.workers
+    workers = [WorkerProcess(redis_url, f"{mode}-w{i + 1}", run_dir / f"{mode}.w{i + 1}.log",
+                             queue=QUEUE, step_log=str(run_dir / f"{mode}.w{i + 1}.steps.jsonl"),
+                             engine_hang_seconds=900, **settings)
+               for i in range(n)]
+    for w, entry in zip(workers, cfg.gpus, strict=False):
+        w.env["CUDA_VISIBLE_DEVICES"] = visible_devices(entry)
+    return workers
+
+
+def check_gpu_memory(cfg: BenchConfig) -> None:
+    """Refuses engines that would claim more than ``GPU_MEMORY_SHARE`` of one GPU together:
+    ``--workers`` engines share the bench's GPU; with ``--gpus``, those listing the same GPU."""
+    util = cfg.engine.gpu_memory_utilization
+    per_gpu = Counter(g for e in cfg.gpus for g in visible_devices(e).split(","))
+    most = max(per_gpu.values()) if per_gpu else cfg.workers
+    if most * util > GPU_MEMORY_SHARE:
+        raise ValueError(f"{most} engines x gpu_memory_utilization {util} > "
+                         f"{GPU_MEMORY_SHARE} of one GPU: pass --gpu-memory-utilization "
+                         f"{0.9 / most:.2f}" + ("" if cfg.gpus else " or one GPU each (--gpus)"))
 
 
 def _cpu_bind(workers: list[WorkerProcess], skip: bool) -> list[str] | None:

@@ -55,7 +55,8 @@ def run_inproc(mode: str, run_dir: Path, progress: Callable[[str, int, int], Non
 def main(argv: list[str]) -> int:
     mode, run_dir = argv[0], Path(argv[1])
     cfg = BenchConfig.load(run_dir / "config.json")
-    reqs = make_workload(cfg.workload, cfg.workload.vocab_size or model_vocab_size(cfg.model_path))
+    reqs = make_workload(cfg.workload, cfg.workload.vocab_size or model_vocab_size(cfg.model_path),
+                         cfg.model_path)
     if mode == "offline":
         from bench.modes.offline import run_offline
 

@@ -89,7 +89,7 @@ def measure(reqs: list[Request], workers: list[WorkerProcess], redis_url: str,
             continue
         t = res.timings
         records.append({"index": q.index, "worker": res.worker,
-                        "prompt_tokens": len(q.prompt),
+                        "prompt_tokens": q.n_prompt,
                         "output_tokens": res.usage.completion_tokens,
                         "submitted": t.queued_at, "started": t.started_at, "scheduled": None,
                         "first_token": t.first_token_at, "finished": t.finished_at})

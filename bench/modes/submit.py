@@ -36,7 +36,7 @@ def run_submit_bench(reqs: list[Request], single: int = 2000, many: int = 20_000
         for name in ("single", "many", "empty", "deep"):
             c.configure_queue(max_pending=10 * (depth + probe + many + single), queue=name)
         out: dict[str, Any] = {"redis_appendfsync": server.appendfsync,
-                               "prompt_tokens_per_job": sum(len(q.prompt) for q in reqs) / len(reqs)}
+                               "prompt_tokens_per_job": sum(q.n_prompt for q in reqs) / len(reqs)}
 
         progress(f"submit one by one ({single} jobs)")
         bodies = _bodies(reqs, single)
