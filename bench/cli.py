@@ -52,7 +52,8 @@ def run(
     seed: Annotated[int, typer.Option()] = 0,
     modes: Annotated[str, typer.Option(
         help="comma-separated: offline,slotfill,asyncio,celery_batch,celery_per_request; "
-             "also fleet,fleet_fixed (--workers workers on one queue; engine-aware vs fixed "
+             "also fleet,fleet_fixed,fleet_adaptive (--workers workers on one queue; "
+             "engine-aware, fixed and adaptive "
              "admission), stream@<ms> (every job streams, coalesced every <ms> ms)")] = (
         "offline,slotfill,asyncio,celery_batch,celery_per_request"),
     workers: Annotated[int, typer.Option(help="worker processes of the fleet modes")] = 2,

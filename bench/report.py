@@ -23,6 +23,7 @@ MODE_LABELS = {
     "celery_per_request": "celery, 1 request/task",
     "fleet": "fleet, engine-aware admission",
     "fleet_fixed": "fleet, fixed-count admission",
+    "fleet_adaptive": "fleet, adaptive admission",
 }
 
 
