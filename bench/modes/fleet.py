@@ -43,7 +43,7 @@ def run_fleet(cfg: BenchConfig, mode: str, reqs: list[Request], run_dir: Path,
     bind = _cpu_bind(workers, gpu or cfg.engine.engine != "vllm")
     t_load = time.time()
     try:
-        if cfg.gpus and len(set(cfg.gpus)) == n:  # own GPUs: no engine profiles beside another
+        if cfg.gpus and max(engines_per_gpu(cfg).values()) == 1:  # none profiles beside another
             progress(f"starting {n} workers", 0, len(reqs))
             for w in workers:
                 w.start()
@@ -85,11 +85,16 @@ def fleet_workers(cfg: BenchConfig, mode: str, run_dir: Path,
     return workers
 
 
+def engines_per_gpu(cfg: BenchConfig) -> Counter[str]:
+    """``--gpus``: how many of the fleet's engines each listed GPU holds."""
+    return Counter(g for e in cfg.gpus for g in visible_devices(e).split(","))
+
+
 def check_gpu_memory(cfg: BenchConfig) -> None:
     """Refuses engines that would claim more than ``GPU_MEMORY_SHARE`` of one GPU together:
     ``--workers`` engines share the bench's GPU; with ``--gpus``, those listing the same GPU."""
     util = cfg.engine.gpu_memory_utilization
-    per_gpu = Counter(g for e in cfg.gpus for g in visible_devices(e).split(","))
+    per_gpu = engines_per_gpu(cfg)
     most = max(per_gpu.values()) if per_gpu else cfg.workers
     if most * util > GPU_MEMORY_SHARE:
         raise ValueError(f"{most} engines x gpu_memory_utilization {util} > "
