@@ -8,6 +8,7 @@ offset, decoded back to text, so the engine tokenizes (and detokenizes) as for a
 
 from __future__ import annotations
 
+import functools
 import gzip
 import random
 from dataclasses import dataclass
@@ -62,7 +63,7 @@ def to_text(reqs: list[Request], model_path: str, seed: int) -> list[Request]:
     ``len - 1`` tokens (the tokenizer adds ``<s>``) at a seeded offset, decoded. Decoding
     and encoding again may merge a token or two at the edges: the exact count is kept."""
     tok = _tokenizer(model_path)
-    corpus = tok.encode(corpus_text(model_path), add_special_tokens=False).ids
+    corpus = _corpus_ids(model_path)
     rng = random.Random(f"text-{seed}")
     windows = []
     for q in reqs:
@@ -86,6 +87,14 @@ def corpus_text(model_path: str) -> str:
     return gzip.decompress(path.read_bytes()).decode()
 
 
+@functools.cache
+def _corpus_ids(model_path: str) -> list[int]:
+    ids: list[int] = _tokenizer(model_path).encode(corpus_text(model_path),
+                                                   add_special_tokens=False).ids
+    return ids
+
+
+@functools.cache
 def _tokenizer(model_path: str) -> Any:
     from tokenizers import Tokenizer
 

@@ -86,6 +86,7 @@ def test_tensor_parallel_reaches_the_engine_arguments(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """bench setting -> worker environment -> WorkerSettings -> vLLM's AsyncEngineArgs (the
     engine itself is not started: two GPUs are not here)."""
+    pytest.importorskip("vllm")
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from worker.engines.vllm import VllmEngine
@@ -119,6 +120,7 @@ def test_tensor_parallel_reaches_the_engine_arguments(tmp_path: Path,
 
 
 def test_text_prompts_are_seeded_corpus_text_of_about_the_asked_length() -> None:
+    pytest.importorskip("tokenizers")
     wl = WorkloadConfig(requests=200, prompt_tokens=256, min_output=32, max_output=512,
                         seed=0, text=True)
     reqs = make_workload(wl, 32000, str(TEXT_MODEL))
@@ -134,6 +136,7 @@ def test_text_prompts_are_seeded_corpus_text_of_about_the_asked_length() -> None
 
 
 def test_text_model_is_llama_2_7b_shaped_with_a_32k_tokenizer() -> None:
+    pytest.importorskip("transformers")
     from transformers import AutoTokenizer
 
     cfg = json.loads((TEXT_MODEL / "config.json").read_text())
