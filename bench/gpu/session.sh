@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Issue 17's GPU stages (text mode, two GPUs, tensor parallel). Runs on the lent machine after
 # `bash bench/gpu/unpack.sh install`; one or more stages per device call, each a
-# `python -m bench` run writing to $OUT/<stage>/ (JSON, plot, log; raw step logs stay there
-# under raw/).
+# `python -m bench` run writing to $OUT/<stage>/: gpu-<stage>.json/.png, bench.log,
+# command.txt (with the wall time) and raw.tgz (logs, step logs, per-request records).
 #
 #   bash bench/gpu/session.sh STAGE[@GPUS] [STAGE[@GPUS] ...]
 #
@@ -28,7 +28,8 @@ cd "$(dirname "$0")/../.."
 [ -f /root/gw/env.sh ] && . /root/gw/env.sh
 export PYTHONUNBUFFERED=1 COLUMNS=200
 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
+WORK=${WORK:-/tmp/slotfill-session}  # the bench's raw files; only an archive goes to $OUT
+mkdir -p "$OUT" "$WORK"
 nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv,noheader \
   > "$OUT/card.txt" 2>/dev/null
 
@@ -66,8 +67,8 @@ default_gpus() {
 }
 
 run_stage() {  # stage, GPUs
-  local stage=$1 gpus=$2 dir="$OUT/$1" args
-  mkdir -p "$dir"
+  local stage=$1 gpus=$2 dir="$OUT/$1" work="$WORK/$1" args
+  mkdir -p "$dir" "$work"
   mapfile -t args < <(stage_args "$stage" "$gpus")
   # shellcheck disable=SC2086 # EXTRA is a list of flags
   echo "[$stage] CUDA_VISIBLE_DEVICES=$gpus python3 -m bench ${args[*]} ${EXTRA:-}" \
@@ -80,9 +81,12 @@ len(tok), tok.encode('Redis streams'))" 2>&1 | tail -3 | tee "$dir/tokenizer-che
   fi
   local t0=$SECONDS
   CUDA_VISIBLE_DEVICES=$gpus python3 -m bench "${BASE[@]}" "${args[@]}" ${EXTRA:-} \
-    --results-dir "$dir" --out "$dir/gpu-$stage" > "$dir/bench.log" 2>&1
+    --results-dir "$work" --out "$dir/gpu-$stage" > "$dir/bench.log" 2>&1
   local rc=$?
   echo "[$stage] exit $rc after $((SECONDS - t0)) s" | tee -a "$dir/command.txt"
+  # Logs, step logs, per-request records, series: one archive (the private Redis's files stay).
+  tar czf "$dir/raw.tgz" --exclude=redis -C "$work" raw 2>/dev/null
+  ls -l "$dir" | sed "s/^/[$stage] /"
   tail -45 "$dir/bench.log" | sed "s/^/[$stage] /"
   return $rc
 }
