@@ -203,3 +203,25 @@ def test_text_mode_runs_offline_and_a_streaming_worker_on_the_tiny_text_model(
         m = data["modes"][name]
         assert m["completed"] == m["exact_token_counts"] == 16, (name, m)
     assert data["modes"]["stream@0"]["stream"]["deltas"] >= 16
+
+
+def test_session_stages_map_to_bench_runs_on_their_gpus(tmp_path: Path) -> None:
+    """bench/gpu/session.sh's dry run: each stage's GPUs and flags (run together, so the
+    order of the lines is free)."""
+    env = {"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out"),
+           "WORK": str(tmp_path / "work"), "DRY_RUN": "1"}
+    proc = subprocess.run(["bash", "bench/gpu/session.sh", "text", "two-gpu-mixed@2,3", "tp2"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = {ln.split("]")[0][1:]: ln for ln in proc.stdout.splitlines()}
+    assert "CUDA_VISIBLE_DEVICES=0 " in lines["text"] and "--text" in lines["text"]
+    assert "--modes offline,slotfill,stream@50" in lines["text"]
+    mixed = lines["two-gpu-mixed"]
+    assert "CUDA_VISIBLE_DEVICES=2,3 " in mixed and "--gpus 2,3" in mixed
+    assert "--long-share 0.15 --long-prompt-tokens 1500" in mixed
+    assert "--modes offline,fleet_fixed,fleet_adaptive" in mixed
+    assert "CUDA_VISIBLE_DEVICES=0,1 " in lines["tp2"]
+    assert "--tensor-parallel-size 2" in lines["tp2"]
+    bad = subprocess.run(["bash", "bench/gpu/session.sh", "nope"], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert bad.returncode == 2 and "unknown stage nope" in bad.stdout
