@@ -179,32 +179,6 @@ def test_cli_refuses_text_without_a_tokenizer(tmp_path: Path) -> None:
     assert proc.returncode != 0 and "--text needs the tokenizer" in proc.stdout + proc.stderr
 
 
-@pytest.mark.engine
-def test_text_mode_runs_offline_and_a_streaming_worker_on_the_tiny_text_model(
-        tmp_path: Path) -> None:
-    """``--text`` end to end on the CPU: the committed tokenizer and corpus on the tiny
-    model's shape; the engine tokenizes the prompts and detokenizes the output (the stream
-    mode fails a job whose streamed text differs from its result's)."""
-    from bench.gpu.make_text_model import make_tiny_text_model
-
-    model = make_tiny_text_model(tmp_path / "tiny-text")
-    out = tmp_path / "text"
-    cmd = [sys.executable, "-m", "bench", "--model", str(model), "--text", "--requests", "16",
-           "--prompt-tokens", "48", "--min-output", "4", "--max-output", "16",
-           "--max-num-seqs", "8", "--headroom", "4", "--max-model-len", "128",
-           "--max-num-batched-tokens", "512", "--modes", "offline,stream@0", "--no-submit",
-           "--soak-jobs", "0", "--results-dir", str(tmp_path), "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    data = json.loads(out.with_suffix(".json").read_text())
-    assert data["config"]["workload"]["text"] is True
-    assert 16 * 44 <= data["workload"]["prompt_tokens"] <= 16 * 52
-    for name in ("offline", "stream@0"):
-        m = data["modes"][name]
-        assert m["completed"] == m["exact_token_counts"] == 16, (name, m)
-    assert data["modes"]["stream@0"]["stream"]["deltas"] >= 16
-
-
 def test_session_stages_map_to_bench_runs_on_their_gpus(tmp_path: Path) -> None:
     """bench/gpu/session.sh's dry run: each stage's GPUs and flags (run together, so the
     order of the lines is free)."""
