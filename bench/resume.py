@@ -90,8 +90,11 @@ def _one_kill(url: str, tmp: Path, tag: str, interval_ms: float, args: argparse.
     if args.engine == "sim":
         cfg["sim_step_ms"] = args.step_ms
     else:
-        cfg.update(engine="vllm", max_num_seqs=4, max_model_len=2048,
+        cfg.update(engine="vllm", max_num_seqs=4, max_model_len=args.max_model_len,
                    max_num_batched_tokens=2048, engine_hang_seconds=300)
+        if args.model:  # a GPU run: e.g. bench/gpu/llama-2-7b-text with dummy weights
+            cfg.update(model=str(Path(args.model).resolve()), load_format=args.load_format,
+                       gpu_memory_utilization=args.gpu_memory_utilization)
     logs = {n: tmp / f"{tag}-{n}.steps" for n in "ab"}
     ws = {n: WorkerProcess(url, n, tmp / f"{tag}-{n}.log", step_log=str(logs[n]), **cfg).start()
           for n in "ab"}
@@ -152,6 +155,11 @@ def main() -> None:
     k.add_argument("--repeat", type=int, default=2)
     k.add_argument("--engine", choices=["sim", "vllm"], default="sim")
     k.add_argument("--stream", action="store_true")
+    k.add_argument("--model", default="", help="vllm: model directory (default: the tiny model)")
+    k.add_argument("--load-format", default="dummy", help="vllm with --model: weights")
+    k.add_argument("--max-model-len", type=int, default=2048)
+    k.add_argument("--gpu-memory-utilization", type=float, default=0.4,
+                   help="vllm with --model: each of the two workers' share of the GPU")
     args = p.parse_args()
     {"cost": cost, "kill": kill}[args.what](args)
 
