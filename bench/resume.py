@@ -96,9 +96,13 @@ def _one_kill(url: str, tmp: Path, tag: str, interval_ms: float, args: argparse.
             cfg.update(model=str(Path(args.model).resolve()), load_format=args.load_format,
                        gpu_memory_utilization=args.gpu_memory_utilization)
     logs = {n: tmp / f"{tag}-{n}.steps" for n in "ab"}
-    ws = {n: WorkerProcess(url, n, tmp / f"{tag}-{n}.log", step_log=str(logs[n]), **cfg).start()
-          for n in "ab"}
+    ws: dict[str, WorkerProcess] = {}
     try:
+        for n in "ab":
+            ws[n] = WorkerProcess(url, n, tmp / f"{tag}-{n}.log", step_log=str(logs[n]),
+                                  **cfg).start()
+            if args.model:  # two engines profiling one GPU's memory at once confuse vLLM
+                ws[n].wait_ready(600)
         for w in ws.values():
             w.wait_ready(600)
         job = client.submit("Once upon a time", max_tokens=tokens, ignore_eos=True,
