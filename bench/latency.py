@@ -192,7 +192,9 @@ def run_live(cfg: BenchConfig, live: LiveConfig, results_dir: Path, out_prefix: 
     stamp = dt.datetime.now().strftime("%Y-%m-%dT%H%M%S")
     run_dir = results_dir / "raw" / f"latency-{stamp}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.model_path = resolve_model(cfg.engine)
+    model = resolve_model(cfg.engine)
+    # Absolute, so no server reads a relative directory as a Hugging Face model name.
+    cfg.model_path = str(Path(model).resolve()) if Path(model).is_dir() else model
     cfg.run_dir = str(run_dir)
     vocab = cfg.workload.vocab_size or model_vocab_size(cfg.model_path)
     cfg.workload = replace(cfg.workload, vocab_size=vocab)
@@ -210,19 +212,25 @@ def run_live(cfg: BenchConfig, live: LiveConfig, results_dir: Path, out_prefix: 
     n = max(live.warmup, *(len(lv.arrivals) for lv in lvls))
     reqs = make_workload(replace(cfg.workload, requests=n), vocab)
     (run_dir / "redis").mkdir(exist_ok=True)
+    prefix = Path(out_prefix) if out_prefix else results_dir / f"latency-{stamp}"
+    prefix.parent.mkdir(parents=True, exist_ok=True)
     with bench_redis(str(run_dir / "redis"), redis_boost) as server:
         results["meta"]["redis_scheduling"] = scheduling(server)
         for system in ("serve", "slotfill"):
             if system in live.systems or (system == "slotfill" and "gateway" in live.systems):
                 results["systems"].update(
                     run_system(system, cfg, lvls, reqs, live, run_dir, server.url, say))
+                write(results, prefix)  # what is done survives a later failure or timeout
     results["meta"]["loadavg_end"] = _uptime()
+    write(results, prefix)
+    say(f"wrote {prefix}.json, .md, .png; raw samples in {run_dir}")
+    return results
+
+
+def write(results: dict[str, Any], prefix: Path) -> None:
+    """The summary ``PREFIX.json``, the table ``PREFIX.md`` and the plot ``PREFIX.png``."""
     latency_report.ratios(results)
-    prefix = Path(out_prefix) if out_prefix else results_dir / f"latency-{stamp}"
-    prefix.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{prefix}.json").write_text(json.dumps(results, indent=1))
     Path(f"{prefix}.md").write_text(latency_report.markdown_table(results) + "\n")
     with contextlib.suppress(ImportError):  # matplotlib is in the bench extra
         latency_report.plot(results, Path(f"{prefix}.png"))
-    say(f"wrote {prefix}.json, .md, .png; raw samples in {run_dir}")
-    return results

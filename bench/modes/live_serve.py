@@ -16,6 +16,7 @@ level): the time requests waited inside the engine before their first schedule.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -96,17 +97,22 @@ def _wait_ready(proc: subprocess.Popen[bytes], base: str, log: Path, timeout: fl
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the server's process group (API server + engine core), then SIGKILL."""
+    """SIGTERM the server's process group (API server + engine core), then SIGKILL; return
+    once no process of the group is left (the next engine needs the accelerator's memory)."""
     for sig, wait in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             return
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+        end = time.monotonic() + wait
+        while time.monotonic() < end:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
 
 
 def body(req: Request) -> dict[str, Any]:
@@ -126,8 +132,8 @@ def sender(http: aiohttp.ClientSession, base: str, timeout: float) -> Send:
 async def read_sse(http: aiohttp.ClientSession, url: str, payload: dict[str, Any], s: Sample,
                    timeout: float) -> None:
     """POST a streaming completions request and read its server-sent events to the end.
-    Tokens per chunk: its ``token_ids`` where the server sends them, else one per chunk with
-    text; the final usage (if sent) corrects the total."""
+    Tokens per chunk: its ``token_ids`` where the server sends them, else one per chunk;
+    the final usage (if sent) corrects the total."""
     async with http.post(url, json=payload, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
         if r.status != 200:
             text = (await r.text())[:300]
@@ -149,7 +155,9 @@ async def read_sse(http: aiohttp.ClientSession, url: str, payload: dict[str, Any
                 usage = int(chunk["usage"].get("completion_tokens", 0))
             for choice in chunk.get("choices") or []:
                 ids = choice.get("token_ids")
-                s.tokens(len(ids) if ids is not None else int(bool(choice.get("text"))))
+                # Without token ids (a server that ignores return_token_ids) one chunk is one
+                # engine output: one token at the default --stream-interval 1.
+                s.tokens(len(ids) if ids is not None else 1)
         if usage is not None:
             s.n_tokens = usage
         s.finish("ok")
