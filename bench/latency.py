@@ -54,6 +54,11 @@ class LiveConfig:
     pause: float = 2.0
     """Idle seconds between levels."""
     seed: int = 0
+    interleave: bool = False
+    """Start every system at once (idle ones wait on a socket) and run the levels level by
+    level, each against every system in turn: on a shared box whose load drifts, each level's
+    figures are then taken under much the same load. Needs memory for every engine at once
+    (fine for the tiny CPU model; on a GPU each would need its own share of memory)."""
 
 
 def measure_capacity(cfg: BenchConfig, run_dir: Path, n: int, say: Say) -> dict[str, float]:
@@ -72,69 +77,84 @@ def measure_capacity(cfg: BenchConfig, run_dir: Path, n: int, say: Say) -> dict[
             "startup_s": raw["startup_s"], "requests": n}
 
 
-async def _run_levels(system: str, send: Send, lvls: list[Level], reqs: list[Request],
-                      live: LiveConfig, say: Say, metrics: Callable[[], tuple[float, float]]
-                      | None, samples_out: Path) -> list[dict[str, Any]]:
-    warm = reqs[:live.warmup]
-    if warm:
-        await drive(warm, [0.0] * len(warm), send, live.drain_timeout)
-    out, raw = [], {}
-    for lv in lvls:
-        before = await asyncio.to_thread(metrics) if metrics else None
-        run = await drive(reqs[:len(lv.arrivals)], lv.arrivals, send, live.drain_timeout)
-        summary = latency_report.summarize(run, lv.name, lv.rate, lv.arrivals[-1])
-        summary["load_1m"] = os.getloadavg()[0]
-        if metrics and before:
-            after = await asyncio.to_thread(metrics)
-            n = after[1] - before[1]
-            summary["queue_wait_ms"]["mean"] = (round(1000 * (after[0] - before[0]) / n, 2)
-                                                if n else None)
-        out.append(summary)
-        raw[lv.name] = {"t0": run.t0, "samples": [s.to_dict() for s in run.samples],
-                        "in_flight": run.in_flight}
-        say(f"{system} {lv.name}: offered {lv.rate:.2f} achieved {summary['achieved_rps']} "
-            f"req/s, TTFT p50/p99 {summary['ttft_ms']['p50']}/{summary['ttft_ms']['p99']} ms, "
-            f"E2E p99 {summary['e2e_ms']['p99']} ms, ok {summary['ok']}/{summary['requests']}, "
-            f"load {summary['load_1m']:.1f}")
-        await asyncio.sleep(live.pause)
-    await asyncio.to_thread(samples_out.write_text, json.dumps(raw))
+@dataclass
+class Target:
+    """One system as the driver sees it: how to send, and (serve) its queue-time counters."""
+
+    name: str
+    send: Send
+    metrics: Callable[[], tuple[float, float]] | None = None
+
+
+async def _one_level(t: Target, lv: Level, reqs: list[Request], live: LiveConfig, say: Say
+                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One level against one system: its summary and its raw samples."""
+    before = await asyncio.to_thread(t.metrics) if t.metrics else None
+    run = await drive(reqs[:len(lv.arrivals)], lv.arrivals, t.send, live.drain_timeout)
+    summary = latency_report.summarize(run, lv.name, lv.rate, lv.arrivals[-1])
+    summary["load_1m"] = os.getloadavg()[0]
+    if t.metrics and before:
+        after = await asyncio.to_thread(t.metrics)
+        n = after[1] - before[1]
+        summary["queue_wait_ms"]["mean"] = (round(1000 * (after[0] - before[0]) / n, 2)
+                                            if n else None)
+    say(f"{t.name} {lv.name}: offered {lv.rate:.2f} achieved {summary['achieved_rps']} "
+        f"req/s, TTFT p50/p99 {summary['ttft_ms']['p50']}/{summary['ttft_ms']['p99']} ms, "
+        f"E2E p99 {summary['e2e_ms']['p99']} ms, ok {summary['ok']}/{summary['requests']}, "
+        f"load {summary['load_1m']:.1f}")
+    raw = {"t0": run.t0, "samples": [s.to_dict() for s in run.samples],
+           "in_flight": run.in_flight}
+    return summary, raw
+
+
+async def _targets(bases: dict[str, str], redis_url: str, w: Any, live: LiveConfig,
+                   stack: contextlib.AsyncExitStack) -> dict[str, Target]:
+    import aiohttp
+
+    from bench.modes import live_gateway, live_serve, live_slotfill
+    from producer import AsyncClient
+
+    http = await stack.enter_async_context(
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)))
+    out = {}
+    for name in live.systems:
+        if name == "serve":
+            base = bases["serve"]
+            out[name] = Target(name, live_serve.sender(http, base, live.drain_timeout),
+                               lambda base=base: live_serve.queue_time(base))  # type: ignore[misc]
+        elif name == "slotfill":
+            client = AsyncClient.from_url(redis_url, queue=live_slotfill.QUEUE)
+            stack.push_async_callback(client.close)
+            out[name] = Target(name, live_slotfill.sender(client, w, live.drain_timeout))
+        elif name == "gateway":
+            out[name] = Target(name, live_gateway.sender(http, bases["gateway"],
+                                                         live.drain_timeout))
     return out
 
 
-async def _serve(cfg: BenchConfig, base: str, lvls: list[Level], reqs: list[Request],
-                 live: LiveConfig, say: Say, out: Path) -> list[dict[str, Any]]:
-    import aiohttp
-
-    from bench.modes import live_serve
-
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-        send = live_serve.sender(http, base, live.drain_timeout)
-        return await _run_levels("serve", send, lvls, reqs, live, say,
-                                 lambda: live_serve.queue_time(base), out)
-
-
-async def _slotfill(redis_url: str, w: Any, lvls: list[Level], reqs: list[Request],
-                    live: LiveConfig, say: Say, out: Path) -> list[dict[str, Any]]:
-    from bench.modes import live_slotfill
-    from producer import AsyncClient
-
-    client = AsyncClient.from_url(redis_url, queue=live_slotfill.QUEUE)
-    try:
-        send = live_slotfill.sender(client, w, live.drain_timeout)
-        return await _run_levels("slotfill", send, lvls, reqs, live, say, None, out)
-    finally:
-        await client.close()
-
-
-async def _gateway(base: str, lvls: list[Level], reqs: list[Request], live: LiveConfig,
-                   say: Say, out: Path) -> list[dict[str, Any]]:
-    import aiohttp
-
-    from bench.modes import live_gateway
-
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-        send = live_gateway.sender(http, base, live.drain_timeout)
-        return await _run_levels("gateway", send, lvls, reqs, live, say, None, out)
+async def _levels(systems: list[str], bases: dict[str, str], redis_url: str, w: Any,
+                  lvls: list[Level], reqs: list[Request], live: LiveConfig, say: Say,
+                  interleave: bool) -> dict[str, dict[str, Any]]:
+    """Every level against each of ``systems``: all of one system's levels, then the next's;
+    or (``interleave``) level by level, the systems' order rotating from level to level, so
+    a change in the box's load falls on every system alike."""
+    async with contextlib.AsyncExitStack() as stack:
+        targets = await _targets(bases, redis_url, w, replace(live, systems=systems), stack)
+        warm = reqs[:live.warmup]
+        for t in targets.values():
+            if warm:
+                await drive(warm, [0.0] * len(warm), t.send, live.drain_timeout)
+        out: dict[str, dict[str, Any]] = {s: {"levels": [], "raw": {}} for s in targets}
+        names = list(targets)
+        plan = ([(lv, names[(k + i) % len(names)]) for k, lv in enumerate(lvls)
+                 for i in range(len(names))] if interleave
+                else [(lv, name) for name in names for lv in lvls])
+        for lv, name in plan:
+            summary, raw = await _one_level(targets[name], lv, reqs, live, say)
+            out[name]["levels"].append(summary)
+            out[name]["raw"][lv.name] = raw
+            await asyncio.sleep(live.pause)
+        return out
 
 
 def _uptime() -> str:
@@ -144,42 +164,37 @@ def _uptime() -> str:
         return ""
 
 
-def run_system(system: str, cfg: BenchConfig, lvls: list[Level], reqs: list[Request],
-               live: LiveConfig, run_dir: Path, redis_url: str, say: Say
-               ) -> dict[str, dict[str, Any]]:
-    """One engine start for ``serve``, or one worker for ``slotfill`` and ``gateway`` (both
-    run on it, one after the other, when both are chosen); returns their results."""
+def run_stacks(systems: list[str], cfg: BenchConfig, lvls: list[Level],
+               reqs: list[Request], live: LiveConfig, run_dir: Path, redis_url: str,
+               say: Say, interleave: bool = False) -> dict[str, dict[str, Any]]:
+    """Start what ``systems`` need (serve's server; one worker for slotfill and gateway, the
+    gateway in front of it), run the levels, stop them; returns each system's results."""
     from bench.modes import live_gateway, live_serve, live_slotfill
 
-    out: dict[str, dict[str, Any]] = {}
-    t = time.time()
-    if system == "serve":
-        with live_serve.server(cfg, run_dir) as base:
-            start = time.time() - t
-            say(f"serve: server ready after {start:.0f} s")
-            load = _uptime()
-            lv = asyncio.run(_serve(cfg, base, lvls, reqs, live, say,
-                                    run_dir / "serve.samples.json"))
-            out["serve"] = {"startup_s": start, "loadavg_before": load,
-                            "loadavg_after": _uptime(), "levels": lv}
-        return out
-    with live_slotfill.worker(cfg, redis_url, run_dir) as w:
-        start = time.time() - t
-        say(f"slotfill: worker ready after {start:.0f} s")
-        if "slotfill" in live.systems:
-            load = _uptime()
-            lv = asyncio.run(_slotfill(redis_url, w, lvls, reqs, live, say,
-                                       run_dir / "slotfill.samples.json"))
-            out["slotfill"] = {"startup_s": start, "loadavg_before": load,
-                               "loadavg_after": _uptime(), "levels": lv}
-        if "gateway" in live.systems:
-            with live_gateway.gateway(redis_url, run_dir) as base:
-                load = _uptime()
-                lv = asyncio.run(_gateway(base, lvls, reqs, live, say,
-                                          run_dir / "gateway.samples.json"))
-                out["gateway"] = {"startup_s": start, "loadavg_before": load,
-                                  "loadavg_after": _uptime(), "levels": lv}
-    return out
+    starts: dict[str, float] = {}
+    with contextlib.ExitStack() as stack:
+        bases: dict[str, str] = {}
+        w = None
+        t = time.time()
+        if "serve" in systems:
+            bases["serve"] = stack.enter_context(live_serve.server(cfg, run_dir))
+            starts["serve"] = time.time() - t
+            say(f"serve: server ready after {starts['serve']:.0f} s")
+        if {"slotfill", "gateway"} & set(systems):
+            t = time.time()
+            w = stack.enter_context(live_slotfill.worker(cfg, redis_url, run_dir))
+            starts["slotfill"] = starts["gateway"] = time.time() - t
+            say(f"slotfill: worker ready after {starts['slotfill']:.0f} s")
+        if "gateway" in systems:
+            bases["gateway"] = stack.enter_context(live_gateway.gateway(redis_url, run_dir))
+        load = _uptime()
+        got = asyncio.run(_levels(systems, bases, redis_url, w, lvls, reqs, live, say,
+                                  interleave))
+    for name, res in got.items():
+        (run_dir / f"{name}.samples.json").write_text(json.dumps(res.pop("raw")))
+        res.update(startup_s=round(starts[name], 1), loadavg_before=load,
+                   loadavg_after=_uptime(), interleaved=interleave)
+    return got
 
 
 def run_live(cfg: BenchConfig, live: LiveConfig, results_dir: Path, out_prefix: str | None,
@@ -190,7 +205,7 @@ def run_live(cfg: BenchConfig, live: LiveConfig, results_dir: Path, out_prefix: 
 
     engine_env()
     stamp = dt.datetime.now().strftime("%Y-%m-%dT%H%M%S")
-    run_dir = results_dir / "raw" / f"latency-{stamp}"
+    run_dir = (results_dir / "raw" / f"latency-{stamp}").resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     model = resolve_model(cfg.engine)
     # Absolute, so no server reads a relative directory as a Hugging Face model name.
@@ -216,11 +231,15 @@ def run_live(cfg: BenchConfig, live: LiveConfig, results_dir: Path, out_prefix: 
     prefix.parent.mkdir(parents=True, exist_ok=True)
     with bench_redis(str(run_dir / "redis"), redis_boost) as server:
         results["meta"]["redis_scheduling"] = scheduling(server)
-        for system in ("serve", "slotfill"):
-            if system in live.systems or (system == "slotfill" and "gateway" in live.systems):
-                results["systems"].update(
-                    run_system(system, cfg, lvls, reqs, live, run_dir, server.url, say))
-                write(results, prefix)  # what is done survives a later failure or timeout
+        # Interleaved: every system up at once (the CPU box); else one engine at a time.
+        groups = ([live.systems] if live.interleave else
+                  [g for g in (["serve"], [s for s in live.systems if s != "serve"])
+                   if set(g) & set(live.systems)])
+        for group in groups:
+            results["systems"].update(run_stacks(
+                [s for s in group if s in live.systems], cfg, lvls, reqs, live, run_dir,
+                server.url, say, live.interleave))
+            write(results, prefix)  # what is done survives a later failure or timeout
     results["meta"]["loadavg_end"] = _uptime()
     write(results, prefix)
     say(f"wrote {prefix}.json, .md, .png; raw samples in {run_dir}")

@@ -3,6 +3,7 @@
     python -m bench latency                                    # CPU defaults, every system
     python -m bench latency --systems serve,slotfill --seconds 15 --loads 50,100,120
     python -m bench latency --capacity 12.5 --burst 0          # given capacity, no burst
+    python -m bench latency --interleave     # all systems up, level by level (shared box)
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ def latency(
     warmup: Annotated[int, typer.Option(help="unmeasured requests per system first")] = 16,
     drain_timeout: Annotated[float, typer.Option(help="seconds after a level's last "
                                                  "arrival before the rest count lost")] = 180.0,
+    interleave: Annotated[bool, typer.Option(
+        help="every system up at once, levels run level by level against each in turn "
+             "(a shared box's load drift falls on all alike; needs memory for every "
+             "engine)")] = False,
     redis_boost: Annotated[bool, typer.Option()] = True,
     results_dir: Annotated[Path, typer.Option(help="raw samples go to RESULTS_DIR/raw/")] = (
         Path("bench/results")),
@@ -81,7 +86,7 @@ def latency(
                       seconds=seconds, burst_fraction=float(b_pct) / 100,
                       burst_seconds=float(b_s or 10), systems=chosen, capacity=capacity,
                       capacity_requests=capacity_requests, warmup=warmup,
-                      drain_timeout=drain_timeout, seed=seed)
+                      drain_timeout=drain_timeout, seed=seed, interleave=interleave)
     # A SIGTERM (``timeout`` in the GPU stage) unwinds like Ctrl-C: the servers, the worker
     # and the private Redis are stopped by their context managers, not left running.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
