@@ -3,6 +3,8 @@ ratios to ``vllm serve`` of the same run) and the plot of latency vs offered loa
 
 Definitions (every time read at the client, Unix seconds, one clock):
 
+- **offered req/s**: the level's nominal rate; **arrived req/s**: (arrivals − 1) / the last
+  arrival's offset, the rate the seeded draw actually has over its span.
 - **achieved req/s, out tok/s**: requests that succeeded (tokens) / (last end − level start).
 - **drain s**: last end − last arrival: how far behind the system finished; past saturation it
   grows with the level's length (the backlog).
@@ -54,6 +56,10 @@ def summarize(run: LevelRun, name: str, rate: float, last_arrival: float) -> dic
     tokens = sum(s.n_tokens for s in ok)
     return {
         "level": name, "offered_rps": round(rate, 3), "requests": len(ss), "ok": len(ok),
+        # The draw's own rate: n arrivals over the span they took (a Poisson draw of
+        # rate x seconds arrivals spans about, not exactly, that many seconds).
+        "arrived_rps": (round((len(ss) - 1) / last_arrival, 3) if last_arrival > 0
+                        else None),
         "errors": sum(s.status == "error" for s in ss),
         "refused": sum(s.status == "refused" for s in ss),
         "lost": sum(s.status == "lost" for s in ss),

@@ -33,7 +33,8 @@ def test_arrivals_are_seeded_and_scale_with_the_rate() -> None:
 
 def test_arrivals_are_poisson_shaped() -> None:
     rate, n = 5.0, 20_000
-    t = poisson_arrivals(n, rate, seed=3)
+    t = poisson_arrivals(n, rate, seed=3, exact=False)
+    assert poisson_arrivals(n, rate, seed=3)[-1] == pytest.approx((n - 1) / rate)
     gaps = [y - x for x, y in itertools.pairwise(t)]
     mean = statistics.fmean(gaps)
     assert mean == pytest.approx(1 / rate, rel=0.03)
@@ -54,8 +55,11 @@ def test_levels_and_burst() -> None:
     assert [x.name for x in lv] == ["50%", "120%", "burst"]
     assert [x.rate for x in lv] == [5.0, 12.0, 20.0]
     assert [len(x.arrivals) for x in lv[:2]] == [100, 240]
-    assert all(t < 5 for t in lv[2].arrivals)
-    assert 60 <= len(burst_arrivals(20.0, 5, seed=0)) <= 140
+    assert len(lv[2].arrivals) == 100 and all(t < 5 for t in lv[2].arrivals)
+    # Each level's draw has exactly its nominal rate over its span.
+    for x in lv:
+        assert (len(x.arrivals) - 1) / x.arrivals[-1] == pytest.approx(x.rate)
+    assert burst_arrivals(20.0, 5, seed=0) == lv[2].arrivals
     assert lv == levels(10.0, [0.5, 1.2], seconds=20, seed=0, burst_fraction=2.0,
                         burst_seconds=5)
 
