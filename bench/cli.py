@@ -6,6 +6,7 @@
     python -m bench --modes slotfill,stream@0,stream@50     # what token streaming costs
     python -m bench soak --jobs 100000    # the soak alone
     python -m bench report a.json b.json  # merge runs (e.g. GPU modes run in several calls)
+    python -m bench latency               # latency vs offered load, next to vllm serve
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+
+from bench.latency_cli import latency
 
 app = typer.Typer(help="Benchmark slotfill against the engine's own limit, an in-process "
                        "feeder and Celery.", add_completion=False,
@@ -227,6 +230,9 @@ def report_cmd(
         merged["files"] = report.files_for(prefix, results_dir)
         report.write_results(merged)
     report.print_report(merged, console)
+
+
+app.command(name="latency")(latency)
 
 
 def main(args: list[str] | None = None) -> None:
