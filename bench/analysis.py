@@ -40,6 +40,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from bench.refill_breakdown import summarize_breakdown
+
 
 def pct(values: list[float], p: float) -> float | None:
     """Percentile (nearest rank, 0 < p <= 100)."""
@@ -206,6 +208,8 @@ def summarize(raw: dict[str, Any], expected: dict[int, int], slots: int,
         refills = refill_latencies(recs, capacity)
         out["refill"] = {"capacity": capacity, "n": len(refills),
                          "p50_ms": _ms(pct(refills, 50)), "p99_ms": _ms(pct(refills, 99)),
-                         "max_ms": _ms(max(refills) if refills else None)}
+                         "max_ms": _ms(max(refills) if refills else None),
+                         "breakdown": summarize_breakdown(recs, capacity, slots,
+                                                          raw.get("steps_file"))}
     out.update(raw.get("extra", {}))
     return out

@@ -64,6 +64,9 @@ def run(
                                            "adaptive, fixed or engine; default: the "
                                            "worker's. Several (comma-separated): one run "
                                            "each")] = "",
+    checkpoint_interval_ms: Annotated[float, typer.Option(
+        help="workers' checkpoint interval (0 = checkpoints off: the cost of intermediate "
+             "engine outputs for every job); default: the worker's")] = -1.0,
     sizes: Annotated[str, typer.Option(help="batch-size sweep: SLOTS[:SIM_STEP_MS],... e.g. "
                                        "256:13,512:23,1024:40; one run per size (and "
                                        "admission rule), then a table by size")] = "",
@@ -116,7 +119,8 @@ def run(
                             max_model_len=max_model_len,
                             gpu_memory_utilization=gpu_memory_utilization,
                             enforce_eager=enforce_eager, headroom=headroom, engine=engine,
-                            sim_step_ms=sim_step_ms, admission=admission),
+                            sim_step_ms=sim_step_ms, admission=admission,
+                            checkpoint_interval_ms=checkpoint_interval_ms),
         workload=WorkloadConfig(requests=requests, prompt_tokens=prompt_tokens,
                                 min_prompt_tokens=min_prompt_tokens, min_output=min_output,
                                 max_output=max_output, seed=seed, long_share=long_share,

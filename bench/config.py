@@ -65,6 +65,9 @@ class EngineConfig:
     admission: str = ""
     """slotfill and stream workers' admission rule (``adaptive``/``fixed``/``engine``); empty =
     the worker's default. The fleet modes set their own."""
+    checkpoint_interval_ms: float = -1.0
+    """Workers' ``checkpoint_interval_ms`` (0 = no checkpoints: jobs that do not stream get
+    one final output from the engine); negative = the worker's default."""
 
     def engine_kwargs(self, model_path: str) -> dict[str, Any]:
         """Keyword arguments for ``vllm.LLM`` and ``AsyncEngineArgs``: the same set the
@@ -98,6 +101,8 @@ class EngineConfig:
             "engine": self.engine,
             "sim_step_ms": self.sim_step_ms,
             **({"admission": self.admission} if self.admission else {}),
+            **({"checkpoint_interval_ms": self.checkpoint_interval_ms}
+               if self.checkpoint_interval_ms >= 0 else {}),
         }
 
 

@@ -35,6 +35,7 @@ from worker.claim import ClaimedJob, Disposition
 from worker.engines.base import Engine, Step
 from worker.in_flight import Holdings, InFlight
 from worker.job_task import JobTasks, Published
+from worker.refill_trace import RefillTrace
 from worker.settings import WorkerSettings
 from worker.state import Counters, FeederState
 from worker.store import REDIS_ERRORS, WorkerStore
@@ -69,7 +70,7 @@ class Feeder:
         """Writes jobs' output and checkpoints; its ``run`` is one of the worker's tasks."""
         self.tasks = JobTasks(engine, store, settings, self.holdings, self.streamer,
                               self.counters, left_engine=self._wake, on_fatal=self.die,
-                              dying=lambda: self.fatal is not None)
+                              dying=lambda: self.fatal is not None, freed=self._freed)
         self.on_published: list[Published] = self.tasks.on_published
         self.on_started: list[Callable[[ClaimedJob], None]] = []
         """Called with each job this worker starts (pulled or reclaimed; not malformed
@@ -80,6 +81,8 @@ class Feeder:
         self._parked = False
         """The pull loop waits because admission said to read nothing."""
         self._slot_freed = asyncio.Event()
+        self.trace: RefillTrace | None = None
+        """Where each refill's time goes (the bench's breakdown; the runner sets it)."""
         self._cancels_seen: OrderedDict[str, float] = OrderedDict()
         """Cancellations heard for jobs not (yet) in flight: a cancel can overtake the reply
         that hands us its job."""
@@ -140,12 +143,17 @@ class Feeder:
     async def _read(self) -> None:
         want = self.free()
         self.state.reading = True
+        issued = self.trace.issued() if self.trace is not None else None
+        held = self.holdings.in_engine
         t_read = time.monotonic()
         try:
             rows = await self.store.start_jobs(want)
         finally:
             self.state.reading = False
         self.admission.read_took(time.monotonic() - t_read)
+        if self.trace is not None and issued is not None:
+            s = self.engine.stats
+            self.trace.read(issued, want, len(rows), held, s.running, s.waiting)
         self.state.backlog = len(rows) >= want
         if rows:
             self.launch(rows)
@@ -160,6 +168,10 @@ class Feeder:
 
     def _wake(self) -> None:
         self._slot_freed.set()
+
+    def _freed(self) -> None:
+        if self.trace is not None:
+            self.trace.freed()
 
     async def _wait_slot(self) -> None:
         self._slot_freed.clear()

@@ -25,6 +25,7 @@ from worker import upkeep
 from worker.engines.base import Engine
 from worker.feeder import Feeder
 from worker.ops import install as install_ops
+from worker.refill_trace import RefillTrace, read_log_path
 from worker.settings import TINY_ENGINE, WorkerSettings, apply_engine_defaults
 from worker.step_log import StepLog
 from worker.store import WorkerStore
@@ -175,6 +176,8 @@ async def serve(settings: WorkerSettings, engine: Engine | None = None, *,
     if settings.step_log:
         step_log = StepLog(settings.step_log, feeder.state, lambda: feeder.in_engine)
         engine.stats.subscribe(step_log)
+        feeder.trace = RefillTrace(read_log_path(settings.step_log))
+        feeder.trace.start()
     ops = install_ops(feeder, settings)  # metrics, job log lines, Celery callbacks
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -217,6 +220,8 @@ async def serve(settings: WorkerSettings, engine: Engine | None = None, *,
     await client.aclose()
     if step_log is not None:
         step_log.close()
+    if feeder.trace is not None:
+        feeder.trace.close()
     return code
 
 

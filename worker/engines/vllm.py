@@ -172,6 +172,15 @@ def _lora_args(settings: WorkerSettings) -> dict[str, Any]:
             "max_lora_rank": settings.max_lora_rank}
 
 
+def _eos_ids(hf_config: Any, tokenizer: Any) -> frozenset[int]:
+    """The model's EOS ids: its config's (an int or a list) and its tokenizer's."""
+    raw = getattr(hf_config, "eos_token_id", None)
+    ids = set(raw if isinstance(raw, list) else [] if raw is None else [raw])
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(int(i) for i in ids)
+
+
 class VllmEngine:
     def __init__(self, settings: WorkerSettings, model_path: str) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -209,6 +218,7 @@ class VllmEngine:
         self.max_model_len: int = self.llm.model_config.max_model_len
         self._adopt_engine_choice()
         self.tokenizer = None if settings.skip_tokenizer_init else self.llm.get_tokenizer()
+        self.eos_token_ids = _eos_ids(self.llm.model_config.hf_config, self.tokenizer)
         self._engine_input = engine_input_builder()
 
     def _adopt_engine_choice(self) -> None:

@@ -1,0 +1,147 @@
+"""Where refill latency goes: each refill (bench/analysis.py's definition) matched to the
+worker's read that brought its replacement (worker/refill_trace.py's read log).
+
+Per refill k with ``refill_k = start[C+k] - end[k] > 0`` (a replacement read ahead counts 0
+and has no parts), the read ``j`` that returned last before ``start[C+k]``:
+
+- **wait**: ``end[k]`` → read j issued (0 when read j was issued before the finish);
+  **behind**: a read was already on its way to Redis at ``end[k]`` (the replacement waited
+  for that reply, then for its own read);
+- **read**: read j's round trip, counted from ``end[k]`` when it was issued earlier;
+- **launch**: read j back → ``start[C+k]`` (the loop handing the rows to job tasks);
+- **dry**: at read j the engine's last step had a free slot and nothing waiting (the ready
+  queue had run out: this refill cost the engine a slot), else the engine had jobs queued;
+- **lag_ms**: the event loop's worst lateness in the 100 ms before read j came back;
+  **gc_ms**: garbage-collector time since the read before it.
+
+The summary gives percentiles of the parts over every positive refill, and their means over
+the tail (refills at or above the p99), so a GPU run says which part the tail is made of.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from worker.refill_trace import read_log_path
+
+
+def load_reads(steps_file: str | Path | None) -> list[dict[str, Any]]:
+    if not steps_file:
+        return []
+    path = read_log_path(steps_file)
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a killed process
+    return sorted(out, key=lambda r: r["t_back"])
+
+
+def _pct(values: list[float], p: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return s[max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))]
+
+
+def refill_parts(records: list[dict[str, Any]], capacity: int, slots: int,
+                 reads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per positive refill: its latency and parts, in ms."""
+    ends = sorted(r["finished"] for r in records)
+    starts = sorted(r["started"] for r in records)
+    backs = [r["t_back"] for r in reads]
+    issues = sorted((r["t_issue"], r["t_back"]) for r in reads)
+    out = []
+    for k in range(len(starts) - capacity):
+        end, start = ends[k], starts[capacity + k]
+        if start <= end:
+            continue
+        j = bisect.bisect_right(backs, start) - 1
+        if j < 0:
+            continue
+        rd = reads[j]
+        i = bisect.bisect_right(issues, (end, float("inf"))) - 1
+        behind = i >= 0 and issues[i][0] <= end < issues[i][1] and issues[i][1] < rd["t_back"]
+        out.append({
+            "refill_ms": (start - end) * 1000,
+            "wait_ms": max(0.0, rd["t_issue"] - end) * 1000,
+            "read_ms": (rd["t_back"] - max(rd["t_issue"], end)) * 1000,
+            "launch_ms": max(0.0, start - rd["t_back"]) * 1000,
+            "behind": behind,
+            "dry": rd["waiting"] == 0 and rd["running"] < slots,
+            "lag_ms": rd["lag_ms"], "gc_ms": rd["gc_ms"]})
+    return out
+
+
+def _mean(parts: list[dict[str, Any]], key: str) -> float | None:
+    return statistics.fmean(float(p[key]) for p in parts) if parts else None
+
+
+def summarize_breakdown(records: list[dict[str, Any]], capacity: int, slots: int,
+                        steps_file: str | Path | None) -> dict[str, Any] | None:
+    """The refill breakdown of one run (None without a read log)."""
+    reads = load_reads(steps_file)
+    if not reads:
+        return None
+    parts = refill_parts(records, capacity, slots, reads)
+    lat = [p["refill_ms"] for p in parts]
+    p99 = _pct(lat, 99)
+    tail = [p for p in parts if p99 is not None and p["refill_ms"] >= p99]
+    lags = [float(r["lag_ms"]) for r in reads]
+    rtts = [(r["t_back"] - r["t_issue"]) * 1000 for r in reads]
+    return {
+        "reads": len(reads), "positive_refills": len(parts),
+        "read_rtt_p50_ms": _pct(rtts, 50), "read_rtt_p99_ms": _pct(rtts, 99),
+        "loop_lag_p50_ms": _pct(lags, 50), "loop_lag_p99_ms": _pct(lags, 99),
+        "loop_lag_max_ms": max(lags), "gc_total_ms": sum(float(r["gc_ms"]) for r in reads),
+        "reads_behind_share": sum(1 for r in reads if r.get("behind")) / len(reads),
+        "parts_p50_ms": {k: _pct([p[k] for p in parts], 50)
+                         for k in ("wait_ms", "read_ms", "launch_ms")},
+        "parts_p99_ms": {k: _pct([p[k] for p in parts], 99)
+                         for k in ("wait_ms", "read_ms", "launch_ms")},
+        "tail": {"n": len(tail), "from_ms": p99,
+                 **{f"mean_{k}": _mean(tail, k)
+                    for k in ("refill_ms", "wait_ms", "read_ms", "launch_ms", "lag_ms",
+                              "gc_ms")},
+                 "behind_share": _mean(tail, "behind"), "dry_share": _mean(tail, "dry")},
+        "dry_share": _mean(parts, "dry"),
+    }
+
+
+def _f(v: Any, fmt: str = "{:.2f}") -> str:
+    return "–" if v is None else fmt.format(v)
+
+
+def breakdown_table(rows: list[dict[str, Any]]) -> Table:
+    """One line per sweep row that has a breakdown (slotfill with the worker's read log)."""
+    t = Table(title="refill breakdown (ms): reads, loop, and the tail (refills >= p99)")
+    for col in ("slots", "rule", "ckpt ms", "read rtt p50 / p99", "loop lag p50 / p99 / max",
+                "gc total", "refills > 0", "tail n (from)", "tail wait / read / launch",
+                "tail behind / dry", "tail lag / gc", "dry (all)"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        b = r.get("refill_breakdown")
+        if not b:
+            continue
+        tail = b["tail"]
+        t.add_row(str(r["slots"]), r["admission"], _f(r.get("checkpoint_interval_ms"), "{:.0f}"),
+                  f"{_f(b['read_rtt_p50_ms'])} / {_f(b['read_rtt_p99_ms'])}",
+                  f"{_f(b['loop_lag_p50_ms'])} / {_f(b['loop_lag_p99_ms'])} / "
+                  f"{_f(b['loop_lag_max_ms'])}",
+                  _f(b["gc_total_ms"], "{:.0f}"), str(b["positive_refills"]),
+                  f"{tail['n']} ({_f(tail['from_ms'])})",
+                  " / ".join(_f(tail[f"mean_{k}"]) for k in ("wait_ms", "read_ms", "launch_ms")),
+                  f"{_f(tail['behind_share'], '{:.0%}')} / {_f(tail['dry_share'], '{:.0%}')}",
+                  f"{_f(tail['mean_lag_ms'])} / {_f(tail['mean_gc_ms'])}",
+                  _f(b["dry_share"], "{:.1%}"))
+    return t
