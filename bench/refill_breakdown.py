@@ -27,8 +27,6 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from rich.table import Table
-
 from worker.refill_trace import read_log_path
 
 
@@ -122,26 +120,27 @@ def _f(v: Any, fmt: str = "{:.2f}") -> str:
     return "–" if v is None else fmt.format(v)
 
 
-def breakdown_table(rows: list[dict[str, Any]]) -> Table:
-    """One line per sweep row that has a breakdown (slotfill with the worker's read log)."""
-    t = Table(title="refill breakdown (ms): reads, loop, and the tail (refills >= p99)")
-    for col in ("slots", "rule", "ckpt ms", "read rtt p50 / p99", "loop lag p50 / p99 / max",
-                "gc total", "refills > 0", "tail n (from)", "tail wait / read / launch",
-                "tail behind / dry", "tail lag / gc", "dry (all)"):
-        t.add_column(col, justify="right")
+def breakdown_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One plain line per sweep row that has a breakdown (slotfill with the worker's read
+    log): plain text, so a narrow log keeps every figure."""
+    out = []
     for r in rows:
         b = r.get("refill_breakdown")
         if not b:
             continue
         tail = b["tail"]
-        t.add_row(str(r["slots"]), r["admission"], _f(r.get("checkpoint_interval_ms"), "{:.0f}"),
-                  f"{_f(b['read_rtt_p50_ms'])} / {_f(b['read_rtt_p99_ms'])}",
-                  f"{_f(b['loop_lag_p50_ms'])} / {_f(b['loop_lag_p99_ms'])} / "
-                  f"{_f(b['loop_lag_max_ms'])}",
-                  _f(b["gc_total_ms"], "{:.0f}"), str(b["positive_refills"]),
-                  f"{tail['n']} ({_f(tail['from_ms'])})",
-                  " / ".join(_f(tail[f"mean_{k}"]) for k in ("wait_ms", "read_ms", "launch_ms")),
-                  f"{_f(tail['behind_share'], '{:.0%}')} / {_f(tail['dry_share'], '{:.0%}')}",
-                  f"{_f(tail['mean_lag_ms'])} / {_f(tail['mean_gc_ms'])}",
-                  _f(b["dry_share"], "{:.1%}"))
-    return t
+        ckpt = r.get("checkpoint_interval_ms")
+        out.append(
+            f"refill breakdown {r['slots']} slots {r['admission']}"
+            f"{'' if ckpt is None else f' ckpt {ckpt:.0f} ms'}: "
+            f"reads {b['reads']} rtt p50/p99 {_f(b['read_rtt_p50_ms'])}/"
+            f"{_f(b['read_rtt_p99_ms'])} ms; loop lag p50/p99/max "
+            f"{_f(b['loop_lag_p50_ms'])}/{_f(b['loop_lag_p99_ms'])}/{_f(b['loop_lag_max_ms'])}"
+            f" ms; gc {_f(b['gc_total_ms'], '{:.0f}')} ms; refills > 0: "
+            f"{b['positive_refills']} (dry {_f(b['dry_share'], '{:.1%}')}); tail (>= "
+            f"{_f(tail['from_ms'])} ms, n {tail['n']}): wait/read/launch "
+            + "/".join(_f(tail[f"mean_{k}"]) for k in ("wait_ms", "read_ms", "launch_ms"))
+            + f" ms, behind a read {_f(tail['behind_share'], '{:.0%}')}, dry "
+            f"{_f(tail['dry_share'], '{:.0%}')}, lag {_f(tail['mean_lag_ms'])} ms, gc "
+            f"{_f(tail['mean_gc_ms'])} ms")
+    return out

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.config import BenchConfig
-from bench.refill_breakdown import breakdown_table
+from bench.refill_breakdown import breakdown_lines
 
 ROW_KEYS = ("output_tok_s", "tokens_per_step", "mean_occupancy", "engine_steps")
 
@@ -84,7 +84,8 @@ def run_sweep(cfg: BenchConfig, sizes: list[tuple[int, float | None]], admission
     Path(results["files"]["json"]).write_text(json.dumps(results, indent=1) + "\n")
     plot_sizes(rows, Path(results["files"]["png"]))
     console.print(sizes_table(rows))
-    console.print(breakdown_table(rows))
+    for line in breakdown_lines(rows):
+        console.print(line, soft_wrap=True, markup=False)
     return results
 
 

@@ -81,6 +81,8 @@ class Feeder:
         self._parked = False
         """The pull loop waits because admission said to read nothing."""
         self._slot_freed = asyncio.Event()
+        self._freed_at: float | None = None
+        """When the first job since the last read left the engine (the wake delay)."""
         self.trace: RefillTrace | None = None
         """Where each refill's time goes (the bench's breakdown; the runner sets it)."""
         self._cancels_seen: OrderedDict[str, float] = OrderedDict()
@@ -146,6 +148,9 @@ class Feeder:
         issued = self.trace.issued() if self.trace is not None else None
         held = self.holdings.in_engine
         t_read = time.monotonic()
+        if self._freed_at is not None:
+            self.admission.wake_took(t_read - self._freed_at)
+            self._freed_at = None
         try:
             rows = await self.store.start_jobs(want)
         finally:
@@ -170,6 +175,8 @@ class Feeder:
         self._slot_freed.set()
 
     def _freed(self) -> None:
+        if self._freed_at is None:
+            self._freed_at = time.monotonic()
         if self.trace is not None:
             self.trace.freed()
 
