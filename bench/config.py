@@ -68,6 +68,9 @@ class EngineConfig:
     checkpoint_interval_ms: float = -1.0
     """Workers' ``checkpoint_interval_ms`` (0 = no checkpoints: jobs that do not stream get
     one final output from the engine); negative = the worker's default."""
+    checkpoint_outputs: bool = False
+    """Workers take checkpoints from intermediate engine outputs (``checkpoint_peek`` off),
+    as before the output processor was read: what those outputs cost."""
 
     def engine_kwargs(self, model_path: str) -> dict[str, Any]:
         """Keyword arguments for ``vllm.LLM`` and ``AsyncEngineArgs``: the same set the
@@ -103,6 +106,7 @@ class EngineConfig:
             **({"admission": self.admission} if self.admission else {}),
             **({"checkpoint_interval_ms": self.checkpoint_interval_ms}
                if self.checkpoint_interval_ms >= 0 else {}),
+            **({"checkpoint_peek": 0} if self.checkpoint_outputs else {}),
         }
 
 

@@ -132,7 +132,8 @@ def breakdown_lines(rows: list[dict[str, Any]]) -> list[str]:
         ckpt = r.get("checkpoint_interval_ms")
         out.append(
             f"refill breakdown {r['slots']} slots {r['admission']}"
-            f"{'' if ckpt is None else f' ckpt {ckpt:.0f} ms'}: "
+            f"{'' if ckpt is None else f' ckpt {ckpt:.0f} ms'}"
+            f"{' ckpt from outputs' if r.get('checkpoint_outputs') else ''}: "
             f"reads {b['reads']} rtt p50/p99 {_f(b['read_rtt_p50_ms'])}/"
             f"{_f(b['read_rtt_p99_ms'])} ms; loop lag p50/p99/max "
             f"{_f(b['loop_lag_p50_ms'])}/{_f(b['loop_lag_p99_ms'])}/{_f(b['loop_lag_max_ms'])}"

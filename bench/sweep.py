@@ -78,6 +78,7 @@ def run_sweep(cfg: BenchConfig, sizes: list[tuple[int, float | None]], admission
                              if run_cfg.engine.engine == "sim" else None,
                              "checkpoint_interval_ms": run_cfg.engine.checkpoint_interval_ms
                              if run_cfg.engine.checkpoint_interval_ms >= 0 else None,
+                             "checkpoint_outputs": run_cfg.engine.checkpoint_outputs,
                              "run": res["files"]["json"]})
     results = {"meta": meta(argv), "config": json.loads(cfg.to_json()), "sizes": rows,
                "files": report.files_for(prefix, results_dir)}

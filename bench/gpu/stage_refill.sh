@@ -2,12 +2,14 @@
 # Refill latency and free-slot steps by batch size (issue 19), and what checkpoints cost
 # (issue 15), on one GPU after unpack.sh install. Results land in $OUT/refill/ (summaries,
 # plots; raw/ holds each run's step log, read log (the refill breakdown's input) and logs).
-#   bash bench/gpu/stage_refill.sh 256    # offline + slotfill at 256 slots (checkpoints on,
-#                                         # the default 1000 ms), then slotfill with them off
-#   bash bench/gpu/stage_refill.sh 1024   # offline + slotfill at 1,024 slots
-#   bash bench/gpu/stage_refill.sh all    # both (about 8 minutes on an H200)
-# Request counts: N256 (default 2000), N1024 (default 4000). Each run prints "refill
-# breakdown ..." lines; the JSON rows carry them under refill_breakdown.
+#   bash bench/gpu/stage_refill.sh 256    # 256 slots: offline; slotfill (checkpoints on, the
+#                     # default 1000 ms, ids read from vLLM's output processor); slotfill with
+#                     # checkpoints off; slotfill with checkpoints from intermediate outputs
+#   bash bench/gpu/stage_refill.sh 1024   # 1,024 slots: offline; slotfill
+#   bash bench/gpu/stage_refill.sh all    # both
+# Four engine starts at 256 and two at 1,024 (each ~35-85 s, plus its run): run the parts as
+# two device calls. Request counts: N256 (default 1500), N1024 (default 4000). Each run prints
+# "refill breakdown ..." lines; the JSON rows carry them under refill_breakdown.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 . /root/gw/env.sh
@@ -32,8 +34,9 @@ sweep() {  # sweep NAME SLOTS BATCHED_TOKENS REQUESTS MODES [extra flags]
 
 case "$part" in 256|1024|all) ;; *) echo "unknown part $part (256, 1024 or all)"; exit 2 ;; esac
 if [ "$part" != 1024 ]; then
-  sweep sizes-256 256 8192 "${N256:-2000}" offline,slotfill
-  sweep sizes-256-ckpt0 256 8192 "${N256:-2000}" slotfill --checkpoint-interval-ms 0
+  sweep sizes-256 256 8192 "${N256:-1500}" offline,slotfill
+  sweep sizes-256-ckpt0 256 8192 "${N256:-1500}" slotfill --checkpoint-interval-ms 0
+  sweep sizes-256-ckpt-outputs 256 8192 "${N256:-1500}" slotfill --checkpoint-outputs
 fi
 if [ "$part" != 256 ]; then
   sweep sizes-1024 1024 16384 "${N1024:-4000}" offline,slotfill

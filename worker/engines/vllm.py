@@ -221,7 +221,8 @@ class VllmEngine:
         self.tokenizer = None if settings.skip_tokenizer_init else self.llm.get_tokenizer()
         self.eos_token_ids = _eos_ids(self.llm.model_config.hf_config, self.tokenizer)
         self._engine_input = engine_input_builder()
-        self._peeker = CheckpointPeeker(self.llm, settings.checkpoint_interval_ms / 1000)
+        self._peeker = CheckpointPeeker(
+            self.llm, settings.checkpoint_interval_ms / 1000 if settings.checkpoint_peek else 0)
         if settings.checkpoint_interval_ms > 0:
             log.info("checkpoints of jobs that do not stream: %s", "read from vLLM's output "
                      "processor" if self._peeker.enabled else "intermediate outputs")
