@@ -5,7 +5,9 @@ How many jobs each read takes is worker/admission.py's rule (the engine's free s
 small ready queue, counted in jobs and in prompt tokens, held back when its KV cache runs
 full). The loop is event-driven: a job leaving the engine, or an engine step that lets
 admission take more, sets ``_slot_freed``; it then reads at once, and only blocks (on Redis,
-not a timer) when the queue is empty.
+not a timer) when the queue is empty. A job that leaves the engine while a read is on its
+way starts one overtaking read for what that read did not ask for (else its replacement
+waited for that reply and then a read of its own); reads on their way count as asked for.
 
 Reliability duties that live here, beside the hot path:
 
@@ -81,6 +83,9 @@ class Feeder:
         self._parked = False
         """The pull loop waits because admission said to read nothing."""
         self._slot_freed = asyncio.Event()
+        self._asked = 0
+        """Jobs asked for by reads still on their way (not yet held)."""
+        self._overtake: asyncio.Task[None] | None = None
         self._freed_at: float | None = None
         """When the first job since the last read left the engine (the wake delay)."""
         self.trace: RefillTrace | None = None
@@ -97,7 +102,8 @@ class Feeder:
         measured here, a publish round trip occasionally took ~100 ms under load and held
         slots idle meanwhile."""
         h = self.holdings
-        return self.admission.want(h.in_engine, h.publishing, h.newest_first_prompt_tokens())
+        want = self.admission.want(h.in_engine, h.publishing, h.newest_first_prompt_tokens())
+        return want - self._asked
 
     @property
     def in_engine(self) -> int:
@@ -145,25 +151,53 @@ class Feeder:
     async def _read(self) -> None:
         want = self.free()
         self.state.reading = True
+        try:
+            rows = await self._start(want)
+        finally:
+            self.state.reading = False
+        self.state.backlog = len(rows) >= want
+        if rows:
+            self.launch(rows)
+        else:
+            await self._wait_for_work()
+
+    async def _start(self, want: int) -> list[ClaimedJob]:
+        """One ``start_jobs`` read, timed for admission (round trip; delay since the first
+        job it replaces left the engine) and the refill trace."""
         issued = self.trace.issued() if self.trace is not None else None
         held = self.holdings.in_engine
         t_read = time.monotonic()
         if self._freed_at is not None:
             self.admission.wake_took(t_read - self._freed_at)
             self._freed_at = None
+        self._asked += want
         try:
             rows = await self.store.start_jobs(want)
         finally:
-            self.state.reading = False
+            self._asked -= want
         self.admission.read_took(time.monotonic() - t_read)
         if self.trace is not None and issued is not None:
             s = self.engine.stats
             self.trace.read(issued, want, len(rows), held, s.running, s.waiting)
-        self.state.backlog = len(rows) >= want
+        return rows
+
+    async def _overtaking_read(self) -> None:
+        """Jobs left the engine while the pull loop's read was on its way: read their
+        replacements now, not after that reply (such a refill took two round trips)."""
+        await asyncio.sleep(0)  # the other jobs that finished in this engine step leave too
+        h = self.holdings
+        if (not self.state.reading or not self._asked or not self.state.pulling
+                or self.fatal is not None or h.solo_waiting or h.solo_key is not None):
+            return
+        want = self.free()
+        if want <= 0:
+            return
+        try:
+            rows = await self._start(want)
+        except REDIS_ERRORS:
+            return  # the pull loop's own read meets the outage and backs off
         if rows:
             self.launch(rows)
-        else:
-            await self._wait_for_work()
 
     def _on_step(self, step: Step) -> None:
         if self._parked:
@@ -177,6 +211,9 @@ class Feeder:
     def _freed(self) -> None:
         if self._freed_at is None:
             self._freed_at = time.monotonic()
+        if self.state.reading and self._asked and (self._overtake is None
+                                                   or self._overtake.done()):
+            self._overtake = asyncio.create_task(self._overtaking_read(), name="overtake")
         if self.trace is not None:
             self.trace.freed()
 
@@ -334,6 +371,8 @@ class Feeder:
         self.stop_pulling()
         h = self.holdings
         end = time.monotonic() + grace_s
+        if self._overtake is not None:  # its jobs are held (and drained) once it returns
+            await asyncio.wait([self._overtake], timeout=grace_s)
         while h.jobs and (left_s := end - time.monotonic()) > 0:
             await asyncio.wait([f.task for f in h.jobs.values()], timeout=left_s)
         left = list(h.jobs.values())
