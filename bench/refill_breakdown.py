@@ -143,5 +143,8 @@ def breakdown_lines(rows: list[dict[str, Any]]) -> list[str]:
             + "/".join(_f(tail[f"mean_{k}"]) for k in ("wait_ms", "read_ms", "launch_ms"))
             + f" ms, behind a read {_f(tail['behind_share'], '{:.0%}')}, dry "
             f"{_f(tail['dry_share'], '{:.0%}')}, lag {_f(tail['mean_lag_ms'])} ms, gc "
-            f"{_f(tail['mean_gc_ms'])} ms")
+            f"{_f(tail['mean_gc_ms'])} ms; free-slot steps {r.get('free_slot_steps')}"
+            f"/{r.get('window_steps')}, in transit at them p50/max "
+            f"{_f((r.get('in_transit_at_free') or {}).get('p50'), '{:.0f}')}/"
+            f"{_f((r.get('in_transit_at_free') or {}).get('max'), '{:.0f}')}")
     return out

@@ -49,7 +49,8 @@ def row(slots: int, admission: str, mode: str, m: dict[str, Any]) -> dict[str, A
             "refill_max_ms": refill.get("max_ms"), "full_step_p50_ms": full.get("p50"),
             "held_p50": (m.get("held") or {}).get("p50"),
             "held_max": (m.get("held") or {}).get("max"), "error": m.get("error"),
-            "refill_breakdown": refill.get("breakdown")}
+            "refill_breakdown": refill.get("breakdown"),
+            "in_transit_at_free": idle.get("in_transit_at_free")}
 
 
 def run_sweep(cfg: BenchConfig, sizes: list[tuple[int, float | None]], admissions: list[str],
