@@ -15,6 +15,10 @@ Definitions (every mode is measured the same way):
   **slot-step idle** weighs each such step by its number of free slots. ``slot_idle_after_full``
   counts the same from the first step that ran every slot: without the first steps, which
   run while the submitted jobs are still landing in Redis.
+- **in transit at free-slot steps**: the worker's ``held`` minus the engine's running and
+  waiting at each free-slot step (jobs handed over but not yet in the engine's counts, or
+  finished in that step): large means the hand-over to the engine left the slot free, not
+  admission holding too few.
 - **refill latency** (slotfill, asyncio): a place frees when a generation ends; its
   replacement is the request that enters the engine in its place. With capacity C (slots +
   headroom) held, the k-th place to free (by time) is refilled by the (C+k)-th request to start,
@@ -39,6 +43,8 @@ import math
 import statistics
 from pathlib import Path
 from typing import Any
+
+from bench.refill_breakdown import summarize_breakdown
 
 
 def pct(values: list[float], p: float) -> float | None:
@@ -130,6 +136,10 @@ def slot_idle(steps: list[dict[str, Any]], t_from: float, t_to: float,
             gaps.append(s["t"] - start)
             start = None
     p50, p99 = pct(gaps, 50), pct(gaps, 99)
+    # Held by the worker but in neither of the engine's counts at a free-slot step: on their
+    # way in (job task, input processing) or finished this step (their output not yet
+    # seen). Many: the hand-over to the engine, not admission, left the slot free.
+    transit = [float(s["held"] - s["running"] - s["waiting"]) for s in free if "held" in s]
     return {
         "steps": len(window),
         "free_slot_steps": len(free),
@@ -138,6 +148,8 @@ def slot_idle(steps: list[dict[str, Any]], t_from: float, t_to: float,
         "gap_episodes": len(gaps),
         "gap_p50_ms": None if p50 is None else p50 * 1000,
         "gap_p99_ms": None if p99 is None else p99 * 1000,
+        "in_transit_at_free": {"p50": pct(transit, 50), "max": max(transit)}
+        if transit else None,
     }
 
 
@@ -206,6 +218,8 @@ def summarize(raw: dict[str, Any], expected: dict[int, int], slots: int,
         refills = refill_latencies(recs, capacity)
         out["refill"] = {"capacity": capacity, "n": len(refills),
                          "p50_ms": _ms(pct(refills, 50)), "p99_ms": _ms(pct(refills, 99)),
-                         "max_ms": _ms(max(refills) if refills else None)}
+                         "max_ms": _ms(max(refills) if refills else None),
+                         "breakdown": summarize_breakdown(recs, capacity, slots,
+                                                          raw.get("steps_file"))}
     out.update(raw.get("extra", {}))
     return out

@@ -79,6 +79,12 @@ def run(
                                            "adaptive, fixed or engine; default: the "
                                            "worker's. Several (comma-separated): one run "
                                            "each")] = "",
+    checkpoint_interval_ms: Annotated[float, typer.Option(
+        help="workers' checkpoint interval (0 = checkpoints off: the cost of intermediate "
+             "engine outputs for every job); default: the worker's")] = -1.0,
+    checkpoint_outputs: Annotated[bool, typer.Option(
+        help="workers take checkpoints from intermediate engine outputs (the worker's "
+             "checkpoint_peek off): what those outputs cost")] = False,
     sizes: Annotated[str, typer.Option(help="batch-size sweep: SLOTS[:SIM_STEP_MS],... e.g. "
                                        "256:13,512:23,1024:40; one run per size (and "
                                        "admission rule), then a table by size")] = "",
@@ -132,7 +138,9 @@ def run(
                             gpu_memory_utilization=gpu_memory_utilization,
                             enforce_eager=enforce_eager, headroom=headroom, engine=engine,
                             sim_step_ms=sim_step_ms, admission=admission,
-                            tensor_parallel_size=tensor_parallel_size, executor=executor),
+                            tensor_parallel_size=tensor_parallel_size, executor=executor,
+                            checkpoint_interval_ms=checkpoint_interval_ms,
+                            checkpoint_outputs=checkpoint_outputs),
         workload=WorkloadConfig(requests=requests, prompt_tokens=prompt_tokens,
                                 min_prompt_tokens=min_prompt_tokens, min_output=min_output,
                                 max_output=max_output, seed=seed, long_share=long_share,

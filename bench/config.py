@@ -70,6 +70,12 @@ class EngineConfig:
     executor: str = ""
     """vLLM ``distributed_executor_backend``; empty = vLLM's choice, except ``mp`` when
     ``tensor_parallel_size`` > 1 (one process per GPU, as the worker needs it)."""
+    checkpoint_interval_ms: float = -1.0
+    """Workers' ``checkpoint_interval_ms`` (0 = no checkpoints: jobs that do not stream get
+    one final output from the engine); negative = the worker's default."""
+    checkpoint_outputs: bool = False
+    """Workers take checkpoints from intermediate engine outputs (``checkpoint_peek`` off),
+    as before the output processor was read: what those outputs cost."""
 
     @property
     def executor_backend(self) -> str:
@@ -112,6 +118,9 @@ class EngineConfig:
             **({"admission": self.admission} if self.admission else {}),
             "tensor_parallel_size": self.tensor_parallel_size,
             **({"executor": self.executor_backend} if self.executor_backend else {}),
+            **({"checkpoint_interval_ms": self.checkpoint_interval_ms}
+               if self.checkpoint_interval_ms >= 0 else {}),
+            **({"checkpoint_peek": 0} if self.checkpoint_outputs else {}),
         }
 
 

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.config import BenchConfig
+from bench.refill_breakdown import breakdown_lines
 
 ROW_KEYS = ("output_tok_s", "tokens_per_step", "mean_occupancy", "engine_steps")
 
@@ -47,7 +48,9 @@ def row(slots: int, admission: str, mode: str, m: dict[str, Any]) -> dict[str, A
             "refill_p50_ms": refill.get("p50_ms"), "refill_p99_ms": refill.get("p99_ms"),
             "refill_max_ms": refill.get("max_ms"), "full_step_p50_ms": full.get("p50"),
             "held_p50": (m.get("held") or {}).get("p50"),
-            "held_max": (m.get("held") or {}).get("max"), "error": m.get("error")}
+            "held_max": (m.get("held") or {}).get("max"), "error": m.get("error"),
+            "refill_breakdown": refill.get("breakdown"),
+            "in_transit_at_free": idle.get("in_transit_at_free")}
 
 
 def run_sweep(cfg: BenchConfig, sizes: list[tuple[int, float | None]], admissions: list[str],
@@ -74,12 +77,17 @@ def run_sweep(cfg: BenchConfig, sizes: list[tuple[int, float | None]], admission
                 rows.append({**row(slots, adm or "default", mode, m),
                              "sim_step_ms": run_cfg.engine.sim_step_ms
                              if run_cfg.engine.engine == "sim" else None,
+                             "checkpoint_interval_ms": run_cfg.engine.checkpoint_interval_ms
+                             if run_cfg.engine.checkpoint_interval_ms >= 0 else None,
+                             "checkpoint_outputs": run_cfg.engine.checkpoint_outputs,
                              "run": res["files"]["json"]})
     results = {"meta": meta(argv), "config": json.loads(cfg.to_json()), "sizes": rows,
                "files": report.files_for(prefix, results_dir)}
     Path(results["files"]["json"]).write_text(json.dumps(results, indent=1) + "\n")
     plot_sizes(rows, Path(results["files"]["png"]))
     console.print(sizes_table(rows))
+    for line in breakdown_lines(rows):
+        console.print(line, soft_wrap=True, markup=False)
     return results
 
 

@@ -288,3 +288,36 @@ def test_adaptive_is_the_default_and_grows_its_queue_with_the_measured_rate(
         adm.want(1032, 0, iter([]))
     assert adm.target == 19
     assert adm.want(1032, 0, iter([])) == 11  # what the larger queue lacks
+
+
+def test_a_slow_wake_deepens_the_adaptive_queue_until_it_decays(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 1,024 slots a loop that notices finishes late (busy with engine outputs, GC) needs
+    the finishes of that delay held ready too: two steps and a read are not the window."""
+    import worker.admission as adm_mod
+
+    now = [100.0]
+    monkeypatch.setattr(adm_mod.time, "monotonic", lambda: now[0])
+    stats = StepStats()
+    done = [0]
+    adm = Admission(WorkerSettings(max_num_seqs=1024, headroom=8), stats, 1024,
+                    finished=lambda: done[0])
+
+    def window() -> None:  # 40 ms steps, 100 jobs/s finishing
+        now[0] += 0.4
+        done[0] += 40
+        for _ in range(10):
+            stats.record(1024, 100, 0.5, 1024)
+        adm.read_took(0.005)
+        adm.update()
+
+    for _ in range(30):
+        window()
+    assert adm.target == 19  # 100/s over 85 ms
+    adm.wake_took(0.2)  # a read sent 200 ms after the first finish it replaces
+    # 100/s over 285 ms: mean 28.5, its 0.999 quantile.
+    assert adm.target == adm_mod.poisson_quantile(100 * (0.005 + 0.2 + 0.08), adm_mod.READY_MISS)
+    assert adm.target > 40
+    for _ in range(200):
+        window()
+    assert adm.target == 19  # forgotten once calm

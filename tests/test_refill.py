@@ -8,11 +8,14 @@ more than its capacity.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import random
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -101,3 +104,42 @@ def test_a_batch_where_many_finish_per_step_stays_full(
     assert len(window) > 200
     free = sum(1 for s in window if s["running"] < slots and s["waiting"] == 0)
     assert free / len(window) <= 0.05, (free, len(window))
+
+
+def test_a_job_that_leaves_during_a_read_is_replaced_without_waiting_for_it(
+        redis_server: RedisServer, queue: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A refill behind a read already on its way used to wait for that reply, then for its
+    own read: now a second read overtakes, and what both ask for never exceeds the rule.
+    Reads are slowed here (20 ms, five engine steps), so jobs finish while one is on its way."""
+    from worker.store import WorkerStore
+
+    plain = WorkerStore.start_jobs
+
+    async def slow_start(self: WorkerStore, count: int) -> list[Any]:
+        await asyncio.sleep(0.02)
+        return await plain(self, count)
+
+    monkeypatch.setattr(WorkerStore, "start_jobs", slow_start)
+    steps_file = tmp_path / "steps.jsonl"
+    w = InprocWorker(redis_server.url, "overtake", queue=queue, engine="sim", sim_step_ms=4,
+                     max_num_seqs=SLOTS, headroom=HEADROOM, step_log=str(steps_file),
+                     admission="fixed").start()
+    try:
+        w.wait_ready(60)
+        c = Client.from_url(redis_server.url, queue=queue)
+        rng = random.Random(5)
+        ids = c.submit_many([{"prompt": "x", "max_tokens": rng.randint(2, 12)}
+                             for _ in range(600)])
+        results = [c.wait(i, timeout=120) for i in ids]
+    finally:
+        w.stop()
+    assert all(res.status is JobStatus.succeeded for res in results)
+    reads = [json.loads(line) for line in
+             (tmp_path / "steps.jsonl.reads.jsonl").read_text().splitlines()]
+    spans = sorted((rd["t_issue"], rd["t_back"]) for rd in reads)
+    overtaken = sum(1 for a, b in itertools.pairwise(spans) if b[0] < a[1])
+    assert overtaken > 0, len(reads)
+    steps = [json.loads(line) for line in steps_file.read_text().splitlines()]
+    assert max(s["running"] + s["waiting"] for s in steps) <= SLOTS + HEADROOM
+    assert max(s["held"] for s in steps) <= SLOTS + HEADROOM

@@ -73,3 +73,32 @@ def test_a_real_engine_resumes_a_killed_workers_job(redis_server: RedisServer, r
     assert len(ids) == MAX_TOKENS
     assert "".join(e.text for e in events if isinstance(e, TokenDelta)) == res.text
     assert _engine_tokens(tmp_path / "rb.steps") == MAX_TOKENS - res.resumed_at_token
+
+
+def test_a_real_engine_checkpoints_a_job_that_does_not_stream_and_resumes_it(
+        redis_server: RedisServer, r: redis.Redis, tmp_path: Path) -> None:
+    """Its checkpoints come from the ids vLLM's output processor holds (one final output per
+    job, worker/engines/vllm_peek.py), not from intermediate outputs."""
+    queue = "resume-e2e-plain"
+    client = Client.from_url(redis_server.url, queue=queue)
+    a = _engine(redis_server.url, queue, tmp_path, "pa")
+    key = QueueKeys.for_queue(queue).job
+    try:
+        a.wait_ready(600)
+        job = client.submit("Once upon a time", max_tokens=MAX_TOKENS, ignore_eos=True,
+                            temperature=0.0)
+        wait_until(lambda: int(r.hget(key(job.id), "ckpt_tokens") or 0) > 0, timeout=300,
+                   interval=0.002, what="the first checkpoint")
+    finally:
+        a.kill()
+    b = _engine(redis_server.url, queue, tmp_path, "pb")
+    try:
+        b.wait_ready(600)
+        res = client.wait(job.id, timeout=300)
+    finally:
+        b.stop()
+        client.close()
+    assert res.status is JobStatus.succeeded and res.attempts == 2, res
+    assert res.usage.completion_tokens == MAX_TOKENS
+    assert res.resumed_at_token is not None and 0 < res.resumed_at_token < MAX_TOKENS
+    assert _engine_tokens(tmp_path / "pb.steps") == MAX_TOKENS - res.resumed_at_token

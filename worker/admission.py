@@ -7,8 +7,10 @@ between a slot freeing and its replacement arriving. Finishes come per engine st
 ``slots / mean output length`` of them, so a count that suits 32 slots starves 1,024 (there
 ~4 jobs finish per 40 ms step and the fixed 8 of ``headroom`` ran out on 4.7 % of an H200's
 steps). The queue is the Poisson upper quantile (miss chance ``READY_MISS``) of the jobs
-finishing over one refill window (two engine steps plus a read's round trip), from the
-measured finish rate and step time; never less than ``headroom`` (the fixed rule, which it
+finishing over one refill window (two engine steps plus a read's round trip, plus the
+worst recent delay between a job leaving the engine and the read that replaces it being
+sent: the event loop busy with engine outputs, result writes, garbage collection), from the
+measured finish rate, step time and delays; never less than ``headroom`` (the fixed rule, which it
 thus never undercuts), never more than the slots (``headroom = 0``: none, as for every rule);
 grown by one per measuring window in
 which the engine still ran a step with a free slot while jobs waited in Redis (shrunk back
@@ -80,6 +82,9 @@ CALM_WINDOWS = 8
 """Windows without a starved engine step after which the learned extra ready job is dropped."""
 READY_MISS = 0.001
 """Adaptive rule: chance per refill window that more jobs finish than are held ready."""
+WAKE_DECAY = 0.95
+"""Per measuring window, the remembered worst wake delay (see :meth:`Admission.wake_took`)
+shrinks by this factor (half-life ~3.4 s): one stall keeps the queue deeper for a while."""
 REFILL_STEPS = 2
 """Engine steps in a refill window besides the read: the step in which jobs finish (their
 places are refilled at the next step's schedule) and one more for a replacement that lands
@@ -244,6 +249,9 @@ class Admission:
         self.read_s = 0.0
         """Smoothed round trip of a read from Redis (as the pull loop saw it, CPU stalls
         included)."""
+        self.wake_s = 0.0
+        """Worst recent delay from a job leaving the engine to the read for its replacement
+        being sent (decaying by ``WAKE_DECAY`` per window)."""
         self._mark = (time.monotonic(), 0, stats.steps)  # counts start at zero
         self.learned = 0
         """Ready jobs the engine's starved steps showed were needed beyond the estimate."""
@@ -268,12 +276,17 @@ class Admission:
     def read_took(self, seconds: float) -> None:
         self.read_s += RATE_WEIGHT * (seconds - self.read_s)
 
+    def wake_took(self, seconds: float) -> None:
+        """A read was sent ``seconds`` after the first job it replaces left the engine."""
+        self.wake_s = max(self.wake_s, seconds)
+
     @property
     def target(self) -> int:
         """Ready jobs wanted now (see the module docstring)."""
         p = self.policy
         if p.adaptive:
-            est = adaptive_ready(p, self.finish_per_s, self.read_s + REFILL_STEPS * self.step_s)
+            window = self.read_s + self.wake_s + REFILL_STEPS * self.step_s
+            est = adaptive_ready(p, self.finish_per_s, window)
             return min(max(est, self.learned), p.ready_cap)
         est = ready_target(p, self.finish_per_s, self.read_s + 2 * self.step_s)
         return min(max(est, self.learned), p.ready_target)
@@ -289,6 +302,7 @@ class Admission:
         if steps > steps0:
             self.step_s += RATE_WEIGHT * ((now - t0) / (steps - steps0) - self.step_s)
         self._mark = (now, done, steps)
+        self.wake_s *= WAKE_DECAY
         starved = self.starved()
         if starved > self._starved:
             self.learned = min(self.policy.ready_cap, max(self.learned, self.target) + 1)

@@ -5,7 +5,9 @@ How many jobs each read takes is worker/admission.py's rule (the engine's free s
 small ready queue, counted in jobs and in prompt tokens, held back when its KV cache runs
 full). The loop is event-driven: a job leaving the engine, or an engine step that lets
 admission take more, sets ``_slot_freed``; it then reads at once, and only blocks (on Redis,
-not a timer) when the queue is empty.
+not a timer) when the queue is empty. A job that leaves the engine while a read is on its
+way starts one overtaking read for what that read did not ask for (else its replacement
+waited for that reply and then a read of its own); reads on their way count as asked for.
 
 Reliability duties that live here, beside the hot path:
 
@@ -35,6 +37,7 @@ from worker.claim import ClaimedJob, Disposition
 from worker.engines.base import Engine, Step
 from worker.in_flight import Holdings, InFlight
 from worker.job_task import JobTasks, Published
+from worker.refill_trace import RefillTrace
 from worker.settings import WorkerSettings
 from worker.state import Counters, FeederState
 from worker.store import REDIS_ERRORS, WorkerStore
@@ -69,7 +72,7 @@ class Feeder:
         """Writes jobs' output and checkpoints; its ``run`` is one of the worker's tasks."""
         self.tasks = JobTasks(engine, store, settings, self.holdings, self.streamer,
                               self.counters, left_engine=self._wake, on_fatal=self.die,
-                              dying=lambda: self.fatal is not None)
+                              dying=lambda: self.fatal is not None, freed=self._freed)
         self.on_published: list[Published] = self.tasks.on_published
         self.on_started: list[Callable[[ClaimedJob], None]] = []
         """Called with each job this worker starts (pulled or reclaimed; not malformed
@@ -80,6 +83,13 @@ class Feeder:
         self._parked = False
         """The pull loop waits because admission said to read nothing."""
         self._slot_freed = asyncio.Event()
+        self._asked = 0
+        """Jobs asked for by reads still on their way (not yet held)."""
+        self._overtake: asyncio.Task[None] | None = None
+        self._freed_at: float | None = None
+        """When the first job since the last read left the engine (the wake delay)."""
+        self.trace: RefillTrace | None = None
+        """Where each refill's time goes (the bench's breakdown; the runner sets it)."""
         self._cancels_seen: OrderedDict[str, float] = OrderedDict()
         """Cancellations heard for jobs not (yet) in flight: a cancel can overtake the reply
         that hands us its job."""
@@ -92,7 +102,8 @@ class Feeder:
         measured here, a publish round trip occasionally took ~100 ms under load and held
         slots idle meanwhile."""
         h = self.holdings
-        return self.admission.want(h.in_engine, h.publishing, h.newest_first_prompt_tokens())
+        want = self.admission.want(h.in_engine, h.publishing, h.newest_first_prompt_tokens())
+        return want - self._asked
 
     @property
     def in_engine(self) -> int:
@@ -140,17 +151,53 @@ class Feeder:
     async def _read(self) -> None:
         want = self.free()
         self.state.reading = True
-        t_read = time.monotonic()
         try:
-            rows = await self.store.start_jobs(want)
+            rows = await self._start(want)
         finally:
             self.state.reading = False
-        self.admission.read_took(time.monotonic() - t_read)
         self.state.backlog = len(rows) >= want
         if rows:
             self.launch(rows)
         else:
             await self._wait_for_work()
+
+    async def _start(self, want: int) -> list[ClaimedJob]:
+        """One ``start_jobs`` read, timed for admission (round trip; delay since the first
+        job it replaces left the engine) and the refill trace."""
+        issued = self.trace.issued() if self.trace is not None else None
+        held = self.holdings.in_engine
+        t_read = time.monotonic()
+        if self._freed_at is not None:
+            self.admission.wake_took(t_read - self._freed_at)
+            self._freed_at = None
+        self._asked += want
+        try:
+            rows = await self.store.start_jobs(want)
+        finally:
+            self._asked -= want
+        self.admission.read_took(time.monotonic() - t_read)
+        if self.trace is not None and issued is not None:
+            s = self.engine.stats
+            self.trace.read(issued, want, len(rows), held, s.running, s.waiting)
+        return rows
+
+    async def _overtaking_read(self) -> None:
+        """Jobs left the engine while the pull loop's read was on its way: read their
+        replacements now, not after that reply (such a refill took two round trips)."""
+        await asyncio.sleep(0)  # the other jobs that finished in this engine step leave too
+        h = self.holdings
+        if (not self.state.reading or not self._asked or not self.state.pulling
+                or self.fatal is not None or h.solo_waiting or h.solo_key is not None):
+            return
+        want = self.free()
+        if want <= 0:
+            return
+        try:
+            rows = await self._start(want)
+        except REDIS_ERRORS:
+            return  # the pull loop's own read meets the outage and backs off
+        if rows:
+            self.launch(rows)
 
     def _on_step(self, step: Step) -> None:
         if self._parked:
@@ -160,6 +207,15 @@ class Feeder:
 
     def _wake(self) -> None:
         self._slot_freed.set()
+
+    def _freed(self) -> None:
+        if self._freed_at is None:
+            self._freed_at = time.monotonic()
+        if self.state.reading and self._asked and (self._overtake is None
+                                                   or self._overtake.done()):
+            self._overtake = asyncio.create_task(self._overtaking_read(), name="overtake")
+        if self.trace is not None:
+            self.trace.freed()
 
     async def _wait_slot(self) -> None:
         self._slot_freed.clear()
@@ -315,6 +371,8 @@ class Feeder:
         self.stop_pulling()
         h = self.holdings
         end = time.monotonic() + grace_s
+        if self._overtake is not None:  # its jobs are held (and drained) once it returns
+            await asyncio.wait([self._overtake], timeout=grace_s)
         while h.jobs and (left_s := end - time.monotonic()) > 0:
             await asyncio.wait([f.task for f in h.jobs.values()], timeout=left_s)
         left = list(h.jobs.values())

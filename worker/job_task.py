@@ -24,7 +24,14 @@ from worker.claim import ClaimedJob, Disposition
 from worker.engines.base import Engine, Generation
 from worker.in_flight import Holdings, InFlight
 from worker.results import Outcome
-from worker.resume import NO_CHECKPOINT, ResumePlan, Seam, restart_reason
+from worker.resume import (
+    NO_CHECKPOINT,
+    ResumePlan,
+    Seam,
+    ends_with_stop,
+    restart_reason,
+    stop_strings,
+)
 from worker.settings import WorkerSettings
 from worker.state import Counters
 from worker.store import HARD_DELIVERY_FACTOR, REDIS_ERRORS, SOLO_LOSS_LIMIT, WorkerStore
@@ -85,7 +92,8 @@ class JobTasks:
                  holdings: Holdings, streamer: TokenStreamer, counters: Counters, *,
                  left_engine: Callable[[], None],
                  on_fatal: Callable[[BaseException], None],
-                 dying: Callable[[], bool]) -> None:
+                 dying: Callable[[], bool],
+                 freed: Callable[[], None] = lambda: None) -> None:
         self.engine = engine
         self.store = store
         self.settings = settings
@@ -96,6 +104,8 @@ class JobTasks:
         """Told whenever a job frees its engine place (the pull loop may read more)."""
         self.on_fatal = on_fatal
         self.dying = dying
+        self.freed = freed
+        """Told once per job, the moment it leaves the engine (refill tracing)."""
         self.on_published: list[Published] = []
         self._engine_errors = 0
         self._background: set[asyncio.Task[Any]] = set()
@@ -120,6 +130,7 @@ class JobTasks:
 
     def _leave_engine(self, flight: InFlight) -> None:
         if self.holdings.out_of_engine(flight):
+            self.freed()
             self.left_engine()
 
     async def _outcome(self, row: ClaimedJob, flight: InFlight) -> Outcome | None:
@@ -167,7 +178,9 @@ class JobTasks:
             return None, NO_CHECKPOINT
         ids = ids[:req.max_tokens]
         log.info("job %s resumes at token %d (attempt %d)", row.job_id, len(ids), row.attempts)
-        return ResumePlan(req, ids, self.engine.detokenize(ids)), None
+        stopped = ends_with_stop(req, ids, self.engine.eos_token_ids)
+        text = self.engine.detokenize(ids[:-1] if stopped else ids)
+        return ResumePlan(req, ids, text, stopped), None
 
     async def _generate(self, row: ClaimedJob, req: JobRequest,
                         plan: ResumePlan | None = None) -> Generation:
@@ -197,13 +210,16 @@ class JobTasks:
                         on_delta: Any) -> Generation:
         """Generate the rest of a job after its carried tokens, and merge the two."""
         req = plan.request
-        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or ())
-        seam = Seam(plan.text, stops, on_delta,
+        over = plan.over()
+        if over is not None:
+            # The earlier attempt's generation had ended (all its tokens, EOS, a stop token
+            # or string) and it died before publishing: finish with what it left.
+            reason, cut = over
+            done = Generation("", [], reason, await self.engine.prompt_tokens(req), 0)
+            return plan.merge(done, None, cut)
+        seam = Seam(plan.text, stop_strings(req), on_delta,
                     lambda: self.background(self.engine.abort(row.job_id)))
-        if plan.left == 0:  # the earlier attempt generated everything, then died
-            gen = Generation("", [], "length", await self.engine.prompt_tokens(req), 0)
-        else:
-            gen = await self.engine.generate(row.job_id, plan.narrowed(), seam.feed, plan.ids)
+        gen = await self.engine.generate(row.job_id, plan.narrowed(), seam.feed, plan.ids)
         seam.close()
         return plan.merge(gen, seam)
 

@@ -4,6 +4,10 @@ over where continuing would not be sound.
 * :func:`restart_reason` says which request features cannot continue from a checkpoint.
 * :class:`ResumePlan` is one attempt's starting point: the carried token ids and their text,
   the request narrowed to what is left, and the merge of the engine's new output after them.
+  A checkpoint can hold a generation that had already ended (the worker died between the
+  engine's last output and the result): its last token is EOS or a stop token, or a stop
+  string lies wholly in its text; :meth:`ResumePlan.over` says so, and the attempt finishes
+  at once with the checkpointed output (``stop``) instead of generating past the end.
 * :class:`Seam` checks stop strings across the seam: the engine only ever sees the new text,
   so a stop string that begins in the carried text and ends in the new one is found here.
 """
@@ -28,6 +32,20 @@ RESTARTS: dict[str, str] = {
 NO_CHECKPOINT = "no checkpoint: the earlier attempt wrote none, or checkpoints are off"
 
 
+def ends_with_stop(req: JobRequest, ids: list[int], eos_ids: frozenset[int]) -> bool:
+    """The carried ids end with a token that ended the generation: one of the request's
+    ``stop_token_ids`` (honoured once ``min_tokens`` are out), or the model's EOS unless
+    ``ignore_eos``."""
+    if not ids or len(ids) < req.min_tokens:
+        return False
+    last = ids[-1]
+    return last in (req.stop_token_ids or ()) or (not req.ignore_eos and last in eos_ids)
+
+
+def stop_strings(req: JobRequest) -> list[str]:
+    return [req.stop] if isinstance(req.stop, str) else list(req.stop or ())
+
+
 def restart_reason(req: JobRequest) -> str | None:
     """Why ``req`` must start over on a new attempt; None: it may continue."""
     rf = req.response_format
@@ -49,6 +67,21 @@ class ResumePlan:
     request: JobRequest
     ids: list[int]
     text: str
+    """The carried ids' text (without a final stop token's, as the engine leaves it out)."""
+    stopped: bool = False
+    """The carried ids end with EOS or a stop token (:func:`ends_with_stop`)."""
+
+    def over(self) -> tuple[str, int | None] | None:
+        """The carried output already ended: (finish reason, where a stop string cuts the
+        text or None); None: generation goes on."""
+        if self.stopped:
+            return "stop", None
+        hits = [i for s in stop_strings(self.request) if s and (i := self.text.find(s)) >= 0]
+        if hits:
+            return "stop", min(hits)
+        if self.left == 0:
+            return "length", None
+        return None
 
     @property
     def at(self) -> int:
@@ -65,13 +98,15 @@ class ResumePlan:
         return req.model_copy(update={"max_tokens": self.left,
                                       "min_tokens": max(0, req.min_tokens - self.at)})
 
-    def merge(self, gen: Generation, seam: Seam) -> Generation:
-        """The whole job's generation: the carried tokens, then the new ones."""
+    def merge(self, gen: Generation, seam: Seam | None, cut: int | None = None) -> Generation:
+        """The whole job's generation: the carried tokens, then the new ones. ``cut``: a stop
+        string in the carried text ends it there."""
         text = self.text + gen.text
         out = replace(gen, text=text, token_ids=self.ids + gen.token_ids,
                       completion_tokens=self.at + gen.completion_tokens)
-        if seam.cut is not None:
-            out.text, out.finish_reason, out.aborted = text[:seam.cut], "stop", False
+        cut = seam.cut if seam is not None and seam.cut is not None else cut
+        if cut is not None:
+            out.text, out.finish_reason, out.aborted = text[:cut], "stop", False
         return out
 
 

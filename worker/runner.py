@@ -10,6 +10,7 @@ backoff and reconnects (a Sentinel client asks the sentinels for the new master)
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -25,6 +26,7 @@ from worker import upkeep
 from worker.engines.base import Engine
 from worker.feeder import Feeder
 from worker.ops import install as install_ops
+from worker.refill_trace import RefillTrace, read_log_path
 from worker.settings import TINY_ENGINE, WorkerSettings, apply_engine_defaults
 from worker.step_log import StepLog
 from worker.store import WorkerStore
@@ -159,6 +161,17 @@ def _failure_code(fatal: BaseException) -> int:
     return EXIT_ENGINE_DEAD
 
 
+def _step_log(settings: WorkerSettings, feeder: Feeder, engine: Engine) -> StepLog | None:
+    """The step log and, beside it, the refill trace's read log (``step_log`` set)."""
+    if not settings.step_log:
+        return None
+    step_log = StepLog(settings.step_log, feeder.state, lambda: feeder.in_engine)
+    engine.stats.subscribe(step_log)
+    feeder.trace = RefillTrace(read_log_path(settings.step_log))
+    feeder.trace.start()
+    return step_log
+
+
 async def serve(settings: WorkerSettings, engine: Engine | None = None, *,
                 owns_process: bool = False) -> int:
     """Run until SIGTERM/SIGINT (drain, exit 0) or engine death (exit 3). ``owns_process``:
@@ -171,10 +184,7 @@ async def serve(settings: WorkerSettings, engine: Engine | None = None, *,
         return EXIT_REDIS_CONFIG
     client = store.redis
     feeder = Feeder(engine, store, settings)
-    step_log = None
-    if settings.step_log:
-        step_log = StepLog(settings.step_log, feeder.state, lambda: feeder.in_engine)
-        engine.stats.subscribe(step_log)
+    step_log = _step_log(settings, feeder, engine)
     ops = install_ops(feeder, settings)  # metrics, job log lines, Celery callbacks
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -217,6 +227,8 @@ async def serve(settings: WorkerSettings, engine: Engine | None = None, *,
     await client.aclose()
     if step_log is not None:
         step_log.close()
+        if feeder.trace is not None:
+            feeder.trace.close()
     return code
 
 
@@ -247,6 +259,11 @@ def _hard_exit(code: int, after_s: float) -> None:
 def run_worker(settings: WorkerSettings) -> int:
     async def main() -> int:
         engine = build_engine(settings)
+        # Everything loaded so far (vLLM, torch, the model's Python objects) lives as long as
+        # the process: out of the collector's full passes, which otherwise walk it all while
+        # the pull loop waits (refill latency).
+        gc.collect()
+        gc.freeze()
         try:
             return await serve(settings, engine, owns_process=True)
         finally:

@@ -99,6 +99,12 @@ class WorkerSettings(ClientSettings):
     ride along with each token-stream write at no extra command; other jobs' go in the
     same round trip, at most once per this interval. 0 = no checkpoints (reclaimed jobs
     start over). Measured cost: bench/README.md, "Checkpoints"."""
+    checkpoint_peek: bool = True
+    """vLLM engine: a job that does not stream keeps one final engine output, and its
+    checkpoint's ids are read from vLLM's output processor once per interval (internal state,
+    checked at start-up). False: such jobs ask for intermediate outputs as streaming ones do,
+    one per ``stream_output_tokens`` tokens on vLLM releases without a per-request stream
+    interval: an output per job every few steps on the worker's event loop."""
     stream_output_tokens: int = Field(4, ge=1)
     """Streaming jobs: the engine hands their new output to the worker every this many
     tokens (vLLM ``stream_interval``; the first token and the end always at once). 1 = every

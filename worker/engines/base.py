@@ -134,6 +134,9 @@ class Engine(Protocol):
     max_model_len: int
     slots: int
     stats: StepStats
+    eos_token_ids: frozenset[int]
+    """The model's end-of-sequence ids (a resumed job whose checkpoint ends with one had
+    finished: worker/resume.py)."""
 
     async def generate(self, job_id: str, request: JobRequest,
                        on_delta: DeltaSink | None = None,

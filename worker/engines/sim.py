@@ -11,6 +11,8 @@ A prompt containing ``__crash_engine__`` kills the engine once it runs (a poison
 one containing ``__hang_engine__`` stops it stepping for good (a hung engine, for the
 watchdog); one containing ``__engine_error__`` makes ``generate`` raise an unexpected error for
 that request alone. Token-id prompts are checked against a vocabulary of ``VOCAB_SIZE`` ids.
+The i-th generated token of every request is ``i % 997``; a request's ``stop_token_ids`` end
+it (finish reason ``stop``, after ``min_tokens``) as in vLLM; the sim has no EOS token.
 """
 
 from __future__ import annotations
@@ -44,6 +46,9 @@ class _Seq:
     hang: bool = False
     tokens: list[int] = field(default_factory=list)
     on_delta: DeltaSink | None = None
+    stop_ids: frozenset[int] = frozenset()
+    min_tokens: int = 0
+    stopped: bool = False
 
 
 class SimEngine:
@@ -54,6 +59,7 @@ class SimEngine:
         self.max_model_len = max_model_len
         self.token_budget = max_num_batched_tokens or 1 << 60
         self.stats = StepStats()
+        self.eos_token_ids: frozenset[int] = frozenset()
         self._waiting: deque[_Seq] = deque()
         self._running: dict[str, _Seq] = {}
         self._dead = False
@@ -93,7 +99,9 @@ class SimEngine:
         # text equals an uninterrupted one's).
         seq = _Seq(job_id, n_prompt + done, done + request.max_tokens,
                    asyncio.get_running_loop().create_future(), generated=done,
-                   poison=POISON in text, hang=HANG in text, on_delta=on_delta)
+                   poison=POISON in text, hang=HANG in text, on_delta=on_delta,
+                   stop_ids=frozenset(request.stop_token_ids or ()),
+                   min_tokens=done + request.min_tokens)
         self._waiting.append(seq)
         self._wake.set()
         try:
@@ -103,8 +111,10 @@ class SimEngine:
             raise
         if self._dead:
             raise EngineDead("sim engine died")
-        text = ("" if not seq.tokens else " " if done else "") + self.detokenize(seq.tokens)
-        reason = "abort" if seq.aborted else "length"
+        # As vLLM, the text leaves out the stop token that ended the request.
+        shown = seq.tokens[:-1] if seq.stopped else seq.tokens
+        text = ("" if not shown else " " if done else "") + self.detokenize(shown)
+        reason = "abort" if seq.aborted else "stop" if seq.stopped else "length"
         return Generation(text, seq.tokens, reason, n_prompt, seq.generated - done,
                           seq.first_token_at, aborted=seq.aborted)
 
@@ -132,7 +142,8 @@ class SimEngine:
                 if s.on_delta is not None:
                     s.on_delta(f"{' ' if s.generated > 1 else ''}t{s.tokens[-1]}", s.tokens[-1:])
                 s.first_token_at = s.first_token_at or now
-                if s.generated >= s.max_tokens:
+                s.stopped = s.tokens[-1] in s.stop_ids and s.generated >= s.min_tokens
+                if s.generated >= s.max_tokens or s.stopped:
                     self._finish(s)
             kv = sum(s.prefilled + s.generated for s in self._running.values())
             self.stats.record(*scheduled, kv / (self.slots * self.max_model_len), self.slots,

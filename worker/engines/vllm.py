@@ -14,6 +14,7 @@ from producer.schema import JobRequest
 from worker.engines.base import DeltaSink, Generation, StepStats
 from worker.engines.logprobs import convert_logprobs
 from worker.engines.vllm_features import Adapters, lora_request, structured_outputs_kwargs
+from worker.engines.vllm_peek import CheckpointPeeker
 from worker.settings import WorkerSettings
 
 MAX_STREAM_WINDOW_TOKENS = 256
@@ -172,6 +173,15 @@ def _lora_args(settings: WorkerSettings) -> dict[str, Any]:
             "max_lora_rank": settings.max_lora_rank}
 
 
+def _eos_ids(hf_config: Any, tokenizer: Any) -> frozenset[int]:
+    """The model's EOS ids: its config's (an int or a list) and its tokenizer's."""
+    raw = getattr(hf_config, "eos_token_id", None)
+    ids = set(raw if isinstance(raw, list) else [] if raw is None else [raw])
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(int(i) for i in ids)
+
+
 class VllmEngine:
     def __init__(self, settings: WorkerSettings, model_path: str) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -209,7 +219,13 @@ class VllmEngine:
         self.max_model_len: int = self.llm.model_config.max_model_len
         self._adopt_engine_choice()
         self.tokenizer = None if settings.skip_tokenizer_init else self.llm.get_tokenizer()
+        self.eos_token_ids = _eos_ids(self.llm.model_config.hf_config, self.tokenizer)
         self._engine_input = engine_input_builder()
+        self._peeker = CheckpointPeeker(
+            self.llm, settings.checkpoint_interval_ms / 1000 if settings.checkpoint_peek else 0)
+        if settings.checkpoint_interval_ms > 0:
+            log.info("checkpoints of jobs that do not stream: %s", "read from vLLM's output "
+                     "processor" if self._peeker.enabled else "intermediate outputs")
 
     def _adopt_engine_choice(self) -> None:
         """The sizes vLLM settled on become the worker's (capacity, admission, heartbeat)."""
@@ -318,17 +334,22 @@ class VllmEngine:
         ids = prompt + list(resume_ids or ())
         self._check_length(len(ids), request)
         params = self._sampling_params(request)
-        if on_delta is not None:
-            # Only jobs with a sink (streaming, or checkpointed) pay for intermediate outputs
-            # (one per ``stream_output_tokens`` tokens, the engine's stream_interval, or per
-            # window); the rest get one.
+        # A job that is only checkpointed keeps one final output; its ids are peeked.
+        peek = (on_delta is not None and not request.stream and resume_ids is None
+                and self._peeker.enabled)
+        if on_delta is not None and not peek:
+            # Only jobs with a sink (streaming; checkpointed where peeking is out) pay for
+            # intermediate outputs (one per ``stream_output_tokens`` tokens, the engine's
+            # stream_interval, or per window); the rest get one.
             from vllm.sampling_params import RequestOutputKind
             params.output_kind = RequestOutputKind.DELTA
             self._stream_window(params, request.stream)
         priority = _PRIORITY[request.priority] if self.settings.priority_scheduling else 0
         # Outside the try: InvalidRequest is a ValueError, which would lose unknown_adapter.
         lora = self._lora_request(request)
-        acc = _Accumulator(on_delta)
+        acc = _Accumulator(None if peek else on_delta)
+        if peek and on_delta is not None:
+            self._peeker.add(job_id, on_delta)
         try:
             async for out in self.llm.generate(self._engine_input(ids), params,
                                                request_id=job_id, priority=priority,
@@ -338,6 +359,8 @@ class VllmEngine:
             raise EngineDead(str(e) or "engine died") from e
         except self._client_errors as e:
             raise InvalidRequest(f"rejected by the engine: {e}") from None
+        finally:
+            self._peeker.remove(job_id)
         if self.llm.errored:
             raise EngineDead("engine died")
         gen = acc.generation(len(prompt))
@@ -350,4 +373,5 @@ class VllmEngine:
         await self.llm.abort(job_id)
 
     def close(self) -> None:
+        self._peeker.close()
         self.llm.shutdown()
