@@ -112,7 +112,6 @@ async def _targets(bases: dict[str, str], redis_url: str, w: Any, live: LiveConf
     import aiohttp
 
     from bench.modes import live_gateway, live_serve, live_slotfill
-    from producer import AsyncClient
 
     http = await stack.enter_async_context(
         aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)))
@@ -123,7 +122,7 @@ async def _targets(bases: dict[str, str], redis_url: str, w: Any, live: LiveConf
             out[name] = Target(name, live_serve.sender(http, base, live.drain_timeout),
                                lambda base=base: live_serve.queue_time(base))  # type: ignore[misc]
         elif name == "slotfill":
-            client = AsyncClient.from_url(redis_url, queue=live_slotfill.QUEUE)
+            client = live_slotfill.client(redis_url)
             stack.push_async_callback(client.close)
             out[name] = Target(name, live_slotfill.sender(client, w, live.drain_timeout))
         elif name == "gateway":

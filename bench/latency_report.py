@@ -147,7 +147,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         for ax, (key, title) in zip(axes, panels, strict=False):
             line = ax.plot(x, [lv[key]["p50"] for lv in lvs], marker="o", label=sysname)[0]
             ax.plot(x, [lv[key]["p99"] for lv in lvs], ls="--", color=line.get_color())
-            ax.set_title(f"{title} (p50 —, p99 --)", fontsize=9)
+            ax.set_title(f"{title} (p50 —, p99 --), log scale", fontsize=9)
+            ax.set_yscale("log")  # tens of ms below saturation, seconds past it
         axes[3].plot(x, [100 * (lv["achieved_rps"] or 0) / results["capacity_rps"]
                          for lv in lvs], marker="o", label=sysname)
     axes[3].plot([0, 125], [0, 125], color="grey", lw=0.5)

@@ -17,7 +17,6 @@ from bench.latency_report import summarize
 from bench.modes import live_slotfill
 from bench.modes.openloop import drive
 from bench.workload import make_workload
-from producer import AsyncClient
 from slotfill.testing.redis_server import RedisServer
 
 
@@ -78,7 +77,7 @@ def test_open_loop_through_slotfill_loses_nothing(redis_server: RedisServer,
     arrivals = poisson_arrivals(len(reqs), 200.0, seed=0)
 
     async def run() -> list[dict[str, object]]:
-        client = AsyncClient.from_url(redis_server.url, queue=live_slotfill.QUEUE)
+        client = live_slotfill.client(redis_server.url)
         try:
             send = live_slotfill.sender(client, w, timeout=60)
             level = await drive(reqs, arrivals, send, drain_timeout=60)

@@ -14,10 +14,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import redis.asyncio as aioredis
+
 from bench.config import BenchConfig
 from bench.modes.openloop import Sample, Send
 from bench.workload import Request
-from producer import AsyncClient, Client, JobResult, Moved, Restarted, TokenDelta
+from producer import (
+    AsyncClient,
+    Client,
+    ClientSettings,
+    JobResult,
+    Moved,
+    Restarted,
+    TokenDelta,
+)
 from slotfill.testing.fleet import WorkerProcess
 
 QUEUE = "live"
@@ -37,6 +47,21 @@ def worker(cfg: BenchConfig, redis_url: str, run_dir: Path, name: str = "slotfil
         yield w
     finally:
         w.stop()
+
+
+MAX_CONNECTIONS = 100_000
+"""Every request in flight holds one connection (its blocking stream read); redis-py 8's
+asyncio pool allows 100 by default and then fails with "Too many connections" (the gateway,
+which keeps that default, answered 503 past ~100 concurrent streams in the CPU burst)."""
+
+
+def client(redis_url: str) -> AsyncClient:
+    """The bench's asyncio client: one connection per request in flight, no cap."""
+    settings = ClientSettings(redis_url=redis_url, queue=QUEUE)
+    # The bench's private Redis is a plain URL: redis-py's own from_url is what the client's
+    # connect_async does for it.
+    return AsyncClient(aioredis.Redis.from_url(redis_url, max_connections=MAX_CONNECTIONS),
+                       settings)
 
 
 def sender(client: AsyncClient, w: WorkerProcess, timeout: float) -> Send:
