@@ -75,6 +75,9 @@ def run(
                                         "step-simulating engine; worker modes only)")] = (
         os.environ.get("SLOTFILL_ENGINE", "vllm")),
     sim_step_ms: Annotated[float, typer.Option(help="step time of --engine sim")] = 5.0,
+    sim_output_us: Annotated[float, typer.Option(
+        help="--engine sim: event-loop time per running request per step (vLLM's output "
+             "processing in the worker's process)")] = 0.0,
     admission: Annotated[str, typer.Option(help="slotfill/stream workers' admission rule: "
                                            "adaptive, fixed or engine; default: the "
                                            "worker's. Several (comma-separated): one run "
@@ -137,7 +140,8 @@ def run(
                             max_model_len=max_model_len,
                             gpu_memory_utilization=gpu_memory_utilization,
                             enforce_eager=enforce_eager, headroom=headroom, engine=engine,
-                            sim_step_ms=sim_step_ms, admission=admission,
+                            sim_step_ms=sim_step_ms, sim_output_us=sim_output_us,
+                            admission=admission,
                             tensor_parallel_size=tensor_parallel_size, executor=executor,
                             checkpoint_interval_ms=checkpoint_interval_ms,
                             checkpoint_outputs=checkpoint_outputs),

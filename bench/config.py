@@ -62,6 +62,8 @@ class EngineConfig:
     engine: str = "vllm"
     """Workers' engine: ``vllm``, or ``sim`` (the step-simulating stand-in; worker modes only)."""
     sim_step_ms: float = 5.0
+    sim_output_us: float = 0.0
+    """``--engine sim``: loop time per running request per step (worker setting)."""
     admission: str = ""
     """slotfill and stream workers' admission rule (``adaptive``/``fixed``/``engine``); empty =
     the worker's default. The fleet modes set their own."""
@@ -115,6 +117,7 @@ class EngineConfig:
             "enforce_eager": int(self.enforce_eager),
             "engine": self.engine,
             "sim_step_ms": self.sim_step_ms,
+            **({"sim_output_us": self.sim_output_us} if self.sim_output_us else {}),
             **({"admission": self.admission} if self.admission else {}),
             "tensor_parallel_size": self.tensor_parallel_size,
             **({"executor": self.executor_backend} if self.executor_backend else {}),

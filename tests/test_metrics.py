@@ -132,7 +132,10 @@ def test_values_during_a_backlog(final: tuple[Samples, dict[str, str], dict[str,
     assert during["slotfill_queue_pending"] >= 1
     assert 0 < during["slotfill_engine_running"] <= SLOTS
     assert 0 < during["slotfill_slot_occupancy"] <= 1.0
-    assert 1 <= during["slotfill_worker_in_flight"] <= SLOTS + 4
+    # In flight = in the engine (the adaptive rule, the default, holds at least headroom (4)
+    # and at most the slots beyond the slots: more when finishes come fast or the loop reads
+    # late) plus results being written (at most one such capacity more: worker/admission.py).
+    assert 1 <= during["slotfill_worker_in_flight"] <= 2 * (SLOTS + max(4, SLOTS))
 
 
 def test_values_after_the_run(final: tuple[Samples, dict[str, str], dict[str, float]]) -> None:

@@ -48,7 +48,7 @@ def build_engine(settings: WorkerSettings) -> Engine:
 
         apply_engine_defaults(settings, TINY_ENGINE)
         return SimEngine(settings.max_num_seqs, settings.sim_step_ms, settings.max_model_len,
-                         settings.max_num_batched_tokens)
+                         settings.max_num_batched_tokens, settings.sim_output_us)
     from worker.engines.vllm import VllmEngine
 
     model = settings.model

@@ -130,6 +130,10 @@ class WorkerSettings(ClientSettings):
     """``vllm`` (the real engine) or ``sim`` (a step-simulating stand-in for fault tests)."""
     sim_step_ms: float = Field(5.0, gt=0)
     """Step time of the ``sim`` engine."""
+    sim_output_us: float = Field(0.0, ge=0)
+    """``sim`` engine: CPU time (microseconds) its step takes on the worker's event loop per
+    running request, as vLLM's output processing does in the worker's process (the GPU's
+    steps at 1,024 slots); 0: none."""
     metrics_port: int = Field(0, ge=0, le=65535)
     """Port of the Prometheus ``/metrics`` endpoint; 0 turns it off. A port already taken
     only logs a warning: metrics never stop a worker."""

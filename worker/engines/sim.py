@@ -53,9 +53,11 @@ class _Seq:
 
 class SimEngine:
     def __init__(self, slots: int, step_ms: float, max_model_len: int = 2048,
-                 max_num_batched_tokens: int = 0) -> None:
+                 max_num_batched_tokens: int = 0, output_us: float = 0.0) -> None:
         self.slots = slots
         self.step_s = step_ms / 1000
+        self.output_s = output_us / 1e6
+        """Loop time per running request per step (vLLM's output processing, modelled)."""
         self.max_model_len = max_model_len
         self.token_budget = max_num_batched_tokens or 1 << 60
         self.stats = StepStats()
@@ -128,14 +130,19 @@ class SimEngine:
             # was left waiting (counted after the step's finishes, a free slot that the next
             # schedule cannot fill would hide behind the jobs still waiting).
             scheduled = len(self._running), len(self._waiting)
-            await asyncio.sleep(self.step_s)
+            # The modelled output processing is part of the step (vLLM overlaps it with the
+            # next step's compute), on the loop, just before the step's outputs are seen.
+            busy = self.output_s * len(advanced)
+            await asyncio.sleep(max(0.0, self.step_s - busy))
             if any(s.poison for s in self._running.values()):
                 self._die()
                 return
             if any(s.hang for s in self._running.values()):
                 await asyncio.Event().wait()  # never set: no step ever again
-            now = time.time()
             produced = [s for s in advanced if s.job_id in self._running]  # not aborted
+            if busy:
+                _busy(busy)
+            now = time.time()
             for s in produced:
                 s.generated += 1
                 s.tokens.append(s.generated % 997)
@@ -195,3 +202,10 @@ class SimEngine:
     def close(self) -> None:
         if self._loop_task is not None:
             self._loop_task.cancel()
+
+
+def _busy(seconds: float) -> None:
+    """Hold the event loop (and a CPU) for ``seconds``, as Python work in the loop does."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
