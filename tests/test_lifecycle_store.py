@@ -16,7 +16,7 @@ from producer import Client, QueueKeys
 from producer.keys import GROUP
 from slotfill.testing.redis_server import RedisServer
 from worker.claim import ClaimedJob, Disposition
-from worker.store import WorkerStore
+from worker.store import Append, WorkerStore
 
 
 @pytest.fixture
@@ -201,3 +201,17 @@ async def test_a_record_that_breaks_the_step_fails_only_its_own_write(
     assert [got[i] for i in (0, 1, 3)] == [True] * 3
     assert r.xpending(keys.stream(), GROUP)["pending"] == 1  # only the bad one's entry
     assert r.hget(keys.stats, "finished_succeeded") == b"3"
+
+
+async def test_an_append_redis_refuses_raises_its_error(
+        stores: tuple[WorkerStore, WorkerStore], client: Client, r: redis.Redis,
+        queue: str) -> None:
+    # One call of a batched append fails inside the batch: the store raises that error (a
+    # transient one becomes RedisUnavailable), never hands it on as a reply code.
+    a, _ = stores
+    keys = QueueKeys.for_queue(queue)
+    client.submit_many([{"prompt": "s", "stream": True}] * 2)
+    rows = await a.start_jobs(5)
+    r.set(keys.tokens(rows[1].job_id), "not a stream")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        await a.append_tokens([Append(row, "a", "[1]", 0, 1, 1) for row in rows], 100, 60, 60)

@@ -276,7 +276,11 @@ class WorkerStore:
               a.tokens, a.seq, "1" if a.stream else "0", a.checkpoint,
               "" if a.resumed_at is None else a.resumed_at, checkpoint_ttl_s])
             for a in appends])
-        return [int(x) for x in await self._append(keys=keys, args=args)]
+        replies = await self._append(keys=keys, args=args)
+        for x in replies:
+            if isinstance(x, ResponseError):  # a call the batch could not run (READONLY, OOM)
+                raise x
+        return [int(x) for x in replies]
 
     @_redis_call
     async def load_checkpoint(self, job_id: str) -> list[int]:
