@@ -10,7 +10,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from producer import protocol
-from producer.connection import connect_async, connection_kwargs, is_cluster
+from producer.acks import AsyncAcks
+from producer.connection import connect_async, connection_kwargs
 from producer.errors import JobNotFound, WaitTimeout
 from producer.keys import QueueKeys
 from producer.protocol import Job
@@ -32,8 +33,7 @@ class AsyncClient:
         self._submit = self.redis.register_script(source("submit_job"))
         self._cancel = self.redis.register_script(source("cancel_job"))
         self._submit_batch = self.redis.register_script(batched("submit_job"))
-        if self.settings.replica_acks and is_cluster(self.redis):
-            raise ValueError("replica_acks needs a standalone or Sentinel URL, not a cluster")
+        self._acks = AsyncAcks(self.redis)
 
     @classmethod
     def from_url(cls, url: str | None = None, **settings: Any) -> AsyncClient:
@@ -41,6 +41,7 @@ class AsyncClient:
         return cls(connect_async(cfg.redis_url), cfg)
 
     async def close(self) -> None:
+        await self._acks.aclose()
         await self.redis.aclose()
 
     async def __aenter__(self) -> AsyncClient:
@@ -96,15 +97,8 @@ class AsyncClient:
 
     async def _acked(self, script: Any, key_list: list[str], args: list[Any]) -> Any:
         """Run a submit script; with ``replica_acks``, acknowledge only what replicas hold."""
-        n = self.settings.replica_acks
-        if not n:
-            return await script(keys=key_list, args=args)
-        pipe = self.redis.pipeline(transaction=False)
-        await script(keys=key_list, args=args, client=pipe)
-        pipe.execute_command("WAIT", n, self.settings.replica_ack_timeout_ms)
-        reply, acks = await pipe.execute()
-        protocol.check_replicated(acks, n)
-        return reply
+        return await self._acks.run(script, key_list, args, self.settings.replica_acks,
+                                    self.settings.replica_ack_timeout_ms)
 
     async def status(self, job_id: str, *, queue: str | None = None) -> JobStatus:
         with translated():

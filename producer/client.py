@@ -10,7 +10,8 @@ import redis
 from redis.exceptions import ResponseError
 
 from producer import protocol, queue_config
-from producer.connection import connect, connection_kwargs, is_cluster
+from producer.acks import run_acked
+from producer.connection import connect, connection_kwargs
 from producer.errors import InvalidRequest, JobNotFound, WaitTimeout
 from producer.keys import QueueKeys
 from producer.protocol import Job
@@ -34,8 +35,6 @@ class Client:
         self._submit = self.redis.register_script(source("submit_job"))
         self._cancel = self.redis.register_script(source("cancel_job"))
         self._submit_batch = self.redis.register_script(batched("submit_job"))
-        if self.settings.replica_acks and is_cluster(self.redis):
-            raise ValueError("replica_acks needs a standalone or Sentinel URL, not a cluster")
 
     @classmethod
     def from_url(cls, url: str | None = None, **settings: Any) -> Client:
@@ -121,15 +120,8 @@ class Client:
 
     def _acked(self, script: Any, key_list: list[str], args: list[Any]) -> Any:
         """Run a submit script; with ``replica_acks``, acknowledge only what replicas hold."""
-        n = self.settings.replica_acks
-        if not n:
-            return script(keys=key_list, args=args)
-        pipe = self.redis.pipeline(transaction=False)
-        script(keys=key_list, args=args, client=pipe)
-        pipe.execute_command("WAIT", n, self.settings.replica_ack_timeout_ms)  # type: ignore[no-untyped-call]
-        reply, acks = pipe.execute()
-        protocol.check_replicated(acks, n)
-        return reply
+        return run_acked(self.redis, script, key_list, args, self.settings.replica_acks,
+                         self.settings.replica_ack_timeout_ms)
 
     def status(self, job_id: str, *, queue: str | None = None) -> JobStatus:
         with translated():

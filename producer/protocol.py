@@ -23,6 +23,7 @@ from producer.errors import (
     Refused,
 )
 from producer.keys import QueueKeys
+from producer.redis_errors import is_transient, unavailable
 from producer.schema import JobRequest, JobResult, JobStatus, dump, request_from_data
 from producer.settings import ClientSettings
 from producer.streaming import StreamCursor, StreamEvent, whole_result_delta
@@ -159,8 +160,10 @@ def submit_calls(
 def parse_submit_many(replies: list[Any], queue: str) -> list[str | None]:
     out: list[str | None] = []
     for reply in replies:
-        if isinstance(reply, ResponseError):  # one call of a batched script refused
-            raise refusal(reply) or reply
+        if isinstance(reply, ResponseError):  # one call of a batched script refused or failed
+            # A Redis condition inside the batch (OOM, READONLY, ...) is the same retryable
+            # outage as when it fails a whole call.
+            raise refusal(reply) or (unavailable(reply) if is_transient(reply) else reply)
         try:
             out.append(parse_submit(reply, queue).id)
         except QueueFull:

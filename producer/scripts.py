@@ -75,12 +75,32 @@ def source(name: str) -> str:
 
 _BATCH_LOOP = """
 local nk, na = tonumber(ARGV[1]), tonumber(ARGV[2])
+local batch = {}
 local out = {}
 for i = 0, (#ARGV - 2) / na - 1 do
   local k, a = {}, {}
   for j = 1, nk do k[j] = KEYS[i * nk + j] end
   for j = 1, na do a[j] = ARGV[2 + i * na + j] end
-  out[i + 1] = one(k, a) or false
+  -- A call that raises (a record that breaks the step) gets its error as its reply; the
+  -- others stand, and so does what they left to the batch's end.
+  local ok, reply = pcall(one, k, a, batch)
+  if ok then
+    out[i + 1] = reply or false
+  elseif type(reply) == "table" and reply.err then
+    out[i + 1] = redis.error_reply(reply.err)
+  else
+    out[i + 1] = redis.error_reply(tostring(reply))
+  end
+end
+-- The work the calls deferred to the end of the batch (lua/includes/batch.lua).
+for stream, groups in pairs(batch.acks or {}) do
+  for group, ids in pairs(groups) do
+    redis.call("XACK", stream, group, unpack(ids))
+    redis.call("XDEL", stream, unpack(ids))
+  end
+end
+for hash, fields in pairs(batch.counts or {}) do
+  for field, n in pairs(fields) do redis.call("HINCRBY", hash, field, n) end
 end
 return out
 """
@@ -93,8 +113,12 @@ def batched(name: str) -> str:
 
     Replaces a pipeline of EVALSHA, which Redis Cluster clients refuse; every call's keys must
     hash to one slot (one queue's keys do). The transition's text is reused unchanged, so
-    the batch cannot drift from the single step."""
-    return "local function one(KEYS, ARGV)\n" + source(name) + "\nend\n" + _BATCH_LOOP
+    the batch cannot drift from the single step; each call gets the batch's shared table
+    (``local batch = ...`` in the step; nil when it runs alone) to read what all calls
+    read alike once, and to leave acknowledgements and counters to the batch's end
+    (lua/includes/batch.lua)."""
+    return ("local function one(KEYS, ARGV, ...)\n" + source(name) + "\nend\n"
+            + _BATCH_LOOP)
 
 
 def batch_args(calls: list[tuple[list[str], list[str | int | float]]]

@@ -35,7 +35,8 @@ class ClientSettings(BaseSettings):
     acknowledged submit survives kill -9 of the master (the sentinels promote the replica
     that has the most); a planned switchover also needs writes paused first (README, Redis
     high availability). When fewer confirm in time the submit raises RedisUnavailable (the
-    job may exist: resubmit with the same idempotency key). Standalone and Sentinel only."""
+    job may exist: resubmit with the same idempotency key). On a cluster the ``WAIT`` goes
+    to the master that owns the queue's slot; ``slotfill batch`` honours it too."""
     replica_ack_timeout_ms: int = Field(1000, ge=1)
     """How long a submit waits for ``replica_acks`` replicas."""
     batch_ttl: int = Field(7 * 86_400, ge=60)

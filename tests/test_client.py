@@ -65,6 +65,20 @@ def test_queue_full_refuses_and_trims_nothing(fake_r: redis.Redis, queue: str) -
     assert e2.value.accepted == [None, None]
 
 
+def test_a_batch_counts_its_own_jobs_against_the_cap(client: Client, r: redis.Redis,
+                                                     queue: str) -> None:
+    # One script call reads the queue's cap and count once and counts what it adds itself.
+    client.configure_queue(max_pending=4)
+    client.submit(prompt="already there")
+    with pytest.raises(QueueFull) as e:
+        client.submit_many([{"prompt": f"p{i}", "priority": p}
+                            for i, p in enumerate(["low", "high", "normal", "low", "high"])])
+    accepted = e.value.accepted
+    assert [a is not None for a in accepted] == [True, True, True, False, False]
+    keys = QueueKeys.for_queue(queue)
+    assert sum(r.xlen(s) for s in keys.streams) == 4
+
+
 def test_submit_many_is_pipelined_and_ordered(client: Client, r: redis.Redis, queue: str) -> None:
     # On the real server: 2500 scripted submits take ~10x as long on fakeredis's Lua.
     ids = client.submit_many([{"prompt": f"p{i}", "max_tokens": 2} for i in range(2500)],

@@ -1,5 +1,6 @@
-"""Every command path against a 3-master Redis Cluster (``redis+cluster://``): submit, batch
-submit, wait, stream, cancel through the sharded control channel, the asyncio client, and
+"""Every command path against a 3-master Redis Cluster (``redis+cluster://``, one replica
+each): submit, batch submit, wait, stream, cancel through the sharded control channel, the
+asyncio client, ``slotfill batch``, ``replica_acks`` (``WAIT`` on the queue's master) and
 ``slotfill status`` seeing queues whose slots live on different masters."""
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from redis.cluster import key_slot
+from typer.testing import CliRunner
 
-from producer import AsyncClient, Client, JobStatus
+from producer import AsyncClient, Client, JobStatus, RedisUnavailable
 from producer.keys import QueueKeys
+from slotfill.cli.main import app
 from slotfill.testing.cluster import LocalCluster
 from slotfill.testing.fleet import WorkerProcess
 
@@ -24,7 +28,7 @@ QUEUES = ("qa", "qb")  # slots 2031 and 14220: the first and the last master
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalCluster]:
-    with LocalCluster(masters=3) as cl:
+    with LocalCluster(masters=3, replicas_per_master=1) as cl:
         yield cl
 
 
@@ -93,3 +97,48 @@ def test_status_sees_every_master(cluster: LocalCluster, workers: list[WorkerPro
     seen = {q["queue"]: q for q in queues}
     assert set(QUEUES) <= set(seen)
     assert all(len(seen[q]["workers"]) == 1 for q in QUEUES)
+
+
+def test_batch_file_runs_on_a_cluster(cluster: LocalCluster, workers: list[WorkerProcess],
+                                      tmp_path: Path) -> None:
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"custom_id": f"c{i}", "method": "POST",
+                                       "url": "/v1/completions",
+                                       "body": {"prompt": f"p{i}", "max_tokens": 3}}) + "\n"
+                           for i in range(12)))
+    args = ["batch", "submit", str(inp), "--out", str(out), "--queue", "qb",
+            "--redis-url", cluster.url, "--no-progress"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(x["custom_id"] for x in lines) == sorted(f"c{i}" for i in range(12))
+    assert {x["response"]["status_code"] for x in lines} == {200}
+    again = CliRunner().invoke(app, args)  # resumed: nothing submitted twice
+    assert again.exit_code == 0, again.output
+    assert len(out.read_text().splitlines()) == 12
+
+
+def _on_replica(cluster: LocalCluster, queue: str, job_ids: list[str]) -> bool:
+    """Whether the replica of the queue's master holds every one of the jobs' records."""
+    keys = QueueKeys.for_queue(queue)
+    replica = cluster.node_client(cluster.replica_of(cluster.master_of_key(keys.base)))
+    replica.execute_command("READONLY")
+    return all(replica.exists(keys.job(j)) for j in job_ids)
+
+
+def test_replica_acks_wait_on_the_queues_master(cluster: LocalCluster) -> None:
+    for q in QUEUES:  # on two different masters
+        with Client.from_url(cluster.url, queue=q, replica_acks=1) as c:
+            ids = [c.submit("acked", max_tokens=2).id,
+                   *c.submit_many([{"prompt": "x", "max_tokens": 2}] * 5)]
+            assert _on_replica(cluster, q, ids)
+        with Client.from_url(cluster.url, queue=q, replica_acks=2,
+                             replica_ack_timeout_ms=100) as c, pytest.raises(RedisUnavailable):
+            c.submit("two replicas wanted, one exists", max_tokens=2)
+
+    async def run() -> list[str]:
+        async with AsyncClient.from_url(cluster.url, queue="qb", replica_acks=1) as c:
+            one = await c.submit("acked async", max_tokens=2)
+            return [one.id, *await c.submit_many([{"prompt": "y", "max_tokens": 2}] * 3)]
+
+    assert _on_replica(cluster, "qb", asyncio.run(run()))

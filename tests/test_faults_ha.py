@@ -102,8 +102,9 @@ def test_cluster_failover_of_the_queues_master_under_load(tmp_path: Path) -> Non
 
 def test_cluster_kill_9_of_the_queues_master_under_load(tmp_path: Path) -> None:
     """The replica takes over after ``cluster-node-timeout``. Replication is asynchronous
-    and a cluster client cannot ``WAIT``, so a submit acknowledged in the last instant may be
-    lost (counted, not assumed); nothing may be duplicated, and the workers stay up."""
+    and these clients submit without ``replica_acks`` (test_cluster.py covers ``WAIT`` on a
+    cluster), so a submit acknowledged in the last instant may be lost (counted, not
+    assumed); nothing may be duplicated, and the workers stay up."""
     with LocalCluster(masters=3, replicas_per_master=1,
                       extra=["repl-diskless-sync-delay 0"]) as cl:
         master = cl.master_of_key(QueueKeys.for_queue("ha").base)

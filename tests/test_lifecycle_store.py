@@ -16,7 +16,7 @@ from producer import Client, QueueKeys
 from producer.keys import GROUP
 from slotfill.testing.redis_server import RedisServer
 from worker.claim import ClaimedJob, Disposition
-from worker.store import WorkerStore
+from worker.store import Append, WorkerStore
 
 
 @pytest.fixture
@@ -149,3 +149,69 @@ async def test_silent_consumers_with_nothing_pending_are_forgotten(
     await asyncio.sleep(0.05)
     await a.reclaim_jobs(1, 1, 3, solo_allowed=True, forget_after_s=0.02)
     assert {c["name"] for c in r.xinfo_consumers(stream, GROUP)} == set()
+
+
+def _evalsha_calls(r: redis.Redis) -> int:
+    """Script runs (a call refused with NOSCRIPT, before the client loads the script, is
+    not one)."""
+    stats = r.info("commandstats").get("cmdstat_evalsha", {})
+    return int(stats.get("calls", 0)) - int(stats.get("failed_calls", 0))
+
+
+async def test_jobs_finishing_together_are_written_in_one_script_call(
+        stores: tuple[WorkerStore, WorkerStore], client: Client, r: redis.Redis,
+        queue: str) -> None:
+    a, _ = stores
+    keys = QueueKeys.for_queue(queue)
+    ids = client.submit_many([{"prompt": f"p{i}"} for i in range(6)])
+    rows = await a.start_jobs(10)
+    assert sorted(row.job_id for row in rows) == sorted(ids)
+
+    async def finish_all() -> list[bool]:
+        return list(await asyncio.gather(*(
+            a.finish(row, "succeeded", json.dumps({"id": row.job_id}), 60) for row in rows)))
+
+    before = _evalsha_calls(r)
+    assert await finish_all() == [True] * 6
+    assert _evalsha_calls(r) - before == 1  # one step for the six
+    assert all(r.hget(keys.job(i), "status") == b"succeeded" for i in ids)
+    assert all(r.lrange(keys.done(i), 0, -1) == [b"succeeded"] for i in ids)
+    assert sum(r.xlen(s) for s in keys.streams) == 0  # acknowledged and deleted, each
+    assert r.xpending(keys.stream(), GROUP)["pending"] == 0
+    assert r.hget(keys.stats, "finished_succeeded") == b"6"
+    # Sent again (as after a lost reply): still the writers' own, nothing counted twice.
+    assert await finish_all() == [True] * 6
+    assert r.hget(keys.stats, "finished_succeeded") == b"6"
+    assert all(r.llen(keys.done(i)) == 1 for i in ids)
+
+
+async def test_a_record_that_breaks_the_step_fails_only_its_own_write(
+        stores: tuple[WorkerStore, WorkerStore], client: Client, r: redis.Redis,
+        queue: str) -> None:
+    a, _ = stores
+    keys = QueueKeys.for_queue(queue)
+    client.submit_many([{"prompt": f"p{i}"} for i in range(4)])
+    rows = await a.start_jobs(10)
+    bad = rows[2]
+    r.delete(keys.job(bad.job_id))
+    r.set(keys.job(bad.job_id), "not a hash")  # the step's first read of it fails
+    got = await asyncio.gather(*(a.finish(row, "succeeded", "{}", 60) for row in rows),
+                               return_exceptions=True)
+    assert isinstance(got[2], redis.ResponseError) and "WRONGTYPE" in str(got[2])
+    assert [got[i] for i in (0, 1, 3)] == [True] * 3
+    assert r.xpending(keys.stream(), GROUP)["pending"] == 1  # only the bad one's entry
+    assert r.hget(keys.stats, "finished_succeeded") == b"3"
+
+
+async def test_an_append_redis_refuses_raises_its_error(
+        stores: tuple[WorkerStore, WorkerStore], client: Client, r: redis.Redis,
+        queue: str) -> None:
+    # One call of a batched append fails inside the batch: the store raises that error (a
+    # transient one becomes RedisUnavailable), never hands it on as a reply code.
+    a, _ = stores
+    keys = QueueKeys.for_queue(queue)
+    client.submit_many([{"prompt": "s", "stream": True}] * 2)
+    rows = await a.start_jobs(5)
+    r.set(keys.tokens(rows[1].job_id), "not a stream")
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        await a.append_tokens([Append(row, "a", "[1]", 0, 1, 1) for row in rows], 100, 60, 60)

@@ -28,6 +28,7 @@ from producer.keys import GROUP, QueueKeys
 from producer.redis_errors import error_code, is_transient, unavailable
 from producer.scripts import batch_args, batched, source
 from worker.claim import ClaimedJob, decode
+from worker.coalesce import Coalesced
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -128,6 +129,8 @@ class WorkerStore:
         self._start = redis_client.register_script(source("start_jobs"))
         self._reclaim = redis_client.register_script(source("reclaim_jobs"))
         self._finish = redis_client.register_script(source("finish_job"))
+        self._finishes = Coalesced(redis_client.register_script(batched("finish_job")),
+                                    self._finish)
         self._dead = redis_client.register_script(source("dead_letter_entry"))
         self._renew = redis_client.register_script(source("renew_leases"))
         self._release = redis_client.register_script(source("release_jobs"))
@@ -208,14 +211,13 @@ class WorkerStore:
         taken; the current attempt publishes). ``callback`` (its JSON spec) goes to the
         callback outbox in the same step, offered to any worker after ``redeliver_s``."""
         now = self.now()
-        published = await self._finish(
-            keys=[row.stream, self.keys.job(row.job_id), self.keys.done(row.job_id),
-                  self.keys.stats, self.keys.dead_letter, self.keys.tokens(row.job_id),
-                  self.keys.callbacks],
-            args=[row.entry, GROUP, status, result_json, repr(now), result_ttl,
-                  dead_reason, _raw(row.body) if dead_reason else "", row.deliveries,
-                  row.attempts, callback, repr(now + redeliver_s)],
-        )
+        published = await self._finishes.call(
+            [row.stream, self.keys.job(row.job_id), self.keys.done(row.job_id),
+             self.keys.stats, self.keys.dead_letter, self.keys.tokens(row.job_id),
+             self.keys.callbacks],
+            [row.entry, GROUP, status, result_json, repr(now), result_ttl,
+             dead_reason, _raw(row.body) if dead_reason else "", row.deliveries,
+             row.attempts, callback, repr(now + redeliver_s)])
         return bool(published)
 
     @_redis_call
@@ -274,7 +276,11 @@ class WorkerStore:
               a.tokens, a.seq, "1" if a.stream else "0", a.checkpoint,
               "" if a.resumed_at is None else a.resumed_at, checkpoint_ttl_s])
             for a in appends])
-        return [int(x) for x in await self._append(keys=keys, args=args)]
+        replies = await self._append(keys=keys, args=args)
+        for x in replies:
+            if isinstance(x, ResponseError):  # a call the batch could not run (READONLY, OOM)
+                raise x
+        return [int(x) for x in replies]
 
     @_redis_call
     async def load_checkpoint(self, job_id: str) -> list[int]:

@@ -1,4 +1,5 @@
 --- @include "includes/terminal"
+--- @include "includes/batch"
 -- finish_job: running -> succeeded | failed | cancelled | expired, exactly once.
 -- KEYS[1] stream  KEYS[2] job hash  KEYS[3] done list  KEYS[4] stats hash  KEYS[5] dead stream
 -- ARGV[1] entry id  ARGV[2] group  ARGV[3] status  ARGV[4] result JSON  ARGV[5] now
@@ -11,7 +12,10 @@
 -- same attempt whose reply was lost), 0 when it is not: the job already has another attempt's
 -- result, or a later attempt owns it (this worker's lease was taken: only the current attempt
 -- publishes, so the result is always the one its token stream shows).
-local h = redis.call("HMGET", KEYS[2], "status", "attempts", "finished_attempt")
+local batch = ...  -- the shared table of a batched call (includes/batch.lua), else nil
+-- One read of the record (the hot path of every job).
+local h = redis.call("HMGET", KEYS[2], "status", "attempts", "finished_attempt", "streaming",
+  "stream_attempt", "worker", "cancel_requested", "solo_run")
 if is_terminal(h[1]) then
   redis.call("XACK", KEYS[1], ARGV[2], ARGV[1])
   redis.call("XDEL", KEYS[1], ARGV[1])
@@ -24,27 +28,27 @@ if h[2] and h[2] ~= ARGV[10] then
   redis.call("HINCRBY", KEYS[4], "duplicates_suppressed", 1)
   return 0
 end
-redis.call("HSET", KEYS[2], "status", ARGV[3], "result", ARGV[4], "finished_at", ARGV[5],
-  "finished_attempt", ARGV[10])
-redis.call("HDEL", KEYS[2], "cancel_requested", "solo_run")
+local write = {"status", ARGV[3], "result", ARGV[4], "finished_at", ARGV[5],
+  "finished_attempt", ARGV[10]}
+if ARGV[11] ~= "" then
+  -- In the same step as the result: a sender that dies before confirming leaves it here.
+  write[#write + 1] = "callback"
+  write[#write + 1] = ARGV[11]
+  redis.call("ZADD", KEYS[7], ARGV[12], string.match(KEYS[2], ":job:(.*)$"))
+end
+redis.call("HSET", KEYS[2], unpack(write))
+if h[7] or h[8] then redis.call("HDEL", KEYS[2], "cancel_requested", "solo_run") end
 redis.call("EXPIRE", KEYS[2], ARGV[6])
 redis.call("RPUSH", KEYS[3], ARGV[3])
 redis.call("EXPIRE", KEYS[3], ARGV[6])
-redis.call("XACK", KEYS[1], ARGV[2], ARGV[1])
-redis.call("XDEL", KEYS[1], ARGV[1])
-redis.call("HINCRBY", KEYS[4], "finished_" .. ARGV[3], 1)
-if ARGV[11] ~= "" then
-  -- In the same step as the result: a sender that dies before confirming leaves it here.
-  redis.call("HSET", KEYS[2], "callback", ARGV[11])
-  redis.call("ZADD", KEYS[7], ARGV[12], string.match(KEYS[2], ":job:(.*)$"))
-end
-local sh = redis.call("HMGET", KEYS[2], "streaming", "stream_attempt", "worker")
-if sh[1] then
-  if sh[2] and sh[2] ~= ARGV[10] then
+ack_entry(batch, KEYS[1], ARGV[2], ARGV[1])
+count(batch, KEYS[4], "finished_" .. ARGV[3], 1)
+if h[4] then
+  if h[5] and h[5] ~= ARGV[10] then
     -- This attempt wrote no output (it ended before any): its ``start`` still goes first, so
     -- the stream's last start names the attempt whose result this is.
     local id = redis.call("XADD", KEYS[6], "*", "type", "start", "attempt", ARGV[10],
-      "worker", sh[3] or "")
+      "worker", h[6] or "")
     redis.call("XTRIM", KEYS[6], "MINID", id)
     redis.call("HSET", KEYS[2], "stream_attempt", ARGV[10], "stream_seq", 0, "stream_tokens", 0)
   end

@@ -10,6 +10,10 @@
 -- ARGV[3] idempotency key TTL: whole seconds 1..31536000, or "" for no idempotency key
 -- Returns {"ok", id} | {"exists", job id} (the idempotency key or the job id is taken: the
 -- existing job is left as it is) | {"full", pending count} (nothing written: retry later)
+-- Run by a batched call (producer/scripts.py) it gets the batch's shared table, alone nil:
+-- what every call of one batch reads alike (the queue's limits, its unfinished count, Redis'
+-- clock) is read once per batch.
+local batch = ...
 local function refuse(code, what)
   return redis.error_reply("ERR slotfill:" .. code .. " " .. what)
 end
@@ -32,11 +36,15 @@ if idem_ttl ~= "" and not (string.match(idem_ttl, "^%d+$") and tonumber(idem_ttl
     and tonumber(idem_ttl) <= 31536000) then
   return refuse("invalid_argument", "idempotency TTL must be whole seconds 1..31536000 or empty")
 end
-local cfg = redis.call("HMGET", KEYS[7], "max_pending", "max_payload_bytes")
-local max_pending = tonumber(cfg[1] or "") or 100000
-local max_payload = tonumber(cfg[2] or "") or 1048576
-if #body > max_payload then
-  return refuse("payload_too_large", "body is " .. #body .. " bytes, over " .. max_payload)
+local queue = batch and batch[base]
+if not queue then
+  local cfg = redis.call("HMGET", KEYS[7], "max_pending", "max_payload_bytes")
+  queue = {max_pending = tonumber(cfg[1] or "") or 100000,
+    max_payload = tonumber(cfg[2] or "") or 1048576}
+  if batch then batch[base] = queue end
+end
+if #body > queue.max_payload then
+  return refuse("payload_too_large", "body is " .. #body .. " bytes, over " .. queue.max_payload)
 end
 -- UTF-8: every byte >= 0x80 must belong to a well-formed sequence (no overlongs, no
 -- surrogates, nothing past U+10FFFF). Each pass replaces whole sequences by an ASCII byte, so
@@ -74,14 +82,28 @@ if idem_ttl ~= "" then
   if existing then return {"exists", existing} end
 end
 if redis.call("EXISTS", KEYS[2]) == 1 then return {"exists", id} end
-local pending = redis.call("XLEN", KEYS[4]) + redis.call("XLEN", KEYS[5]) + redis.call("XLEN", KEYS[6])
-if pending >= max_pending then return {"full", tostring(pending)} end
-local t = redis.call("TIME")
-local now = string.format("%d.%06d", t[1], t[2])
+if not queue.pending then
+  queue.pending = redis.call("XLEN", KEYS[4]) + redis.call("XLEN", KEYS[5])
+    + redis.call("XLEN", KEYS[6])
+end
+if queue.pending >= queue.max_pending then return {"full", tostring(queue.pending)} end
+if not queue.now then
+  local t = redis.call("TIME")
+  queue.now = string.format("%d.%06d", t[1], t[2])
+end
+local now = queue.now
 local entry = redis.call("XADD", KEYS[1], "*", "id", id, "body", body)
-redis.call("HSET", KEYS[2], "status", "queued", "queued_at", now, "stream", KEYS[1],
-  "entry", entry, "priority", priority, "attempts", 0)
-if deadline then redis.call("HSET", KEYS[2], "deadline", string.format("%.17g", deadline)) end
-if streams then redis.call("HSET", KEYS[2], "streaming", "1") end
+queue.pending = queue.pending + 1
+local record = {"status", "queued", "queued_at", now, "stream", KEYS[1], "entry", entry,
+  "priority", priority, "attempts", 0}
+if deadline then
+  record[#record + 1] = "deadline"
+  record[#record + 1] = string.format("%.17g", deadline)
+end
+if streams then
+  record[#record + 1] = "streaming"
+  record[#record + 1] = "1"
+end
+redis.call("HSET", KEYS[2], unpack(record))
 if idem_ttl ~= "" then redis.call("SET", KEYS[3], id, "EX", idem_ttl) end
 return {"ok", id}

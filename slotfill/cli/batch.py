@@ -31,9 +31,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from producer import protocol
+from producer.acks import run_acked
 from producer.keys import Priority, QueueKeys
 from producer.schema import JobResult
-from producer.scripts import source
+from producer.scripts import batch_args, batched
 from producer.settings import ClientSettings
 from slotfill.cli.batch_format import (
     BatchFileError,
@@ -124,7 +125,7 @@ class BatchRun:
 
     def __post_init__(self) -> None:
         self.keys = QueueKeys.for_queue(self.queue)
-        self._submit = self.r.register_script(source("submit_job"))
+        self._submit = self.r.register_script(batched("submit_job"))
         self._models: dict[str, str | None] = {}
 
     def model_of(self, worker: str | None) -> str | None:
@@ -159,23 +160,22 @@ class BatchRun:
         return {_s(k): _s(v) for k, v in raw.items()}
 
     def submit(self, lines: list[Line]) -> tuple[dict[str, str], list[Line]]:
-        """Submit (idempotently); returns custom_id → job id for those accepted and the
-        lines refused because the queue is full."""
+        """Submit (idempotently) in one batch-submit script call (a cluster refuses pipelined
+        EVALSHA); returns custom_id → job id for those accepted and the lines refused because
+        the queue is full."""
+        calls = [protocol.submit_call(self.keys, self.settings, line.request,
+                                      idempotency_key(self.batch_id, line.custom_id))
+                 for line in lines if line.request is not None]
+        jobs = protocol.parse_submit_many(run_acked(
+            self.r, self._submit, *batch_args(calls), self.settings.replica_acks,
+            self.settings.replica_ack_timeout_ms), self.queue)
         accepted: dict[str, str] = {}
         refused: list[Line] = []
-        pipe = self.r.pipeline(transaction=False)
-        for line in lines:
-            assert line.request is not None
-            key_list, args = protocol.submit_call(
-                self.keys, self.settings, line.request,
-                idempotency_key(self.batch_id, line.custom_id))
-            self._submit(keys=key_list, args=args, client=pipe)
-        for line, reply in zip(lines, pipe.execute(), strict=True):
-            kind, value = _s(reply[0]), _s(reply[1])
-            if kind == "full":
+        for line, job in zip(lines, jobs, strict=True):  # strict: every line had a request
+            if job is None:  # the queue is full
                 refused.append(line)
             else:
-                accepted[line.custom_id] = value
+                accepted[line.custom_id] = job
         if accepted:
             pipe = self.r.pipeline(transaction=False)
             pipe.hset(self.keys.batch_jobs(self.batch_id), mapping=cast(Any, accepted))

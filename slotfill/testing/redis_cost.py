@@ -106,6 +106,8 @@ def measure(jobs: int, stream: bool, single: bool, log_dir: Path,
         "all_commands_per_job": round(all_calls / jobs, 2),
         "all_by_name_per_job": {k: round(v["calls"] / jobs, 2) for k, v in sorted(
             stats.items(), key=lambda kv: -kv[1]["calls"]) if v["calls"] / jobs >= 0.01},
+        "usec_by_name_per_job": {k: round(v["usec"] / jobs, 1) for k, v in sorted(
+            stats.items(), key=lambda kv: -kv[1]["usec"]) if v["usec"] / jobs >= 0.1},
         "redis_cpu_usec_per_job": round(1e6 * cpu / jobs, 1),
         "command_usec_per_job": round((script_usec + direct_usec) / jobs, 1)}
     if not monitor:

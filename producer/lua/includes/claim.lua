@@ -19,8 +19,10 @@ local function take(base, stream, group, consumer, entry, flat, now, deliveries,
     return claim("", 0, "malformed", now)
   end
   local jkey = base .. ":job:" .. jid
-  local st = redis.call("HGET", jkey, "status")
-  local own = redis.call("HGET", jkey, "entry")
+  -- One read of everything this step decides on, one write (the hot path of every job).
+  local rec = redis.call("HMGET", jkey, "status", "entry", "attempts", "queued_at", "deadline",
+    "cancel_requested")
+  local st, own = rec[1], rec[2]
   if is_terminal(st) then
     drop_entry(stream, group, entry)
     if own and own ~= entry then redis.call("HINCRBY", base .. ":stats", "duplicate_entries", 1) end
@@ -35,23 +37,24 @@ local function take(base, stream, group, consumer, entry, flat, now, deliveries,
   -- The record is anyone's to write (a client's ACL allows HSET): a field that is not the
   -- number it must be is replaced, never passed on, so no record content can make a worker
   -- fail to read its claim (it would crash on every delivery, past every backstop).
-  local rec = redis.call("HMGET", jkey, "attempts", "queued_at")
-  local attempts = tonumber(rec[1] or "0")
+  local attempts = tonumber(rec[3] or "0")
   if not attempts or attempts ~= math.floor(attempts) or attempts < 0 or attempts > 1e9 then
-    redis.call("HSET", jkey, "attempts", 0)
+    attempts = 0
   end
-  attempts = redis.call("HINCRBY", jkey, "attempts", 1)
-  redis.call("HSET", jkey, "status", "running", "started_at", now, "worker", consumer,
-    "entry", entry, "stream", stream)
-  local queued_at = rec[2]
+  attempts = attempts + 1
+  local queued_at = rec[4]
   local q = tonumber(queued_at or "")
+  local write = {"status", "running", "started_at", now, "worker", consumer, "entry", entry,
+    "stream", stream, "attempts", attempts}
   if not q or q ~= q or q == math.huge or q == -math.huge then
     queued_at = now
-    redis.call("HSET", jkey, "queued_at", now)
+    write[#write + 1] = "queued_at"
+    write[#write + 1] = now
   end
+  redis.call("HSET", jkey, unpack(write))
   local disposition = runnable
-  local deadline = tonumber(redis.call("HGET", jkey, "deadline") or "")
-  if redis.call("HGET", jkey, "cancel_requested") then
+  local deadline = tonumber(rec[5] or "")
+  if rec[6] then
     disposition = "cancelled"
   elseif deadline and deadline <= tonumber(now) then
     disposition = "expired"
