@@ -93,6 +93,7 @@ def inproc(redis_server: RedisServer, queue: str) -> Iterator[Callable[..., Inpr
 SHARED_ENGINES = {"engine_worker", "engine_client", "feature_worker", "feature_client"}
 FEATURES_QUEUE = "features"
 LORA_RANK = 8
+FEATURE_LEASE_S = 4.0
 
 
 def _phase(item: pytest.Item) -> int:
@@ -146,7 +147,9 @@ def _session_engine(redis_server: RedisServer, tmp_path_factory: pytest.TempPath
 def _feature_engine(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
                     ) -> Iterator[WorkerProcess]:
     """A second real engine with what the session's default worker lacks: LoRA adapters,
-    priority scheduling and a lower logprobs cap (tests/test_features.py), started."""
+    priority scheduling and a lower logprobs cap (tests/test_features.py), and a short lease
+    with frequent heartbeats, so that a starved event loop shows as reclaimed jobs
+    (tests/test_engine_big_prompts.py); started."""
     from slotfill.testing.tiny_lora import make_tiny_lora
 
     d = tmp_path_factory.mktemp("feature-worker")
@@ -155,7 +158,8 @@ def _feature_engine(redis_server: RedisServer, tmp_path_factory: pytest.TempPath
     w = WorkerProcess(
         redis_server.url, "feature-worker", d / "worker.log", queue=FEATURES_QUEUE,
         max_num_seqs=4, headroom=2, max_model_len=512, max_num_batched_tokens=1024,
-        lease_seconds=30, engine_hang_seconds=300, priority_scheduling="true",
+        lease_seconds=FEATURE_LEASE_S, heartbeat_seconds=0.5, engine_hang_seconds=300,
+        priority_scheduling="true",
         max_logprobs=5, lora_dir=str(d / "adapters"), max_loras=1, max_lora_rank=LORA_RANK,
     ).start()
     _shared_engines.append(w)
@@ -185,6 +189,18 @@ def engine_worker(_session_engine: WorkerProcess) -> WorkerProcess:
         _session_engine.kill()
         raise
     return _session_engine
+
+
+@pytest.fixture(scope="session")
+def feature_worker(_feature_engine: WorkerProcess) -> WorkerProcess:
+    """The LoRA / priority / logprobs-cap / short-lease engine, ready (stopped with the
+    session's engine after the last test that uses the shared engines)."""
+    try:
+        _feature_engine.wait_ready(timeout=600)
+    except Exception:
+        _feature_engine.kill()
+        raise
+    return _feature_engine
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +18,7 @@ from producer import ClientSettings
 from slotfill.gateway.app import create_app
 from slotfill.gateway.settings import GatewaySettings, hash_key
 from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.poll import wait_until
 from slotfill.testing.redis_server import RedisServer
 
 
@@ -47,11 +47,10 @@ class GatewayThread:
 
     def start(self) -> GatewayThread:
         self.thread.start()
-        deadline = time.monotonic() + 15
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("gateway did not start")
-            time.sleep(0.02)
+        wait_until(lambda: self.server.started or not self.thread.is_alive(), timeout=15,
+                   what="the gateway to start")
+        if not self.server.started:
+            raise RuntimeError("gateway did not start")
         return self
 
     def stop(self) -> None:

@@ -1,34 +1,87 @@
 """A new user's mistakes at the shell: each ends as one line with a hint and the documented exit
 code (README, "Exit codes"), never a traceback; job commands without ``--queue``; ``cancel``.
 
-The commands run as the installed ``slotfill`` does (``python -m slotfill``: the error handler
-included), against real redis-servers.
+The commands run as ``python -m slotfill`` does (the same entry point, the error handler
+included), against real redis-servers: in the test's own process (a fresh interpreter per
+command cost ~1 s of CPU each, ~35 s in all), except ``slotfill worker`` and one check that the
+real ``python -m slotfill`` answers the same.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
+import types
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import redis
 
 from producer import Client, JobStatus
+from slotfill.cli import entry
 from slotfill.testing.fleet import WorkerProcess
 from slotfill.testing.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def slotfill(*args: str, env: dict[str, str] | None = None,
-             timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def _env(env: dict[str, str] | None) -> dict[str, str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("SLOTFILL_")}
     full_env.update({"COLUMNS": "80", "PYTHONPATH": str(ROOT), **(env or {})})
+    return full_env
+
+
+def slotfill_process(*args: str, env: dict[str, str] | None = None,
+                     timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``python -m slotfill ARGS`` in a fresh interpreter."""
     return subprocess.run([sys.executable, "-m", "slotfill", *args], capture_output=True,
-                          text=True, env=full_env, timeout=timeout, cwd=ROOT)
+                          text=True, env=_env(env), timeout=timeout, cwd=ROOT)
+
+
+@contextlib.contextmanager
+def _main_module(module: types.ModuleType) -> Iterator[None]:
+    """``sys.modules["__main__"]`` swapped (only that entry: restoring all of ``sys.modules``
+    would drop the modules the command imported)."""
+    saved = sys.modules["__main__"]
+    sys.modules["__main__"] = module
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = saved
+
+
+def slotfill(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """What ``python -m slotfill ARGS`` does, in this process: its entry point with that
+    ``sys.argv`` (and program name), environment and working directory; stdout, stderr and
+    the exit code captured."""
+    main_module = types.ModuleType("__main__")
+    main_module.__package__ = "slotfill"  # click names the program "python -m slotfill"
+    out, err = io.StringIO(), io.StringIO()
+    code: int | str | None = 0
+    with (mock.patch.dict(os.environ, _env(env), clear=True),
+          mock.patch.object(sys, "argv", [str(ROOT / "slotfill" / "__main__.py"), *args]),
+          _main_module(main_module),
+          contextlib.chdir(ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err)):
+        try:
+            entry.main()
+        except SystemExit as e:
+            code = e.code
+    assert code is None or isinstance(code, int), code
+    return subprocess.CompletedProcess(args, code or 0, out.getvalue(), err.getvalue())
+
+
+def test_the_real_command_answers_as_the_in_process_one() -> None:
+    """The ``python -m slotfill`` process and the in-process runner above agree."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    for args in (["wait", "abc", "--redis-url", url], ["status", "-h"], ["--version"]):
+        real, here = slotfill_process(*args), slotfill(*args)
+        assert (real.returncode, real.stdout, real.stderr) == (
+            here.returncode, here.stdout, here.stderr), args
 
 
 def one_line_error(res: subprocess.CompletedProcess[str], code: int, *words: str) -> str:
@@ -78,10 +131,11 @@ def test_wrong_or_missing_password(locked_redis: RedisServer) -> None:
 def test_worker_checks_redis_before_loading_the_engine() -> None:
     """The vLLM engine is never started: the answer comes from the Redis check."""
     url = f"redis://127.0.0.1:{free_port()}/0"
-    one_line_error(slotfill("worker", "--redis-url", url), 5, "cannot reach Redis")
-    one_line_error(slotfill("worker", "--redis-url", "127.0.0.1:6379"), 4, "no known scheme")
-    one_line_error(slotfill("worker", env={"SLOTFILL_LEASE_SECONDS": "-1"}), 4, "bad settings",
-                   "lease_seconds")
+    one_line_error(slotfill_process("worker", "--redis-url", url), 5, "cannot reach Redis")
+    one_line_error(slotfill_process("worker", "--redis-url", "127.0.0.1:6379"), 4,
+                   "no known scheme")
+    one_line_error(slotfill_process("worker", env={"SLOTFILL_LEASE_SECONDS": "-1"}), 4,
+                   "bad settings", "lease_seconds")
 
 
 def test_help_everywhere_and_version() -> None:
@@ -137,6 +191,7 @@ def test_job_commands_find_the_queue(redis_server: RedisServer, queue: str,
             w.stop()
 
 
+@pytest.mark.slow  # imports vLLM (and torch) into the test process: ~8 s of CPU
 def test_cpu_kv_cache_is_defaulted_only_when_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("vllm")
     from vllm.platforms import current_platform

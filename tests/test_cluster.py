@@ -9,7 +9,6 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from producer.keys import QueueKeys
 from slotfill.cli.main import app
 from slotfill.testing.cluster import LocalCluster
 from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.poll import wait_until
 
 QUEUES = ("qa", "qb")  # slots 2031 and 14220: the first and the last master
 
@@ -67,9 +67,8 @@ def test_submit_wait_stream_and_cancel(cluster: LocalCluster,
         assert events[-1].status is JobStatus.succeeded  # type: ignore[union-attr]
         assert text == events[-1].text  # type: ignore[union-attr]
         long = c.submit("long", max_tokens=400)
-        end = time.monotonic() + 10
-        while c.status(long.id) is not JobStatus.running and time.monotonic() < end:
-            time.sleep(0.01)
+        wait_until(lambda: c.status(long.id) is JobStatus.running, timeout=10, interval=0.01,
+                   what="the long job to run")
         assert c.cancel(long.id) == "requested"
         assert c.wait(long.id, timeout=5).status is JobStatus.cancelled
         assert f"job {long.id} cancel requested (control channel)" in workers[0].log_path.read_text()

@@ -5,7 +5,6 @@ worker's own live jobs were reclaimed (issue 12 case 5). Off the loop, nothing i
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 import redis
@@ -16,19 +15,15 @@ from slotfill.testing.redis_server import RedisServer
 
 pytestmark = pytest.mark.engine
 
-LEASE_S = 4.0
-
 
 def test_megabyte_prompts_never_starve_leases_or_heartbeats(
-        redis_server: RedisServer, r: redis.Redis, queue: str, tmp_path: Path) -> None:
-    w = WorkerProcess(redis_server.url, "big", tmp_path / "w.log", queue=queue,
-                      max_num_seqs=4, headroom=4, max_model_len=512,
-                      max_num_batched_tokens=1024, lease_seconds=LEASE_S,
-                      heartbeat_seconds=0.5, engine_hang_seconds=300).start()
-    keys = QueueKeys.for_queue(queue)
-    c = Client.from_url(redis_server.url, queue=queue)
+        redis_server: RedisServer, r: redis.Redis, feature_worker: WorkerProcess) -> None:
+    """On the session's short-lease engine (conftest: ``_feature_engine``, 4 s leases,
+    heartbeats every 0.5 s)."""
+    w = feature_worker
+    keys = QueueKeys.for_queue(w.queue)
+    c = Client.from_url(redis_server.url, queue=w.queue)
     try:
-        w.wait_ready(600)
         prompt = " ".join(f"word{i % 977}" for i in range(130_000))[:1_000_000]
         big = c.submit_many([{"prompt": prompt, "max_tokens": 4}] * 12)
         small = [c.submit("hello", max_tokens=4, ignore_eos=True).id for _ in range(4)]
@@ -37,7 +32,7 @@ def test_megabyte_prompts_never_starve_leases_or_heartbeats(
         end = time.monotonic() + 300
         while len(done) < len(big) + len(small):
             assert time.monotonic() < end, w.tail()
-            beat = r.hget(keys.worker("big"), "seen_at")
+            beat = r.hget(keys.worker(w.consumer), "seen_at")
             if beat != last_beat:
                 now = time.monotonic()
                 gaps.append(now - last)
@@ -47,7 +42,7 @@ def test_megabyte_prompts_never_starve_leases_or_heartbeats(
         results = {i: c.result(i) for i in big + small}
         stats = {k.decode(): int(v) for k, v in r.hgetall(keys.stats).items()}
     finally:
-        w.stop(60)
+        c.close()
     attempts = [res.attempts for res in results.values() if res is not None]
     print(f"\n1 MB prompts: attempts {sorted(attempts)}, stats {stats}, longest heartbeat "
           f"gap {max(gaps):.1f}s, codes "

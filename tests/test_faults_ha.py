@@ -21,6 +21,7 @@ from producer.errors import RedisUnavailable
 from producer.keys import QueueKeys
 from slotfill.testing.cluster import LocalCluster
 from slotfill.testing.ha_load import Outcome, run_with_fault, wait_role
+from slotfill.testing.poll import wait_until
 from slotfill.testing.redis_server import RedisServer
 from slotfill.testing.sentinel import SentinelGroup
 
@@ -170,11 +171,9 @@ def test_master_turns_read_only_mid_run(tmp_path: Path) -> None:
 
 
 def _wait_synced(master: redis.Redis, timeout: float = 20.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
+    def synced() -> bool:
         info = master.info("replication")
-        if info.get("role") == "master" and any(
-                isinstance(v, dict) and v.get("state") == "online" for v in info.values()):
-            return
-        time.sleep(0.05)
-    raise TimeoutError("replica not in sync")
+        return info.get("role") == "master" and any(
+            isinstance(v, dict) and v.get("state") == "online" for v in info.values())
+
+    wait_until(synced, timeout=timeout, interval=0.05, what="the replica to sync")

@@ -1,7 +1,8 @@
 """kill -9 workers while jobs flow: every job ends with exactly one result.
 
 The many-kills run uses the step-simulating engine (a worker starts in under a second); one
-test kills a worker running the real vLLM engine mid-generation. The 50-kill, 10 000-job run
+test kills a worker running the real vLLM engine mid-generation (and checks that its jobs,
+a streaming one among them, resume from their checkpoints on the real engine). The 50-kill, 10 000-job run
 is ``python -m slotfill.testing.kill_soak``, the same code with bigger numbers.
 """
 
@@ -9,17 +10,21 @@ from __future__ import annotations
 
 import json
 import signal
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import redis
 
-from producer import Client, JobStatus, QueueKeys
+from producer import Client, JobResult, JobStatus, Moved, QueueKeys, TokenDelta
+from producer.streaming import StreamEvent
 from slotfill.testing.fleet import WorkerProcess
 from slotfill.testing.kill_soak import Fleet, check_invariants, held_by, soak, wait_all_terminal
 from slotfill.testing.poll import wait_until
 from slotfill.testing.redis_server import RedisServer
+from tests.conftest import step_log_path
+from tests.test_resume import _engine_tokens
 
 pytestmark = pytest.mark.fault
 
@@ -168,7 +173,10 @@ def test_a_frozen_workers_late_result_is_suppressed_not_shown(
         b.stop(20)
 
 
-KILL_JOBS, KILL_TOKENS = 64, 1900
+KILL_JOBS, KILL_TOKENS = 24, 1900
+"""The survivor can hold 12 (8 slots + 4 headroom): the victim gets the rest, and runs 8."""
+RESUME_TOKENS = 1800
+"""The streaming greedy job the victim runs too (resumed from its checkpoint)."""
 
 
 def _cancel_a_running_one(c: Client, r: redis.Redis, keys: QueueKeys, ids: list[str],
@@ -203,85 +211,141 @@ def _latest_running(r: redis.Redis, keys: QueueKeys, ids: list[str], timeout: fl
 def test_killing_a_real_engine_worker_mid_generation_loses_nothing(
         redis_server: RedisServer, r: redis.Redis, tmp_path: Path) -> None:
     """Two workers with the real vLLM engine (CPU build, tiny model; started together to
-    share the start-up time) pull one queue; one is SIGKILLed with its engine processes while
-    it generates. The survivor takes its jobs over after the lease, and each job ends with
-    exactly one result. The survivor's engine then shows cancellation and a deadline abort
-    on the real engine."""
+    share the start-up time) pull one queue; the one running a streaming greedy job is
+    SIGKILLed with its engine processes while it generates. The survivor takes its jobs over
+    after the lease, each job ends with exactly one result, and each continues from its
+    checkpoint (the carried token ids given to vLLM as prompt ids): the survivor's engine
+    generates only the rest, and the stream shows the move once. The survivor's engine then
+    shows cancellation and a deadline abort on the real engine."""
     queue = "kill-e2e"
     # A long lease: two engines on two busy cores can stall a worker for seconds.
     settings = dict(queue=queue, max_num_seqs=8, headroom=4, max_model_len=2048,
                     max_num_batched_tokens=1024, lease_seconds=10, engine_hang_seconds=300,
-                    heartbeat_seconds=0.5)
-    a = WorkerProcess(redis_server.url, "real-a", tmp_path / "a.log", **settings).start()
-    b = WorkerProcess(redis_server.url, "real-b", tmp_path / "b.log", **settings).start()
+                    heartbeat_seconds=0.5, checkpoint_interval_ms=200)
+    pair = {n: WorkerProcess(redis_server.url, n, tmp_path / f"{n}.log",
+                             step_log=str(tmp_path / f"{n}.steps"), **settings).start()
+            for n in ("real-a", "real-b")}
     c = Client.from_url(redis_server.url, queue=queue)
     keys = QueueKeys.for_queue(queue)
+    b: WorkerProcess | None = None
     try:
-        a.wait_ready(600)
-        b.wait_ready(600)
-        # One pipelined poll per round: on a busy box a poll of 80 round trips could miss the
-        # short window in which the jobs run.
-        # Enough work that both workers get some even when one is starved of CPU for seconds
-        # at first (seen: on a quiet box one engine ran 40 jobs of 1000 tokens in ~6 s, before
-        # the other worker had read anything), and long enough that the kill lands
-        # mid-generation: ~20 s of work for one engine on a quiet box.
+        for w in pair.values():
+            w.wait_ready(600)
+        job = c.submit("Once upon a time", max_tokens=RESUME_TOKENS, ignore_eos=True,
+                       temperature=0.0, stream=True)
+        events: list[StreamEvent] = []
+        reader = threading.Thread(target=lambda: events.extend(c.stream(job.id, timeout=600)),
+                                  daemon=True)
+        reader.start()
+        victim = wait_until(lambda: (r.hget(keys.job(job.id), "worker") or b"").decode(),
+                            timeout=120, interval=0.01, what="a worker to take the stream")
+        a, b = pair[victim], next(w for n, w in pair.items() if n != victim)
         ids = c.submit_many([{"prompt": f"kill test {i}", "max_tokens": KILL_TOKENS,
                               "ignore_eos": True, "seed": i} for i in range(KILL_JOBS)])
-
-        def running_on_a() -> int:
-            pipe = r.pipeline(transaction=False)
-            for i in ids:
-                pipe.hmget(keys.job(i), "worker", "status")
-            return sum(1 for w, st in pipe.execute() if w == b"real-a" and st == b"running")
-
-        wait_until(lambda: running_on_a() >= 4, timeout=120, what="real-a to run 4 jobs")
-        # Mid-generation. Not a wait for a condition, a delay: a poll on real-a's heartbeat
-        # steps timed out after 10 s once at load 20+ (its heartbeat or engine starved).
-        time.sleep(0.1)
-        assert a.proc is not None
-        pgid = a.proc.pid
-        # Count what it held the moment it stopped: reaping a SIGKILLed worker (and its engine
-        # processes) once took ~25 s here, and by then the survivor had reclaimed and finished
-        # everything.
-        a.signal(signal.SIGKILL)
-        held = held_by(r, queue, "real-a")
-        t_kill = time.monotonic()
-        a.kill()
-        # A read it sent just before the signal may still run in Redis after the count
-        # above (CI saw 14 re-executions against 12 counted): count again once it is
-        # reaped, unless the reaping outlasted the lease and the survivor took them.
-        if time.monotonic() - t_kill < float(settings["lease_seconds"]):
-            held = max(held, held_by(r, queue, "real-a"))
-        print(f"killed worker reaped after {time.monotonic() - t_kill:.1f} s; held {held}")
+        held = _kill_mid_generation(r, keys, a, [job.id, *ids], job.id)
         assert held > 0
-        assert _live_group_members(pgid, wait_s=10) == []  # no engine process outlived it
-        assert wait_all_terminal(r, queue, ids, timeout=300)
-        rep = check_invariants(r, queue, ids)
+        everything = [job.id, *ids]
+        assert wait_all_terminal(r, queue, everything, timeout=300)
+        rep = check_invariants(r, queue, everything)
         assert not rep.lost and not rep.duplicate_visible and not rep.wrong, rep.summary()
-        assert rep.statuses == {"succeeded": KILL_JOBS} and rep.unfinished_entries == 0
+        assert rep.statuses == {"succeeded": KILL_JOBS + 1} and rep.unfinished_entries == 0
         assert 0 < rep.re_executions <= held
-        results = [c.result(i) for i in ids]
-        for res in results:
+        results = {i: c.result(i) for i in everything}
+        for i in ids:
+            res = results[i]
             assert res is not None and res.usage.completion_tokens == KILL_TOKENS and res.text
-        assert {res.worker for res in results if res and res.attempts > 1} == {"real-b"}
-        # Cancellation and a deadline, aborted inside the real engine. 1900 tokens take 1.5 s
-        # (quiet box) to ~4 s (busy box): the deadline job goes first, so the idle survivor
-        # starts it at once and the deadline lands mid-generation; of several cancel
-        # candidates, the one that started last is cancelled while it runs (a single job
-        # was once over before a poll saw it running).
-        timed = c.submit(prompt="expire me", max_tokens=1900, ignore_eos=True, timeout=0.8)
-        candidates = c.submit_many([{"prompt": f"cancel me {i}", "max_tokens": 1900,
-                                     "ignore_eos": True} for i in range(12)])
-        victim = _cancel_a_running_one(c, r, keys, candidates, timeout=120)
-        cancelled = c.wait(victim, timeout=30)
-        expired = c.wait(timed.id, timeout=30)
-        assert cancelled.status is JobStatus.cancelled
-        assert cancelled.usage.completion_tokens < 1900  # aborted, not run to the end
-        assert expired.status is JobStatus.expired, expired
-        assert 0 < expired.usage.completion_tokens < 1900 and expired.text
+        assert {res.worker for res in results.values() if res and res.attempts > 1} == {
+            b.consumer}
+        reader.join(60)
+        _check_resumed_stream(results[job.id], events)
+        _check_survivor_generated_only_the_rest(b, list(results.values()))
+        _check_cancel_and_deadline(c, r, keys)
         assert b.proc is not None and b.proc.poll() is None
     finally:
         c.close()
-        a.kill()
-        assert b.stop(60) == 0
-    assert r.exists(QueueKeys.for_queue(queue).worker("real-b")) == 0
+        for w in pair.values():
+            if w is not b:
+                w.kill()
+        if b is not None:
+            assert b.stop(60) == 0
+    assert b is not None and r.exists(QueueKeys.for_queue(queue).worker(b.consumer)) == 0
+
+
+def _kill_mid_generation(r: redis.Redis, keys: QueueKeys, a: WorkerProcess, ids: list[str],
+                         streamed: str) -> int:
+    """SIGKILL ``a`` (its whole process group) once it runs 4 jobs and the streamed job has
+    its first checkpoint; what ``a`` held then."""
+    name = a.consumer.encode()
+
+    def ready() -> bool:
+        pipe = r.pipeline(transaction=False)
+        for i in ids:
+            pipe.hmget(keys.job(i), "worker", "status")
+        running = sum(1 for w, st in pipe.execute() if w == name and st == b"running")
+        return running >= 4 and int(r.hget(keys.job(streamed), "ckpt_tokens") or 0) > 0
+
+    # One pipelined poll per round: on a busy box a poll of many round trips could miss the
+    # short window in which the jobs run.
+    wait_until(ready, timeout=120, interval=0.01, what=f"{a.consumer} to run 4 jobs")
+    assert a.proc is not None
+    pgid = a.proc.pid
+    # Count what it held the moment it stopped: reaping a SIGKILLed worker (and its engine
+    # processes) once took ~25 s here, and by then the survivor had reclaimed and finished
+    # everything.
+    a.signal(signal.SIGKILL)
+    held = held_by(r, keys.queue, a.consumer)
+    t_kill = time.monotonic()
+    a.kill()
+    # A read it sent just before the signal may still run in Redis after the count above
+    # (CI saw 14 re-executions against 12 counted): count again once it is reaped, unless
+    # the reaping outlasted the lease and the survivor took them.
+    if time.monotonic() - t_kill < float(a.env["SLOTFILL_LEASE_SECONDS"]):
+        held = max(held, held_by(r, keys.queue, a.consumer))
+    print(f"killed worker reaped after {time.monotonic() - t_kill:.1f} s; held {held}")
+    assert _live_group_members(pgid, wait_s=10) == []  # no engine process outlived it
+    return held
+
+
+def _check_resumed_stream(res: JobResult | None, events: list[StreamEvent]) -> None:
+    """The streamed job: resumed once, mid-way; its stream adds up to the result."""
+    assert res is not None and res.status is JobStatus.succeeded and res.attempts == 2, res
+    assert res.usage.completion_tokens == RESUME_TOKENS and res.usage.prompt_tokens > 0
+    assert res.resumed_at_token is not None and res.resumed_at_token > 0
+    assert events and isinstance(events[-1], JobResult)
+    assert [m.at for m in events if isinstance(m, Moved)] == [res.resumed_at_token]
+    assert len([t for e in events if isinstance(e, TokenDelta) for t in e.token_ids]) == (
+        RESUME_TOKENS)
+    assert "".join(e.text for e in events if isinstance(e, TokenDelta)) == res.text
+
+
+def _check_survivor_generated_only_the_rest(b: WorkerProcess,
+                                            results: list[JobResult | None]) -> None:
+    """The survivor's engine generated each of its jobs' tokens from where it took the job
+    over (0, or the checkpoint): read from its step log (vLLM's own counts)."""
+    ran = [res for res in results if res is not None and res.worker == b.consumer]
+    rest = sum(res.usage.completion_tokens - (res.resumed_at_token or 0) for res in ran)
+    assert any(res.resumed_at_token for res in ran)
+    steps = step_log_path(b)
+    # The last step's line may land just after the result it finished.
+    wait_until(lambda: _engine_tokens(steps) >= rest, timeout=30, what="the step log")
+    assert _engine_tokens(steps) == rest
+
+
+def _check_cancel_and_deadline(c: Client, r: redis.Redis, keys: QueueKeys) -> None:
+    """Cancellation and a deadline, aborted inside the real engine. 1900 tokens take 1.5 s
+    (quiet box) to ~4 s (busy box): the deadline job goes first, so the idle survivor starts
+    it at once and the deadline lands mid-generation; of several cancel candidates, the one
+    that started last is cancelled while it runs (a single job was once over before a poll
+    saw it running)."""
+    timed = c.submit(prompt="expire me", max_tokens=1900, ignore_eos=True, timeout=0.8)
+    candidates = c.submit_many([{"prompt": f"cancel me {i}", "max_tokens": 1900,
+                                 "ignore_eos": True} for i in range(12)])
+    victim = _cancel_a_running_one(c, r, keys, candidates, timeout=120)
+    cancelled = c.wait(victim, timeout=30)
+    expired = c.wait(timed.id, timeout=30)
+    assert cancelled.status is JobStatus.cancelled
+    assert cancelled.usage.completion_tokens < 1900  # aborted, not run to the end
+    assert expired.status is JobStatus.expired, expired
+    assert 0 < expired.usage.completion_tokens < 1900 and expired.text
+    for i in candidates:  # the rest: not run to the end by the drain that follows
+        c.cancel(i)

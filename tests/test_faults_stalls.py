@@ -19,6 +19,7 @@ import redis
 
 from producer import Client, QueueKeys
 from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.poll import wait_until
 from slotfill.testing.redis_server import RedisServer
 from slotfill.testing.stream_check import check_jobs, read_stream
 
@@ -59,10 +60,8 @@ def _freeze(pid: int, seconds: float) -> None:
 def _wait_tokens(r: redis.Redis, ids: list[str], at_least: int, timeout: float = 30.0) -> None:
     """Until every job's stream holds ``at_least`` tokens of its attempt."""
     keys = QueueKeys.for_queue(Q)
-    end = time.monotonic() + timeout
-    while min(len(read_stream(r, keys.tokens(i)).ids) for i in ids) < at_least:
-        assert time.monotonic() < end, "jobs never streamed that far"
-        time.sleep(0.02)
+    wait_until(lambda: min(len(read_stream(r, keys.tokens(i)).ids) for i in ids) >= at_least,
+               timeout=timeout, what=f"every job to stream {at_least} tokens")
 
 
 def _wait_all(c: Client, ids: list[str], timeout: float = 90.0) -> None:
@@ -138,9 +137,8 @@ def test_lost_replies_duplicate_no_delta_and_lose_no_callback(
         rep = check_jobs(r, Q, ids[:16])
         rep_plain = check_jobs(r, Q, ids[16:], streaming=False)
         stats = _stats(r)
-        end = time.monotonic() + 30
-        while sum(_callbacks(broker).values()) < len(ids) and time.monotonic() < end:
-            time.sleep(0.1)
+        wait_until(lambda: sum(_callbacks(broker).values()) >= len(ids), timeout=30,
+                   interval=0.1, what="a callback for every job")
         time.sleep(0.5)  # nothing more arrives
         sent = _callbacks(broker)
     finally:
@@ -181,10 +179,8 @@ def test_a_frozen_worker_publishes_nothing_its_stream_declared_void(
         os.kill(a.proc.pid, signal.SIGSTOP)
         try:
             keys = QueueKeys.for_queue(Q)
-            end = time.monotonic() + 30
-            while any(r.hget(keys.job(i), "worker") != b"b" for i in ids):
-                assert time.monotonic() < end, "b never took the jobs over"
-                time.sleep(0.05)
+            wait_until(lambda: all(r.hget(keys.job(i), "worker") == b"b" for i in ids),
+                       timeout=30, what="b to take the jobs over")
             time.sleep(1.0)  # b streams a little of its own attempt first
         finally:
             os.kill(a.proc.pid, signal.SIGCONT)
@@ -223,10 +219,8 @@ def test_a_callback_whose_sender_died_is_sent_by_a_peer(
         w.wait_ready(60)
         job = c.submit("x", max_tokens=3, callback={"celery_task": "backend.on_llm_result"})
         c.wait(job.id, timeout=30)
-        end = time.monotonic() + 30
-        while (sum(_callbacks(broker).values()) < 2 or r.zcard(keys.callbacks)) and (
-                time.monotonic() < end):
-            time.sleep(0.1)
+        wait_until(lambda: sum(_callbacks(broker).values()) >= 2 and not r.zcard(keys.callbacks),
+                   timeout=30, interval=0.1, what="both callbacks sent, none left to send")
         time.sleep(2.5)  # past two sweeps: nothing more is sent
         sent = _callbacks(broker)
     finally:

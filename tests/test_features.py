@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import jsonschema
@@ -99,20 +99,6 @@ def test_convert_logprobs_lists_the_top_ranks_not_the_sampled_token() -> None:
 
 
 # --- on the real engine --------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def feature_worker(_feature_engine: WorkerProcess, stop_later: Callable[[WorkerProcess], None]
-                   ) -> Iterator[WorkerProcess]:
-    """The LoRA / priority / logprobs-cap engine (``_feature_engine`` in conftest, booted
-    with the session's first test), stopped in the background after this module."""
-    try:
-        _feature_engine.wait_ready(timeout=600)
-    except Exception:
-        _feature_engine.kill()
-        raise
-    yield _feature_engine
-    stop_later(_feature_engine)
-
 
 @pytest.fixture
 def feature_client(redis_server: RedisServer, feature_worker: WorkerProcess

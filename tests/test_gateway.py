@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,6 +16,7 @@ import pytest
 import redis
 
 from producer import Client, ClientSettings, JobStatus
+from slotfill.testing.poll import wait_until
 from slotfill.testing.redis_server import RedisServer
 
 if TYPE_CHECKING:
@@ -80,10 +80,8 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_job(
     job_id = first[0].id.removeprefix("chatcmpl-")
     stream.close()
     client = Client(r, ClientSettings(queue=gw.queue))
-    deadline = time.monotonic() + 10
-    while client.status(job_id) is not JobStatus.cancelled:
-        assert time.monotonic() < deadline, f"job {job_id} still {client.status(job_id)}"
-        time.sleep(0.05)
+    wait_until(lambda: client.status(job_id) is JobStatus.cancelled, timeout=10,
+               what=f"job {job_id} to be cancelled")
     res = client.result(job_id)
     assert res is not None and res.usage.completion_tokens < 5000
     metrics = httpx.get(gw.url.removesuffix("/v1") + "/metrics").text
@@ -105,16 +103,14 @@ def test_the_slotfill_gateway_command_serves_with_settings_from_the_environment(
                                 stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
         base = f"http://127.0.0.1:{port}"
-        end = time.monotonic() + 30
-        while True:
+        def healthy() -> bool:
             assert proc.poll() is None, (tmp_path / "gateway.log").read_text()
             try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
+                return httpx.get(base + "/health", timeout=2).status_code == 200
             except httpx.TransportError:
-                pass
-            assert time.monotonic() < end, (tmp_path / "gateway.log").read_text()
-            time.sleep(0.1)
+                return False
+
+        wait_until(healthy, timeout=30, interval=0.1, what="the gateway's /health")
         c = openai.OpenAI(base_url=base + "/v1", api_key=gw.key, max_retries=0)
         assert [m.id for m in c.models.list()] == ["sim-model"]
         out = c.completions.create(model="sim-model", prompt="p", max_tokens=3)
@@ -132,14 +128,10 @@ def test_a_client_that_gives_up_waiting_cancels_its_job(gw: GatewayThread, r: re
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(gw.url + "/completions", headers={"Authorization": f"Bearer {gw.key}"},
                    json={"prompt": "long", "max_tokens": 5000}, timeout=0.5)
-    end = time.monotonic() + 10
-    while not (new := set(_job_ids(r, gw.queue)) - before):
-        assert time.monotonic() < end
-        time.sleep(0.02)
-    (job_id,) = new
-    while client.status(job_id) is not JobStatus.cancelled:
-        assert time.monotonic() < end, f"job {job_id} still {client.status(job_id)}"
-        time.sleep(0.05)
+    (job_id,) = wait_until(lambda: set(_job_ids(r, gw.queue)) - before, timeout=10,
+                           what="the request's job")
+    wait_until(lambda: client.status(job_id) is JobStatus.cancelled, timeout=10,
+               what=f"job {job_id} to be cancelled")
 
 
 def _job_ids(r: redis.Redis, queue: str) -> list[str]:

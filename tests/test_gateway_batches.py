@@ -5,12 +5,12 @@ cancelling a batch, and files' lifecycle."""
 from __future__ import annotations
 
 import json
-import time
 from typing import TYPE_CHECKING, Any
 
 import openai
 import pytest
 
+from slotfill.testing.poll import wait_until
 from slotfill.testing.redis_server import RedisServer
 
 if TYPE_CHECKING:
@@ -37,13 +37,11 @@ def upload(c: openai.OpenAI, lines: list[str]) -> str:
 
 def wait_batch(c: openai.OpenAI, batch_id: str, until: tuple[str, ...],
                timeout: float = 20.0) -> Batch:
-    end = time.monotonic() + timeout
-    while True:
+    def done() -> Batch | None:
         b = c.batches.retrieve(batch_id)
-        if b.status in until:
-            return b
-        assert time.monotonic() < end, f"batch still {b.status}: {b.request_counts}"
-        time.sleep(0.1)
+        return b if b.status in until else None
+
+    return wait_until(done, timeout=timeout, interval=0.1, what=f"batch {batch_id} {until}")
 
 
 def jsonl(c: openai.OpenAI, file_id: str | None) -> dict[str, dict[str, Any]]:
@@ -107,10 +105,8 @@ def test_cancelling_a_batch_cancels_its_jobs_and_keeps_finished_results(
                                              for i in range(3)]
     b = oai.batches.create(input_file_id=upload(oai, lines), endpoint=CHAT,
                            completion_window="24h")
-    end = time.monotonic() + 10
-    while oai.batches.retrieve(b.id).request_counts.completed < 1:  # type: ignore[union-attr]
-        assert time.monotonic() < end
-        time.sleep(0.05)
+    wait_until(lambda: oai.batches.retrieve(b.id).request_counts.completed >= 1,  # type: ignore[union-attr]
+               timeout=10, what="the quick line to complete")
     b = oai.batches.cancel(b.id)
     assert b.status in ("cancelling", "cancelled")
     b = wait_batch(oai, b.id, ("cancelled",))

@@ -3,13 +3,13 @@ background event stream resumed after a disconnect on a second gateway instance,
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import openai
 import pytest
 
+from slotfill.testing.poll import wait_until
 from slotfill.testing.redis_server import RedisServer
 
 if TYPE_CHECKING:
@@ -44,10 +44,8 @@ def test_a_background_response_is_queued_then_polled(oai: openai.OpenAI,
                              input=[{"role": "user", "content": "poll me"}])
     assert r.status in ("queued", "in_progress") and r.background
     other = openai.OpenAI(base_url=second.url, api_key=second.key, max_retries=0)
-    end = time.monotonic() + 15
-    while (got := other.responses.retrieve(r.id)).status in ("queued", "in_progress"):
-        assert time.monotonic() < end
-        time.sleep(0.05)
+    got = wait_until(lambda: (g := other.responses.retrieve(r.id)).status not in (
+        "queued", "in_progress") and g, timeout=15, what="the response to end")
     assert got.status == "incomplete" and len(got.output_text.split()) == 40
 
 
@@ -81,10 +79,8 @@ def test_a_background_stream_resumes_on_another_instance(oai: openai.OpenAI,
 def test_cancelling_a_background_response(oai: openai.OpenAI) -> None:
     r = oai.responses.create(model="sim-model", input="forever", background=True,
                              max_output_tokens=5000)
-    end = time.monotonic() + 10
-    while oai.responses.retrieve(r.id).status == "queued":
-        assert time.monotonic() < end
-        time.sleep(0.02)
+    wait_until(lambda: oai.responses.retrieve(r.id).status != "queued", timeout=10,
+               what="the response to start")
     assert oai.responses.cancel(r.id).status == "cancelled"
     assert oai.responses.retrieve(r.id).status == "cancelled"
     fg = oai.responses.create(model="sim-model", input="x", max_output_tokens=2)

@@ -16,16 +16,15 @@ import redis
 
 from producer.keys import QueueKeys
 from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.poll import wait_until
 from slotfill.testing.redis_server import RedisServer
 
 pytestmark = pytest.mark.fault
 
 
 def _result(r: redis.Redis, keys: QueueKeys, job_id: str, timeout: float = 20.0) -> dict:
-    end = time.monotonic() + timeout
-    while (raw := r.hget(keys.job(job_id), "result")) is None:
-        assert time.monotonic() < end, f"job {job_id} has no result"
-        time.sleep(0.05)
+    raw = wait_until(lambda: r.hget(keys.job(job_id), "result"), timeout=timeout,
+                     what=f"job {job_id}'s result")
     out: dict = json.loads(raw)
     return out
 
@@ -100,16 +99,12 @@ def test_sigterm_always_ends_a_worker_that_is_exiting(
     try:
         w.wait_ready(60)
         ids = [c.submit("x", max_tokens=400, ignore_eos=True).id for _ in range(2)]
-        end = time.monotonic() + 30
-        while any(r.hget(keys.job(i), "status") != b"running" for i in ids):
-            assert time.monotonic() < end
-            time.sleep(0.05)
+        wait_until(lambda: all(r.hget(keys.job(i), "status") == b"running" for i in ids),
+                   timeout=30, what="both jobs to run")
         assert w.proc is not None
         w.proc.send_signal(signal.SIGTERM)
-        end = time.monotonic() + 30
-        while "draining for up to" not in w.tail(50):
-            assert time.monotonic() < end, w.tail()
-            time.sleep(0.05)
+        wait_until(lambda: "draining for up to" in w.tail(50), timeout=30,
+                   what="the worker to drain")
         time.sleep(0.5)  # draining now: the grace period has 10 minutes to go
         w.proc.send_signal(signal.SIGTERM)
         w.proc.wait(timeout=20)  # raises if the second SIGTERM did not end it

@@ -20,13 +20,28 @@ from typing import Any
 import pytest
 import redis
 
-from producer import Client, JobStatus, QueueKeys
+from producer import Client, JobResult, JobStatus, QueueKeys
 from producer.keys import GROUP
 from slotfill.testing.fleet import WorkerProcess
 from slotfill.testing.inproc import InprocWorker
 from slotfill.testing.redis_server import RedisServer
 
 SLOTS, HEADROOM = 16, 4
+
+
+def _starved_steps(steps_file: Path, results: list[JobResult], slots: int
+                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """Every job succeeded; from the step log: all steps, the window from the first full
+    batch to the last job's start (jobs were waiting in Redis all along; more than 200
+    steps), and how many of its steps had a free slot while nothing waited in the engine."""
+    assert all(res.status is JobStatus.succeeded for res in results)
+    last_start = max(res.timings.started_at or 0 for res in results)
+    steps = [json.loads(line) for line in steps_file.read_text().splitlines()]
+    first_full = next(i for i, s in enumerate(steps) if s["running"] == slots)
+    window = [s for s in steps[first_full:] if s["t"] <= last_start]
+    assert len(window) > 200
+    starved = sum(1 for s in window if s["running"] < slots and s["waiting"] == 0)
+    return steps, window, starved
 
 
 @pytest.mark.parametrize("admission", ["fixed", "engine"])
@@ -60,13 +75,7 @@ def test_backlog_keeps_every_slot_busy(redis_server: RedisServer, r: redis.Redis
         sampler.join()
     finally:
         w.stop()
-    assert all(res.status is JobStatus.succeeded for res in results)
-    last_start = max(res.timings.started_at or 0 for res in results)
-    steps = [json.loads(line) for line in steps_file.read_text().splitlines()]
-    first_full = next(i for i, s in enumerate(steps) if s["running"] == SLOTS)
-    window = [s for s in steps[first_full:] if s["t"] <= last_start]
-    assert len(window) > 200
-    starved = sum(1 for s in window if s["running"] < SLOTS and s["waiting"] == 0)
+    steps, window, starved = _starved_steps(steps_file, results, SLOTS)
     assert starved / len(window) <= 0.02, (starved, len(window))
     assert max(s["running"] + s["waiting"] for s in steps) <= SLOTS + HEADROOM
     # Pending entries of this consumer: in the engine (<= capacity) plus results being
@@ -96,13 +105,7 @@ def test_a_batch_where_many_finish_per_step_stays_full(
         results = [c.wait(i, timeout=300) for i in ids]
     finally:
         w.stop()
-    assert all(res.status is JobStatus.succeeded for res in results)
-    last_start = max(res.timings.started_at or 0 for res in results)
-    steps = [json.loads(line) for line in steps_file.read_text().splitlines()]
-    first_full = next(i for i, s in enumerate(steps) if s["running"] == slots)
-    window = [s for s in steps[first_full:] if s["t"] <= last_start]
-    assert len(window) > 200
-    free = sum(1 for s in window if s["running"] < slots and s["waiting"] == 0)
+    _, window, free = _starved_steps(steps_file, results, slots)
     assert free / len(window) <= 0.05, (free, len(window))
 
 

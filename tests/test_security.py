@@ -10,7 +10,6 @@ import json
 import re
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,15 +85,15 @@ class TlsRedis:
         binary = shutil.which("redis-server")
         assert binary, "redis-server not on PATH"
         self.proc = subprocess.Popen([binary, str(d / "redis.conf")])
-        end = time.monotonic() + 10
-        while True:
+        def up() -> bool:
             try:
-                if redis.Redis.from_url(self.url("admin")).ping():
-                    break
+                return bool(redis.Redis.from_url(self.url("admin")).ping())
             except redis.ConnectionError:
-                if self.proc.poll() is not None or time.monotonic() > end:
+                if self.proc.poll() is not None:
                     raise RuntimeError((d / "redis.log").read_text()) from None
-                time.sleep(0.05)
+                return False
+
+        wait_until(up, timeout=10, interval=0.05, what=f"TLS redis-server; {d / 'redis.log'}")
 
     def url(self, role: str, password: str | None = None, ca: bool = True) -> str:
         pw = password if password is not None else PASSWORDS[role]
