@@ -191,3 +191,16 @@ def test_the_wire_carries_json_and_random_128_bit_ids(tls_redis: TlsRedis) -> No
     finally:
         c.close()
         admin.close()
+
+
+def test_the_worker_acl_user_may_run_every_command_the_lua_steps_call() -> None:
+    """Redis checks a script's inner commands against the caller's ACL: a command a step calls
+    that the example leaves out fails only when that step runs (APPEND once did, at a job's
+    first checkpoint)."""
+    called = {m.lower() for f in (ACL_EXAMPLE.parent.parent / "producer" / "lua").rglob("*.lua")
+              for m in re.findall(r"""call\(\s*['"]([A-Za-z]+)['"]""", f.read_text())}
+    worker = next(ln for ln in ACL_EXAMPLE.read_text().splitlines()
+                  if ln.startswith("user slotfill-worker "))
+    allowed = {tok[1:].split("|")[0] for tok in worker.split() if tok.startswith("+")}
+    assert {"hset", "xadd", "append"} <= called  # the pattern finds the steps' calls
+    assert not called - allowed, sorted(called - allowed)
