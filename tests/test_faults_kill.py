@@ -70,7 +70,6 @@ def _live_group_members(pgid: int, wait_s: float) -> list[int]:
 
 def test_twenty_kills_lose_no_job_and_show_no_duplicate(
         redis_server: RedisServer, queue: str, tmp_path: Path) -> None:
-    t0 = time.monotonic()
     rep = soak(redis_server.url, queue, kills=20, jobs=1500, log_dir=tmp_path, workers=2,
                lease=2.0, kill_gap=(1.0, 1.6), slots=8, headroom=4, step_ms=5,
                tokens=(4, 40), seed=7)
@@ -84,7 +83,6 @@ def test_twenty_kills_lose_no_job_and_show_no_duplicate(
     killed = [c for c in rep.worker_exit_codes.values() if c == -9]
     assert len(killed) == 20
     assert sorted(c for c in rep.worker_exit_codes.values() if c != -9) == [0, 0]
-    assert time.monotonic() - t0 < 120
 
 
 AIMED_KILLS = 6
