@@ -191,6 +191,19 @@ class _AsyncFollowingSSLConnection(_AsyncFollowingConnection, AsyncSentinelSSLCo
     pass
 
 
+MAX_CONNECTIONS = 10_000
+"""Pool size for plain URLs unless the URL or the caller sets ``max_connections``: every
+``wait``/``stream`` in flight holds a connection for its blocking read, and redis-py 8's
+default of 100 made the 101st concurrent stream fail with "Too many connections" (a gateway or
+an asyncio backend under load). 10,000 is Redis's own default ``maxclients``."""
+
+
+def _pool_kwargs(url: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    if "max_connections" in kwargs or "max_connections=" in url:
+        return kwargs
+    return {**kwargs, "max_connections": MAX_CONNECTIONS}
+
+
 def connect(url: str, **kwargs: Any) -> redis.Redis:
     """A blocking client for ``url`` (any form above). ``kwargs`` add connection settings.
 
@@ -198,7 +211,7 @@ def connect(url: str, **kwargs: Any) -> redis.Redis:
     and callers that need cluster-specific paths ask :func:`is_cluster`."""
     target = parse_url(url)
     if target is None:
-        return redis.Redis.from_url(url, **kwargs)
+        return redis.Redis.from_url(url, **_pool_kwargs(url, kwargs))
     node = {**target.node_kwargs(), **kwargs}
     if target.kind == "cluster":
         nodes = [ClusterNode(h, p) for h, p in target.hosts]  # type: ignore[no-untyped-call]
@@ -213,7 +226,7 @@ def connect_async(url: str, **kwargs: Any) -> aioredis.Redis:
     """The asyncio twin of :func:`connect`."""
     target = parse_url(url)
     if target is None:
-        return aioredis.Redis.from_url(url, **kwargs)
+        return aioredis.Redis.from_url(url, **_pool_kwargs(url, kwargs))
     node = {**target.node_kwargs(), **kwargs}
     if target.kind == "cluster":
         nodes = [AsyncClusterNode(h, p) for h, p in target.hosts]

@@ -9,6 +9,7 @@ from redis import exceptions as rx
 from producer.connection import connect, parse_url
 from producer.errors import RedisUnavailable, WaitTimeout
 from producer.redis_errors import error_code, is_config_error, is_transient, translated
+from slotfill.testing.redis_server import RedisServer
 
 
 def test_sentinel_url_with_credentials_several_sentinels_service_db_and_sentinel_password(
@@ -100,3 +101,32 @@ def test_script_bugs_and_slotfill_errors_pass_through_unchanged() -> None:
                                               "nonexistent global variable"))
     with pytest.raises(WaitTimeout), translated():
         raise WaitTimeout("not finished")  # a TimeoutError, hence an OSError: not an outage
+
+
+async def test_an_async_client_holds_more_than_a_hundred_waits_at_once(
+        redis_server: RedisServer) -> None:
+    """Each wait in flight holds a connection for its blocking read: the 101st must not fail
+    with redis-py 8's default pool of 100 ("Too many connections")."""
+    import asyncio
+
+    from producer import AsyncClient
+
+    url = redis_server.url
+    client = AsyncClient.from_url(url, queue="many-waits")
+    try:
+        ids = [(await client.submit(prompt="nobody serves this queue")).id for _ in range(150)]
+
+        async def one(job_id: str) -> str:
+            try:
+                await client.wait(job_id, timeout=1)
+            except WaitTimeout:
+                return "timeout"
+            except RedisUnavailable as e:
+                return f"unavailable: {e}"
+            return "result"
+
+        outcomes = await asyncio.gather(*(one(i) for i in ids))
+    finally:
+        await client.close()
+    assert outcomes == ["timeout"] * 150, sorted(set(outcomes))
+    assert connect(url).connection_pool.max_connections > 150
