@@ -13,7 +13,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 . /root/gw/env.sh
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 COLUMNS=${COLUMNS:-200}  # an 80-column console cut the tables on the H200
 OUT=${OUT:-/tmp/out}
 R="$OUT/refill"
 mkdir -p "$R"
