@@ -59,6 +59,21 @@ def test_deltas_add_up_to_the_result_and_are_coalesced(
     assert kinds[0] == b"start" and kinds[-1] == b"end" and kinds.count(b"start") == 1
 
 
+def test_the_first_delta_does_not_wait_for_the_coalescing_interval(
+        redis_server: RedisServer, r: redis.Redis, client: Client, queue: str) -> None:
+    """With a 60 s interval, later output waits for the job's end (its drain), but the
+    first token is written as soon as the engine makes it: time to first token."""
+    with workers(inproc_worker(redis_server.url, queue, "s1", stream_interval_ms=60_000)):
+        job = client.submit("hello", max_tokens=300, stream=True)
+        events = list(client.stream(job.id, timeout=60))
+    text, res = collect(events)
+    assert res.status is JobStatus.succeeded and text == res.text
+    deltas = [e for e in events if isinstance(e, TokenDelta)]
+    assert len(deltas) >= 2, [len(d.token_ids) for d in deltas]
+    # One step makes one token; a loaded loop may let a few more steps pass first.
+    assert len(deltas[0].token_ids) < 100, [len(d.token_ids) for d in deltas]
+
+
 def test_a_reader_resumes_where_it_left_off_and_a_second_reader_follows_too(
         redis_server: RedisServer, r: redis.Redis, client: Client, queue: str) -> None:
     with workers(inproc_worker(redis_server.url, queue, "s1", stream_interval_ms=20)):

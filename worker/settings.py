@@ -92,7 +92,8 @@ class WorkerSettings(ClientSettings):
     ``lora_dir``."""
     stream_interval_ms: float = Field(50.0, ge=0)
     """Streaming jobs: how long new output is collected before it is written to the job's
-    token stream (all jobs' output in one round trip). 0 writes as fast as Redis answers."""
+    token stream (all jobs' output in one round trip). An attempt's first delta is written at
+    once, so time to first token does not wait for it. 0 writes as fast as Redis answers."""
     checkpoint_interval_ms: float = Field(1000.0, ge=0)
     """How often a running job's new token ids are added to its checkpoint (a job whose
     worker dies continues on a peer from there instead of starting over). A streaming job's

@@ -142,9 +142,12 @@ class TokenStreamer:
         sink = self._sinks.get(key)
         if sink is None or not (text or token_ids):
             return
+        first = sink.stream and sink.seq == 0 and sink.sending is None and not sink.ids
         sink.text.append(text)
         sink.ids.extend(token_ids)
         self._wake.set()
+        if first:  # time to first token: the attempt's first delta does not wait the interval
+            self._urgent.set()
 
     async def drain(self, key: str) -> None:
         """Return once everything ``key`` produced is written (or fenced off), then forget
