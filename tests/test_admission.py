@@ -286,8 +286,10 @@ def test_adaptive_is_the_default_and_grows_its_queue_with_the_measured_rate(
         adm.read_took(0.005)
         adm.update()
         adm.want(1032, 0, iter([]))
-    assert adm.target == 19
-    assert adm.want(1032, 0, iter([])) == 11  # what the larger queue lacks
+    # 19 ready over the refill window (100/s over 85 ms, 0.999 quantile) + 9 read ahead of
+    # one step's finishes (4 a step, 0.99 quantile).
+    assert adm.target == 19 + 9
+    assert adm.want(1032, 0, iter([])) == 20  # what the larger queue lacks
 
 
 def test_a_slow_wake_deepens_the_adaptive_queue_until_it_decays(
@@ -313,11 +315,44 @@ def test_a_slow_wake_deepens_the_adaptive_queue_until_it_decays(
 
     for _ in range(30):
         window()
-    assert adm.target == 19  # 100/s over 85 ms
+    ahead = adm_mod.poisson_quantile(100 * 0.04, adm_mod.AHEAD_MISS)
+    assert adm.target == 19 + ahead  # 100/s over 85 ms, and one step's finishes read ahead
     adm.wake_took(0.2)  # a read sent 200 ms after the first finish it replaces
     # 100/s over 285 ms: mean 28.5, its 0.999 quantile.
-    assert adm.target == adm_mod.poisson_quantile(100 * (0.005 + 0.2 + 0.08), adm_mod.READY_MISS)
+    assert adm.target == ahead + adm_mod.poisson_quantile(100 * (0.005 + 0.2 + 0.08),
+                                                          adm_mod.READY_MISS)
     assert adm.target > 40
     for _ in range(200):
         window()
-    assert adm.target == 19  # forgotten once calm
+    assert adm.target == 19 + ahead  # forgotten once calm
+
+
+def test_the_adaptive_rule_reads_one_steps_finishes_ahead_at_256_slots(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An H200 at 256 slots: 13 ms steps, ~72 jobs/s finishing. The refill window's quantile
+    is at or below the headroom of 8 there, so the rule used to hold exactly slots + 8 and
+    read each replacement only after its job finished (refill p99 3.4 ms: a Redis round trip
+    and the loop's delays). Holding one step's finishes more (0.99 quantile of ~0.94 a step:
+    4) has the replacement already in the engine when a job finishes."""
+    import worker.admission as adm_mod
+
+    now = [100.0]
+    monkeypatch.setattr(adm_mod.time, "monotonic", lambda: now[0])
+    stats = StepStats()
+    done = [0]
+    adm = Admission(WorkerSettings(max_num_seqs=256, headroom=8), stats, 256,
+                    finished=lambda: done[0])
+    for _ in range(30):  # windows of 0.26 s: 20 steps of 13 ms, 19 jobs finishing (73/s)
+        now[0] += 0.26
+        done[0] += 19
+        for _ in range(20):
+            stats.record(256, 8, 0.5, 256)
+        adm.read_took(0.002)
+        adm.update()
+    window = adm.read_s + adm.wake_s + adm_mod.REFILL_STEPS * adm.step_s
+    assert adm_mod.poisson_quantile(adm.finish_per_s * window, adm_mod.READY_MISS) <= 8
+    assert adm.target == 8 + 4
+    assert adm.want(264, 0, iter([])) == 4
+    fixed = Admission(WorkerSettings(max_num_seqs=256, headroom=8, admission="fixed"), stats,
+                      256, finished=lambda: done[0])
+    assert fixed.want(264, 0, iter([])) == 0  # the fixed rule is unchanged
