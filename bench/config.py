@@ -14,10 +14,10 @@ from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-ALL_MODES = ("offline", "slotfill", "asyncio", "celery_batch", "celery_per_request", "fleet",
-             "fleet_fixed", "fleet_adaptive")
+ALL_MODES = ("offline", "offline_split", "slotfill", "asyncio", "celery_batch",
+             "celery_per_request", "fleet", "fleet_fixed", "fleet_adaptive")
 """Run order. Offline first: every ratio is relative to it."""
-DEFAULT_MODES = ALL_MODES[:5]
+DEFAULT_MODES = ("offline", "slotfill", "asyncio", "celery_batch", "celery_per_request")
 FLEET_MODES = {"fleet": "engine", "fleet_fixed": "fixed", "fleet_adaptive": "adaptive"}
 """Several worker processes on one queue (``--workers``), and the admission policy each runs."""
 WORKER_MODES = ("slotfill", *FLEET_MODES)

@@ -77,6 +77,14 @@ def test_scaling_is_fleet_over_workers_times_offline_with_gpus_only() -> None:
     add_ratios(per_gpu)
     assert per_gpu["modes"]["fleet"]["scaling"] == pytest.approx(0.98)
     assert targets(per_gpu)["fleet scaling: out tok/s / (2 x offline)"]["met"] is True
+    assert "scaling_vs_split" not in per_gpu["modes"]["fleet"]
+    split = results(["0", "1"])  # two engines, each alone over its half: a longer tail each
+    split["modes"]["offline_split"] = {"output_tok_s": 190.0}
+    add_ratios(split)
+    assert split["modes"]["fleet"]["scaling_vs_split"] == pytest.approx(196 / 190)
+    assert "scaling_vs_split" not in split["modes"]["offline_split"]
+    got = targets(split)["fleet: out tok/s / offline_split (one engine per GPU, each its share)"]
+    assert got["met"] is True
     shared = results([])  # both workers on one GPU: no scaling to speak of
     add_ratios(shared)
     assert "scaling" not in shared["modes"]["fleet"]
@@ -193,7 +201,7 @@ def test_session_stages_map_to_bench_runs_on_their_gpus(tmp_path: Path) -> None:
     mixed = lines["two-gpu-mixed"]
     assert "CUDA_VISIBLE_DEVICES=2,3 " in mixed and "--gpus 2,3" in mixed
     assert "--long-share 0.15 --long-prompt-tokens 1500" in mixed
-    assert "--modes offline,fleet_fixed,fleet_adaptive" in mixed
+    assert "--modes offline,offline_split,fleet_fixed,fleet_adaptive" in mixed
     assert "CUDA_VISIBLE_DEVICES=0,1 " in lines["tp2"]
     assert "--tensor-parallel-size 2" in lines["tp2"]
     bad = subprocess.run(["bash", "bench/gpu/session.sh", "nope"], cwd=REPO_ROOT,

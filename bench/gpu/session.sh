@@ -14,8 +14,10 @@
 #                          detokenized output; offline, slotfill, slotfill streaming (50 ms)
 #   text-ids      GPU 1    the same model and lengths with token-id prompts, no tokenizer
 #                          (offline, slotfill): what text costs, beside `text`
-#   two-gpu       GPUs 0,1 Llama-3.1-8B shape, 6,000 requests: offline (one GPU), then two
-#                          workers on one queue, one per GPU, fixed and adaptive admission
+#   two-gpu       GPUs 0,1 Llama-3.1-8B shape, 6,000 requests: offline (one GPU, every
+#                          request), offline_split (one engine per GPU, each over its half,
+#                          at once), then two workers on one queue, one per GPU, fixed and
+#                          adaptive admission
 #   two-gpu-mixed GPUs 0,1 the same with 15 % prompts of 1,500 tokens (4,800 requests)
 #   two-gpu-engine GPUs 0,1 uniform, engine-aware admission (fleet) beside fixed
 #   tp2           GPUs 0,1 Llama-3.1-8B shape, tensor_parallel_size 2: offline vs slotfill
@@ -48,10 +50,10 @@ stage_args() {  # stage name, its GPUs -> the bench flags (one per line)
     text-ids) printf '%s\n' --model "$M7B" --skip-tokenizer-init --requests "${REQUESTS:-3000}" \
             --modes "${MODES:-offline,slotfill}" ;;
     two-gpu|two-gpu-mixed|two-gpu-engine)
-      local modes=offline,fleet_fixed,fleet_adaptive n=6000
+      local modes=offline,offline_split,fleet_fixed,fleet_adaptive n=6000
       # Long prompts slow every mode (~1.3x, issue 17): fewer requests keep it under 9 min.
       if [ "$1" = two-gpu-mixed ]; then n=4800; fi
-      if [ "$1" = two-gpu-engine ]; then modes=offline,fleet_fixed,fleet; fi
+      if [ "$1" = two-gpu-engine ]; then modes=offline,offline_split,fleet_fixed,fleet; fi
       printf '%s\n' --model "$M8B" --skip-tokenizer-init --requests "${REQUESTS:-$n}" \
         --gpus "$gpus" --modes "${MODES:-$modes}"
       if [ "$1" = two-gpu-mixed ]; then printf '%s\n' --long-share 0.15 --long-prompt-tokens 1500; fi

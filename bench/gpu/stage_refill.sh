@@ -8,7 +8,8 @@
 #   bash bench/gpu/stage_refill.sh 1024   # 1,024 slots: offline; slotfill
 #   bash bench/gpu/stage_refill.sh all    # both
 # Four engine starts at 256 and two at 1,024 (each ~35-85 s, plus its run): run the parts as
-# two device calls. Request counts: N256 (default 1500), N1024 (default 4000). Each run prints
+# two device calls. Request counts: N256 (default 1500), N1024 (default 4000). VARIANTS: the
+# 256-slot checkpoint variants to run (default "ckpt0 ckpt-outputs"; "" runs none). Each run prints
 # "refill breakdown ..." lines; the JSON rows carry them under refill_breakdown.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -35,8 +36,10 @@ sweep() {  # sweep NAME SLOTS BATCHED_TOKENS REQUESTS MODES [extra flags]
 case "$part" in 256|1024|all) ;; *) echo "unknown part $part (256, 1024 or all)"; exit 2 ;; esac
 if [ "$part" != 1024 ]; then
   sweep sizes-256 256 8192 "${N256:-1500}" offline,slotfill
-  sweep sizes-256-ckpt0 256 8192 "${N256:-1500}" slotfill --checkpoint-interval-ms 0
-  sweep sizes-256-ckpt-outputs 256 8192 "${N256:-1500}" slotfill --checkpoint-outputs
+  case " ${VARIANTS-ckpt0 ckpt-outputs} " in *" ckpt0 "*)
+    sweep sizes-256-ckpt0 256 8192 "${N256:-1500}" slotfill --checkpoint-interval-ms 0 ;; esac
+  case " ${VARIANTS-ckpt0 ckpt-outputs} " in *" ckpt-outputs "*)
+    sweep sizes-256-ckpt-outputs 256 8192 "${N256:-1500}" slotfill --checkpoint-outputs ;; esac
 fi
 if [ "$part" != 256 ]; then
   sweep sizes-1024 1024 16384 "${N1024:-4000}" offline,slotfill

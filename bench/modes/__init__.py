@@ -49,6 +49,13 @@ def run_mode(mode: str, run: ModeRun) -> ModeResult:
 
         raw = run_inproc(mode, run.run_dir, run.progress, len(reqs))
         return ModeResult(raw, held if mode == "asyncio" else None, reqs)
+    if mode == "offline_split":
+        from bench.modes.inproc import run_inproc_split
+
+        if not cfg.gpus:
+            raise ValueError("offline_split needs --gpus (one engine per listed GPU)")
+        raw = run_inproc_split(run.run_dir, cfg.gpus, run.progress, len(reqs))
+        return ModeResult(raw, None, reqs)
     if mode == "slotfill":
         from bench.modes.slotfill import run_slotfill
 

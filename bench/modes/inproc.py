@@ -1,6 +1,6 @@
 """The engine-only modes (offline, asyncio), each in a fresh Python process: one engine at a
-time and a clean shutdown. Parent side: :func:`run_inproc`; child side:
-``python -m bench.modes.inproc MODE RUN_DIR``, which writes ``RUN_DIR/MODE.json`` (timings
+time and a clean shutdown. Parent side: :func:`run_inproc` (and :func:`run_inproc_split`); child side:
+``python -m bench.modes.inproc MODE RUN_DIR [SHARE COUNT]``, which writes ``RUN_DIR/MODE.json`` (timings
 per request), ``RUN_DIR/MODE.steps.jsonl`` (one line per engine step) and the progress file.
 """
 
@@ -21,6 +21,7 @@ from bench.modes.progress import read_progress
 from bench.workload import make_workload
 
 INPROC_MODES = ("offline", "asyncio")
+SPLIT = "offline_split"
 
 
 def run_inproc(mode: str, run_dir: Path, progress: Callable[[str, int, int], None],
@@ -52,12 +53,65 @@ def run_inproc(mode: str, run_dir: Path, progress: Callable[[str, int, int], Non
     return data
 
 
+def split_name(share: int) -> str:
+    return f"{SPLIT}.{share}"
+
+
+def run_inproc_split(run_dir: Path, gpus: list[str],
+                     progress: Callable[[str, int, int], None], total: int) -> dict[str, Any]:
+    """``offline_split``: one offline child per GPU at once, share i = requests i, i+k, ...;
+    the merged raw result spans the first start to the last end."""
+    k = len(gpus)
+    progress("starting engines", 0, total)
+    procs = []
+    for i, gpu in enumerate(gpus):
+        log = run_dir / f"{split_name(i)}.log"
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu.replace("+", ",")}
+        with open(log, "ab") as f:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "bench.modes.inproc", "offline", str(run_dir), str(i),
+                 str(k)], stdout=f, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env,
+                start_new_session=True))
+    try:
+        while any(p.poll() is None for p in procs):
+            got = [read_progress(run_dir, split_name(i)) for i in range(k)]
+            progress("running", sum(g[0] for g in got if g), total)
+            time.sleep(0.25)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            try:
+                os.killpg(p.pid, 9)
+            except ProcessLookupError:
+                pass
+    failed = [i for i, p in enumerate(procs) if p.returncode != 0]
+    if failed:
+        raise RuntimeError(f"{SPLIT}: share(s) {failed} failed; logs in {run_dir}")
+    parts = [json.loads((run_dir / f"{split_name(i)}.json").read_text()) for i in range(k)]
+    return {"t_start": min(p["t_start"] for p in parts), "t_end": max(p["t_end"] for p in parts),
+            "startup_s": max(p["startup_s"] for p in parts),
+            "records": [r for p in parts for r in p["records"]],
+            # Step figures (occupancy, free-slot steps) are those of the first share's engine.
+            "steps_file": parts[0]["steps_file"],
+            "extra": {"cpu_s": sum(p["extra"]["cpu_s"] for p in parts),
+                      "shares": [{"gpu": g, "requests": len(p["records"]),
+                                  "wall_s": p["t_end"] - p["t_start"]}
+                                 for g, p in zip(gpus, parts, strict=True)]}}
+
+
 def main(argv: list[str]) -> int:
     mode, run_dir = argv[0], Path(argv[1])
     cfg = BenchConfig.load(run_dir / "config.json")
     reqs = make_workload(cfg.workload, cfg.workload.vocab_size or model_vocab_size(cfg.model_path),
                          cfg.model_path)
-    if mode == "offline":
+    if mode == "offline" and len(argv) == 4:  # one share of offline_split
+        from bench.modes.offline import run_offline
+
+        share, k = int(argv[2]), int(argv[3])
+        mode = split_name(share)
+        result = run_offline(cfg, reqs[share::k], run_dir, mode)
+    elif mode == "offline":
         from bench.modes.offline import run_offline
 
         result = run_offline(cfg, reqs, run_dir)
