@@ -94,7 +94,8 @@ def run_inproc_split(run_dir: Path, gpus: list[str],
             "records": [r for p in parts for r in p["records"]],
             # Step figures (occupancy, free-slot steps) are those of the first share's engine.
             "steps_file": parts[0]["steps_file"],
-            "extra": {"cpu_s": sum(p["extra"]["cpu_s"] for p in parts),
+            "extra": {"cpu_s": {k: round(sum(p["extra"]["cpu_s"].get(k, 0.0) for p in parts), 3)
+                                for k in parts[0]["extra"]["cpu_s"]},
                       "shares": [{"gpu": g, "requests": len(p["records"]),
                                   "wall_s": p["t_end"] - p["t_start"]}
                                  for g, p in zip(gpus, parts, strict=True)]}}
