@@ -50,6 +50,18 @@ CANCEL_LISTEN_S = 1.0
 """Longest wait for one control message (shorter than the socket timeout)."""
 
 
+async def listen_for_cancels_on(redis: aioredis.Redis, channels: Callable[[], list[str]],
+                                on_cancel: Callable[[str], None]) -> None:
+    """One listener per shard's control channel (a sharded queue's shards live on different
+    masters); a shard added later is heard once the listeners restart (lease renewal finds
+    its cancels meanwhile)."""
+    names = channels()
+    if len(names) == 1:
+        await listen_for_cancels(redis, names[0], on_cancel)
+        return
+    await asyncio.gather(*(listen_for_cancels(redis, c, on_cancel) for c in names))
+
+
 async def listen_for_cancels(redis: aioredis.Redis, channel: str,
                              on_cancel: Callable[[str], None]) -> None:
     """Abort running jobs whose cancellation a client requested: the control channel is a
@@ -121,7 +133,12 @@ async def heartbeat(store: WorkerStore, settings: WorkerSettings, view: WorkerVi
             "full_steps": st.full_steps, "starved_steps": view.state.starved_steps,
             "output_tokens_per_s": round(rate, 1), "output_tokens": c.output_tokens,
             "pulling": int(view.state.pulling), "seen_at": time.time(),
+            "home_shard": store.shards.home.queue,
         }, ttl_s=s.heartbeat_seconds * 3)
+        if await store.load_layout():  # an operator resharded the queue
+            log.info("queue %s now has %d shards", store.keys.queue, store.shards.layout.n)
+            await store.ensure_groups()
+            await store.seed_config(s.max_pending)
         await asyncio.sleep(s.heartbeat_seconds)
 
 

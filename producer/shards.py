@@ -1,0 +1,259 @@
+"""One logical queue split into N shards, each a physical queue with its own hash tag, so
+that a Redis Cluster spreads one queue's work over N masters (issue 13, "past one core").
+
+The layout lives in the queue's config hash (``slotfill:{Q}:config``): ``shards`` (N) and
+``shard_names`` (the N physical queue names, comma-separated, shard 0 first). Shard 0 is Q
+itself: a queue without these fields is a 1-shard queue and nothing about it changes.
+Shard i > 0 is named ``<Q>.s<i>.<k>`` with the first k whose hash slot lies in the middle
+half of the slot range (r0 + i) mod N of N equal ranges, r0 being Q's own range: N masters
+given equal ranges (``redis-cli --cluster create``) each serve one shard. The names are
+computed once, when an operator writes the layout, and stored, so clients in any language
+only read them.
+
+Routing rules (the same in every client):
+
+* A job's shard is ``crc32(job id) mod N`` (zlib's CRC-32 of the id's ASCII bytes): every
+  by-id call finds the job without being told where it is.
+* Without an idempotency key the id is random, so jobs spread evenly. With one, the shard is
+  ``crc32(idempotency key) mod N`` and the client mints random ids until one maps to that
+  shard (about N tries): the key lives on exactly one shard, and its job's id still routes
+  there, so both stay exact.
+* Changing N changes where ids route: by-id calls that miss on the routed shard look in the
+  others before reporting JobNotFound, so jobs submitted under the old layout stay
+  reachable (at the cost of N-1 more reads, only on a miss).
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
+
+from producer import protocol
+from producer.errors import InvalidRequest
+from producer.keys import QueueKeys, valid_queue_name
+from producer.protocol import new_job_id
+from producer.schema import JobRequest
+from producer.settings import ClientSettings
+
+MAX_SHARDS = 64
+SHARDS_FIELD = "shards"
+NAMES_FIELD = "shard_names"
+SHARD_OF_FIELD = "shard_of"
+"""Set in a shard's own config (i > 0): the logical queue it belongs to."""
+LAYOUT_TTL_S = 5.0
+"""How long a client trusts the layout it read before it reads it again."""
+_NAME_TRIES = 1_000_000
+
+
+def shard_index(key: str, n: int) -> int:
+    """The shard of a job id (or of an idempotency key): ``crc32(key) mod n``."""
+    return zlib.crc32(key.encode("utf-8")) % n if n > 1 else 0
+
+
+def queue_slot(queue: str) -> int:
+    """The Redis Cluster hash slot of every key of physical queue ``queue``."""
+    return key_slot(QueueKeys.for_queue(queue).base.encode())
+
+
+def slot_range(slot: int, n: int) -> int:
+    """Which of ``n`` equal slot ranges ``slot`` falls in."""
+    return slot * n // REDIS_CLUSTER_HASH_SLOTS
+
+
+def _mid_range(slot: int, part: int, n: int) -> bool:
+    """``slot`` is in the middle half of range ``part``: far from where any rounding of the
+    range edges (``redis-cli`` rounds them) could put it on a neighbour."""
+    width = REDIS_CLUSTER_HASH_SLOTS / n
+    lo = part * width
+    return lo + width / 4 <= slot < lo + 3 * width / 4
+
+
+def shard_names(queue: str, n: int) -> list[str]:
+    """The N physical queue names of ``queue`` split N ways (deterministic)."""
+    if not valid_queue_name(queue):
+        raise ValueError(f"not a queue name: {queue!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SHARDS:
+        raise ValueError(f"shards must be a whole number 1..{MAX_SHARDS}, got {n!r}")
+    home = slot_range(queue_slot(queue), n)
+    names = [queue]
+    for i in range(1, n):
+        part = (home + i) % n
+        for k in range(_NAME_TRIES):
+            name = f"{queue}.s{i}.{k}"
+            if not valid_queue_name(name):
+                raise ValueError(f"queue name {queue!r} is too long to shard ({name!r})")
+            if _mid_range(queue_slot(name), part, n):
+                names.append(name)
+                break
+        else:  # pragma: no cover - 16384 slots, a quarter of a range always has some
+            raise LookupError(f"no shard name for {queue!r} in slot range {part}")
+    return names
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Where a logical queue's jobs live. ``names[0]`` is the queue itself."""
+
+    queue: str
+    names: tuple[str, ...]
+
+    @classmethod
+    def single(cls, queue: str) -> ShardLayout:
+        return cls(queue, (queue,))
+
+    @property
+    def n(self) -> int:
+        return len(self.names)
+
+    @property
+    def sharded(self) -> bool:
+        return self.n > 1
+
+    def keys(self, i: int = 0) -> QueueKeys:
+        return QueueKeys.for_queue(self.names[i])
+
+    @property
+    def all_keys(self) -> list[QueueKeys]:
+        return [self.keys(i) for i in range(self.n)]
+
+    def for_job(self, job_id: str) -> QueueKeys:
+        """The keys of the shard that holds ``job_id`` (by the routing rule)."""
+        return self.keys(shard_index(job_id, self.n))
+
+    def others(self, job_id: str) -> list[QueueKeys]:
+        """Every shard but the routed one: where a job of an older layout may be."""
+        home = shard_index(job_id, self.n)
+        return [self.keys(i) for i in range(self.n) if i != home]
+
+    def mint(self, idempotency_key: str | None = None) -> tuple[str, QueueKeys]:
+        """A new job id and its shard's keys: a random shard, or the idempotency key's."""
+        job_id = new_job_id()
+        if not self.sharded:
+            return job_id, self.keys(0)
+        if idempotency_key is None:
+            return job_id, self.for_job(job_id)
+        want = shard_index(idempotency_key, self.n)
+        while shard_index(job_id, self.n) != want:
+            job_id = new_job_id()
+        return job_id, self.keys(want)
+
+    def fields(self) -> dict[str, str]:
+        """The config hash fields that store this layout."""
+        return {SHARDS_FIELD: str(self.n), NAMES_FIELD: ",".join(self.names)}
+
+
+def _s(x: Any) -> str:
+    return x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x)
+
+
+def parse_layout(queue: str, shards: Any, names: Any) -> ShardLayout:
+    """The layout from the config's ``shards`` and ``shard_names`` (both None: one shard).
+    InvalidRequest (a ValueError) for a stored layout that contradicts itself (never guessed at: a wrong guess
+    would route jobs where nobody looks)."""
+    if shards is None and names is None:
+        return ShardLayout.single(queue)
+    listed = tuple(_s(names or "").split(","))
+    try:
+        n = int(_s(shards))
+    except ValueError:
+        n = -1
+    if (n != len(listed) or listed[0] != queue or not all(valid_queue_name(x) for x in listed)
+            or len(set(listed)) != n):
+        raise InvalidRequest(f"queue {queue!r} has a broken shard layout in its config: "
+                         f"shards={_s(shards)!r} shard_names={_s(names)!r}")
+    return ShardLayout(queue, listed)
+
+
+def read_layout(r: Any, queue: str) -> ShardLayout:
+    """The layout of ``queue`` from a blocking client (one ``HMGET``)."""
+    shards, names = r.hmget(QueueKeys.for_queue(queue).config, SHARDS_FIELD, NAMES_FIELD)
+    return parse_layout(queue, shards, names)
+
+
+async def read_layout_async(r: Any, queue: str) -> ShardLayout:
+    shards, names = await r.hmget(QueueKeys.for_queue(queue).config, SHARDS_FIELD, NAMES_FIELD)
+    return parse_layout(queue, shards, names)
+
+
+class LayoutCache:
+    """Layouts read at most every ``ttl`` seconds per queue (``LAYOUT_TTL_S``)."""
+
+    def __init__(self, ttl: float = LAYOUT_TTL_S, clock: Callable[[], float] = time.monotonic
+                 ) -> None:
+        self.ttl = ttl
+        self._clock = clock
+        self._held: dict[str, tuple[float, ShardLayout]] = {}
+
+    def get(self, queue: str) -> ShardLayout | None:
+        held = self._held.get(queue)
+        if held is None or self._clock() - held[0] > self.ttl:
+            return None
+        return held[1]
+
+    def put(self, layout: ShardLayout) -> ShardLayout:
+        self._held[layout.queue] = (self._clock(), layout)
+        return layout
+
+    def forget(self, queue: str) -> None:
+        self._held.pop(queue, None)
+
+
+T = TypeVar("T")
+
+
+def by_shard(items: Sequence[T], shard_of: Callable[[T], int]) -> dict[int, list[int]]:
+    """Positions of ``items`` grouped by shard, each group in input order."""
+    groups: dict[int, list[int]] = {}
+    for pos, item in enumerate(items):
+        groups.setdefault(shard_of(item), []).append(pos)
+    return groups
+
+
+def write_layout(r: Any, queue: str, n: int) -> ShardLayout:
+    """Split ``queue`` into ``n`` shards (an operator's act; ``n`` = 1 joins it back).
+    Each shard i > 0 gets ``shard_of`` and the queue's limits in its own config (the submit
+    step reads a shard's own config: ``max_pending`` caps each shard). Returns the layout.
+
+    Lowering N while the dropped shards still hold jobs strands them for workers (they pull
+    the shards of the current layout only): drain first. ``r``: a blocking client."""
+    names = shard_names(queue, n)
+    layout = ShardLayout(queue, tuple(names))
+    config = QueueKeys.for_queue(queue).config
+    limits = {_s(k): _s(v) for k, v in r.hgetall(config).items()
+              if _s(k) in ("max_pending", "max_payload_bytes")}
+    for i, name in enumerate(names[1:], start=1):
+        r.hset(QueueKeys.for_queue(name).config,
+               mapping={SHARD_OF_FIELD: queue, "shard_index": str(i), **limits})
+    if n == 1:
+        r.hdel(config, SHARDS_FIELD, NAMES_FIELD)
+    else:
+        r.hset(config, mapping=layout.fields())
+    return layout
+
+
+Call = tuple[list[str], list[str | int | float]]
+
+
+def submit_calls(layout: ShardLayout, settings: ClientSettings,
+                 requests: Iterable[JobRequest | dict[str, Any]]) -> list[tuple[int, Call]]:
+    """``submit_job`` calls for ``requests``, each with its shard (random ids: spread evenly).
+    Every request is validated before any is sent, so a bad one refuses the whole batch."""
+    out: list[tuple[int, Call]] = []
+    for r in requests:
+        req = protocol.build_request(r, {}, None)
+        job_id, keys = layout.mint()
+        out.append((layout.names.index(keys.queue),
+                    protocol.submit_call(keys, settings, req, None, job_id)))
+    return out
+
+
+def submit_call(layout: ShardLayout, settings: ClientSettings, req: JobRequest,
+                idempotency_key: str | None) -> tuple[QueueKeys, Call]:
+    """The shard's keys and the ``submit_job`` call of one request (routed as above)."""
+    job_id, keys = layout.mint(idempotency_key)
+    return keys, protocol.submit_call(keys, settings, req, idempotency_key, job_id)
