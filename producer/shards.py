@@ -206,9 +206,12 @@ class LayoutCache:
 T = TypeVar("T")
 
 
-def by_shard(items: Sequence[T], shard_of: Callable[[T], int]) -> dict[int, list[int]]:
+K = TypeVar("K")
+
+
+def by_shard(items: Sequence[T], shard_of: Callable[[T], K]) -> dict[K, list[int]]:
     """Positions of ``items`` grouped by shard, each group in input order."""
-    groups: dict[int, list[int]] = {}
+    groups: dict[K, list[int]] = {}
     for pos, item in enumerate(items):
         groups.setdefault(shard_of(item), []).append(pos)
     return groups

@@ -30,12 +30,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from producer import protocol
+from producer import protocol, shards
 from producer.acks import run_acked
 from producer.keys import Priority, QueueKeys
 from producer.schema import JobResult
 from producer.scripts import batch_args, batched
 from producer.settings import ClientSettings
+from producer.shards import ShardLayout
 from slotfill.cli.batch_format import (
     BatchFileError,
     Line,
@@ -122,9 +123,13 @@ class BatchRun:
     batch_id: str
     lines: list[Line]
     keys: QueueKeys = field(init=False)
+    """The queue's own keys (shard 0): the batch's bookkeeping lives there."""
+    layout: ShardLayout = field(init=False)
+    """Where its jobs go (producer/shards.py): each line by its idempotency key."""
 
     def __post_init__(self) -> None:
         self.keys = QueueKeys.for_queue(self.queue)
+        self.layout = shards.read_layout(self.r, self.queue)
         self._submit = self.r.register_script(batched("submit_job"))
         self._models: dict[str, str | None] = {}
 
@@ -163,12 +168,17 @@ class BatchRun:
         """Submit (idempotently) in one batch-submit script call (a cluster refuses pipelined
         EVALSHA); returns custom_id → job id for those accepted and the lines refused because
         the queue is full."""
-        calls = [protocol.submit_call(self.keys, self.settings, line.request,
-                                      idempotency_key(self.batch_id, line.custom_id))
+        calls = [shards.submit_call(self.layout, self.settings, line.request,
+                                    idempotency_key(self.batch_id, line.custom_id))
                  for line in lines if line.request is not None]
-        jobs = protocol.parse_submit_many(run_acked(
-            self.r, self._submit, *batch_args(calls), self.settings.replica_acks,
-            self.settings.replica_ack_timeout_ms), self.queue)
+        jobs: list[str | None] = [None] * len(calls)
+        # One script call per shard: a batched script's keys must share one slot.
+        for shard, where in shards.by_shard(calls, lambda c: c[0].queue).items():
+            got = protocol.parse_submit_many(run_acked(
+                self.r, self._submit, *batch_args([calls[p][1] for p in where]),
+                self.settings.replica_acks, self.settings.replica_ack_timeout_ms), shard)
+            for p, job in zip(where, got, strict=True):
+                jobs[p] = job
         accepted: dict[str, str] = {}
         refused: list[Line] = []
         for line, job in zip(lines, jobs, strict=True):  # strict: every line had a request
@@ -189,8 +199,8 @@ class BatchRun:
         items = list(outstanding.items())[:POLL_CHUNK]
         pipe = self.r.pipeline(transaction=False)
         for _, job in items:
-            pipe.hget(self.keys.job(job), "result")
-            pipe.exists(self.keys.job(job))
+            pipe.hget(self.layout.for_job(job).job(job), "result")
+            pipe.exists(self.layout.for_job(job).job(job))
         replies = pipe.execute()
         for i, (cid, _) in enumerate(items):
             raw, exists = replies[2 * i], replies[2 * i + 1]
@@ -204,7 +214,7 @@ class BatchRun:
         if not outstanding:
             return
         job = next(iter(outstanding.values()))
-        done = self.keys.done(job)
+        done = self.layout.for_job(job).done(job)
         self.r.blmove(done, done, timeout, "LEFT", "LEFT")  # type: ignore[arg-type]
 
 
@@ -299,12 +309,13 @@ def batch_state(r: redis.Redis, queue: str, batch_id: str) -> dict[str, Any] | N
     if not meta:
         return None
     jobs = {_s(k): _s(v) for k, v in r.hgetall(keys.batch_jobs(batch_id)).items()}
+    layout = shards.read_layout(r, queue)
     counts: dict[str, int] = {}
     ids = list(jobs.values())
     for start in range(0, len(ids), 1000):
         pipe = r.pipeline(transaction=False)
         for job in ids[start:start + 1000]:
-            pipe.hget(keys.job(job), "status")
+            pipe.hget(layout.for_job(job).job(job), "status")
         for st in pipe.execute():
             name = _s(st) if st is not None else "expired_record"
             counts[name] = counts.get(name, 0) + 1

@@ -88,7 +88,8 @@ def render(snaps: list[QueueSnapshot], now: float | None = None) -> Group:
                     "canc", "exp")
     for s in snaps:
         fin = s.finished
-        queues.add_row(s.queue, str(len(s.workers)), str(s.depth), str(s.pending), str(s.lag),
+        queues.add_row(s.queue + (f" ({len(s.shards)} shards)" if s.shards else ""),
+                       str(len(s.workers)), str(s.depth), str(s.pending), str(s.lag),
                        _age(s.oldest_waiting_age), str(s.dead_letters),
                        str(fin.get("succeeded", 0)), str(fin.get("failed", 0)),
                        str(fin.get("cancelled", 0)), str(fin.get("expired", 0)))
@@ -165,6 +166,7 @@ def _as_dict(s: QueueSnapshot) -> dict[str, Any]:
                      "lag": x.lag, "oldest_waiting_s": round(x.oldest_waiting_age, 3)}
                     for x in s.streams],
         "workers": [{"name": b.name, **b.fields} for b in s.workers],
+        **({"shards": s.shards} if s.shards else {}),
     }
 
 

@@ -1,0 +1,43 @@
+"""``slotfill configure``: a queue's limits and shard layout, kept in its config hash
+(producer/queue_config.py, producer/shards.py). An operator's command: clients read both."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from producer import queue_config
+from producer.keys import QueueKeys
+from producer.shards import queue_slot, read_layout
+from slotfill.cli.connect import EXIT_USAGE, CliError, connect
+
+RedisUrl = Annotated[str | None, typer.Option(help="Redis URL (default: SLOTFILL_REDIS_URL)")]
+QueueOpt = Annotated[str | None, typer.Option("--queue", "-q",
+                                              help="queue (default: SLOTFILL_QUEUE)")]
+
+
+def configure_cmd(
+    shards: Annotated[int | None, typer.Option(
+        help="split the queue into N shards, each on its own hash slot (1: one again)")] = None,
+    max_pending: Annotated[int | None, typer.Option(
+        help="cap on unfinished jobs (per shard)")] = None,
+    max_payload_bytes: Annotated[int | None, typer.Option(
+        help="largest request body accepted")] = None,
+    queue: QueueOpt = None,
+    redis_url: RedisUrl = None,
+) -> None:
+    """Set a queue's limits and shard layout; print its config as JSON. Workers pick up a
+    new layout within one heartbeat; clients within a few seconds."""
+    r, settings = connect(redis_url)
+    name = queue or settings.queue
+    try:
+        written = queue_config.configure(r, QueueKeys.for_queue(name),
+                                         max_pending, max_payload_bytes, shards)
+    except ValueError as e:
+        raise CliError(str(e), "see `slotfill configure --help`", EXIT_USAGE) from None
+    layout = read_layout(r, name)
+    print(json.dumps({"queue": name, "written": written,
+                      "shards": [{"name": n, "slot": queue_slot(n)} for n in layout.names]},
+                     indent=2))
