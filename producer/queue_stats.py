@@ -111,10 +111,10 @@ def snapshot(r: redis.Redis, queue: str, *, workers: bool = True,
     except ValueError:
         layout = ShardLayout.single(queue)
     now = time.time() if now is None else now
-    parts = [_shard_snapshot(r, name, now) for name in layout.names]
+    parts = [_shard_snapshot(r, k.queue, now) for k in layout.every_keys]
     snap = parts[0] if len(parts) == 1 else _merged(queue, parts, now)
-    if layout.sharded:
-        snap.shards = list(layout.names)
+    if len(parts) > 1:
+        snap.shards = [k.queue for k in layout.every_keys]
     if workers:
         snap.workers = worker_beats(r, QueueKeys.for_queue(queue))
     return snap

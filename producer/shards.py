@@ -18,9 +18,13 @@ Routing rules (the same in every client):
   ``crc32(idempotency key) mod N`` and the client mints random ids until one maps to that
   shard (about N tries): the key lives on exactly one shard, and its job's id still routes
   there, so both stay exact.
-* Changing N changes where ids route: by-id calls that miss on the routed shard look in the
-  others before reporting JobNotFound, so jobs submitted under the old layout stay
-  reachable (at the cost of N-1 more reads, only on a miss).
+* Changing N changes where ids route (and the names of shards i > 0). Shards a new layout
+  drops while they still hold unfinished jobs are kept as ``retired_shards``: workers go on
+  draining them (after every current shard), no submit goes there, and by-id calls that miss
+  on the routed shard look in every other shard, retired ones included, before reporting
+  JobNotFound (more reads, only on a miss). A retired shard found empty when the layout is
+  next written is dropped: the finished records it still holds are then reachable only by
+  its own name (``queue=<shard name>``).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from producer.settings import ClientSettings
 MAX_SHARDS = 64
 SHARDS_FIELD = "shards"
 NAMES_FIELD = "shard_names"
+RETIRED_FIELD = "retired_shards"
 SHARD_OF_FIELD = "shard_of"
 """Set in a shard's own config (i > 0): the logical queue it belongs to."""
 LAYOUT_TTL_S = 5.0
@@ -101,6 +106,8 @@ class ShardLayout:
 
     queue: str
     names: tuple[str, ...]
+    retired: tuple[str, ...] = ()
+    """Shards of an earlier layout that still held unfinished jobs: drained, never fed."""
 
     @classmethod
     def single(cls, queue: str) -> ShardLayout:
@@ -112,7 +119,8 @@ class ShardLayout:
 
     @property
     def sharded(self) -> bool:
-        return self.n > 1
+        """More than one physical queue to look in (current or retired shards)."""
+        return self.n > 1 or bool(self.retired)
 
     def keys(self, i: int = 0) -> QueueKeys:
         return QueueKeys.for_queue(self.names[i])
@@ -125,10 +133,15 @@ class ShardLayout:
         """The keys of the shard that holds ``job_id`` (by the routing rule)."""
         return self.keys(shard_index(job_id, self.n))
 
+    @property
+    def every_keys(self) -> list[QueueKeys]:
+        """The current shards, then the retired ones: what workers pull and status sums."""
+        return [*self.all_keys, *(QueueKeys.for_queue(x) for x in self.retired)]
+
     def others(self, job_id: str) -> list[QueueKeys]:
         """Every shard but the routed one: where a job of an older layout may be."""
         home = shard_index(job_id, self.n)
-        return [self.keys(i) for i in range(self.n) if i != home]
+        return [k for i, k in enumerate(self.every_keys) if i != home]
 
     def mint(self, idempotency_key: str | None = None) -> tuple[str, QueueKeys]:
         """A new job id and its shard's keys: a random shard, or the idempotency key's."""
@@ -144,40 +157,48 @@ class ShardLayout:
 
     def fields(self) -> dict[str, str]:
         """The config hash fields that store this layout."""
-        return {SHARDS_FIELD: str(self.n), NAMES_FIELD: ",".join(self.names)}
+        out = {SHARDS_FIELD: str(self.n), NAMES_FIELD: ",".join(self.names)}
+        if self.retired:
+            out[RETIRED_FIELD] = ",".join(self.retired)
+        return out
 
 
 def _s(x: Any) -> str:
     return x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x)
 
 
-def parse_layout(queue: str, shards: Any, names: Any) -> ShardLayout:
-    """The layout from the config's ``shards`` and ``shard_names`` (both None: one shard).
-    InvalidRequest (a ValueError) for a stored layout that contradicts itself (never guessed at: a wrong guess
-    would route jobs where nobody looks)."""
-    if shards is None and names is None:
-        return ShardLayout.single(queue)
-    listed = tuple(_s(names or "").split(","))
-    try:
-        n = int(_s(shards))
-    except ValueError:
-        n = -1
-    if (n != len(listed) or listed[0] != queue or not all(valid_queue_name(x) for x in listed)
-            or len(set(listed)) != n):
+def parse_layout(queue: str, shards: Any, names: Any, retired: Any = None) -> ShardLayout:
+    """The layout from the config's ``shards``, ``shard_names`` and ``retired_shards``
+    (none: one shard). InvalidRequest (a ValueError) for a stored layout that contradicts
+    itself (never guessed at: a wrong guess would route jobs where nobody looks)."""
+    old = tuple(x for x in _s(retired or "").split(",") if x)
+    listed: tuple[str, ...] = (queue,)
+    n = 1
+    if shards is not None or names is not None:
+        listed = tuple(_s(names or "").split(","))
+        try:
+            n = int(_s(shards))
+        except ValueError:
+            n = -1
+    every = (*listed, *old)
+    if (n != len(listed) or listed[0] != queue or not all(valid_queue_name(x) for x in every)
+            or len(set(every)) != len(every)):
         raise InvalidRequest(f"queue {queue!r} has a broken shard layout in its config: "
-                         f"shards={_s(shards)!r} shard_names={_s(names)!r}")
-    return ShardLayout(queue, listed)
+                             f"shards={_s(shards)!r} shard_names={_s(names)!r} "
+                             f"retired_shards={_s(retired)!r}")
+    return ShardLayout(queue, listed, old)
+
+
+_FIELDS = (SHARDS_FIELD, NAMES_FIELD, RETIRED_FIELD)
 
 
 def read_layout(r: Any, queue: str) -> ShardLayout:
     """The layout of ``queue`` from a blocking client (one ``HMGET``)."""
-    shards, names = r.hmget(QueueKeys.for_queue(queue).config, SHARDS_FIELD, NAMES_FIELD)
-    return parse_layout(queue, shards, names)
+    return parse_layout(queue, *r.hmget(QueueKeys.for_queue(queue).config, *_FIELDS))
 
 
 async def read_layout_async(r: Any, queue: str) -> ShardLayout:
-    shards, names = await r.hmget(QueueKeys.for_queue(queue).config, SHARDS_FIELD, NAMES_FIELD)
-    return parse_layout(queue, shards, names)
+    return parse_layout(queue, *await r.hmget(QueueKeys.for_queue(queue).config, *_FIELDS))
 
 
 class LayoutCache:
@@ -220,23 +241,29 @@ def by_shard(items: Sequence[T], shard_of: Callable[[T], K]) -> dict[K, list[int
 def write_layout(r: Any, queue: str, n: int) -> ShardLayout:
     """Split ``queue`` into ``n`` shards (an operator's act; ``n`` = 1 joins it back).
     Each shard i > 0 gets ``shard_of`` and the queue's limits in its own config (the submit
-    step reads a shard's own config: ``max_pending`` caps each shard). Returns the layout.
-
-    Lowering N while the dropped shards still hold jobs strands them for workers (they pull
-    the shards of the current layout only): drain first. ``r``: a blocking client."""
+    step reads a shard's own config: ``max_pending`` caps each shard). Shards dropped while
+    they hold unfinished jobs are kept as retired (drained, never fed). Returns the layout.
+    ``r``: a blocking client."""
     names = shard_names(queue, n)
-    layout = ShardLayout(queue, tuple(names))
+    before = read_layout(r, queue)
+    retired = tuple(x for x in dict.fromkeys((*before.names[1:], *before.retired))
+                    if x not in names and _unfinished(r, x))
+    layout = ShardLayout(queue, tuple(names), retired)
     config = QueueKeys.for_queue(queue).config
     limits = {_s(k): _s(v) for k, v in r.hgetall(config).items()
               if _s(k) in ("max_pending", "max_payload_bytes")}
     for i, name in enumerate(names[1:], start=1):
         r.hset(QueueKeys.for_queue(name).config,
                mapping={SHARD_OF_FIELD: queue, "shard_index": str(i), **limits})
-    if n == 1:
-        r.hdel(config, SHARDS_FIELD, NAMES_FIELD)
-    else:
+    r.hdel(config, *_FIELDS)
+    if n > 1 or retired:
         r.hset(config, mapping=layout.fields())
     return layout
+
+
+def _unfinished(r: Any, queue: str) -> int:
+    """Unfinished entries (queued or running) of a physical queue."""
+    return sum(int(r.xlen(s)) for s in QueueKeys.for_queue(queue).streams)
 
 
 Call = tuple[list[str], list[str | int | float]]

@@ -1,6 +1,8 @@
 """The shards a worker pulls from (producer/shards.py): every shard of its queue, its home
-shard first. Home = ``crc32(worker id) mod N``, so a fleet's workers spread their first reads
-over the shards; when home gives fewer jobs than admission wants, the others are read.
+shard first. Home = ``home_index(worker id, N)`` (BLAKE2b, not CRC-32: CRC-32 is linear, and
+names that differ in one character, ``w0``..``w5``, all got the same home mod 3), so a
+fleet's workers spread their first reads over the shards; when home gives fewer jobs than
+admission wants, the others are read.
 
 Every claimed entry names its stream, and the stream names its shard: the keys of the Lua
 steps that act on an entry (finish, renew, release, append) are that shard's, so a call never
@@ -9,13 +11,20 @@ mixes slots. An unsharded queue is one shard: nothing here costs a round trip th
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from producer.keys import QueueKeys, queue_of_key
-from producer.shards import ShardLayout, shard_index
+from producer.shards import ShardLayout
 
 T = TypeVar("T")
+
+
+def home_index(worker: str, n: int) -> int:
+    """A worker's home shard: a stable hash of its id, mod ``n``."""
+    digest = hashlib.blake2b(worker.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % n
 
 
 class ShardSet:
@@ -24,7 +33,8 @@ class ShardSet:
         self.consumer = consumer
         self.layout = ShardLayout.single(queue)
         self.order: list[QueueKeys] = [QueueKeys.for_queue(queue)]
-        """Every shard's keys, the home shard first, then the others in layout order after it."""
+        """Every shard's keys, the home shard first, then the others in layout order after it,
+        then the retired ones (producer/shards.py: drained, never fed)."""
         self._by_name: dict[str, QueueKeys] = {queue: self.order[0]}
 
     @property
@@ -41,8 +51,9 @@ class ShardSet:
             return False
         self.layout = layout
         n = layout.n
-        home = shard_index(self.consumer, n)
-        self.order = [layout.keys((home + i) % n) for i in range(n)]
+        home = home_index(self.consumer, n)
+        self.order = [*(layout.keys((home + i) % n) for i in range(n)),
+                      *layout.every_keys[n:]]
         for k in self.order:
             self._by_name.setdefault(k.queue, k)
         return True
