@@ -112,7 +112,7 @@ class AsyncClient:
         for start in range(0, len(calls), chunk):
             part = calls[start:start + chunk]
             got: list[str | None] = [None] * len(part)
-            for shard, where in shards.by_shard(part, lambda c: c[0]).items():
+            for where in shards.by_shard(part, lambda c: c[0].queue).values():
                 key_list, args = batch_args([part[p][1] for p in where])
                 with translated():
                     try:
@@ -120,7 +120,7 @@ class AsyncClient:
                     except ResponseError as e:
                         raise protocol.refusal(e) or e from None
                 for p, job in zip(where, protocol.parse_submit_many(
-                        replies, layout.names[shard]), strict=True):
+                        replies, part[where[0]][0].queue), strict=True):
                     got[p] = job
             accepted.extend(got)
             protocol.raise_if_refused(accepted, len(calls), layout.queue)

@@ -138,22 +138,18 @@ class Client:
         calls = shards.submit_calls(layout, self.settings, requests)
         accepted: list[str | None] = []
         for start in range(0, len(calls), chunk):
-            part = calls[start:start + chunk]
-            got: list[str | None] = [None] * len(part)
-            # One script call per shard (a batched script's keys must share one slot).
-            for shard, where in shards.by_shard(part, lambda c: c[0]).items():
-                key_list, args = batch_args([part[p][1] for p in where])
-                with translated():
-                    try:
-                        replies = self._acked(self._submit_batch, key_list, args)
-                    except ResponseError as e:
-                        raise protocol.refusal(e) or e from None
-                for p, job in zip(where, protocol.parse_submit_many(
-                        replies, layout.names[shard]), strict=True):
-                    got[p] = job
-            accepted.extend(got)
+            accepted.extend(shards.submit_by_shard(calls[start:start + chunk], self._send))
             protocol.raise_if_refused(accepted, len(calls), layout.queue)
         return [i for i in accepted if i is not None]
+
+    def _send(self, shard: QueueKeys, calls: list[shards.Call]) -> list[str | None]:
+        """One batched submit of ``calls``, all to ``shard``."""
+        with translated():
+            try:
+                replies = self._acked(self._submit_batch, *batch_args(calls))
+            except ResponseError as e:
+                raise protocol.refusal(e) or e from None
+        return protocol.parse_submit_many(replies, shard.queue)
 
     def _acked(self, script: Any, key_list: list[str], args: list[Any]) -> Any:
         """Run a submit script; with ``replica_acks``, acknowledge only what replicas hold."""

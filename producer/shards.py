@@ -270,15 +270,28 @@ Call = tuple[list[str], list[str | int | float]]
 
 
 def submit_calls(layout: ShardLayout, settings: ClientSettings,
-                 requests: Iterable[JobRequest | dict[str, Any]]) -> list[tuple[int, Call]]:
+                 requests: Iterable[JobRequest | dict[str, Any]]
+                 ) -> list[tuple[QueueKeys, Call]]:
     """``submit_job`` calls for ``requests``, each with its shard (random ids: spread evenly).
     Every request is validated before any is sent, so a bad one refuses the whole batch."""
-    out: list[tuple[int, Call]] = []
+    out: list[tuple[QueueKeys, Call]] = []
     for r in requests:
         req = protocol.build_request(r, {}, None)
         job_id, keys = layout.mint()
-        out.append((layout.names.index(keys.queue),
-                    protocol.submit_call(keys, settings, req, None, job_id)))
+        out.append((keys, protocol.submit_call(keys, settings, req, None, job_id)))
+    return out
+
+
+def submit_by_shard(calls: Sequence[tuple[QueueKeys, Call]],
+                    send: Callable[[QueueKeys, list[Call]], list[str | None]]
+                    ) -> list[str | None]:
+    """Each shard's calls in one ``send`` (a batched script's keys must share one slot).
+    Returns the job ids (None: refused, the shard is full) in input order."""
+    out: list[str | None] = [None] * len(calls)
+    for where in by_shard(calls, lambda c: c[0].queue).values():
+        got = send(calls[where[0]][0], [calls[p][1] for p in where])
+        for p, job in zip(where, got, strict=True):
+            out[p] = job
     return out
 
 

@@ -16,7 +16,6 @@ its result written; the batch id defaults to a hash of the input file's content.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -40,7 +39,10 @@ from producer.shards import ShardLayout
 from slotfill.cli.batch_format import (
     BatchFileError,
     Line,
+    default_batch_id,
     done_custom_ids,
+    errors_path_for,
+    idempotency_key,
     invalid_line,
     output_line,
     read_input,
@@ -70,23 +72,6 @@ class BatchReport:
     succeeded: int = 0
     failed: int = 0
     invalid: int = 0
-
-
-def default_batch_id(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return "batch_" + h.hexdigest()[:24]
-
-
-def idempotency_key(batch_id: str, custom_id: str) -> str:
-    return f"batch:{batch_id}:{hashlib.sha256(custom_id.encode()).hexdigest()[:32]}"
-
-
-def errors_path_for(out: Path) -> Path:
-    return out.with_name(out.stem + ".errors" + (out.suffix or ".jsonl"))
-
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -123,9 +108,8 @@ class BatchRun:
     batch_id: str
     lines: list[Line]
     keys: QueueKeys = field(init=False)
-    """The queue's own keys (shard 0): the batch's bookkeeping lives there."""
     layout: ShardLayout = field(init=False)
-    """Where its jobs go (producer/shards.py): each line by its idempotency key."""
+    """Where jobs go (producer/shards.py): each line by its idempotency key."""
 
     def __post_init__(self) -> None:
         self.keys = QueueKeys.for_queue(self.queue)
@@ -171,14 +155,9 @@ class BatchRun:
         calls = [shards.submit_call(self.layout, self.settings, line.request,
                                     idempotency_key(self.batch_id, line.custom_id))
                  for line in lines if line.request is not None]
-        jobs: list[str | None] = [None] * len(calls)
-        # One script call per shard: a batched script's keys must share one slot.
-        for shard, where in shards.by_shard(calls, lambda c: c[0].queue).items():
-            got = protocol.parse_submit_many(run_acked(
-                self.r, self._submit, *batch_args([calls[p][1] for p in where]),
-                self.settings.replica_acks, self.settings.replica_ack_timeout_ms), shard)
-            for p, job in zip(where, got, strict=True):
-                jobs[p] = job
+        jobs = shards.submit_by_shard(calls, lambda k, part: protocol.parse_submit_many(
+            run_acked(self.r, self._submit, *batch_args(part), self.settings.replica_acks,
+                      self.settings.replica_ack_timeout_ms), k.queue))
         accepted: dict[str, str] = {}
         refused: list[Line] = []
         for line, job in zip(lines, jobs, strict=True):  # strict: every line had a request
@@ -199,8 +178,9 @@ class BatchRun:
         items = list(outstanding.items())[:POLL_CHUNK]
         pipe = self.r.pipeline(transaction=False)
         for _, job in items:
-            pipe.hget(self.layout.for_job(job).job(job), "result")
-            pipe.exists(self.layout.for_job(job).job(job))
+            key = self.layout.for_job(job).job(job)
+            pipe.hget(key, "result")
+            pipe.exists(key)
         replies = pipe.execute()
         for i, (cid, _) in enumerate(items):
             raw, exists = replies[2 * i], replies[2 * i + 1]
