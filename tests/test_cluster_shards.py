@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 from producer import AsyncClient, Client, JobNotFound, JobStatus
 from producer.connection import connect
 from producer.shards import ShardLayout, read_layout, shard_index
+from slotfill.cli.dead_letters import DeadLetters
 from slotfill.cli.main import app
 from slotfill.testing.cluster import LocalCluster
 from slotfill.testing.fleet import WorkerProcess
@@ -260,3 +261,18 @@ def test_a_worker_whose_home_is_empty_drains_the_others(
         assert {c.wait(j, timeout=60).status for j in ids} == {JobStatus.succeeded}
     assert all(_shard_of(r, layout, j) != home for j in ids)
     assert {r.hget(layout.for_job(j).job(j), "worker") for j in ids} == {lone.encode()}
+
+
+def test_dead_letters_of_every_shard(r: redis.Redis, layout: ShardLayout,
+                                     workers: dict[str, WorkerProcess]) -> None:
+    """An entry that is no job, on shard 2: dead-lettered there, listed under the queue."""
+    entry = r.xadd(layout.keys(2).stream(), {"junk": "not a job"})
+    dl = DeadLetters(r, Q)
+    wait_until(lambda: dl.size() >= 1, timeout=20, what="the entry dead-lettered")
+    [d] = [x for x in dl.entries() if x.fields.get("entry") == _s(entry)]
+    assert dl.shard_of(d) == layout.keys(2) and dl.get(d.id) == d
+    assert "malformed" in d.fields.get("reason", "")
+
+
+def _s(x: object) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
