@@ -189,16 +189,16 @@ def parse_layout(queue: str, shards: Any, names: Any, retired: Any = None) -> Sh
     return ShardLayout(queue, listed, old)
 
 
-_FIELDS = (SHARDS_FIELD, NAMES_FIELD, RETIRED_FIELD)
+LAYOUT_FIELDS = (SHARDS_FIELD, NAMES_FIELD, RETIRED_FIELD)
 
 
 def read_layout(r: Any, queue: str) -> ShardLayout:
     """The layout of ``queue`` from a blocking client (one ``HMGET``)."""
-    return parse_layout(queue, *r.hmget(QueueKeys.for_queue(queue).config, *_FIELDS))
+    return parse_layout(queue, *r.hmget(QueueKeys.for_queue(queue).config, *LAYOUT_FIELDS))
 
 
 async def read_layout_async(r: Any, queue: str) -> ShardLayout:
-    return parse_layout(queue, *await r.hmget(QueueKeys.for_queue(queue).config, *_FIELDS))
+    return parse_layout(queue, *await r.hmget(QueueKeys.for_queue(queue).config, *LAYOUT_FIELDS))
 
 
 class LayoutCache:
@@ -255,7 +255,7 @@ def write_layout(r: Any, queue: str, n: int) -> ShardLayout:
     for i, name in enumerate(names[1:], start=1):
         r.hset(QueueKeys.for_queue(name).config,
                mapping={SHARD_OF_FIELD: queue, "shard_index": str(i), **limits})
-    r.hdel(config, *_FIELDS)
+    r.hdel(config, *LAYOUT_FIELDS)
     if n > 1 or retired:
         r.hset(config, mapping=layout.fields())
     return layout

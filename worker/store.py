@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
@@ -28,11 +28,13 @@ from producer.errors import RedisUnavailable
 from producer.keys import GROUP, QueueKeys
 from producer.redis_errors import error_code, is_transient, unavailable
 from producer.scripts import batch_args, batched, source
-from producer.shards import read_layout_async
+from producer.shards import LAYOUT_FIELDS, parse_layout
+from worker.appends import Append as Append
 from worker.claim import ClaimedJob, Disposition, decode
 from worker.coalesce import Coalesced
 from worker.shard_set import ShardSet
 
+log = logging.getLogger("slotfill.worker")
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -56,28 +58,6 @@ def _s(x: Any) -> str:
 CLOCK_DRIFT_S_PER_S = 0.001
 """How fast the error of a clock sample in use is assumed to grow (seconds per second): far
 above real clock drift, so a better-or-equal sample a moment later always replaces it."""
-
-
-@dataclass(frozen=True)
-class Append:
-    """One write to a job's token stream and checkpoint (``append_tokens``)."""
-
-    row: ClaimedJob
-    text: str
-    ids: str
-    """The new token ids, JSON ("" when only announcing the attempt)."""
-    offset: int
-    """The job's tokens written before this one (a resumed attempt's start at its checkpoint)."""
-    tokens: int
-    """Tokens in this append."""
-    seq: int
-    """This append's number in its attempt (1, 2, ...; 0 when only announcing)."""
-    stream: bool = True
-    """Write the token stream (a streaming job); False: the checkpoint only."""
-    checkpoint: str = ""
-    """The new ids as checkpoint items (``"id,"`` each); "" writes no checkpoint."""
-    resumed_at: int | None = None
-    """Tokens of the checkpoint this attempt continues from; None: it started from scratch."""
 
 
 def _raw(body: str) -> bytes:
@@ -147,8 +127,15 @@ class WorkerStore:
     @_redis_call
     async def load_layout(self) -> bool:
         """Read the queue's shard layout (producer/shards.py); True when it changed (the
-        caller then makes the new shards' groups)."""
-        return self.shards.set_layout(await read_layout_async(self.redis, self.keys.queue))
+        caller then makes the new shards' groups). The heartbeat reads it too."""
+        return self._use_layout(await self.redis.hmget(self.keys.config, *LAYOUT_FIELDS))
+
+    def _use_layout(self, raw: Sequence[Any]) -> bool:
+        try:
+            return self.shards.set_layout(parse_layout(self.keys.queue, *raw))
+        except ValueError as e:  # an operator's typo must not stop the fleet: keep pulling
+            log.error("%s; still pulling the shards of the layout in use", e)
+            return False
 
     @_redis_call
     async def ensure_groups(self) -> None:
@@ -353,20 +340,24 @@ class WorkerStore:
         return ids
 
     @_redis_call
-    async def heartbeat(self, fields: dict[Any, Any], ttl_s: float) -> None:
-        """Advertise this worker; the same round trip reads Redis' clock (``sync_clock``)."""
+    async def heartbeat(self, fields: dict[Any, Any], ttl_s: float) -> bool:
+        """Advertise this worker; the same round trip reads Redis' clock (``sync_clock``)
+        and the queue's shard layout (same slot as the heartbeat). True when the layout
+        changed (the caller makes the new shards' groups)."""
         key = self.keys.worker(self.consumer)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(key, mapping=fields)
         pipe.expire(key, max(1, int(ttl_s)))
+        pipe.hmget(self.keys.config, *LAYOUT_FIELDS)
         if self._cluster:  # a cluster pipeline refuses keyless commands: TIME on its own
-            await pipe.execute()
+            reply = await pipe.execute()
             await self.sync_clock()
-            return
+            return self._use_layout(reply[2])
         pipe.time()
         t0 = time.time()
         reply = await pipe.execute()
         self._set_clock(reply[-1], t0, time.time())
+        return self._use_layout(reply[2])
 
     async def sync_clock(self) -> None:
         """Measure this host's clock against Redis' (``TIME``)."""

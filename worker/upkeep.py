@@ -123,7 +123,7 @@ async def heartbeat(store: WorkerStore, settings: WorkerSettings, view: WorkerVi
         c, st = view.counters, view.stats
         rate = (c.output_tokens - last_tokens) / max(now - last_t, 1e-6)
         last_tokens, last_t = c.output_tokens, now
-        await store.heartbeat({
+        resharded = await store.heartbeat({
             "consumer": s.consumer, "model": s.model, "started_at": started,
             "capacity": view.capacity, "slots": view.slots,
             "max_model_len": view.max_model_len,
@@ -135,7 +135,7 @@ async def heartbeat(store: WorkerStore, settings: WorkerSettings, view: WorkerVi
             "pulling": int(view.state.pulling), "seen_at": time.time(),
             "home_shard": store.shards.home.queue,
         }, ttl_s=s.heartbeat_seconds * 3)
-        if await store.load_layout():  # an operator resharded the queue
+        if resharded:  # an operator changed the queue's shard layout
             log.info("queue %s now has %d shards", store.keys.queue, store.shards.layout.n)
             await store.ensure_groups()
             await store.seed_config(s.max_pending)
