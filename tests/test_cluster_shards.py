@@ -218,9 +218,14 @@ def test_by_id_calls_find_the_shard(cluster: LocalCluster, r: redis.Redis,
 def test_cli_submit_batch_and_status(cluster: LocalCluster, r: redis.Redis,
                                      layout: ShardLayout, workers: dict[str, WorkerProcess],
                                      tmp_path: Path) -> None:
-    res = CliRunner().invoke(app, ["submit", "hello", "--wait", "--max-tokens", "3",
+    res = CliRunner().invoke(app, ["submit", "hello", "--max-tokens", "3",
                                    "--queue", Q, "--redis-url", cluster.url])
     assert res.exit_code == 0, res.output
+    job_id = res.output.strip().splitlines()[-1]
+    # No --queue: the job is searched among the known queues, every shard of each.
+    res = CliRunner().invoke(app, ["wait", job_id, "--redis-url", cluster.url])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["status"] == "succeeded"
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps({"custom_id": f"c{i}", "method": "POST",
                                        "url": "/v1/completions",
