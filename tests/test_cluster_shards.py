@@ -65,6 +65,7 @@ def layout(cluster: LocalCluster, r: redis.Redis) -> ShardLayout:
     assert res.exit_code == 0, res.output
     shown = json.loads(res.output)
     assert [s["name"] for s in shown["shards"]] == list(read_layout(r, Q).names)
+    assert len({s["master"] for s in shown["shards"]}) == 3
     with Client.from_url(cluster.url, queue=LONE) as c:
         c.configure_queue(shards=3)
     return read_layout(r, Q)

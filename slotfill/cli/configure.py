@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich.console import Console
 
 from producer import queue_config
+from producer.connection import is_cluster
 from producer.keys import QueueKeys
 from producer.shards import queue_slot, read_layout
 from slotfill.cli.connect import EXIT_USAGE, CliError, connect
@@ -38,6 +40,18 @@ def configure_cmd(
     except ValueError as e:
         raise CliError(str(e), "see `slotfill configure --help`", EXIT_USAGE) from None
     layout = read_layout(r, name)
-    print(json.dumps({"queue": name, "written": written,
-                      "shards": [{"name": n, "slot": queue_slot(n)} for n in layout.names]},
-                     indent=2))
+    shown = [{"name": n, "slot": queue_slot(n), **_master(r, n)} for n in layout.names]
+    print(json.dumps({"queue": name, "written": written, "shards": shown}, indent=2))
+    masters = [s["master"] for s in shown if "master" in s]
+    if len(set(masters)) < len(masters):
+        # Shard 0 keeps the queue's own slot; a cluster whose slot ranges are not equal
+        # can put two shards on one master.
+        Console(stderr=True).print("[yellow]warning: some shards share a master[/yellow]")
+
+
+def _master(r: Any, queue: str) -> dict[str, str]:
+    """``{"master": host:port}`` of the cluster node serving the shard ({} off a cluster)."""
+    if not is_cluster(r):
+        return {}
+    node = r.get_node_from_key(QueueKeys.for_queue(queue).base)
+    return {"master": f"{node.host}:{node.port}"}
