@@ -50,16 +50,30 @@ CANCEL_LISTEN_S = 1.0
 """Longest wait for one control message (shorter than the socket timeout)."""
 
 
+CHANNELS_CHECK_S = 2.0
+"""How often the cancel listeners look for a changed shard layout (a reshard)."""
+
+
 async def listen_for_cancels_on(redis: aioredis.Redis, channels: Callable[[], list[str]],
                                 on_cancel: Callable[[str], None]) -> None:
     """One listener per shard's control channel (a sharded queue's shards live on different
-    masters); a shard added later is heard once the listeners restart (lease renewal finds
-    its cancels meanwhile)."""
-    names = channels()
-    if len(names) == 1:
-        await listen_for_cancels(redis, names[0], on_cancel)
-        return
-    await asyncio.gather(*(listen_for_cancels(redis, c, on_cancel) for c in names))
+    masters), started again when the shards change; lease renewal finds the cancels sent
+    meanwhile."""
+    while True:
+        names = channels()
+        tasks = [asyncio.ensure_future(listen_for_cancels(redis, c, on_cancel)) for c in names]
+        try:
+            while channels() == names:
+                done, _ = await asyncio.wait(tasks, timeout=CHANNELS_CHECK_S,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if done:
+                    for t in done:
+                        t.result()  # a listener's failure reaches the worker's retry loop
+                    break
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def listen_for_cancels(redis: aioredis.Redis, channel: str,
