@@ -1,11 +1,14 @@
-"""Jobs/s and Redis CPU per job: one master vs a 3-master Redis Cluster (issue 13, item 7).
+"""Jobs/s and Redis CPU per job: one master vs a 3-master Redis Cluster (issue 13, item 7),
+and one logical queue split into 3 shards over those 3 masters (issue 13, item 4).
 
     python -m bench.cluster_scale --jobs 6000 [--slots 128] [--step-ms 2] [--out FILE]
 
-Three queues, one simulated-engine worker each. A queue lives on one master (no sharded
-queues), so the 3-master run puts the three queues on the three masters, one each (the names
-are picked by slot), and the 1-master run puts the same three queues on one standalone
-redis-server (a cluster needs three masters). Each run: the workers start and report ready,
+Rows "1" and "3": three queues, one simulated-engine worker each. An unsharded queue lives on
+one master, so the 3-master run puts the three queues on the three masters, one each (the
+names are picked by slot), and the 1-master run puts the same three queues on one standalone
+redis-server (a cluster needs three masters). Row "3 sharded": one queue of 3 shards
+(producer/shards.py) on the 3-master cluster, three workers of that one queue (their home
+shards differ), three submitting threads on it. Each run: the workers start and report ready,
 then one thread per queue submits its share (``submit_many``, chunks of 500) while the workers
 drain; jobs/s is first submit → last job finished (the queues' ``finished_*`` counters);
 then every result is read (one pipelined ``HGET`` each). Redis CPU is ``INFO cpu`` (user +
@@ -32,9 +35,14 @@ from redis.crc import key_slot
 
 from producer import Client, QueueKeys
 from producer.connection import connect
+from producer.queue_config import configure
+from producer.shards import ShardLayout, read_layout
 from slotfill.testing.cluster import LocalCluster
 from slotfill.testing.fleet import WorkerProcess
 from slotfill.testing.redis_server import RedisServer
+from worker.shard_set import home_index
+
+SHARDED_QUEUE = "sq"
 
 OWN = ("info", "config|resetstat", "cluster|slots", "cluster|nodes", "ping", "hgetall")
 """What the bench itself sends while it watches (left out of the per-job counts)."""
@@ -70,6 +78,29 @@ def spread_queues(n: int = 3) -> list[str]:
     raise LookupError("no queue names spread over the slot ranges")
 
 
+def workers_with_homes(n: int) -> list[str]:
+    """Worker names whose home shards (of ``n``) are 0, 1, ..., one each."""
+    found: dict[int, str] = {}
+    i = 0
+    while len(found) < n:
+        found.setdefault(home_index(f"w{i}", n), f"w{i}")
+        i += 1
+    return [found[k] for k in range(n)]
+
+
+@contextmanager
+def _sharded(workdir: Path) -> Iterator[tuple[str, list[redis.Redis], ShardLayout]]:
+    """A 3-master cluster holding one queue of 3 shards, one shard per master."""
+    with LocalCluster(masters=3) as cluster:
+        r = connect(cluster.url)
+        configure(r, QueueKeys.for_queue(SHARDED_QUEUE), shards=3)
+        layout = read_layout(r, SHARDED_QUEUE)
+        r.close()
+        ports = {cluster.master_of_key(k.base).port for k in layout.all_keys}
+        assert len(ports) == 3, "the shards do not land on different masters"
+        yield cluster.url, [redis.Redis(port=n.port) for n in cluster.nodes[:3]], layout
+
+
 @contextmanager
 def _masters(count: int, workdir: Path) -> Iterator[tuple[str, list[redis.Redis], list[str]]]:
     """(URL, a plain client per master, queue names) of a standalone server (1) or a cluster."""
@@ -87,47 +118,63 @@ def _masters(count: int, workdir: Path) -> Iterator[tuple[str, list[redis.Redis]
         yield cluster.url, [redis.Redis(port=n.port) for n in cluster.nodes[:count]], names
 
 
+@contextmanager
+def _setup(masters: int, sharded: bool, workdir: Path
+           ) -> Iterator[tuple[str, list[redis.Redis], list[ShardLayout], list[str]]]:
+    """(URL, a client per master, the queues' layouts, one queue per worker and submitter)."""
+    if sharded:
+        with _sharded(workdir) as (url, nodes, layout):
+            yield url, nodes, [layout], [layout.queue] * 3
+        return
+    with _masters(masters, workdir) as (url, nodes, names):
+        yield url, nodes, [ShardLayout.single(q) for q in names], names
+
+
 def run(masters: int, jobs: int, slots: int, step_ms: float, seed: int,
-        workdir: Path) -> dict[str, Any]:
+        workdir: Path, sharded: bool = False) -> dict[str, Any]:
     rng = random.Random(seed)
-    run_dir = Path(tempfile.mkdtemp(prefix=f"m{masters}-", dir=workdir))  # a fresh AOF each
-    with _masters(masters, run_dir / "redis") as (url, nodes, names):
-        workers = [WorkerProcess(url, f"w-{q}", run_dir / f"{q}.log", queue=q,
+    tag = f"m{masters}{'s' if sharded else ''}-"
+    run_dir = Path(tempfile.mkdtemp(prefix=tag, dir=workdir))  # a fresh AOF each
+    with _setup(masters, sharded, run_dir / "redis") as (url, nodes, layouts, queues):
+        names = workers_with_homes(3) if sharded else [f"w-{q}" for q in queues]
+        workers = [WorkerProcess(url, n, run_dir / f"{n}.log", queue=q,
                                  engine="sim", sim_step_ms=step_ms, max_num_seqs=slots,
                                  headroom=slots // 4, heartbeat_seconds=5).start()
-                   for q in names]
+                   for n, q in zip(names, queues, strict=True)]
         try:
             for w in workers:
                 w.wait_ready(120)
             r = connect(url)
-            share = jobs // len(names)
-            reqs = {q: [{"prompt": f"p{i}", "max_tokens": rng.randint(1, 8)}
-                        for i in range(share)] for q in names}
-            ids: dict[str, list[str]] = {}
+            share = jobs // len(queues)
+            reqs = [[{"prompt": f"p{i}", "max_tokens": rng.randint(1, 8)}
+                     for i in range(share)] for _ in queues]
+            ids: list[list[str]] = [[] for _ in queues]
             cpu_each0, calls0 = _cpu_each(nodes), _calls(nodes)
             t0 = time.monotonic()
 
-            def submit(q: str) -> None:
-                with Client.from_url(url, queue=q, max_pending=10 * jobs) as c:
-                    ids[q] = c.submit_many(reqs[q], chunk=500)
+            def submit(i: int) -> None:
+                with Client.from_url(url, queue=queues[i], max_pending=10 * jobs) as c:
+                    ids[i] = c.submit_many(reqs[i], chunk=500)
 
-            threads = [threading.Thread(target=submit, args=(q,)) for q in names]
+            threads = [threading.Thread(target=submit, args=(i,)) for i in range(len(queues))]
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
             submitted_s = time.monotonic() - t0
-            total = share * len(names)
-            while _finished(r, names) < total:
+            total = share * len(queues)
+            physical = [k.queue for lay in layouts for k in lay.all_keys]
+            while _finished(r, physical) < total:
                 time.sleep(0.02)
             drain_s = time.monotonic() - t0
-            ok = _read_all(r, ids)
+            ok = _read_all(r, layouts, queues, ids)
             per_master = [a - b for a, b in zip(_cpu_each(nodes), cpu_each0, strict=True)]
             cpu, calls = sum(per_master), _calls(nodes) - calls0
         finally:
             for w in workers:
                 w.stop(30)
-    return {"masters": masters, "queues": names, "jobs": total, "succeeded": ok,
+    return {"masters": masters, "sharded": sharded, "queues": physical, "jobs": total,
+            "succeeded": ok,
             "submit_s": round(submitted_s, 2), "seconds": round(drain_s, 2),
             "jobs_per_s": round(total / drain_s), "redis_cpu_usec_per_job":
             round(1e6 * cpu / total, 1), "commands_per_job": round(calls / total, 2),
@@ -142,14 +189,16 @@ def _finished(r: redis.Redis, names: list[str]) -> int:
     return n
 
 
-def _read_all(r: redis.Redis, ids: dict[str, list[str]]) -> int:
+def _read_all(r: redis.Redis, layouts: list[ShardLayout], queues: list[str],
+              ids: list[list[str]]) -> int:
     ok = 0
-    for q, job_ids in ids.items():
-        keys = QueueKeys.for_queue(q)
+    by_queue = {lay.queue: lay for lay in layouts}
+    for q, job_ids in zip(queues, ids, strict=True):
+        layout = by_queue[q]
         for i in range(0, len(job_ids), 1000):
             pipe = r.pipeline(transaction=False)
             for j in job_ids[i:i + 1000]:
-                pipe.hget(keys.job(j), "result")
+                pipe.hget(layout.for_job(j).job(j), "result")
             ok += sum(1 for res in pipe.execute()
                       if res is not None and b'"succeeded"' in res)
     return ok
@@ -166,8 +215,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     wd = Path(tempfile.mkdtemp(prefix="slotfill-cluster-scale-"))
-    rows = [run(m, a.jobs, a.slots, a.step_ms, a.seed + i, wd)
-            for i in range(a.repeat) for m in (1, 3)]
+    rows = [run(m, a.jobs, a.slots, a.step_ms, a.seed + i, wd, sharded)
+            for i in range(a.repeat) for m, sharded in ((1, False), (3, False), (3, True))]
     text = json.dumps(rows, indent=2)
     print(text)
     if a.out:

@@ -9,7 +9,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from producer import protocol
+from producer import protocol, shards
 from producer.acks import AsyncAcks
 from producer.connection import connect_async, connection_kwargs
 from producer.errors import JobNotFound, WaitTimeout
@@ -19,6 +19,7 @@ from producer.redis_errors import translated
 from producer.schema import JobRequest, JobResult, JobStatus
 from producer.scripts import batch_args, batched, source
 from producer.settings import ClientSettings
+from producer.shards import LayoutCache, ShardLayout
 from producer.streaming import FIRST_ID, READ_COUNT, StreamCursor, StreamEvent
 
 
@@ -34,6 +35,7 @@ class AsyncClient:
         self._cancel = self.redis.register_script(source("cancel_job"))
         self._submit_batch = self.redis.register_script(batched("submit_job"))
         self._acks = AsyncAcks(self.redis)
+        self._layouts = LayoutCache()
 
     @classmethod
     def from_url(cls, url: str | None = None, **settings: Any) -> AsyncClient:
@@ -53,6 +55,29 @@ class AsyncClient:
     def _keys(self, queue: str | None) -> QueueKeys:
         return protocol.queue_keys(queue or self.settings.queue)
 
+    async def layout(self, queue: str | None = None) -> ShardLayout:
+        """The queue's shard layout (producer/shards.py), read at most every few seconds."""
+        name = self._keys(queue).queue
+        held = self._layouts.get(name)
+        if held is None:
+            with translated():
+                held = self._layouts.put(await shards.read_layout_async(self.redis, name))
+        return held
+
+    async def _job_keys(self, job_id: str, queue: str | None) -> QueueKeys:
+        """Same as :meth:`producer.Client._job_keys`."""
+        layout = await self.layout(queue)
+        if not layout.sharded:
+            return layout.keys(0)
+        routed = layout.for_job(job_id)
+        with translated():
+            if await self.redis.exists(routed.job(job_id)):
+                return routed
+            for k in layout.others(job_id):
+                if await self.redis.exists(k.job(job_id)):
+                    return k
+        return routed
+
     async def submit(
         self,
         prompt: str | list[int] | None = None,
@@ -68,31 +93,37 @@ class AsyncClient:
         with translated():
             now = None if timeout is None else protocol.server_time(await self.redis.time())
         req = protocol.build_request(request, params, timeout, now)
-        keys = self._keys(queue)
-        key_list, args = protocol.submit_call(keys, self.settings, req, idempotency_key)
+        layout = await self.layout(queue)
+        _, (key_list, args) = shards.submit_call(layout, self.settings, req, idempotency_key)
         with translated():
             try:
                 reply = await self._acked(self._submit, key_list, args)
             except ResponseError as e:
                 raise protocol.refusal(e) or e from None
-        return protocol.parse_submit(reply, keys.queue)
+        return protocol.parse_submit(reply, layout.queue)
 
     async def submit_many(
         self, requests: Iterable[JobRequest | dict[str, Any]], *, queue: str | None = None,
         chunk: int = 1000,
     ) -> list[str]:
-        keys = self._keys(queue)
-        calls = protocol.submit_calls(keys, self.settings, requests)
+        layout = await self.layout(queue)
+        calls = shards.submit_calls(layout, self.settings, requests)
         accepted: list[str | None] = []
         for start in range(0, len(calls), chunk):
-            key_list, args = batch_args(calls[start:start + chunk])
-            with translated():
-                try:
-                    replies = await self._acked(self._submit_batch, key_list, args)
-                except ResponseError as e:
-                    raise protocol.refusal(e) or e from None
-            accepted.extend(protocol.parse_submit_many(replies, keys.queue))
-            protocol.raise_if_refused(accepted, len(calls), keys.queue)
+            part = calls[start:start + chunk]
+            got: list[str | None] = [None] * len(part)
+            for where in shards.by_shard(part, lambda c: c[0].queue).values():
+                key_list, args = batch_args([part[p][1] for p in where])
+                with translated():
+                    try:
+                        replies = await self._acked(self._submit_batch, key_list, args)
+                    except ResponseError as e:
+                        raise protocol.refusal(e) or e from None
+                for p, job in zip(where, protocol.parse_submit_many(
+                        replies, part[where[0]][0].queue), strict=True):
+                    got[p] = job
+            accepted.extend(got)
+            protocol.raise_if_refused(accepted, len(calls), layout.queue)
         return [i for i in accepted if i is not None]
 
     async def _acked(self, script: Any, key_list: list[str], args: list[Any]) -> Any:
@@ -102,27 +133,31 @@ class AsyncClient:
 
     async def status(self, job_id: str, *, queue: str | None = None) -> JobStatus:
         with translated():
-            raw = await self.redis.hget(self._keys(queue).job(job_id), "status")
+            raw = await self.redis.hget((await self._job_keys(job_id, queue)).job(job_id),
+                                        "status")
         st = protocol.parse_status(raw)
         if st is None:
             raise JobNotFound(job_id)
         return st
 
     async def result(self, job_id: str, *, queue: str | None = None) -> JobResult | None:
+        return await self._result(job_id, await self._job_keys(job_id, queue))
+
+    async def _result(self, job_id: str, keys: QueueKeys) -> JobResult | None:
         with translated():
-            raw = await self.redis.hget(self._keys(queue).job(job_id), "result")
+            raw = await self.redis.hget(keys.job(job_id), "result")
         return protocol.parse_result(raw)
 
     async def wait(
         self, job_id: str, timeout: float = 30.0, *, queue: str | None = None
     ) -> JobResult:
         with translated():
-            return await self._wait(job_id, timeout, self._keys(queue))
+            return await self._wait(job_id, timeout, await self._job_keys(job_id, queue))
 
     async def _wait(self, job_id: str, timeout: float, keys: QueueKeys) -> JobResult:
         deadline = time.monotonic() + timeout
         while True:
-            res = await self.result(job_id, queue=keys.queue)
+            res = await self._result(job_id, keys)
             if res is not None:
                 return res
             if not await self.redis.exists(keys.job(job_id)):
@@ -138,7 +173,7 @@ class AsyncClient:
                 "LEFT", "LEFT")
 
     async def cancel(self, job_id: str, *, queue: str | None = None) -> str:
-        keys = self._keys(queue)
+        keys = await self._job_keys(job_id, queue)
         with translated():
             try:
                 reply = await self._cancel(keys=protocol.cancel_keys(keys, job_id),
@@ -150,7 +185,7 @@ class AsyncClient:
     async def stream(self, job_id: str, *, after: str = FIRST_ID, timeout: float | None = None,
                      queue: str | None = None) -> AsyncIterator[StreamEvent]:
         """Same as :meth:`producer.Client.stream`, as an async iterator."""
-        keys = self._keys(queue)
+        keys = await self._job_keys(job_id, queue)
         with translated():
             async for event in self._stream(job_id, after, timeout, keys):
                 yield event
@@ -194,7 +229,7 @@ class AsyncClient:
             probe = not reply
 
     async def _stream_result(self, job_id: str, keys: QueueKeys) -> JobResult:
-        res = await self.result(job_id, queue=keys.queue)
+        res = await self._result(job_id, keys)
         if res is None:
             raise JobNotFound(job_id)
         return res

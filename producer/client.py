@@ -9,7 +9,7 @@ from typing import Any
 import redis
 from redis.exceptions import ResponseError
 
-from producer import protocol, queue_config
+from producer import protocol, queue_config, shards
 from producer.acks import run_acked
 from producer.connection import connect, connection_kwargs
 from producer.errors import InvalidRequest, JobNotFound, WaitTimeout
@@ -19,6 +19,7 @@ from producer.redis_errors import translated
 from producer.schema import JobRequest, JobResult, JobStatus
 from producer.scripts import batch_args, batched, source
 from producer.settings import ClientSettings
+from producer.shards import LayoutCache, ShardLayout
 from producer.streaming import FIRST_ID, READ_COUNT, StreamCursor, StreamEvent
 
 
@@ -35,6 +36,7 @@ class Client:
         self._submit = self.redis.register_script(source("submit_job"))
         self._cancel = self.redis.register_script(source("cancel_job"))
         self._submit_batch = self.redis.register_script(batched("submit_job"))
+        self._layouts = LayoutCache()
 
     @classmethod
     def from_url(cls, url: str | None = None, **settings: Any) -> Client:
@@ -53,6 +55,28 @@ class Client:
 
     def _keys(self, queue: str | None) -> QueueKeys:
         return protocol.queue_keys(queue or self.settings.queue)
+
+    def layout(self, queue: str | None = None) -> ShardLayout:
+        """The queue's shard layout (producer/shards.py), read at most every few seconds."""
+        name = self._keys(queue).queue
+        held = self._layouts.get(name)
+        if held is None:
+            with translated():
+                held = self._layouts.put(shards.read_layout(self.redis, name))
+        return held
+
+    def _job_keys(self, job_id: str, queue: str | None) -> QueueKeys:
+        """The keys of the shard holding ``job_id`` (no round trip for an unsharded queue;
+        one ``EXISTS``, more only when the job is not where its id routes)."""
+        layout = self.layout(queue)
+        if not layout.sharded:
+            return layout.keys(0)
+        routed = layout.for_job(job_id)
+        with translated():
+            if self.redis.exists(routed.job(job_id)):
+                return routed
+            return next((k for k in layout.others(job_id) if self.redis.exists(k.job(job_id))),
+                        routed)
 
     def submit(
         self,
@@ -73,25 +97,31 @@ class Client:
         with translated():
             now = None if timeout is None else protocol.server_time(self.redis.time())
         req = protocol.build_request(request, params, timeout, now)
-        keys = self._keys(queue)
-        key_list, args = protocol.submit_call(keys, self.settings, req, idempotency_key)
+        layout = self.layout(queue)
+        _, (key_list, args) = shards.submit_call(layout, self.settings, req, idempotency_key)
         with translated():
             try:
                 reply = self._acked(self._submit, key_list, args)
             except ResponseError as e:
                 raise protocol.refusal(e) or e from None
-        return protocol.parse_submit(reply, keys.queue)
+        return protocol.parse_submit(reply, layout.queue)
 
     def configure_queue(self, *, max_pending: int | None = None,
-                        max_payload_bytes: int | None = None, queue: str | None = None
-                        ) -> dict[str, int]:
+                        max_payload_bytes: int | None = None, shards: int | None = None,
+                        queue: str | None = None) -> dict[str, int]:
         """Set the queue's limits in Redis, where the submit step reads them (an operator's
-        act; callers of ``submit_job`` cannot pass their own cap). Returns what was set."""
+        act; callers of ``submit_job`` cannot pass their own cap), and with ``shards`` split
+        it into that many shards (producer/shards.py; limits then apply to each shard).
+        Returns what was set."""
+        keys = self._keys(queue)
         try:
-            return queue_config.configure(self.redis, self._keys(queue), max_pending,
-                                          max_payload_bytes)
+            with translated():
+                out = queue_config.configure(self.redis, keys, max_pending, max_payload_bytes,
+                                             shards)
         except ValueError as e:
             raise InvalidRequest(str(e)) from None
+        self._layouts.forget(keys.queue)
+        return out
 
     def submit_many(
         self, requests: Iterable[JobRequest | dict[str, Any]], *, queue: str | None = None,
@@ -104,19 +134,22 @@ class Client:
         If the queue fills, raises QueueFull whose ``accepted`` lists, in input order, each
         request's job id or None where it was refused; no chunk after that one is sent.
         """
-        keys = self._keys(queue)
-        calls = protocol.submit_calls(keys, self.settings, requests)
+        layout = self.layout(queue)
+        calls = shards.submit_calls(layout, self.settings, requests)
         accepted: list[str | None] = []
         for start in range(0, len(calls), chunk):
-            key_list, args = batch_args(calls[start:start + chunk])
-            with translated():
-                try:
-                    replies = self._acked(self._submit_batch, key_list, args)
-                except ResponseError as e:
-                    raise protocol.refusal(e) or e from None
-            accepted.extend(protocol.parse_submit_many(replies, keys.queue))
-            protocol.raise_if_refused(accepted, len(calls), keys.queue)
+            accepted.extend(shards.submit_by_shard(calls[start:start + chunk], self._send))
+            protocol.raise_if_refused(accepted, len(calls), layout.queue)
         return [i for i in accepted if i is not None]
+
+    def _send(self, shard: QueueKeys, calls: list[shards.Call]) -> list[str | None]:
+        """One batched submit of ``calls``, all to ``shard``."""
+        with translated():
+            try:
+                replies = self._acked(self._submit_batch, *batch_args(calls))
+            except ResponseError as e:
+                raise protocol.refusal(e) or e from None
+        return protocol.parse_submit_many(replies, shard.queue)
 
     def _acked(self, script: Any, key_list: list[str], args: list[Any]) -> Any:
         """Run a submit script; with ``replica_acks``, acknowledge only what replicas hold."""
@@ -125,7 +158,7 @@ class Client:
 
     def status(self, job_id: str, *, queue: str | None = None) -> JobStatus:
         with translated():
-            raw = self.redis.hget(self._keys(queue).job(job_id), "status")
+            raw = self.redis.hget(self._job_keys(job_id, queue).job(job_id), "status")
         st = protocol.parse_status(raw)
         if st is None:
             raise JobNotFound(job_id)
@@ -133,19 +166,22 @@ class Client:
 
     def result(self, job_id: str, *, queue: str | None = None) -> JobResult | None:
         """The result if the job is finished, else None. Never blocks."""
+        return self._result(job_id, self._job_keys(job_id, queue))
+
+    def _result(self, job_id: str, keys: QueueKeys) -> JobResult | None:
         with translated():
-            raw = self.redis.hget(self._keys(queue).job(job_id), "result")
+            raw = self.redis.hget(keys.job(job_id), "result")
         return protocol.parse_result(raw)
 
     def wait(self, job_id: str, timeout: float = 30.0, *, queue: str | None = None) -> JobResult:
         """Block until the job is finished (no polling: BLMOVE on its done list)."""
         with translated():
-            return self._wait(job_id, timeout, self._keys(queue))
+            return self._wait(job_id, timeout, self._job_keys(job_id, queue))
 
     def _wait(self, job_id: str, timeout: float, keys: QueueKeys) -> JobResult:
         deadline = time.monotonic() + timeout
         while True:
-            res = self.result(job_id, queue=keys.queue)
+            res = self._result(job_id, keys)
             if res is not None:
                 return res
             if not self.redis.exists(keys.job(job_id)):
@@ -162,7 +198,7 @@ class Client:
     def cancel(self, job_id: str, *, queue: str | None = None) -> str:
         """Cancel a job: ``cancelled`` (was queued), ``requested`` (running: the worker aborts
         it within one engine step), ``finished`` (too late) or ``unknown``."""
-        keys = self._keys(queue)
+        keys = self._job_keys(job_id, queue)
         with translated():
             try:
                 reply = self._cancel(keys=protocol.cancel_keys(keys, job_id),
@@ -181,7 +217,7 @@ class Client:
         was not submitted with ``stream=True`` yields its whole text once it ends.
         ``timeout``: seconds before WaitTimeout (None: until the job ends). A Redis outage
         raises RedisUnavailable: resume with ``after=`` once it is back."""
-        keys = self._keys(queue)
+        keys = self._job_keys(job_id, queue)
         with translated():
             yield from self._stream(job_id, after, timeout, keys)
 
@@ -222,7 +258,7 @@ class Client:
             probe = not reply
 
     def _stream_result(self, job_id: str, keys: QueueKeys) -> JobResult:
-        res = self.result(job_id, queue=keys.queue)
+        res = self._result(job_id, keys)
         if res is None:
             raise JobNotFound(job_id)
         return res

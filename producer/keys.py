@@ -1,8 +1,9 @@
 """Every Redis key and stream name slotfill uses, in one place.
 
 All keys of one queue share the hash tag ``{<queue>}`` so that each Lua step, which touches a
-job's record and its queue's streams together, stays inside one Redis Cluster slot. Shard by
-giving queues different names; a queue is never split across slots.
+job's record and its queue's streams together, stays inside one Redis Cluster slot. A logical
+queue split into shards (producer/shards.py) is N such queues, each on its own slot: these
+key names are those of one shard, named like a queue.
 """
 
 from __future__ import annotations

@@ -111,16 +111,18 @@ def submit_call(
     settings: ClientSettings,
     req: JobRequest,
     idempotency_key: str | None,
+    job_id: str | None = None,
 ) -> tuple[list[str], list[str | int | float]]:
     """KEYS and ARGV of ``submit_job`` for one validated request. The step itself reads the
-    priority, ``stream`` and ``deadline`` from the body and the cap from the queue's config."""
+    priority, ``stream`` and ``deadline`` from the body and the cap from the queue's config.
+    ``job_id``: minted by the caller (a sharded queue's routing, producer/shards.py)."""
     body = dump(req)
     size = len(body.encode("utf-8"))
     if size > settings.max_payload_bytes:
         raise PayloadTooLarge(size, settings.max_payload_bytes)
     if idempotency_key is not None and not (0 < len(idempotency_key) <= 256):
         raise InvalidRequest("idempotency_key must be 1..256 characters")
-    job_id = new_job_id()
+    job_id = job_id or new_job_id()
     key_list = [
         keys.stream(req.priority),
         keys.job(job_id),

@@ -19,6 +19,7 @@ from typing import Any
 import redis
 
 from producer.keys import GROUP, PRIORITIES, QueueKeys, queue_of_key, stream_pattern
+from producer.shards import SHARD_OF_FIELD, ShardLayout, read_layout
 
 
 def _s(x: Any) -> str:
@@ -77,6 +78,8 @@ class QueueSnapshot:
     stats: dict[str, int] = field(default_factory=dict)
     workers: list[WorkerBeat] = field(default_factory=list)
     taken_at: float = field(default_factory=time.time)
+    shards: list[str] = field(default_factory=list)
+    """The physical queues summed here (producer/shards.py); empty: the queue alone."""
 
     @property
     def depth(self) -> int:
@@ -101,6 +104,38 @@ class QueueSnapshot:
 
 def snapshot(r: redis.Redis, queue: str, *, workers: bool = True,
              now: float | None = None) -> QueueSnapshot:
+    """A queue's state; a sharded queue's is the sum over its shards (workers heartbeat
+    under the queue itself)."""
+    try:
+        layout = read_layout(r, queue)
+    except ValueError:
+        layout = ShardLayout.single(queue)
+    now = time.time() if now is None else now
+    parts = [_shard_snapshot(r, k.queue, now) for k in layout.every_keys]
+    snap = parts[0] if len(parts) == 1 else _merged(queue, parts, now)
+    if len(parts) > 1:
+        snap.shards = [k.queue for k in layout.every_keys]
+    if workers:
+        snap.workers = worker_beats(r, QueueKeys.for_queue(queue))
+    return snap
+
+
+def _merged(queue: str, parts: list[QueueSnapshot], now: float) -> QueueSnapshot:
+    streams = [StreamStats(
+        prio.value, depth=sum(p.streams[i].depth for p in parts),
+        pending=sum(p.streams[i].pending for p in parts),
+        consumers=max(p.streams[i].consumers for p in parts),
+        oldest_waiting_age=max(p.streams[i].oldest_waiting_age for p in parts))
+        for i, prio in enumerate(PRIORITIES)]
+    stats: dict[str, int] = {}
+    for p in parts:
+        for k, v in p.stats.items():
+            stats[k] = stats.get(k, 0) + v
+    return QueueSnapshot(queue, streams, dead_letters=sum(p.dead_letters for p in parts),
+                         stats=stats, taken_at=now)
+
+
+def _shard_snapshot(r: redis.Redis, queue: str, now: float) -> QueueSnapshot:
     keys = QueueKeys.for_queue(queue)
     pipe = r.pipeline(transaction=False)
     for stream in keys.streams:
@@ -131,7 +166,6 @@ def snapshot(r: redis.Redis, queue: str, *, workers: bool = True,
             stats[_s(k)] = int(v)
         except ValueError:
             continue
-    now = time.time() if now is None else now
     waiting = [(st, keys.stream(st.priority), last)
                for st, last in zip(streams, last_ids, strict=True) if st.lag > 0]
     if waiting:
@@ -143,10 +177,7 @@ def snapshot(r: redis.Redis, queue: str, *, workers: bool = True,
                 t = entry_time(_s(entries[0][0]))
                 if t is not None:
                     st.oldest_waiting_age = max(0.0, now - t)
-    snap = QueueSnapshot(queue, streams, dead_letters=dead, stats=stats, taken_at=now)
-    if workers:
-        snap.workers = worker_beats(r, keys)
-    return snap
+    return QueueSnapshot(queue, streams, dead_letters=dead, stats=stats, taken_at=now)
 
 
 def worker_beats(r: redis.Redis, keys: QueueKeys) -> list[WorkerBeat]:
@@ -165,6 +196,14 @@ def worker_beats(r: redis.Redis, keys: QueueKeys) -> list[WorkerBeat]:
 
 
 def discover_queues(r: redis.Redis) -> list[str]:
-    """Every queue with a job stream in this Redis (a ``SCAN``; for humans, not hot paths)."""
-    found = {queue_of_key(_s(k)) for k in r.scan_iter(match=stream_pattern(), count=1000)}
-    return sorted(q for q in found if q)
+    """Every queue with a job stream in this Redis (a ``SCAN``; for humans, not hot paths).
+    A sharded queue's shards count as the queue itself, not as queues of their own."""
+    found = sorted({q for k in r.scan_iter(match=stream_pattern(), count=1000)
+                    if (q := queue_of_key(_s(k)))})
+    if not found:
+        return []
+    pipe = r.pipeline(transaction=False)
+    for q in found:
+        pipe.hget(QueueKeys.for_queue(q).config, SHARD_OF_FIELD)
+    owners = pipe.execute()
+    return sorted({_s(o) if o else q for q, o in zip(found, owners, strict=True)})

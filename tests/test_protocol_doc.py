@@ -8,12 +8,18 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import subprocess
+import sys
+import zlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
 from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.redis_server import RedisServer
 
 DOC = Path(__file__).resolve().parent.parent / "PROTOCOL.md"
 
@@ -85,3 +91,31 @@ def test_plain_xadd_without_the_script_also_runs(r: redis.Redis, engine_worker: 
     assert r.blmove(done, done, 60, "LEFT", "LEFT") is not None
     result = json.loads(r.hget(f"slotfill:{{{q}}}:job:{job_id}", "result"))
     assert result["status"] == "succeeded" and result["usage"]["completion_tokens"] == 3
+
+
+def test_raw_commands_route_a_job_to_its_shard(r: redis.Redis, redis_server: RedisServer,
+                                               queue: str, inproc: Callable[..., Any]) -> None:
+    """PROTOCOL.md, "Sharded queues": read the layout, pick the shard by CRC-32, submit and
+    wait there (the layout itself is an operator's: written by ``slotfill configure``)."""
+    out = subprocess.run([sys.executable, "-m", "slotfill", "configure", "--shards", "3",
+                          "-q", queue, "--redis-url", redis_server.url], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    inproc("raw").wait_ready()
+    shards, names = r.hmget(f"slotfill:{{{queue}}}:config", "shards", "shard_names")
+    n, listed = int(shards or 0), (names or b"").decode().split(",")
+    assert n == 3 and listed[0] == queue and len(listed) == 3
+    for _ in range(6):
+        job_id = secrets.token_hex(16)
+        q = listed[zlib.crc32(job_id.encode()) % n]
+        keys = [f"slotfill:{{{q}}}:stream:normal", f"slotfill:{{{q}}}:job:{job_id}",
+                f"slotfill:{{{q}}}:idem:-", f"slotfill:{{{q}}}:stream:high",
+                f"slotfill:{{{q}}}:stream:normal", f"slotfill:{{{q}}}:stream:low",
+                f"slotfill:{{{q}}}:config"]
+        body = json.dumps({"prompt": "from another language", "max_tokens": 3})
+        assert [x.decode() for x in r.eval(_submit_lua(), 7, *keys, job_id, body, "")] == [
+            "ok", job_id]
+        done = f"slotfill:{{{q}}}:done:{job_id}"
+        assert r.blmove(done, done, 30, "LEFT", "LEFT") is not None
+        result = json.loads(r.hget(f"slotfill:{{{q}}}:job:{job_id}", "result") or b"{}")
+        assert result["status"] == "succeeded"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from redis.crc import key_slot
 from redis.exceptions import ResponseError
 
 from producer.redis_errors import is_transient
@@ -18,7 +19,8 @@ class Coalesced:
     jobs one engine step finished) go to Redis as one batched script call, each still its own
     atomic step with its own reply: a call that raises inside the batch (a record that breaks
     the step) gets its own error and the others stand. A batch Redis refuses as a whole for
-    a reason that is not transient is retried call by call."""
+    a reason that is not transient is retried call by call. Calls whose first keys hash to
+    different slots go in different batches."""
 
     MAX_BATCH = 128
     TURNS = 2
@@ -43,6 +45,14 @@ class Coalesced:
         for _ in range(self.TURNS):
             await asyncio.sleep(0)
         calls, self.open = self.open, []
+        # One batch per hash slot (a sharded queue's jobs live on several: producer/shards.py);
+        # the slots' batches go out together.
+        by_slot: dict[int, list[Call]] = {}
+        for call in calls:
+            by_slot.setdefault(key_slot(call[0][0].encode()), []).append(call)
+        await asyncio.gather(*(self._send_all(group) for group in by_slot.values()))
+
+    async def _send_all(self, calls: list[Call]) -> None:
         for i in range(0, len(calls), self.MAX_BATCH):
             await self._send(calls[i:i + self.MAX_BATCH])
 

@@ -171,7 +171,7 @@ class JobTasks:
         ids: list[int] = []
         if self.streamer.checkpoints:
             try:
-                ids = await self.store.load_checkpoint(row.job_id)
+                ids = await self.store.load_checkpoint(row)
             except REDIS_ERRORS as e:  # starting over is always sound
                 log.warning("job %s: checkpoint not read (%s); starting over", row.job_id, e)
         if not ids:

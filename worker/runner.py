@@ -116,8 +116,9 @@ def _duties(feeder: Feeder, store: WorkerStore, settings: WorkerSettings
         "pull": feeder.run,
         "leases": lambda: upkeep.renew_leases(store, feeder.holdings, feeder.lease_report, lease),
         "reclaim": lambda: upkeep.reclaim(feeder.request_reclaim, lease),
-        "cancels": lambda: upkeep.listen_for_cancels(store.redis, store.keys.control,
-                                                     feeder.cancel_requested),
+        "cancels": lambda: upkeep.listen_for_cancels_on(
+            store.redis, lambda: [k.control for k in store.shards.order],
+            feeder.cancel_requested),
         "heartbeat": lambda: upkeep.heartbeat(store, settings, view),
         "watchdog": lambda: upkeep.watchdog(feeder.engine.stats, feeder.state, feeder.holdings,
                                             feeder.die, settings.engine_hang_seconds),
@@ -136,6 +137,7 @@ async def _open_store(settings: WorkerSettings) -> WorkerStore | None:
     store = WorkerStore(client, settings.queue, settings.consumer)
 
     async def start() -> None:
+        await store.load_layout()
         await store.ensure_groups()
         await store.seed_config(settings.max_pending)
         await store.sync_clock()

@@ -10,11 +10,12 @@ vanished (a Redis that lost its data) are created again.
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
@@ -27,9 +28,13 @@ from producer.errors import RedisUnavailable
 from producer.keys import GROUP, QueueKeys
 from producer.redis_errors import error_code, is_transient, unavailable
 from producer.scripts import batch_args, batched, source
-from worker.claim import ClaimedJob, decode
+from producer.shards import LAYOUT_FIELDS, parse_layout
+from worker.appends import Append as Append
+from worker.claim import ClaimedJob, Disposition, decode
 from worker.coalesce import Coalesced
+from worker.shard_set import ShardSet
 
+log = logging.getLogger("slotfill.worker")
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -42,6 +47,8 @@ HARD_DELIVERY_FACTOR = 3
 
 REDIS_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
 """What a Redis outage looks like from redis-py: wait and retry, never die of it."""
+SHARD_ERRORS: tuple[type[Exception], ...] = (ResponseError, *REDIS_ERRORS)
+"""A read of a later shard that fails after an earlier one claimed jobs: keep those."""
 
 
 def _s(x: Any) -> str:
@@ -51,28 +58,6 @@ def _s(x: Any) -> str:
 CLOCK_DRIFT_S_PER_S = 0.001
 """How fast the error of a clock sample in use is assumed to grow (seconds per second): far
 above real clock drift, so a better-or-equal sample a moment later always replaces it."""
-
-
-@dataclass(frozen=True)
-class Append:
-    """One write to a job's token stream and checkpoint (``append_tokens``)."""
-
-    row: ClaimedJob
-    text: str
-    ids: str
-    """The new token ids, JSON ("" when only announcing the attempt)."""
-    offset: int
-    """The job's tokens written before this one (a resumed attempt's start at its checkpoint)."""
-    tokens: int
-    """Tokens in this append."""
-    seq: int
-    """This append's number in its attempt (1, 2, ...; 0 when only announcing)."""
-    stream: bool = True
-    """Write the token stream (a streaming job); False: the checkpoint only."""
-    checkpoint: str = ""
-    """The new ids as checkpoint items (``"id,"`` each); "" writes no checkpoint."""
-    resumed_at: int | None = None
-    """Tokens of the checkpoint this attempt continues from; None: it started from scratch."""
 
 
 def _raw(body: str) -> bytes:
@@ -121,7 +106,10 @@ class WorkerStore:
     def __init__(self, redis_client: aioredis.Redis, queue: str, consumer: str) -> None:
         self.redis = redis_client
         self.keys = QueueKeys.for_queue(queue)
+        """The queue's own keys (shard 0): config, heartbeats."""
         self.consumer = consumer
+        self.shards = ShardSet(queue, consumer)
+        """Every shard's keys, home first (one: the queue itself, until ``load_layout``)."""
         self._cluster = is_cluster(redis_client)
         self.clock_offset = 0.0
         """Redis' clock minus this host's, seconds (``sync_clock``)."""
@@ -137,48 +125,82 @@ class WorkerStore:
         self._append = redis_client.register_script(batched("append_tokens"))
 
     @_redis_call
+    async def load_layout(self) -> bool:
+        """Read the queue's shard layout (producer/shards.py); True when it changed (the
+        caller then makes the new shards' groups). The heartbeat reads it too."""
+        return self._use_layout(await self.redis.hmget(self.keys.config, *LAYOUT_FIELDS))
+
+    def _use_layout(self, raw: Sequence[Any]) -> bool:
+        try:
+            return self.shards.set_layout(parse_layout(self.keys.queue, *raw))
+        except ValueError as e:  # an operator's typo must not stop the fleet: keep pulling
+            log.error("%s; still pulling the shards of the layout in use", e)
+            return False
+
+    @_redis_call
     async def ensure_groups(self) -> None:
-        for stream in self.keys.streams:
-            try:
-                await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
-            except ResponseError as e:
-                if "BUSYGROUP" not in str(e):
-                    raise
+        for keys in self.shards.order:
+            for stream in keys.streams:
+                try:
+                    await self.redis.xgroup_create(stream, GROUP, id="0", mkstream=True)
+                except ResponseError as e:
+                    if "BUSYGROUP" not in str(e):
+                        raise
 
     async def seed_config(self, max_pending: int) -> None:
-        """Give the queue a cap when it has none (an operator's ``configure_queue`` wins:
+        """Give each shard a cap when it has none (an operator's ``configure_queue`` wins:
         the submit step reads it there, never from its caller)."""
-        await self.redis.hsetnx(self.keys.config, "max_pending", max_pending)
+        for keys in self.shards.order:
+            await self.redis.hsetnx(keys.config, "max_pending", max_pending)
 
     @_redis_call
     async def start_jobs(self, count: int) -> list[ClaimedJob]:
-        raw = await self._start(
-            keys=self.keys.streams,
-            args=[GROUP, self.consumer, count, repr(self.now()), self.keys.base],
-        )
-        return decode(raw)
+        """New entries, from the home shard first; the others only when it has too few."""
+        rows: list[ClaimedJob] = []
+        for keys in self.shards.order:
+            try:
+                rows += decode(await self._start(
+                    keys=keys.streams,
+                    args=[GROUP, self.consumer, count - len(rows), repr(self.now()), keys.base]))
+            except SHARD_ERRORS:
+                if not rows:
+                    raise
+                break  # keep what is claimed (else it waits out a lease); the next read retries
+            if len(rows) >= count:
+                break
+        return rows
 
     @_redis_call
     async def reclaim_jobs(self, count: int, lease_seconds: float, max_deliveries: int,
                            solo_allowed: bool, forget_after_s: float = 0.0) -> list[ClaimedJob]:
-        """Take over entries idle past the lease. At most one claim to run alone, and only
-        when ``solo_allowed``; jobs past the poison rule's limits come ``poisoned``.
-        ``forget_after_s`` > 0 also deletes consumers silent that long with nothing pending."""
-        raw = await self._reclaim(
-            keys=self.keys.streams,
-            args=[GROUP, self.consumer, count, repr(self.now()), self.keys.base,
-                  int(lease_seconds * 1000), max_deliveries, int(solo_allowed),
-                  SOLO_LOSS_LIMIT, int(forget_after_s * 1000),
-                  max_deliveries * HARD_DELIVERY_FACTOR],
-        )
-        return decode(raw)
+        """Take over entries idle past the lease, on every shard. At most one claim to run
+        alone, and only when ``solo_allowed``; jobs past the poison rule's limits come
+        ``poisoned``. ``forget_after_s`` > 0 also deletes consumers silent that long with
+        nothing pending."""
+        rows: list[ClaimedJob] = []
+        for keys in self.shards.order:
+            solo = solo_allowed and not any(
+                r.disposition is Disposition.run_alone for r in rows)
+            try:
+                rows += decode(await self._reclaim(
+                    keys=keys.streams,
+                    args=[GROUP, self.consumer, max(0, count - len(rows)), repr(self.now()),
+                          keys.base, int(lease_seconds * 1000), max_deliveries, int(solo),
+                          SOLO_LOSS_LIMIT, int(forget_after_s * 1000),
+                          max_deliveries * HARD_DELIVERY_FACTOR]))
+            except SHARD_ERRORS:
+                if not rows:
+                    raise
+                break  # keep what is claimed; the next sweep covers the rest
+        return rows
 
     @_redis_call
     async def mark_solo_run(self, row: ClaimedJob) -> None:
         """Record that ``row`` now runs alone here. Never evidence against the job (a worker
         that vanishes reports nothing): a reclaim notes it in the job's history."""
         if row.job_id:
-            await self.redis.hset(self.keys.job(row.job_id), "solo_run", self.consumer)
+            await self.redis.hset(self.shards.keys_of(row.stream).job(row.job_id),
+                                  "solo_run", self.consumer)
 
     @_redis_call
     async def wait_for_work(self, timeout_s: float) -> None:
@@ -188,8 +210,24 @@ class WorkerStore:
         the last ``start_jobs`` is never missed (no lost wake-up); a spurious wake only costs
         one empty ``start_jobs``.
         """
+        if not self.shards.sharded:
+            await self._wait_on(self.keys, timeout_s)
+            return
+        # One blocking read per shard (a cluster refuses one XREAD across slots): the first
+        # to return wakes the pull loop, the others are cancelled.
+        waits = [asyncio.ensure_future(self._wait_on(k, timeout_s)) for k in self.shards.order]
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in waits:
+                t.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+        for t in done:
+            t.result()  # an outage on a shard reaches the loop's backoff
+
+    async def _wait_on(self, keys: QueueKeys, timeout_s: float) -> None:
         positions: dict[Any, Any] = {}
-        for stream in self.keys.streams:
+        for stream in keys.streams:
             groups = await self.redis.xinfo_groups(stream)
             mine = [g for g in groups if _s(g["name"]) == GROUP]
             if not mine:
@@ -211,10 +249,10 @@ class WorkerStore:
         taken; the current attempt publishes). ``callback`` (its JSON spec) goes to the
         callback outbox in the same step, offered to any worker after ``redeliver_s``."""
         now = self.now()
+        k = self.shards.keys_of(row.stream)
         published = await self._finishes.call(
-            [row.stream, self.keys.job(row.job_id), self.keys.done(row.job_id),
-             self.keys.stats, self.keys.dead_letter, self.keys.tokens(row.job_id),
-             self.keys.callbacks],
+            [row.stream, k.job(row.job_id), k.done(row.job_id), k.stats, k.dead_letter,
+             k.tokens(row.job_id), k.callbacks],
             [row.entry, GROUP, status, result_json, repr(now), result_ttl,
              dead_reason, _raw(row.body) if dead_reason else "", row.deliveries,
              row.attempts, callback, repr(now + redeliver_s)])
@@ -222,16 +260,19 @@ class WorkerStore:
 
     @_redis_call
     async def dead_letter_entry(self, row: ClaimedJob, reason: str) -> None:
+        k = self.shards.keys_of(row.stream)
         await self._dead(
-            keys=[row.stream, self.keys.dead_letter, self.keys.stats],
+            keys=[row.stream, k.dead_letter, k.stats],
             args=[row.entry, GROUP, reason, _raw(row.body), row.deliveries, repr(self.now())],
         )
 
-    def _entry_keys(self, rows: Sequence[ClaimedJob]) -> tuple[list[str], list[str]]:
+    @staticmethod
+    def _entry_keys(shard: QueueKeys, rows: Sequence[ClaimedJob]
+                    ) -> tuple[list[str], list[str]]:
         keys: list[str] = []
         args: list[str] = []
         for r in rows:
-            keys += [r.stream, self.keys.job(r.job_id or "-")]
+            keys += [r.stream, shard.job(r.job_id or "-")]
             args += [r.entry, "1" if r.job_id else "0"]
         return keys, args
 
@@ -240,11 +281,13 @@ class WorkerStore:
         """Reset the idle time of our in-flight entries (delivery count unchanged). Returns
         one code per row: ``ok``, ``cancel`` (cancellation requested), ``done`` (the job
         already has a result) or ``lost`` (a peer took the entry over)."""
-        if not rows:
-            return []
-        keys, args = self._entry_keys(rows)
-        raw = await self._renew(keys=keys, args=[GROUP, self.consumer, *args])
-        return [_s(x) for x in raw]
+        codes = [""] * len(rows)
+        for shard, where in self.shards.group(rows, lambda r: r.stream):
+            keys, args = self._entry_keys(shard, [rows[p] for p in where])
+            raw = await self._renew(keys=keys, args=[GROUP, self.consumer, *args])
+            for p, x in zip(where, raw, strict=True):
+                codes[p] = _s(x)
+        return codes
 
     @_redis_call
     async def release(self, rows: Sequence[ClaimedJob], lease_seconds: float, why: str,
@@ -252,13 +295,13 @@ class WorkerStore:
         """Give entries back for a peer's next reclaim sweep (they stay unacknowledged).
         ``why`` = ``engine_crash`` also marks their jobs ``suspect`` (and, when ``alone``,
         counts a loss against the one job that was inside)."""
-        if not rows:
-            return 0
-        keys, args = self._entry_keys(rows)
-        n = await self._release(keys=keys, args=[
-            GROUP, self.consumer, repr(self.now()), int(lease_seconds * 1000), why,
-            "1" if alone else "0", *args])
-        return int(n)
+        n = 0
+        for shard, where in self.shards.group(rows, lambda r: r.stream):
+            keys, args = self._entry_keys(shard, [rows[p] for p in where])
+            n += int(await self._release(keys=keys, args=[
+                GROUP, self.consumer, repr(self.now()), int(lease_seconds * 1000), why,
+                "1" if alone else "0", *args]))
+        return n
 
     @_redis_call
     async def append_tokens(self, appends: Sequence[Append], max_entries: int,
@@ -267,28 +310,29 @@ class WorkerStore:
         (cluster clients refuse pipelined EVALSHA). Per append: 1 written (or already there: a
         retry), 0 fenced off (the attempt is no longer the job's current one), -1 refused (it
         does not follow what the stream or checkpoint holds)."""
-        if not appends:
-            return []
-        keys, args = batch_args([
-            ([self.keys.job(a.row.job_id), self.keys.tokens(a.row.job_id),
-              self.keys.checkpoint(a.row.job_id)],
-             [a.row.attempts, max_entries, ttl_s, self.consumer, a.text, a.ids, a.offset,
-              a.tokens, a.seq, "1" if a.stream else "0", a.checkpoint,
-              "" if a.resumed_at is None else a.resumed_at, checkpoint_ttl_s])
-            for a in appends])
-        replies = await self._append(keys=keys, args=args)
-        for x in replies:
-            if isinstance(x, ResponseError):  # a call the batch could not run (READONLY, OOM)
-                raise x
-        return [int(x) for x in replies]
+        out = [0] * len(appends)
+        for k, where in self.shards.group(appends, lambda a: a.row.stream):
+            keys, args = batch_args([
+                ([k.job(a.row.job_id), k.tokens(a.row.job_id), k.checkpoint(a.row.job_id)],
+                 [a.row.attempts, max_entries, ttl_s, self.consumer, a.text, a.ids, a.offset,
+                  a.tokens, a.seq, "1" if a.stream else "0", a.checkpoint,
+                  "" if a.resumed_at is None else a.resumed_at, checkpoint_ttl_s])
+                for a in (appends[p] for p in where)])
+            replies = await self._append(keys=keys, args=args)
+            for p, x in zip(where, replies, strict=True):
+                if isinstance(x, ResponseError):  # a call the batch could not run (READONLY)
+                    raise x
+                out[p] = int(x)
+        return out
 
     @_redis_call
-    async def load_checkpoint(self, job_id: str) -> list[int]:
+    async def load_checkpoint(self, row: ClaimedJob) -> list[int]:
         """The generated token ids a job's earlier attempts checkpointed (read after this
         worker's claim fenced them off, so it cannot grow meanwhile)."""
+        k, job_id = self.shards.keys_of(row.stream), row.job_id
         pipe = self.redis.pipeline(transaction=True)
-        pipe.get(self.keys.checkpoint(job_id))
-        pipe.hget(self.keys.job(job_id), "ckpt_tokens")
+        pipe.get(k.checkpoint(job_id))
+        pipe.hget(k.job(job_id), "ckpt_tokens")
         raw, count = await pipe.execute()
         ids = [int(x) for x in _s(raw or b"").split(",") if x]
         if len(ids) != int(count or 0):
@@ -296,20 +340,24 @@ class WorkerStore:
         return ids
 
     @_redis_call
-    async def heartbeat(self, fields: dict[Any, Any], ttl_s: float) -> None:
-        """Advertise this worker; the same round trip reads Redis' clock (``sync_clock``)."""
+    async def heartbeat(self, fields: dict[Any, Any], ttl_s: float) -> bool:
+        """Advertise this worker; the same round trip reads Redis' clock (``sync_clock``)
+        and the queue's shard layout (same slot as the heartbeat). True when the layout
+        changed (the caller makes the new shards' groups)."""
         key = self.keys.worker(self.consumer)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(key, mapping=fields)
         pipe.expire(key, max(1, int(ttl_s)))
+        pipe.hmget(self.keys.config, *LAYOUT_FIELDS)
         if self._cluster:  # a cluster pipeline refuses keyless commands: TIME on its own
-            await pipe.execute()
+            reply = await pipe.execute()
             await self.sync_clock()
-            return
+            return self._use_layout(reply[2])
         pipe.time()
         t0 = time.time()
         reply = await pipe.execute()
         self._set_clock(reply[-1], t0, time.time())
+        return self._use_layout(reply[2])
 
     async def sync_clock(self) -> None:
         """Measure this host's clock against Redis' (``TIME``)."""

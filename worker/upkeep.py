@@ -50,6 +50,32 @@ CANCEL_LISTEN_S = 1.0
 """Longest wait for one control message (shorter than the socket timeout)."""
 
 
+CHANNELS_CHECK_S = 2.0
+"""How often the cancel listeners look for a changed shard layout (a reshard)."""
+
+
+async def listen_for_cancels_on(redis: aioredis.Redis, channels: Callable[[], list[str]],
+                                on_cancel: Callable[[str], None]) -> None:
+    """One listener per shard's control channel (a sharded queue's shards live on different
+    masters), started again when the shards change; lease renewal finds the cancels sent
+    meanwhile."""
+    while True:
+        names = channels()
+        tasks = [asyncio.ensure_future(listen_for_cancels(redis, c, on_cancel)) for c in names]
+        try:
+            while channels() == names:
+                done, _ = await asyncio.wait(tasks, timeout=CHANNELS_CHECK_S,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                if done:
+                    for t in done:
+                        t.result()  # a listener's failure reaches the worker's retry loop
+                    break
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def listen_for_cancels(redis: aioredis.Redis, channel: str,
                              on_cancel: Callable[[str], None]) -> None:
     """Abort running jobs whose cancellation a client requested: the control channel is a
@@ -111,7 +137,7 @@ async def heartbeat(store: WorkerStore, settings: WorkerSettings, view: WorkerVi
         c, st = view.counters, view.stats
         rate = (c.output_tokens - last_tokens) / max(now - last_t, 1e-6)
         last_tokens, last_t = c.output_tokens, now
-        await store.heartbeat({
+        resharded = await store.heartbeat({
             "consumer": s.consumer, "model": s.model, "started_at": started,
             "capacity": view.capacity, "slots": view.slots,
             "max_model_len": view.max_model_len,
@@ -121,7 +147,12 @@ async def heartbeat(store: WorkerStore, settings: WorkerSettings, view: WorkerVi
             "full_steps": st.full_steps, "starved_steps": view.state.starved_steps,
             "output_tokens_per_s": round(rate, 1), "output_tokens": c.output_tokens,
             "pulling": int(view.state.pulling), "seen_at": time.time(),
+            "home_shard": store.shards.home.queue,
         }, ttl_s=s.heartbeat_seconds * 3)
+        if resharded:  # an operator changed the queue's shard layout
+            log.info("queue %s now has %d shards", store.keys.queue, store.shards.layout.n)
+            await store.ensure_groups()
+            await store.seed_config(s.max_pending)
         await asyncio.sleep(s.heartbeat_seconds)
 
 

@@ -16,7 +16,6 @@ its result written; the batch id defaults to a hash of the input file's content.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -30,16 +29,20 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from producer import protocol
+from producer import protocol, shards
 from producer.acks import run_acked
 from producer.keys import Priority, QueueKeys
 from producer.schema import JobResult
 from producer.scripts import batch_args, batched
 from producer.settings import ClientSettings
+from producer.shards import ShardLayout
 from slotfill.cli.batch_format import (
     BatchFileError,
     Line,
+    default_batch_id,
     done_custom_ids,
+    errors_path_for,
+    idempotency_key,
     invalid_line,
     output_line,
     read_input,
@@ -69,23 +72,6 @@ class BatchReport:
     succeeded: int = 0
     failed: int = 0
     invalid: int = 0
-
-
-def default_batch_id(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return "batch_" + h.hexdigest()[:24]
-
-
-def idempotency_key(batch_id: str, custom_id: str) -> str:
-    return f"batch:{batch_id}:{hashlib.sha256(custom_id.encode()).hexdigest()[:32]}"
-
-
-def errors_path_for(out: Path) -> Path:
-    return out.with_name(out.stem + ".errors" + (out.suffix or ".jsonl"))
-
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -122,9 +108,12 @@ class BatchRun:
     batch_id: str
     lines: list[Line]
     keys: QueueKeys = field(init=False)
+    layout: ShardLayout = field(init=False)
+    """Where jobs go (producer/shards.py): each line by its idempotency key."""
 
     def __post_init__(self) -> None:
         self.keys = QueueKeys.for_queue(self.queue)
+        self.layout = shards.read_layout(self.r, self.queue)
         self._submit = self.r.register_script(batched("submit_job"))
         self._models: dict[str, str | None] = {}
 
@@ -163,12 +152,12 @@ class BatchRun:
         """Submit (idempotently) in one batch-submit script call (a cluster refuses pipelined
         EVALSHA); returns custom_id → job id for those accepted and the lines refused because
         the queue is full."""
-        calls = [protocol.submit_call(self.keys, self.settings, line.request,
-                                      idempotency_key(self.batch_id, line.custom_id))
+        calls = [shards.submit_call(self.layout, self.settings, line.request,
+                                    idempotency_key(self.batch_id, line.custom_id))
                  for line in lines if line.request is not None]
-        jobs = protocol.parse_submit_many(run_acked(
-            self.r, self._submit, *batch_args(calls), self.settings.replica_acks,
-            self.settings.replica_ack_timeout_ms), self.queue)
+        jobs = shards.submit_by_shard(calls, lambda k, part: protocol.parse_submit_many(
+            run_acked(self.r, self._submit, *batch_args(part), self.settings.replica_acks,
+                      self.settings.replica_ack_timeout_ms), k.queue))
         accepted: dict[str, str] = {}
         refused: list[Line] = []
         for line, job in zip(lines, jobs, strict=True):  # strict: every line had a request
@@ -189,8 +178,9 @@ class BatchRun:
         items = list(outstanding.items())[:POLL_CHUNK]
         pipe = self.r.pipeline(transaction=False)
         for _, job in items:
-            pipe.hget(self.keys.job(job), "result")
-            pipe.exists(self.keys.job(job))
+            key = self.layout.for_job(job).job(job)
+            pipe.hget(key, "result")
+            pipe.exists(key)
         replies = pipe.execute()
         for i, (cid, _) in enumerate(items):
             raw, exists = replies[2 * i], replies[2 * i + 1]
@@ -204,7 +194,7 @@ class BatchRun:
         if not outstanding:
             return
         job = next(iter(outstanding.values()))
-        done = self.keys.done(job)
+        done = self.layout.for_job(job).done(job)
         self.r.blmove(done, done, timeout, "LEFT", "LEFT")  # type: ignore[arg-type]
 
 
@@ -299,12 +289,13 @@ def batch_state(r: redis.Redis, queue: str, batch_id: str) -> dict[str, Any] | N
     if not meta:
         return None
     jobs = {_s(k): _s(v) for k, v in r.hgetall(keys.batch_jobs(batch_id)).items()}
+    layout = shards.read_layout(r, queue)
     counts: dict[str, int] = {}
     ids = list(jobs.values())
     for start in range(0, len(ids), 1000):
         pipe = r.pipeline(transaction=False)
         for job in ids[start:start + 1000]:
-            pipe.hget(keys.job(job), "status")
+            pipe.hget(layout.for_job(job).job(job), "status")
         for st in pipe.execute():
             name = _s(st) if st is not None else "expired_record"
             counts[name] = counts.get(name, 0) + 1

@@ -230,3 +230,18 @@ def done_custom_ids(path: Path) -> set[str]:
                 done.add(cid)
     return done
 
+
+def default_batch_id(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return "batch_" + h.hexdigest()[:24]
+
+
+def idempotency_key(batch_id: str, custom_id: str) -> str:
+    return f"batch:{batch_id}:{hashlib.sha256(custom_id.encode()).hexdigest()[:32]}"
+
+
+def errors_path_for(out: Path) -> Path:
+    return out.with_name(out.stem + ".errors" + (out.suffix or ".jsonl"))

@@ -16,6 +16,7 @@ from producer.connection import connect as open_redis
 from producer.keys import QueueKeys
 from producer.queue_stats import discover_queues, worker_beats
 from producer.settings import ClientSettings
+from producer.shards import ShardLayout, read_layout
 
 EXIT_JOB_FAILED = 1
 """The job ended but did not succeed (failed, cancelled, expired)."""
@@ -116,13 +117,23 @@ def live_workers(r: redis.Redis, queue: str) -> int:
     return len(worker_beats(r, QueueKeys.for_queue(queue)))
 
 
+def holds_job(r: redis.Redis, queue: str, job_id: str) -> bool:
+    """Whether ``queue`` (any of its shards: producer/shards.py) has ``job_id``."""
+    try:
+        layout = read_layout(r, queue)
+    except ValueError:
+        layout = ShardLayout.single(queue)
+    return any(r.exists(k.job(job_id))
+               for k in [layout.for_job(job_id), *layout.others(job_id)])
+
+
 def locate_job(r: redis.Redis, job_id: str, queue: str, explicit: bool) -> str:
     """The queue holding ``job_id``: ``queue`` when it is there (or was given explicitly and
     the job is nowhere), else the one known queue that has it."""
-    if r.exists(QueueKeys.for_queue(queue).job(job_id)):
+    if holds_job(r, queue, job_id):
         return queue
     others = [q for q in discover_queues(r) if q != queue]
-    found = [q for q in others if r.exists(QueueKeys.for_queue(q).job(job_id))]
+    found = [q for q in others if holds_job(r, q, job_id)]
     if len(found) == 1 and not explicit:
         return found[0]
     if found:

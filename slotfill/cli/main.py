@@ -129,6 +129,9 @@ def _register_commands() -> None:
     app.command(name="stream")(jobs.stream_cmd)
     app.command(name="cancel")(jobs.cancel_cmd)
     app.command(name="status")(status)
+    from slotfill.cli.configure import configure_cmd
+
+    app.command(name="configure")(configure_cmd)
     app.add_typer(dlq_app, name="dlq")
     app.add_typer(batch_app, name="batch")
     from slotfill.gateway.command import gateway_cmd

@@ -6,36 +6,29 @@ Everything here reads Redis only: run it from any machine that reaches the fleet
 from __future__ import annotations
 
 import json
-import re
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 import redis
 import typer
-from pydantic import ValidationError
 from rich import box
 from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from producer.keys import Priority, QueueKeys
-from producer.protocol import new_job_id
-from producer.queue_stats import QueueSnapshot, WorkerBeat, discover_queues, entry_time, snapshot
-from producer.schema import JobRequest
-from producer.scripts import source
+from producer.queue_stats import QueueSnapshot, WorkerBeat, discover_queues, snapshot
 from producer.settings import ClientSettings
 from slotfill.cli.connect import connect
+from slotfill.cli.dead_letters import DeadLetter, DeadLetters
+
+__all__ = ["DeadLetters", "dlq_app", "status"]
 
 
 def _console() -> Console:
     """A console per use, so the terminal width (``COLUMNS``) is read when printing."""
     return Console()
 
-_ENTRY_ID = re.compile(r"^\d+-\d+$")
-_JOB_ID = re.compile(r"^[A-Za-z0-9_\-]{1,128}$")
 
 RedisUrl = Annotated[str | None, typer.Option(help="Redis URL (default: SLOTFILL_REDIS_URL)")]
 QueueOpt = Annotated[str | None, typer.Option("--queue", "-q",
@@ -88,7 +81,8 @@ def render(snaps: list[QueueSnapshot], now: float | None = None) -> Group:
                     "canc", "exp")
     for s in snaps:
         fin = s.finished
-        queues.add_row(s.queue, str(len(s.workers)), str(s.depth), str(s.pending), str(s.lag),
+        queues.add_row(s.queue + (f" ({len(s.shards)} shards)" if s.shards else ""),
+                       str(len(s.workers)), str(s.depth), str(s.pending), str(s.lag),
                        _age(s.oldest_waiting_age), str(s.dead_letters),
                        str(fin.get("succeeded", 0)), str(fin.get("failed", 0)),
                        str(fin.get("cancelled", 0)), str(fin.get("expired", 0)))
@@ -165,116 +159,11 @@ def _as_dict(s: QueueSnapshot) -> dict[str, Any]:
                      "lag": x.lag, "oldest_waiting_s": round(x.oldest_waiting_age, 3)}
                     for x in s.streams],
         "workers": [{"name": b.name, **b.fields} for b in s.workers],
+        **({"shards": s.shards} if s.shards else {}),
     }
 
 
 # -- dead letters --------------------------------------------------------------------------
-
-@dataclass
-class DeadLetter:
-    id: str
-    """The dead-letter stream entry id."""
-    fields: dict[str, str]
-
-    @property
-    def job(self) -> str:
-        return self.fields.get("job", "")
-
-    @property
-    def stream(self) -> str:
-        return self.fields.get("stream", "")
-
-    @property
-    def priority(self) -> str:
-        return self.stream.rsplit(":", 1)[-1]
-
-    @property
-    def at(self) -> float:
-        try:
-            return float(self.fields.get("at", ""))
-        except ValueError:
-            return entry_time(self.id) or 0.0
-
-
-@dataclass
-class Replay:
-    dead_id: str
-    outcome: str
-    """``ok`` | ``missing`` | ``mismatch`` | ``active`` | ``full`` | ``invalid``."""
-    job: str = ""
-    detail: str = ""
-
-
-class DeadLetters:
-    """The dead-letter stream of one queue: list, show, replay."""
-
-    def __init__(self, r: redis.Redis, queue: str) -> None:
-        self.r = r
-        self.keys = QueueKeys.for_queue(queue)
-        self._replay = r.register_script(source("replay_dead_letter"))
-
-    def entries(self, limit: int = 100) -> list[DeadLetter]:
-        return _letters(self.r.xrange(self.keys.dead_letter, count=limit))
-
-    def size(self) -> int:
-        return int(self.r.xlen(self.keys.dead_letter))
-
-    def get(self, ident: str) -> DeadLetter | None:
-        """By dead-letter entry id, or by job id (the newest dead letter of that job)."""
-        if _ENTRY_ID.match(ident):
-            found = _letters(self.r.xrange(self.keys.dead_letter, min=ident, max=ident))
-            return found[0] if found else None
-        last = None
-        for page in _scan_ids(self.r, self.keys.dead_letter):
-            for d in page:
-                if d.job == ident:
-                    last = d
-        return last
-
-    def replay(self, d: DeadLetter) -> Replay:
-        """Put the dead letter's body back on its stream as a fresh entry, same job id."""
-        if not d.stream.startswith(self.keys.base + ":stream:"):
-            return Replay(d.id, "invalid", d.job, f"stream {d.stream!r} is not this queue's")
-        try:
-            Priority(d.priority)
-        except ValueError:
-            return Replay(d.id, "invalid", d.job, f"unknown stream {d.stream!r}")
-        try:
-            JobRequest.model_validate_json(d.fields.get("body", ""))
-        except ValidationError as e:
-            # A worker would only fail it again (undecodable): the body needs a person.
-            first = e.errors()[0]
-            return Replay(d.id, "invalid", d.job, f"body is not a job request ({first['msg']}):"
-                          " fix it and submit it as a new job (`dlq show` prints it)")
-        job = d.job or new_job_id()
-        if not _JOB_ID.match(job):
-            return Replay(d.id, "invalid", job, "job id not usable")
-        reply = self._replay(
-            keys=[self.keys.dead_letter, self.keys.job(job), self.keys.done(job), d.stream,
-                  self.keys.stats, *self.keys.streams, self.keys.tokens(job), self.keys.config],
-            args=[d.id, job],
-        )
-        outcome, detail = _s(reply[0]), _s(reply[1])
-        if outcome == "ok":
-            return Replay(d.id, "ok", job, _s(reply[2]))
-        return Replay(d.id, outcome, job, detail)
-
-
-def _letters(raw: Any) -> list[DeadLetter]:
-    return [DeadLetter(_s(i), {_s(k): _s(v) for k, v in (f or {}).items()}) for i, f in raw or []]
-
-
-def _scan_ids(r: redis.Redis, stream: str, page: int = 500) -> Iterator[list[DeadLetter]]:
-    start = "-"
-    while True:
-        letters = _letters(r.xrange(stream, min=start, count=page))
-        if not letters:
-            return
-        yield letters
-        if len(letters) < page:
-            return
-        start = "(" + letters[-1].id
-
 
 dlq_app = typer.Typer(help="The dead-letter stream: entries delivered too often (poisoned) "
                       "or not jobs at all (malformed).", no_args_is_help=True)
@@ -329,7 +218,7 @@ def dlq_show(
     except ValueError:
         pass
     if d.job:
-        raw: Any = dl.r.hgetall(dl.keys.job(d.job))
+        raw: Any = dl.r.hgetall(dl.shard_of(d).job(d.job))
         rec = {_s(k): _s(v) for k, v in (raw or {}).items()}
         if "result" in rec:
             try:
@@ -356,7 +245,7 @@ def dlq_replay(
     targets: list[DeadLetter] = []
     missing: list[str] = []
     if all_:
-        for page in _scan_ids(dl.r, dl.keys.dead_letter):
+        for page in dl.pages():
             targets.extend(page)
     else:
         for ident in ids or []:

@@ -19,12 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from producer import protocol
+from producer import protocol, shards
 from producer.keys import Priority
 from producer.schema import JobResult, JobStatus
 from producer.scripts import source
-from slotfill.cli.batch import idempotency_key
-from slotfill.cli.batch_format import Line, invalid_line, output_line, read_input
+from slotfill.cli.batch_format import Line, idempotency_key, invalid_line, output_line, read_input
 from slotfill.gateway.files import file_content, write_file
 from slotfill.gateway.state import Gateway, text
 
@@ -142,14 +141,16 @@ async def _submit_missing(gw: Gateway, queue: str, batch_id: str, lines: list[Li
     known = await _jobs(gw, queue, batch_id)
     todo = [ln for ln in lines if ln.request is not None and ln.custom_id not in known]
     script = gw.redis.register_script(source("submit_job"))
+    layout = await shards.read_layout_async(gw.redis, queue)  # each line by its key
     refused = False
     for start in range(0, len(todo), SUBMIT_CHUNK):
         chunk = todo[start:start + SUBMIT_CHUNK]
         pipe = gw.redis.pipeline(transaction=False)
         for line in chunk:
             assert line.request is not None
-            key_list, args = protocol.submit_call(k, gw.client_settings, line.request,
-                                                  idempotency_key(batch_id, line.custom_id))
+            _, (key_list, args) = shards.submit_call(
+                layout, gw.client_settings, line.request,
+                idempotency_key(batch_id, line.custom_id))
             await script(keys=key_list, args=args, client=pipe)
         accepted = {}
         for line, reply in zip(chunk, await pipe.execute(), strict=True):
@@ -175,12 +176,12 @@ async def _jobs(gw: Gateway, queue: str, batch_id: str) -> dict[str, str]:
 
 
 async def _statuses(gw: Gateway, queue: str, job_ids: list[str]) -> list[JobStatus | None]:
-    k = gw.keys(queue).q
+    layout = await shards.read_layout_async(gw.redis, queue)
     out: list[JobStatus | None] = []
     for start in range(0, len(job_ids), 1000):
         pipe = gw.redis.pipeline(transaction=False)
         for job in job_ids[start:start + 1000]:
-            pipe.hget(k.job(job), "status")
+            pipe.hget(layout.for_job(job).job(job), "status")
         out.extend(protocol.parse_status(s) for s in await pipe.execute())
     return out
 
@@ -222,7 +223,7 @@ async def _finish(gw: Gateway, queue: str, batch_id: str, m: dict[str, str],
 
 async def _output(gw: Gateway, queue: str, batch_id: str, endpoint: str,
                   lines: list[Line]) -> tuple[list[str], list[str]]:
-    k = gw.keys(queue).q
+    layout = await shards.read_layout_async(gw.redis, queue)
     jobs = await _jobs(gw, queue, batch_id)
     by_id = {ln.custom_id: ln for ln in lines}
     ok_lines: list[str] = []
@@ -232,7 +233,7 @@ async def _output(gw: Gateway, queue: str, batch_id: str, endpoint: str,
     for start in range(0, len(items), 1000):
         pipe = gw.redis.pipeline(transaction=False)
         for _cid, job in items[start:start + 1000]:
-            pipe.hget(k.job(job), "result")
+            pipe.hget(layout.for_job(job).job(job), "result")
         for (cid, job), raw in zip(items[start:start + 1000], await pipe.execute(), strict=True):
             line = by_id.get(cid) or Line(0, cid, endpoint, {})
             if raw is None:

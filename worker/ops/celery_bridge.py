@@ -85,15 +85,19 @@ class CeleryBridge:
         except (ValueError, AttributeError) as e:
             spec = e
         if spec is not None:
-            self._dispatch(row.job_id, spec, result_json)
+            from producer.keys import QueueKeys, queue_of_key
 
-    def _dispatch(self, job_id: str, spec: Any, result_json: str) -> None:
+            # The outbox entry is on the job's shard (producer/shards.py).
+            shard = QueueKeys.for_queue(queue_of_key(row.stream) or self.settings.queue)
+            self._dispatch(row.job_id, spec, result_json, shard.callbacks)
+
+    def _dispatch(self, job_id: str, spec: Any, result_json: str, outbox: str) -> None:
         try:
             cb = CeleryCallback.model_validate(spec)
         except (ValueError, ValidationError) as e:
             log.warning("job %s: bad completion callback: %s", job_id, e)
             self._count("refused")
-            self._executor.submit(self._confirm, job_id)
+            self._executor.submit(self._confirm, job_id, outbox)
             return
         broker = cb.broker_url or self.settings.celery_broker_url
         if not broker or broker not in self.allowed:
@@ -101,9 +105,9 @@ class CeleryBridge:
                         "not configured (SLOTFILL_CELERY_BROKER_URL)" if not broker
                         else "not allowed (SLOTFILL_CELERY_BROKERS)")
             self._count("refused")
-            self._executor.submit(self._confirm, job_id)
+            self._executor.submit(self._confirm, job_id, outbox)
             return
-        fut = self._executor.submit(self._send, broker, cb, job_id, result_json)
+        fut = self._executor.submit(self._send, broker, cb, job_id, result_json, outbox)
         with self._lock:
             self._pending.add(fut)
         fut.add_done_callback(self._done)
@@ -129,7 +133,8 @@ class CeleryBridge:
             self._apps[broker] = app
         return app
 
-    def _send(self, broker: str, cb: CeleryCallback, job_id: str, result_json: str) -> None:
+    def _send(self, broker: str, cb: CeleryCallback, job_id: str, result_json: str,
+              outbox: str) -> None:
         try:
             result = json.loads(result_json)
             self._app(broker).send_task(
@@ -145,16 +150,16 @@ class CeleryBridge:
         log.info("job %s: callback %s sent", job_id, cb.celery_task,
                  extra={"job_id": job_id, "event": "callback_sent"})
         self._count("sent")
-        self._confirm(job_id)
+        self._confirm(job_id, outbox)
 
-    def _confirm(self, job_id: str) -> None:
+    def _confirm(self, job_id: str, outbox: str) -> None:
         """Take the job out of the outbox: its callback needs no redelivery. Retried through
         a Redis stall for up to half the redelivery time (a peer would send it again)."""
         give_up = time.monotonic() + self.settings.celery_redeliver_seconds / 2
         delay = 0.1
         while True:
             try:
-                self._redis.zrem(self.keys.callbacks, job_id)
+                self._redis.zrem(outbox, job_id)
                 return
             except Exception as e:
                 if time.monotonic() + delay > give_up or self._stop.is_set():
@@ -175,19 +180,23 @@ class CeleryBridge:
                 log.debug("callback sweep failed: %s", e)
 
     def _redeliver(self) -> None:
+        from producer.shards import read_layout
+
         sec, usec = self._redis.time()
         now = int(sec) + int(usec) / 1e6
-        raw = self._claim(keys=[self.keys.callbacks], args=[
-            repr(now), repr(now + self.settings.celery_redeliver_seconds), SWEEP_BATCH,
-            self.keys.base])
-        for i in range(0, len(raw), 3):
-            job_id, spec, result = (x.decode() for x in raw[i:i + 3])
-            log.info("job %s: callback never confirmed by its sender: sending it again", job_id)
-            self._count("redelivered")
-            try:
-                self._dispatch(job_id, json.loads(spec), result)
-            except ValueError:
-                self._executor.submit(self._confirm, job_id)
+        for keys in read_layout(self._redis, self.settings.queue).every_keys:  # each shard's
+            raw = self._claim(keys=[keys.callbacks], args=[
+                repr(now), repr(now + self.settings.celery_redeliver_seconds), SWEEP_BATCH,
+                keys.base])
+            for i in range(0, len(raw), 3):
+                job_id, spec, result = (x.decode() for x in raw[i:i + 3])
+                log.info("job %s: callback never confirmed by its sender: sending it again",
+                         job_id)
+                self._count("redelivered")
+                try:
+                    self._dispatch(job_id, json.loads(spec), result, keys.callbacks)
+                except ValueError:
+                    self._executor.submit(self._confirm, job_id, keys.callbacks)
 
     def close(self, timeout: float | None = None) -> int:
         """Let queued sends finish (up to ``timeout``, default ``celery_send_timeout``);
