@@ -60,7 +60,7 @@ def split_name(share: int) -> str:
 def run_inproc_split(run_dir: Path, gpus: list[str],
                      progress: Callable[[str, int, int], None], total: int) -> dict[str, Any]:
     """``offline_split``: one offline child per GPU at once, share i = requests i, i+k, ...;
-    the merged raw result spans the first start to the last end."""
+    the merged wall is the longest share's (each share timed from its own start)."""
     k = len(gpus)
     progress("starting engines", 0, total)
     procs = []
@@ -89,16 +89,34 @@ def run_inproc_split(run_dir: Path, gpus: list[str],
     if failed:
         raise RuntimeError(f"{SPLIT}: share(s) {failed} failed; logs in {run_dir}")
     parts = [json.loads((run_dir / f"{split_name(i)}.json").read_text()) for i in range(k)]
-    return {"t_start": min(p["t_start"] for p in parts), "t_end": max(p["t_end"] for p in parts),
+    # The engines load side by side but not in lockstep: each share's clock starts at its
+    # own generate() call, so a share that loaded later is not charged with the other's head
+    # start (the wall is the longest share's).
+    first = min(parts, key=lambda p: p["t_start"])
+    t0 = first["t_start"]
+    for p in parts:
+        _shift(p, p["t_start"] - t0)
+    return {"t_start": t0, "t_end": max(p["t_end"] for p in parts),
             "startup_s": max(p["startup_s"] for p in parts),
             "records": [r for p in parts for r in p["records"]],
-            # Step figures (occupancy, free-slot steps) are those of the first share's engine.
-            "steps_file": parts[0]["steps_file"],
+            # Step figures (occupancy, free-slot steps): the engine that started first (its
+            # clock is the one not shifted).
+            "steps_file": first["steps_file"],
             "extra": {"cpu_s": {k: round(sum(p["extra"]["cpu_s"].get(k, 0.0) for p in parts), 3)
                                 for k in parts[0]["extra"]["cpu_s"]},
                       "shares": [{"gpu": g, "requests": len(p["records"]),
                                   "wall_s": p["t_end"] - p["t_start"]}
                                  for g, p in zip(gpus, parts, strict=True)]}}
+
+
+def _shift(part: dict[str, Any], by: float) -> None:
+    """Move one share's timestamps ``by`` seconds earlier."""
+    part["t_start"] -= by
+    part["t_end"] -= by
+    for rec in part["records"]:
+        for key in ("submitted", "started", "scheduled", "first_token", "finished"):
+            if rec.get(key) is not None:
+                rec[key] -= by
 
 
 def main(argv: list[str]) -> int:
