@@ -6,7 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from worker.engines.vllm_peek import CheckpointPeeker, peekable
+from worker.engines.vllm_peek import SLICES, CheckpointPeeker, peekable
 
 LONG = 3600.0
 """An interval the background poll never reaches here: the tests poll by hand."""
@@ -51,3 +51,25 @@ async def test_a_state_without_ids_turns_peeking_off_and_no_processor_means_none
     peek.close()
     assert not peekable(SimpleNamespace())
     assert not CheckpointPeeker(_llm({}), 0.0).enabled  # checkpoints off
+
+
+async def test_each_slice_polls_its_own_jobs_and_all_slices_poll_every_job_once() -> None:
+    """The background poll takes one slice per interval / SLICES, so a burst of checkpoint
+    writes is 1/SLICES of the running jobs; each job still gets its ids once per interval."""
+    n = 3 * SLICES + 1
+    ids = {f"j{i}": [i] for i in range(n)}
+    peek = CheckpointPeeker(_llm({k: _state(v) for k, v in ids.items()}), LONG)
+    calls: dict[str, int] = {}
+    for key in ids:
+        peek.add(key, lambda t, i, key=key: calls.__setitem__(key, calls.get(key, 0) + 1))
+    peek.poll(0)
+    assert 0 < len(calls) <= n // SLICES + 1  # one slice only
+    for part in range(1, SLICES):
+        peek.poll(part)
+    assert calls == dict.fromkeys(ids, 1)  # every job once over the whole interval
+    for v in ids.values():
+        v.append(99)
+    for part in range(SLICES):
+        peek.poll(part)
+    assert calls == dict.fromkeys(ids, 2)
+    peek.close()

@@ -26,6 +26,14 @@ from worker.engines.base import DeltaSink
 
 log = logging.getLogger("slotfill.worker")
 
+SLICES = 8
+"""The registered requests are polled in this many slices, one slice every
+``interval / SLICES``: each job still hands over its ids once per interval, but the loop (and
+Redis, which takes the checkpoint writes) never gets all of them in one burst: on two H200s
+with tensor parallelism, checkpoints of ~270 jobs written in one pass per second came with
+3-4 x more engine steps over 28 ms and 0.84-0.92 x offline, against 0.98 with checkpoints off.
+"""
+
 
 def peekable(llm: Any) -> bool:
     """vLLM's output processor keeps per-request states this module can read."""
@@ -36,6 +44,7 @@ def peekable(llm: Any) -> bool:
 @dataclass
 class _Peeked:
     sink: DeltaSink
+    slice: int
     sent: int = 0
 
 
@@ -48,9 +57,11 @@ class CheckpointPeeker:
         self.enabled = interval_s > 0 and peekable(llm)
         self._jobs: dict[str, _Peeked] = {}
         self._task: asyncio.Task[None] | None = None
+        self._added = 0
 
     def add(self, request_id: str, sink: DeltaSink) -> None:
-        self._jobs[request_id] = _Peeked(sink)
+        self._jobs[request_id] = _Peeked(sink, self._added % SLICES)
+        self._added += 1
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="checkpoint-peek")
 
@@ -58,16 +69,20 @@ class CheckpointPeeker:
         self._jobs.pop(request_id, None)
 
     async def _run(self) -> None:
+        part = 0
         while self._jobs and self.enabled:
-            await asyncio.sleep(self.interval_s)
-            self.poll()
+            await asyncio.sleep(self.interval_s / SLICES)
+            self.poll(part)
+            part = (part + 1) % SLICES
 
-    def poll(self) -> None:
-        """One pass over the registered requests (public for tests)."""
+    def poll(self, part: int | None = None) -> None:
+        """One pass over the registered requests of slice ``part`` (None: all of them)."""
         states: dict[str, Any] = self.llm.output_processor.request_states
         # Keyed by vLLM's internal id, which newer releases derive from ours.
         by_id = {getattr(s, "external_req_id", None) or rid: s for rid, s in states.items()}
         for rid, job in list(self._jobs.items()):
+            if part is not None and job.slice != part:
+                continue
             state = by_id.get(rid)
             if state is None:
                 continue  # not in the engine yet, or just finished
