@@ -8,6 +8,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer import protocol, shards
 from producer.acks import AsyncAcks
@@ -167,10 +168,13 @@ class AsyncClient:
                 raise WaitTimeout(f"job {job_id} not finished after {timeout}s")
             # In slices shorter than the socket timeout; fractional seconds are fine for
             # Redis, not for redis-py's stub.
-            await self.redis.blmove(
-                keys.done(job_id), keys.done(job_id),
-                protocol.block_slice(left, connection_kwargs(self.redis)),  # type: ignore[arg-type]
-                "LEFT", "LEFT")
+            try:
+                await self.redis.blmove(
+                    keys.done(job_id), keys.done(job_id),
+                    protocol.block_slice(left, connection_kwargs(self.redis)),  # type: ignore[arg-type]
+                    "LEFT", "LEFT")
+            except RedisTimeoutError:  # a late reply (see Client._wait): the next read decides
+                continue
 
     async def cancel(self, job_id: str, *, queue: str | None = None) -> str:
         keys = await self._job_keys(job_id, queue)

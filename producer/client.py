@@ -8,6 +8,7 @@ from typing import Any
 
 import redis
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer import protocol, queue_config, shards
 from producer.acks import run_acked
@@ -192,8 +193,13 @@ class Client:
             # Rotating the list onto itself wakes every waiter without consuming the signal.
             # Redis takes fractional seconds here; redis-py's stub says int.
             block = protocol.block_slice(left, connection_kwargs(self.redis))
-            self.redis.blmove(keys.done(job_id), keys.done(job_id), block,  # type: ignore[arg-type]
-                              "LEFT", "LEFT")
+            try:
+                self.redis.blmove(keys.done(job_id), keys.done(job_id), block,  # type: ignore[arg-type]
+                                  "LEFT", "LEFT")
+            except RedisTimeoutError:
+                # The reply came later than the socket timeout, a second after the block
+                # should have ended: a busy server. The next read says whether it answers.
+                continue
 
     def cancel(self, job_id: str, *, queue: str | None = None) -> str:
         """Cancel a job: ``cancelled`` (was queued), ``requested`` (running: the worker aborts

@@ -8,16 +8,20 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from producer import AsyncClient, Client
 from producer.errors import RedisUnavailable
 from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.inproc import InprocWorker
+from slotfill.testing.poll import wait_until
 from slotfill.testing.redis_server import RedisServer
 
 JOB = "0" * 32
@@ -82,6 +86,45 @@ def test_a_stalled_redis_raises_redis_unavailable_after_the_socket_timeout(
             os.kill(server.proc.pid, signal.SIGCONT)
         assert c.status(job.id).value == "queued"  # and back once it answers
         c.close()
+
+
+def test_a_wait_rides_through_a_stall_that_only_delays_its_blocking_read(
+        tmp_path: Path) -> None:
+    """A wait blocks in slices a little shorter than the socket timeout (BLMOVE on the done
+    list); a Redis that pauses while one is blocked answers it after the socket timeout. That
+    late answer is not an outage: the wait reads again and returns the result (it used to
+    raise RedisUnavailable: a CPU engine test here, on a loaded box). A plain read still
+    raises once unanswered for a socket timeout (the test above)."""
+    with RedisServer(workdir=str(tmp_path)) as server:
+        assert server.proc is not None
+        c = Client.from_url(f"{server.url}?socket_timeout=2", queue="brief")
+        job = c.submit("x", max_tokens=2)
+        got: dict[str, Any] = {}
+
+        def wait() -> None:
+            try:
+                got["result"] = c.wait(job.id, timeout=60)
+            except Exception as e:  # handed to the test thread
+                got["error"] = e
+
+        waiter = threading.Thread(target=wait)
+        waiter.start()
+        probe = redis.Redis.from_url(server.url)
+        wait_until(lambda: any("b" in cl["flags"] for cl in probe.client_list()), timeout=10,
+                   interval=0.001, what="the wait blocked in BLMOVE")
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        time.sleep(2.2)  # the stall: past the 2 s socket timeout of the blocked read
+        os.kill(server.proc.pid, signal.SIGCONT)
+        w = InprocWorker(server.url, "brief-w", queue="brief", engine="sim",
+                         sim_step_ms=2).start()
+        try:
+            waiter.join(60)
+        finally:
+            w.stop()
+        probe.close()
+        c.close()
+    assert "error" not in got, got
+    assert got["result"].status.value == "succeeded"
 
 
 @pytest.mark.parametrize(("bad", "code", "says"), [
