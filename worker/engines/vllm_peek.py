@@ -29,10 +29,11 @@ log = logging.getLogger("slotfill.worker")
 SLICES = 8
 """The registered requests are polled in this many slices, one slice every
 ``interval / SLICES``: each job still hands over its ids once per interval, but the loop (and
-Redis, which takes the checkpoint writes) never gets all of them in one burst: on two H200s
-with tensor parallelism, checkpoints of ~270 jobs written in one pass per second came with
-3-4 x more engine steps over 28 ms and 0.84-0.92 x offline, against 0.98 with checkpoints off.
-"""
+Redis, which takes the checkpoint writes) never gets all of them in one burst (on an H200 at
+256 slots the worker's loop lag p99 was 12.7 ms with one pass per second over ~270 jobs, 6.2
+ms with checkpoints off). With tensor parallelism the same checkpoints came with 0.84-0.92 x
+offline against 0.98 off, but those runs' slow engine steps did not line up with the passes:
+that cost has another cause, not found yet (bench/README, "Every GPU row side by side")."""
 
 
 def peekable(llm: Any) -> bool:
