@@ -10,6 +10,7 @@ backoff and reconnects (a Sentinel client asks the sentinels for the new master)
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import gc
 import logging
 import os
@@ -259,6 +260,12 @@ def _hard_exit(code: int, after_s: float) -> None:
 
 
 def run_worker(settings: WorkerSettings) -> int:
+    """The ``slotfill worker`` process: the engine, then :func:`serve` until it stops.
+    ``kill -USR1 <pid>`` writes every thread's Python stack to stderr, even while the event
+    loop is stuck (a frozen worker does not answer SIGTERM: its handler needs the loop)."""
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+
     async def main() -> int:
         engine = build_engine(settings)
         # Everything loaded so far (vLLM, torch, the model's Python objects) lives as long as

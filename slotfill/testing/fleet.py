@@ -66,6 +66,13 @@ class WorkerProcess:
         if self.proc is not None and self.proc.poll() is None:
             os.killpg(self.proc.pid, sig)
 
+    def dump_stacks(self, settle_s: float = 1.0) -> None:
+        """Have a worker that ignored SIGTERM write its threads' stacks to its log (SIGUSR1,
+        worker/runner.py): where it hangs, for the test's report."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGUSR1)
+            time.sleep(settle_s)  # the handler writes from C; give it a moment before -9
+
     def kill(self) -> None:
         """SIGKILL the worker and every engine process it spawned."""
         self.signal(signal.SIGKILL)
@@ -85,6 +92,7 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 pass
         if self.proc.poll() is None:
+            self.dump_stacks()
             self.kill()
         try:  # engine processes left behind by a killed parent
             os.killpg(self.proc.pid, signal.SIGKILL)
