@@ -141,3 +141,41 @@ def test_replica_acks_wait_on_the_queues_master(cluster: LocalCluster) -> None:
             return [one.id, *await c.submit_many([{"prompt": "y", "max_tokens": 2}] * 3)]
 
     assert _on_replica(cluster, "qb", asyncio.run(run()))
+
+
+def test_the_worker_store_never_blocks_its_event_loop_on_a_cluster(
+        cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """redis-py's asyncio cluster client runs every command queued on a MULTI pipeline in a
+    new thread with its own event loop and joins it: the worker's loop stops meanwhile, and
+    after a master was killed such a thread re-initialised the cluster with the stopped
+    loop's connections and never returned (the frozen worker of the cluster kill test,
+    located by its SIGUSR1 stack dump in the heartbeat). No store call may start a thread."""
+    import threading
+
+    from producer.connection import connect_async
+    from worker.claim import ClaimedJob, Disposition
+    from worker.store import WorkerStore
+
+    started: list[str] = []
+    real_start = threading.Thread.start
+
+    def spy(self: threading.Thread) -> None:
+        started.append(self.name)
+        real_start(self)
+
+    async def run() -> list[int]:
+        r = connect_async(cluster.url)
+        store = WorkerStore(r, QUEUES[0], "no-threads")
+        await store.ensure_groups()
+        row = ClaimedJob(stream=store.keys.stream("normal"), entry="0-1", job_id="0" * 32,
+                         body="{}", attempts=1, deliveries=1, disposition=Disposition.run,
+                         queued_at=0.0)
+        with monkeypatch.context() as m:
+            m.setattr(threading.Thread, "start", spy)
+            await store.heartbeat({"state": "test"}, 5)
+            ids = await store.load_checkpoint(row)
+        await r.aclose()
+        return ids
+
+    assert asyncio.run(run()) == []  # no checkpoint: start from scratch
+    assert started == []

@@ -330,7 +330,7 @@ class WorkerStore:
         """The generated token ids a job's earlier attempts checkpointed (read after this
         worker's claim fenced them off, so it cannot grow meanwhile)."""
         k, job_id = self.shards.keys_of(row.stream), row.job_id
-        pipe = self.redis.pipeline(transaction=True)
+        pipe = self.redis.pipeline(transaction=False)  # no MULTI: see heartbeat
         pipe.get(k.checkpoint(job_id))
         pipe.hget(k.job(job_id), "ckpt_tokens")
         raw, count = await pipe.execute()
@@ -345,7 +345,12 @@ class WorkerStore:
         and the queue's shard layout (same slot as the heartbeat). True when the layout
         changed (the caller makes the new shards' groups)."""
         key = self.keys.worker(self.consumer)
-        pipe = self.redis.pipeline(transaction=True)
+        # Never a MULTI pipeline: redis-py's asyncio cluster client runs each command queued
+        # on one in a new thread with its own event loop and joins it, blocking this loop;
+        # after a master was killed that thread re-initialised the cluster with this loop's
+        # connections and hung for good (the frozen worker of the cluster kill test: SIGTERM
+        # unanswered; found with its SIGUSR1 stack dump). Nothing here needs atomicity.
+        pipe = self.redis.pipeline(transaction=False)
         pipe.hset(key, mapping=fields)
         pipe.expire(key, max(1, int(ttl_s)))
         pipe.hmget(self.keys.config, *LAYOUT_FIELDS)

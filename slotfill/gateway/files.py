@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from starlette.datastructures import UploadFile
 
+from producer.connection import is_cluster
 from slotfill.gateway.errors import bad_request, not_found
 from slotfill.gateway.state import Gateway, gateway, tenant
 
@@ -36,7 +37,10 @@ async def write_file(gw: Gateway, queue: str, file_id: str, filename: str, purpo
             "expires_at": now + ttl, "filename": filename, "purpose": purpose,
             "status": "processed", "status_details": None}
     key = gw.keys(queue).file(file_id)
-    pipe = gw.redis.pipeline(transaction=True)
+    # MULTI keeps the file from outliving its TTL on a plain server; on a cluster, where
+    # redis-py's asyncio MULTI pipeline blocks the event loop (worker/store.py, heartbeat),
+    # the two commands go in one plain pipeline, in order on one connection.
+    pipe = gw.redis.pipeline(transaction=not is_cluster(gw.redis))
     pipe.hset(key, mapping={"meta": json.dumps(meta), "content": content})
     pipe.expire(key, ttl)
     await pipe.execute()
