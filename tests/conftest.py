@@ -3,8 +3,11 @@ logic tests, as real subprocesses where a process must die or the shell command 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
+import signal
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,6 +25,7 @@ if TYPE_CHECKING:  # the worker runtime: not on a light install (.ci/floors.sh)
     from slotfill.testing.inproc import InprocWorker
 
 _queue_ids = itertools.count()
+ROOT = Path(__file__).resolve().parent.parent
 
 ENGINE_SLOTS = 8
 ENGINE_HEADROOM = 4
@@ -172,12 +176,52 @@ def _feature_engine(redis_server: RedisServer, tmp_path_factory: pytest.TempPath
 @pytest.fixture(scope="session", autouse=True)
 def _boot_shared_engines(request: pytest.FixtureRequest) -> None:
     """Start the shared engine workers with the session's first test when a selected test
-    needs them: their 30-60 s boots then overlap the tests that run before the engine tests."""
+    needs them: their 30-60 s boots then overlap the tests that run before the engine tests.
+    Likewise the bench's smoke run (two engines of its own)."""
     used = set().union(*(getattr(item, "fixturenames", ()) for item in request.session.items))
     if {"engine_worker", "engine_client"} & used:
         request.getfixturevalue("_session_engine")
     if {"feature_worker", "feature_client"} & used:
         request.getfixturevalue("_feature_engine")
+    if "bench_smoke" in used:
+        request.getfixturevalue("bench_smoke")
+
+
+BACKGROUND_NICE = 10
+
+
+def _low_priority() -> None:
+    # A session of its own (so its autogroup, kernel.sched_autogroup_enabled=1) at nice 10,
+    # and nice 10 inside it: the background run takes the CPU the tests leave idle, and a
+    # test that needs the CPU (timed steps, leases) gets it first.
+    os.setsid()
+    with contextlib.suppress(OSError):
+        Path("/proc/self/autogroup").write_text(str(BACKGROUND_NICE))
+    os.nice(BACKGROUND_NICE)
+
+
+@pytest.fixture(scope="session")
+def bench_smoke(tmp_path_factory: pytest.TempPathFactory
+                ) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """``python -m bench``'s smoke run (tests/test_bench_smoke.py) started in the background
+    at a low priority; the process and its results directory (its output in output.txt).
+    Interrupted (Ctrl-C: it stops the engines and Redis it started) if the session ends
+    first."""
+    from tests.test_bench_smoke import smoke_command
+
+    d = tmp_path_factory.mktemp("bench-smoke")
+    with open(d / "output.txt", "wb") as log:
+        proc = subprocess.Popen(smoke_command(d), cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT, preexec_fn=_low_priority,
+                                env={**os.environ, "COLUMNS": "200"})
+    yield proc, d
+    for sig, wait_s in ((signal.SIGINT, 60.0), (signal.SIGKILL, 10.0)):
+        if proc.poll() is not None:
+            break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(wait_s)
 
 
 @pytest.fixture(scope="session")
