@@ -208,9 +208,10 @@ def _latest_running(r: redis.Redis, keys: QueueKeys, ids: list[str], timeout: fl
 
 @pytest.mark.engine
 def test_killing_a_real_engine_worker_mid_generation_loses_nothing(
-        redis_server: RedisServer, r: redis.Redis, tmp_path: Path) -> None:
-    """Two workers with the real vLLM engine (CPU build, tiny model; started together to
-    share the start-up time) pull one queue; the one running a streaming greedy job is
+        redis_server: RedisServer, r: redis.Redis,
+        engine_pair: dict[str, WorkerProcess]) -> None:
+    """Two workers with the real vLLM engine (CPU build, tiny model; booted together with the
+    session, tests/conftest.py ``engine_pair``) pull one queue; the one running a streaming greedy job is
     SIGKILLed with its engine processes while it generates. The survivor takes its jobs over
     after the lease, each job ends with exactly one result, and each continues from its
     checkpoint (the carried token ids given to vLLM as prompt ids): the survivor's engine
@@ -218,14 +219,8 @@ def test_killing_a_real_engine_worker_mid_generation_loses_nothing(
     is checkpointed from the ids vLLM's output processor holds (one final output per job,
     worker/engines/vllm_peek.py) and resumes from there as well. The survivor's engine then
     shows cancellation and a deadline abort on the real engine."""
-    queue = "kill-e2e"
-    # A long lease: two engines on two busy cores can stall a worker for seconds.
-    settings = dict(queue=queue, max_num_seqs=8, headroom=4, max_model_len=2048,
-                    max_num_batched_tokens=1024, lease_seconds=10, engine_hang_seconds=300,
-                    heartbeat_seconds=0.5, checkpoint_interval_ms=200)
-    pair = {n: WorkerProcess(redis_server.url, n, tmp_path / f"{n}.log",
-                             step_log=str(tmp_path / f"{n}.steps"), **settings).start()
-            for n in ("real-a", "real-b")}
+    pair = engine_pair  # booted with the session (tests/conftest.py)
+    queue = pair["real-a"].queue
     c = Client.from_url(redis_server.url, queue=queue)
     # The stream reader's blocking reads last 0.8 of its socket timeout (producer/protocol.py):
     # with the client's 5 s, a reply late by a second (an engine SIGKILLed and reaped beside
