@@ -44,14 +44,21 @@ class Rig:
         return Admission(WorkerSettings(**settings), self.stats, settings["max_num_seqs"],
                          finished=lambda: self.done, starved=starved or (lambda: 0))
 
+    def full_window(self, adm: Admission, *, seconds: float, finished: int, steps: int,
+                    slots: int, waiting: int, read_s: float) -> None:
+        """``seconds`` of a full batch of ``slots`` (``steps`` steps, ``waiting`` waiting in
+        the engine), ``finished`` jobs finishing, one read of ``read_s``; then an update."""
+        self.now += seconds
+        self.done += finished
+        for _ in range(steps):
+            self.stats.record(slots, waiting, 0.5, slots)
+        adm.read_took(read_s)
+        adm.update()
+
     def busy_window(self, adm: Admission) -> None:
         """0.4 s of a full 1,024-slot batch: 40 ms steps, 100 jobs/s finishing, 5 ms reads."""
-        self.now += 0.4
-        self.done += 40
-        for _ in range(10):
-            self.stats.record(1024, 100, 0.5, 1024)
-        adm.read_took(0.005)
-        adm.update()
+        self.full_window(adm, seconds=0.4, finished=40, steps=10, slots=1024, waiting=100,
+                         read_s=0.005)
 
 
 @pytest.fixture
@@ -333,12 +340,8 @@ def test_the_adaptive_rule_reads_one_steps_finishes_ahead_at_256_slots(rig: Rig)
 
     adm = rig.admission(max_num_seqs=256, headroom=8)
     for _ in range(30):  # windows of 0.26 s: 20 steps of 13 ms, 19 jobs finishing (73/s)
-        rig.now += 0.26
-        rig.done += 19
-        for _ in range(20):
-            rig.stats.record(256, 8, 0.5, 256)
-        adm.read_took(0.002)
-        adm.update()
+        rig.full_window(adm, seconds=0.26, finished=19, steps=20, slots=256, waiting=8,
+                        read_s=0.002)
     window = adm.read_s + adm.wake_s + adm_mod.REFILL_STEPS * adm.step_s
     assert adm_mod.poisson_quantile(adm.finish_per_s * window, adm_mod.READY_MISS) <= 8
     assert adm.target == 8 + 4
