@@ -208,12 +208,17 @@ def _feature_engine(redis_server: RedisServer, tmp_path_factory: pytest.TempPath
 def _boot_shared_engines(request: pytest.FixtureRequest) -> None:
     """Start the shared engine workers with the session's first test when a selected test
     needs them: their 30-60 s boots then overlap the tests that run before the engine tests.
-    Likewise the bench's smoke run (two engines of its own)."""
+    Likewise the kill test's pair and the bench's smoke run (two engines of its own)."""
     used = set().union(*(getattr(item, "fixturenames", ()) for item in request.session.items))
     if {"engine_worker", "engine_client"} & used:
         request.getfixturevalue("_session_engine")
     if {"feature_worker", "feature_client"} & used:
         request.getfixturevalue("_feature_engine")
+    # What only the last tests use starts early only when tests without engines run first
+    # to overlap it: with -m engine alone nothing would, and it would only take CPU from
+    # the shared engines' tests (test_engine_e2e's dry-step bound is sensitive to load).
+    if not any(_phase(item) == 0 for item in request.session.items):
+        return
     if "engine_pair" in used:
         request.getfixturevalue("_engine_pair")
     if "bench_smoke" in used:
