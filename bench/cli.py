@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from bench import cli_options as opt
 from bench.latency_cli import latency
 
 app = typer.Typer(help="Benchmark slotfill against the engine's own limit, an in-process "
@@ -30,19 +31,15 @@ console = Console()
 @app.callback(invoke_without_command=True)
 def run(
     ctx: typer.Context,
-    model: Annotated[str, typer.Option(help="model directory or name; default: the generated "
-                                       "tiny model")] = "",
-    load_format: Annotated[str, typer.Option(help="vLLM load format (dummy = random "
-                                             "weights)")] = "dummy",
-    skip_tokenizer_init: Annotated[bool, typer.Option(
-        help="no tokenizer (prompts are token ids anyway)")] = False,
-    max_num_seqs: Annotated[int, typer.Option(help="engine batch slots")] = 32,
-    max_num_batched_tokens: Annotated[int, typer.Option()] = 2048,
-    max_model_len: Annotated[int, typer.Option()] = 512,
-    gpu_memory_utilization: Annotated[float, typer.Option()] = 0.9,
-    enforce_eager: Annotated[bool, typer.Option()] = False,
-    headroom: Annotated[int, typer.Option(help="slotfill/asyncio: requests held waiting "
-                                          "inside the engine beyond its slots")] = 8,
+    model: opt.Model = "",
+    load_format: opt.LoadFormat = "dummy",
+    skip_tokenizer_init: opt.SkipTokenizerInit = False,
+    max_num_seqs: opt.MaxNumSeqs = 32,
+    max_num_batched_tokens: opt.MaxNumBatchedTokens = 2048,
+    max_model_len: opt.MaxModelLen = 512,
+    gpu_memory_utilization: opt.GpuMemoryUtilization = 0.9,
+    enforce_eager: opt.EnforceEager = False,
+    headroom: opt.Headroom = 8,
     requests: Annotated[int, typer.Option(help="requests in the workload")] = 1000,
     prompt_tokens: Annotated[int, typer.Option(help="prompt length (max if "
                                                "--min-prompt-tokens is set)")] = 64,
@@ -121,7 +118,6 @@ def run(
         ALL_MODES,
         WORKER_MODES,
         BenchConfig,
-        EngineConfig,
         WorkloadConfig,
         is_worker_mode,
         stream_interval,
@@ -134,17 +130,12 @@ def run(
     if bad:
         raise typer.BadParameter(f"unknown modes {bad}; choose from {', '.join(ALL_MODES)}")
     cfg = BenchConfig(
-        engine=EngineConfig(model=model, load_format=load_format,
-                            skip_tokenizer_init=skip_tokenizer_init, max_num_seqs=max_num_seqs,
-                            max_num_batched_tokens=max_num_batched_tokens,
-                            max_model_len=max_model_len,
-                            gpu_memory_utilization=gpu_memory_utilization,
-                            enforce_eager=enforce_eager, headroom=headroom, engine=engine,
-                            sim_step_ms=sim_step_ms, sim_output_us=sim_output_us,
-                            admission=admission,
-                            tensor_parallel_size=tensor_parallel_size, executor=executor,
-                            checkpoint_interval_ms=checkpoint_interval_ms,
-                            checkpoint_outputs=checkpoint_outputs),
+        engine=opt.engine_config(ctx.params, engine=engine, sim_step_ms=sim_step_ms,
+                                 sim_output_us=sim_output_us, admission=admission,
+                                 tensor_parallel_size=tensor_parallel_size,
+                                 executor=executor,
+                                 checkpoint_interval_ms=checkpoint_interval_ms,
+                                 checkpoint_outputs=checkpoint_outputs),
         workload=WorkloadConfig(requests=requests, prompt_tokens=prompt_tokens,
                                 min_prompt_tokens=min_prompt_tokens, min_output=min_output,
                                 max_output=max_output, seed=seed, long_share=long_share,

@@ -15,19 +15,20 @@ from typing import Annotated
 
 import typer
 
+from bench import cli_options as opt
+
 
 def latency(
-    model: Annotated[str, typer.Option(help="model directory; default: the generated tiny "
-                                       "model (it has a tokenizer)")] = "",
-    load_format: Annotated[str, typer.Option()] = "dummy",
-    skip_tokenizer_init: Annotated[bool, typer.Option(
-        help="no tokenizer: token ids only (leaves the gateway out)")] = False,
-    max_num_seqs: Annotated[int, typer.Option()] = 32,
-    max_num_batched_tokens: Annotated[int, typer.Option()] = 2048,
-    max_model_len: Annotated[int, typer.Option()] = 512,
-    gpu_memory_utilization: Annotated[float, typer.Option()] = 0.9,
-    enforce_eager: Annotated[bool, typer.Option()] = False,
-    headroom: Annotated[int, typer.Option(help="slotfill worker's headroom")] = 8,
+    ctx: typer.Context,
+    model: opt.Model = "",
+    load_format: opt.LoadFormat = "dummy",
+    skip_tokenizer_init: opt.SkipTokenizerInit = False,
+    max_num_seqs: opt.MaxNumSeqs = 32,
+    max_num_batched_tokens: opt.MaxNumBatchedTokens = 2048,
+    max_model_len: opt.MaxModelLen = 512,
+    gpu_memory_utilization: opt.GpuMemoryUtilization = 0.9,
+    enforce_eager: opt.EnforceEager = False,
+    headroom: opt.Headroom = 8,
     prompt_tokens: Annotated[int, typer.Option()] = 64,
     min_prompt_tokens: Annotated[int, typer.Option(help="0 = fixed prompt length")] = 0,
     min_output: Annotated[int, typer.Option()] = 16,
@@ -60,7 +61,7 @@ def latency(
     """Latency vs offered load (open-loop arrivals): vllm serve, slotfill, its gateway."""
     from rich.console import Console
 
-    from bench.config import BenchConfig, EngineConfig, WorkloadConfig
+    from bench.config import BenchConfig, WorkloadConfig
     from bench.latency import LiveConfig, run_live
     from bench.latency_report import SYSTEMS, markdown_table
 
@@ -73,12 +74,7 @@ def latency(
         raise typer.BadParameter("prompt tokens + max_output exceeds max_model_len")
     b_pct, _, b_s = burst.partition(":")
     cfg = BenchConfig(
-        engine=EngineConfig(model=model, load_format=load_format,
-                            skip_tokenizer_init=skip_tokenizer_init, max_num_seqs=max_num_seqs,
-                            max_num_batched_tokens=max_num_batched_tokens,
-                            max_model_len=max_model_len,
-                            gpu_memory_utilization=gpu_memory_utilization,
-                            enforce_eager=enforce_eager, headroom=headroom),
+        engine=opt.engine_config(ctx.params),
         workload=WorkloadConfig(prompt_tokens=prompt_tokens,
                                 min_prompt_tokens=min_prompt_tokens, min_output=min_output,
                                 max_output=max_output, seed=seed), modes=[])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -22,6 +24,46 @@ def view(held: int, running: int, kv: float = 0.1, ready_tokens: int = 0,
          publishing: int = 0) -> EngineView:
     return EngineView(held=held, running=running, kv_usage=kv, ready_tokens=ready_tokens,
                       publishing=publishing)
+
+
+class Rig:
+    """A fake monotonic clock (worker/admission.py's ``time.monotonic``), the engine's step
+    stats and a count of finished jobs, from which an :class:`Admission` measures rates."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        import worker.admission as adm_mod
+
+        self.now = 100.0
+        monkeypatch.setattr(adm_mod.time, "monotonic", lambda: self.now)
+        self.stats = StepStats()
+        self.done = 0
+
+    def admission(self, starved: Callable[[], int] | None = None,
+                  **settings: Any) -> Admission:
+        """An Admission over this rig with ``WorkerSettings(**settings)``."""
+        return Admission(WorkerSettings(**settings), self.stats, settings["max_num_seqs"],
+                         finished=lambda: self.done, starved=starved or (lambda: 0))
+
+    def full_window(self, adm: Admission, *, seconds: float, finished: int, steps: int,
+                    slots: int, waiting: int, read_s: float) -> None:
+        """``seconds`` of a full batch of ``slots`` (``steps`` steps, ``waiting`` waiting in
+        the engine), ``finished`` jobs finishing, one read of ``read_s``; then an update."""
+        self.now += seconds
+        self.done += finished
+        for _ in range(steps):
+            self.stats.record(slots, waiting, 0.5, slots)
+        adm.read_took(read_s)
+        adm.update()
+
+    def busy_window(self, adm: Admission) -> None:
+        """0.4 s of a full 1,024-slot batch: 40 ms steps, 100 jobs/s finishing, 5 ms reads."""
+        self.full_window(adm, seconds=0.4, finished=40, steps=10, slots=1024, waiting=100,
+                         read_s=0.005)
+
+
+@pytest.fixture
+def rig(monkeypatch: pytest.MonkeyPatch) -> Rig:
+    return Rig(monkeypatch)
 
 
 def test_empty_engine_reads_its_slots_plus_the_ready_queue() -> None:
@@ -173,20 +215,13 @@ def test_ready_queue_covers_what_finishes_during_a_refill() -> None:
     assert to_read(view(34, 32, ready_tokens=128), ENGINE, 64.0) == TARGET - 2
 
 
-def test_finish_rate_and_step_time_are_measured(monkeypatch: pytest.MonkeyPatch) -> None:
-    import worker.admission as adm_mod
-
-    now = [100.0]
-    monkeypatch.setattr(adm_mod.time, "monotonic", lambda: now[0])
-    stats = StepStats()
-    done = [0]
-    adm = Admission(WorkerSettings(max_num_seqs=32, headroom=8, admission="engine"), stats, 32,
-                    finished=lambda: done[0])
+def test_finish_rate_and_step_time_are_measured(rig: Rig) -> None:
+    adm = rig.admission(max_num_seqs=32, headroom=8, admission="engine")
     for _ in range(20):  # 20 windows of 0.5 s: 25 jobs and 50 steps each
-        now[0] += 0.5
-        done[0] += 25
+        rig.now += 0.5
+        rig.done += 25
         for _ in range(50):
-            stats.record(running=0, waiting=0, kv=0.0, slots=32)
+            rig.stats.record(running=0, waiting=0, kv=0.0, slots=32)
         adm.update()
         before = (adm.finish_per_s, adm.step_s)
         adm.want(0, 0, iter([]))
@@ -199,22 +234,18 @@ def test_finish_rate_and_step_time_are_measured(monkeypatch: pytest.MonkeyPatch)
     assert adm.target == 3
 
 
-def test_starved_steps_grow_the_ready_queue_and_calm_shrinks_it(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_starved_steps_grow_the_ready_queue_and_calm_shrinks_it(rig: Rig) -> None:
     import worker.admission as adm_mod
 
-    now = [100.0]
-    monkeypatch.setattr(adm_mod.time, "monotonic", lambda: now[0])
-    stats = StepStats()
     state = FeederState(backlog=True)
-    stats.subscribe(state.on_step)
-    adm = Admission(WorkerSettings(max_num_seqs=4, headroom=3, admission="engine"), stats, 4,
-                    starved=lambda: state.starved_steps)
+    rig.stats.subscribe(state.on_step)
+    adm = rig.admission(max_num_seqs=4, headroom=3, admission="engine",
+                        starved=lambda: state.starved_steps)
 
     def window(starved: bool) -> None:
-        now[0] += 0.5
+        rig.now += 0.5
         for _ in range(10):
-            stats.record(running=3 if starved else 4, waiting=0, kv=0.1, slots=4)
+            rig.stats.record(running=3 if starved else 4, waiting=0, kv=0.1, slots=4)
         adm.update()
 
     assert adm.target == 1  # nothing finishes: the estimate alone asks for one
@@ -267,24 +298,11 @@ def test_adaptive_ready_queue_follows_the_finish_rate_between_headroom_and_the_s
     assert to_read(view(40, 32, publishing=SLOTS + 12 + 3), ADAPTIVE, None, target=12) == 1
 
 
-def test_adaptive_is_the_default_and_grows_its_queue_with_the_measured_rate(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    import worker.admission as adm_mod
-
-    now = [100.0]
-    monkeypatch.setattr(adm_mod.time, "monotonic", lambda: now[0])
-    stats = StepStats()
-    done = [0]
-    adm = Admission(WorkerSettings(max_num_seqs=1024, headroom=8), stats, 1024,
-                    finished=lambda: done[0])
+def test_adaptive_is_the_default_and_grows_its_queue_with_the_measured_rate(rig: Rig) -> None:
+    adm = rig.admission(max_num_seqs=1024, headroom=8)
     assert adm.policy.adaptive and adm.target == 8 and adm.want(0, 0, iter([])) == 1032
-    for _ in range(30):  # 40 ms steps, 100 jobs/s finishing
-        now[0] += 0.4
-        done[0] += 40
-        for _ in range(10):
-            stats.record(1024, 100, 0.5, 1024)
-        adm.read_took(0.005)
-        adm.update()
+    for _ in range(30):
+        rig.busy_window(adm)
         adm.want(1032, 0, iter([]))
     # 19 ready over the refill window (100/s over 85 ms, 0.999 quantile) + 9 read ahead of
     # one step's finishes (4 a step, 0.99 quantile).
@@ -292,29 +310,14 @@ def test_adaptive_is_the_default_and_grows_its_queue_with_the_measured_rate(
     assert adm.want(1032, 0, iter([])) == 20  # what the larger queue lacks
 
 
-def test_a_slow_wake_deepens_the_adaptive_queue_until_it_decays(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_slow_wake_deepens_the_adaptive_queue_until_it_decays(rig: Rig) -> None:
     """At 1,024 slots a loop that notices finishes late (busy with engine outputs, GC) needs
     the finishes of that delay held ready too: two steps and a read are not the window."""
     import worker.admission as adm_mod
 
-    now = [100.0]
-    monkeypatch.setattr(adm_mod.time, "monotonic", lambda: now[0])
-    stats = StepStats()
-    done = [0]
-    adm = Admission(WorkerSettings(max_num_seqs=1024, headroom=8), stats, 1024,
-                    finished=lambda: done[0])
-
-    def window() -> None:  # 40 ms steps, 100 jobs/s finishing
-        now[0] += 0.4
-        done[0] += 40
-        for _ in range(10):
-            stats.record(1024, 100, 0.5, 1024)
-        adm.read_took(0.005)
-        adm.update()
-
+    adm = rig.admission(max_num_seqs=1024, headroom=8)
     for _ in range(30):
-        window()
+        rig.busy_window(adm)
     ahead = adm_mod.poisson_quantile(100 * 0.04, adm_mod.AHEAD_MISS)
     assert adm.target == 19 + ahead  # 100/s over 85 ms, and one step's finishes read ahead
     adm.wake_took(0.2)  # a read sent 200 ms after the first finish it replaces
@@ -323,12 +326,11 @@ def test_a_slow_wake_deepens_the_adaptive_queue_until_it_decays(
                                                           adm_mod.READY_MISS)
     assert adm.target > 40
     for _ in range(200):
-        window()
+        rig.busy_window(adm)
     assert adm.target == 19 + ahead  # forgotten once calm
 
 
-def test_the_adaptive_rule_reads_one_steps_finishes_ahead_at_256_slots(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_adaptive_rule_reads_one_steps_finishes_ahead_at_256_slots(rig: Rig) -> None:
     """An H200 at 256 slots: 13 ms steps, ~72 jobs/s finishing. The refill window's quantile
     is at or below the headroom of 8 there, so the rule used to hold exactly slots + 8 and
     read each replacement only after its job finished (refill p99 3.4 ms: a Redis round trip
@@ -336,23 +338,13 @@ def test_the_adaptive_rule_reads_one_steps_finishes_ahead_at_256_slots(
     4) has the replacement already in the engine when a job finishes."""
     import worker.admission as adm_mod
 
-    now = [100.0]
-    monkeypatch.setattr(adm_mod.time, "monotonic", lambda: now[0])
-    stats = StepStats()
-    done = [0]
-    adm = Admission(WorkerSettings(max_num_seqs=256, headroom=8), stats, 256,
-                    finished=lambda: done[0])
+    adm = rig.admission(max_num_seqs=256, headroom=8)
     for _ in range(30):  # windows of 0.26 s: 20 steps of 13 ms, 19 jobs finishing (73/s)
-        now[0] += 0.26
-        done[0] += 19
-        for _ in range(20):
-            stats.record(256, 8, 0.5, 256)
-        adm.read_took(0.002)
-        adm.update()
+        rig.full_window(adm, seconds=0.26, finished=19, steps=20, slots=256, waiting=8,
+                        read_s=0.002)
     window = adm.read_s + adm.wake_s + adm_mod.REFILL_STEPS * adm.step_s
     assert adm_mod.poisson_quantile(adm.finish_per_s * window, adm_mod.READY_MISS) <= 8
     assert adm.target == 8 + 4
     assert adm.want(264, 0, iter([])) == 4
-    fixed = Admission(WorkerSettings(max_num_seqs=256, headroom=8, admission="fixed"), stats,
-                      256, finished=lambda: done[0])
+    fixed = rig.admission(max_num_seqs=256, headroom=8, admission="fixed")
     assert fixed.want(264, 0, iter([])) == 0  # the fixed rule is unchanged

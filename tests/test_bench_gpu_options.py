@@ -90,6 +90,7 @@ def test_scaling_is_fleet_over_workers_times_offline_with_gpus_only() -> None:
     assert "scaling" not in shared["modes"]["fleet"]
 
 
+@pytest.mark.engine  # imports vLLM (and torch) into the test process: ~10 s of CPU
 def test_tensor_parallel_reaches_the_engine_arguments(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """bench setting -> worker environment -> WorkerSettings -> vLLM's AsyncEngineArgs (the

@@ -191,7 +191,7 @@ def test_job_commands_find_the_queue(redis_server: RedisServer, queue: str,
             w.stop()
 
 
-@pytest.mark.slow  # imports vLLM (and torch) into the test process: ~8 s of CPU
+@pytest.mark.engine  # imports vLLM (and torch) into the test process: ~8 s of CPU
 def test_cpu_kv_cache_is_defaulted_only_when_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("vllm")
     from vllm.platforms import current_platform

@@ -20,7 +20,7 @@ from producer import AsyncClient, Client, JobStatus, RedisUnavailable
 from producer.keys import QueueKeys
 from slotfill.cli.main import app
 from slotfill.testing.cluster import LocalCluster
-from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.inproc import InprocWorker
 from slotfill.testing.poll import wait_until
 
 QUEUES = ("qa", "qb")  # slots 2031 and 14220: the first and the last master
@@ -33,12 +33,11 @@ def cluster() -> Iterator[LocalCluster]:
 
 
 @pytest.fixture(scope="module")
-def workers(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory
-            ) -> Iterator[list[WorkerProcess]]:
-    d = tmp_path_factory.mktemp("cluster-workers")
-    ws = [WorkerProcess(cluster.url, f"w-{q}", d / f"{q}.log", queue=q, engine="sim",
-                        sim_step_ms=5, max_num_seqs=8, headroom=4, lease_seconds=2,
-                        heartbeat_seconds=0.5).start() for q in QUEUES]
+def workers(cluster: LocalCluster) -> Iterator[list[InprocWorker]]:
+    """One in-process worker per queue (no process has to die here)."""
+    ws = [InprocWorker(cluster.url, f"w-{q}", queue=q, engine="sim", sim_step_ms=5,
+                       max_num_seqs=8, headroom=4, lease_seconds=2,
+                       heartbeat_seconds=0.5).start() for q in QUEUES]
     try:
         for w in ws:
             w.wait_ready(60)
@@ -56,7 +55,7 @@ def test_the_queues_live_on_different_masters(cluster: LocalCluster) -> None:
 
 
 def test_submit_wait_stream_and_cancel(cluster: LocalCluster,
-                                       workers: list[WorkerProcess]) -> None:
+                                       workers: list[InprocWorker]) -> None:
     c = Client.from_url(cluster.url, queue="qa")
     try:
         ids = c.submit_many([{"prompt": f"p{i}", "max_tokens": 5} for i in range(30)])
@@ -71,12 +70,12 @@ def test_submit_wait_stream_and_cancel(cluster: LocalCluster,
                    what="the long job to run")
         assert c.cancel(long.id) == "requested"
         assert c.wait(long.id, timeout=5).status is JobStatus.cancelled
-        assert f"job {long.id} cancel requested (control channel)" in workers[0].log_path.read_text()
+        assert f"job {long.id} cancel requested (control channel)" in workers[0].log_text()
     finally:
         c.close()
 
 
-def test_async_client(cluster: LocalCluster, workers: list[WorkerProcess]) -> None:
+def test_async_client(cluster: LocalCluster, workers: list[InprocWorker]) -> None:
     async def run() -> list[JobStatus]:
         async with AsyncClient.from_url(cluster.url, queue="qb") as c:
             ids = await c.submit_many([{"prompt": "y", "max_tokens": 3}] * 10)
@@ -86,7 +85,7 @@ def test_async_client(cluster: LocalCluster, workers: list[WorkerProcess]) -> No
     assert set(asyncio.run(run())) == {JobStatus.succeeded}
 
 
-def test_status_sees_every_master(cluster: LocalCluster, workers: list[WorkerProcess]) -> None:
+def test_status_sees_every_master(cluster: LocalCluster, workers: list[InprocWorker]) -> None:
     out = subprocess.run([sys.executable, "-m", "slotfill", "status", "--json",
                           "--redis-url", cluster.url], capture_output=True, text=True,
                          timeout=60)
@@ -98,7 +97,7 @@ def test_status_sees_every_master(cluster: LocalCluster, workers: list[WorkerPro
     assert all(len(seen[q]["workers"]) == 1 for q in QUEUES)
 
 
-def test_batch_file_runs_on_a_cluster(cluster: LocalCluster, workers: list[WorkerProcess],
+def test_batch_file_runs_on_a_cluster(cluster: LocalCluster, workers: list[InprocWorker],
                                       tmp_path: Path) -> None:
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps({"custom_id": f"c{i}", "method": "POST",

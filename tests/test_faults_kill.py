@@ -2,8 +2,9 @@
 
 The many-kills run uses the step-simulating engine (a worker starts in under a second); one
 test kills a worker running the real vLLM engine mid-generation (and checks that its jobs,
-a streaming one among them, resume from their checkpoints on the real engine). The 50-kill, 10 000-job run
-is ``python -m slotfill.testing.kill_soak``, the same code with bigger numbers.
+a streaming one and ones that do not stream, resume from their checkpoints on the real
+engine). The 50-kill, 10 000-job run is ``python -m slotfill.testing.kill_soak``, the same
+code with bigger numbers.
 """
 
 from __future__ import annotations
@@ -207,23 +208,24 @@ def _latest_running(r: redis.Redis, keys: QueueKeys, ids: list[str], timeout: fl
 
 @pytest.mark.engine
 def test_killing_a_real_engine_worker_mid_generation_loses_nothing(
-        redis_server: RedisServer, r: redis.Redis, tmp_path: Path) -> None:
-    """Two workers with the real vLLM engine (CPU build, tiny model; started together to
-    share the start-up time) pull one queue; the one running a streaming greedy job is
+        redis_server: RedisServer, r: redis.Redis,
+        engine_pair: dict[str, WorkerProcess]) -> None:
+    """Two workers with the real vLLM engine (CPU build, tiny model; booted together with the
+    session, tests/conftest.py ``engine_pair``) pull one queue; the one running a streaming greedy job is
     SIGKILLed with its engine processes while it generates. The survivor takes its jobs over
     after the lease, each job ends with exactly one result, and each continues from its
     checkpoint (the carried token ids given to vLLM as prompt ids): the survivor's engine
-    generates only the rest, and the stream shows the move once. The survivor's engine then
+    generates only the rest, and the stream shows the move once. A job that does not stream
+    is checkpointed from the ids vLLM's output processor holds (one final output per job,
+    worker/engines/vllm_peek.py) and resumes from there as well. The survivor's engine then
     shows cancellation and a deadline abort on the real engine."""
-    queue = "kill-e2e"
-    # A long lease: two engines on two busy cores can stall a worker for seconds.
-    settings = dict(queue=queue, max_num_seqs=8, headroom=4, max_model_len=2048,
-                    max_num_batched_tokens=1024, lease_seconds=10, engine_hang_seconds=300,
-                    heartbeat_seconds=0.5, checkpoint_interval_ms=200)
-    pair = {n: WorkerProcess(redis_server.url, n, tmp_path / f"{n}.log",
-                             step_log=str(tmp_path / f"{n}.steps"), **settings).start()
-            for n in ("real-a", "real-b")}
+    pair = engine_pair  # booted with the session (tests/conftest.py)
+    queue = pair["real-a"].queue
     c = Client.from_url(redis_server.url, queue=queue)
+    # The stream reader's blocking reads last 0.8 of its socket timeout (producer/protocol.py):
+    # with the client's 5 s, a reply late by a second (an engine SIGKILLed and reaped beside
+    # another on a loaded 2-core box) failed the read, twice; 30 s leaves room.
+    slow_ok = Client.from_url(redis_server.url + "?socket_timeout=30", queue=queue)
     keys = QueueKeys.for_queue(queue)
     b: WorkerProcess | None = None
     try:
@@ -232,15 +234,18 @@ def test_killing_a_real_engine_worker_mid_generation_loses_nothing(
         job = c.submit("Once upon a time", max_tokens=RESUME_TOKENS, ignore_eos=True,
                        temperature=0.0, stream=True)
         events: list[StreamEvent] = []
-        reader = threading.Thread(target=lambda: events.extend(c.stream(job.id, timeout=600)),
-                                  daemon=True)
+        reader = threading.Thread(
+            target=lambda: events.extend(slow_ok.stream(job.id, timeout=600)), daemon=True)
         reader.start()
         victim = wait_until(lambda: (r.hget(keys.job(job.id), "worker") or b"").decode(),
                             timeout=120, interval=0.01, what="a worker to take the stream")
         a, b = pair[victim], next(w for n, w in pair.items() if n != victim)
+        # Every other job is seeded (it reruns whole: worker/resume.py), the rest greedy.
         ids = c.submit_many([{"prompt": f"kill test {i}", "max_tokens": KILL_TOKENS,
-                              "ignore_eos": True, "seed": i} for i in range(KILL_JOBS)])
-        held = _kill_mid_generation(r, keys, a, [job.id, *ids], job.id)
+                              "ignore_eos": True, **({"seed": i} if i % 2 else
+                                                     {"temperature": 0.0})}
+                             for i in range(KILL_JOBS)])
+        held = _kill_mid_generation(r, keys, a, [job.id, *ids], [job.id, ids[0::2]])
         assert held > 0
         everything = [job.id, *ids]
         assert wait_all_terminal(r, queue, everything, timeout=300)
@@ -256,11 +261,13 @@ def test_killing_a_real_engine_worker_mid_generation_loses_nothing(
             b.consumer}
         reader.join(60)
         _check_resumed_stream(results[job.id], events)
+        _check_resumed_plain(results, ids[0::2], ids[1::2])
         _check_survivor_generated_only_the_rest(b, list(results.values()))
         _check_cancel_and_deadline(c, r, keys)
         assert b.proc is not None and b.proc.poll() is None
     finally:
         c.close()
+        slow_ok.close()
         for w in pair.values():
             if w is not b:
                 w.kill()
@@ -270,17 +277,24 @@ def test_killing_a_real_engine_worker_mid_generation_loses_nothing(
 
 
 def _kill_mid_generation(r: redis.Redis, keys: QueueKeys, a: WorkerProcess, ids: list[str],
-                         streamed: str) -> int:
-    """SIGKILL ``a`` (its whole process group) once it runs 4 jobs and the streamed job has
-    its first checkpoint; what ``a`` held then."""
+                         checkpointed: tuple[str, list[str]]) -> int:
+    """SIGKILL ``a`` (its whole process group) once it runs 4 jobs, the streamed job
+    (``checkpointed[0]``) has its first checkpoint and so has one of the greedy jobs that do
+    not stream (``checkpointed[1]``); what ``a`` held then."""
     name = a.consumer.encode()
 
     def ready() -> bool:
         pipe = r.pipeline(transaction=False)
         for i in ids:
-            pipe.hmget(keys.job(i), "worker", "status")
-        running = sum(1 for w, st in pipe.execute() if w == name and st == b"running")
-        return running >= 4 and int(r.hget(keys.job(streamed), "ckpt_tokens") or 0) > 0
+            pipe.hmget(keys.job(i), "worker", "status", "ckpt_tokens")
+        rows = dict(zip(ids, pipe.execute(), strict=True))
+        mine = {i: int(ckpt or 0) for i, (w, st, ckpt) in rows.items()
+                if w == name and st == b"running"}
+        # The streamed job's checkpoint, and one of a job that does not stream (its ids read
+        # from vLLM's output processor, worker/engines/vllm_peek.py): both resume mid-way.
+        streamed, plain = checkpointed
+        return (len(mine) >= 4 and mine.get(streamed, 0) > 0
+                and any(mine.get(i, 0) > 0 for i in plain))
 
     # One pipelined poll per round: on a busy box a poll of many round trips could miss the
     # short window in which the jobs run.
@@ -314,6 +328,21 @@ def _check_resumed_stream(res: JobResult | None, events: list[StreamEvent]) -> N
     assert len([t for e in events if isinstance(e, TokenDelta) for t in e.token_ids]) == (
         RESUME_TOKENS)
     assert "".join(e.text for e in events if isinstance(e, TokenDelta)) == res.text
+
+
+def _check_resumed_plain(results: dict[str, JobResult | None], greedy: list[str],
+                         seeded: list[str]) -> None:
+    """Greedy jobs that do not stream continue from their checkpoints too (the victim was
+    killed once one had a checkpoint): resumed mid-way with the exact count. Seeded ones
+    rerun whole, so their output stays what the seed gives."""
+    resumed = [res for i in greedy if (res := results[i]) is not None and res.resumed_at_token]
+    assert resumed, [(res.attempts, res.resumed_at_token) for res in results.values() if res]
+    for res in resumed:
+        assert res.status is JobStatus.succeeded and res.attempts == 2, res
+        assert 0 < (res.resumed_at_token or 0) < KILL_TOKENS
+        assert res.usage.completion_tokens == KILL_TOKENS
+    rerun = [results[i] for i in seeded]
+    assert all(res is not None and res.resumed_at_token is None for res in rerun), rerun
 
 
 def _check_survivor_generated_only_the_rest(b: WorkerProcess,

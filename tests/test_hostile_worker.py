@@ -1,5 +1,7 @@
 """Entries added without the submit step (plain ``XADD``, any language) meet the same rules in
-the worker: strict JSON types, UTF-8, a priority that is its stream's, usable ids."""
+the worker: strict JSON types, UTF-8, a priority that is its stream's, usable ids. Workers run
+in-process except where a process must take real signals or run with a skewed clock (those
+tests are marked ``fault``)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import os
 import secrets
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +19,9 @@ import redis
 
 from producer.keys import QueueKeys
 from slotfill.testing.fleet import WorkerProcess
+from slotfill.testing.inproc import InprocWorker
 from slotfill.testing.poll import wait_until
 from slotfill.testing.redis_server import RedisServer
-
-pytestmark = pytest.mark.fault
 
 
 def _result(r: redis.Redis, keys: QueueKeys, job_id: str, timeout: float = 20.0) -> dict:
@@ -30,7 +32,7 @@ def _result(r: redis.Redis, keys: QueueKeys, job_id: str, timeout: float = 20.0)
 
 
 def test_plain_xadd_bodies_are_held_to_the_wire_rules(
-        redis_server: RedisServer, r: redis.Redis, queue: str, tmp_path: Path) -> None:
+        r: redis.Redis, queue: str, inproc: Callable[..., InprocWorker]) -> None:
     keys = QueueKeys.for_queue(queue)
     cases = {
         "coerced_int": ("normal", b'{"prompt": "x", "max_tokens": "10"}', "invalid_request"),
@@ -43,24 +45,20 @@ def test_plain_xadd_bodies_are_held_to_the_wire_rules(
     ids = {name: secrets.token_hex(16) for name in cases}
     for name, (level, body, _code) in cases.items():
         r.xadd(keys.stream(level), {"id": ids[name], "body": body})
-    w = WorkerProcess(redis_server.url, "strict", tmp_path / "w.log", queue=queue,
-                      engine="sim", sim_step_ms=5, lease_seconds=2).start()
-    try:
-        w.wait_ready(60)
-        for name, (_level, _body, code) in cases.items():
-            res = _result(r, keys, ids[name])
-            if code is None:
-                assert res["status"] == "succeeded", res
-            else:
-                assert res["status"] == "failed" and res["error"]["code"] == code, (name, res)
-                assert res["finish_reason"] == "failed" and res["text"] == ""
-                assert res["usage"] == {"prompt_tokens": 0, "completion_tokens": 0}
-    finally:
-        w.stop(30)
+    inproc("strict", sim_step_ms=5, lease_seconds=2).wait_ready(60)
+    for name, (_level, _body, code) in cases.items():
+        res = _result(r, keys, ids[name])
+        if code is None:
+            assert res["status"] == "succeeded", res
+        else:
+            assert res["status"] == "failed" and res["error"]["code"] == code, (name, res)
+            assert res["finish_reason"] == "failed" and res["text"] == ""
+            assert res["usage"] == {"prompt_tokens": 0, "completion_tokens": 0}
 
 
 def test_record_fields_written_by_hand_cannot_crash_a_worker(
-        redis_server: RedisServer, r: redis.Redis, queue: str, tmp_path: Path) -> None:
+        redis_server: RedisServer, r: redis.Redis, queue: str,
+        inproc: Callable[..., InprocWorker]) -> None:
     """A client's ACL allows HSET on job records: numbers that are not numbers (the issue's
     ``now`` = ``yesterday`` made every worker that read the job exit, 29 times, past the
     backstop) are replaced when the job is claimed; the jobs run, the worker lives."""
@@ -73,18 +71,15 @@ def test_record_fields_written_by_hand_cannot_crash_a_worker(
     r.hset(keys.job(ids[1]), "attempts", "many")
     r.hset(keys.job(ids[2]), mapping={"queued_at": "nan", "attempts": "1e999",
                                       "deadline": "soon"})
-    w = WorkerProcess(redis_server.url, "hardy", tmp_path / "w.log", queue=queue,
-                      engine="sim", sim_step_ms=5, lease_seconds=2).start()
-    try:
-        w.wait_ready(60)
-        for i in ids:
-            res = _result(r, keys, i)
-            assert res["status"] == "succeeded" and res["attempts"] == 1, res
-        assert w.proc is not None and w.proc.poll() is None, w.tail()
-    finally:
-        w.stop(30)
+    w = inproc("hardy", sim_step_ms=5, lease_seconds=2).wait_ready(60)
+    for i in ids:
+        res = _result(r, keys, i)
+        assert res["status"] == "succeeded" and res["attempts"] == 1, res
+    assert w.alive, w.tail()  # serve() neither raised nor returned
+    assert w.stop(30) == 0
 
 
+@pytest.mark.fault
 def test_sigterm_always_ends_a_worker_that_is_exiting(
         redis_server: RedisServer, r: redis.Redis, queue: str, tmp_path: Path) -> None:
     """The first SIGTERM drains (here: a long grace period, long jobs); a second one ends the
@@ -132,6 +127,7 @@ def _skewed_worker(url: str, name: str, tmp: Path, queue: str, skew_s: float,
     return w.start()
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("skew_s", [3600.0, -3600.0])
 def test_deadlines_are_on_redis_time_whatever_the_workers_clock(
         redis_server: RedisServer, r: redis.Redis, queue: str, tmp_path: Path,

@@ -335,29 +335,36 @@ def test_sigterm_past_the_grace_period_hands_jobs_back_for_a_quick_reclaim(
 
 # -- waiting ---------------------------------------------------------------------------------
 
-@pytest.mark.slow
 async def test_a_wait_longer_than_the_socket_timeout_blocks_in_slices(
         redis_server: RedisServer, client: Client, queue: str) -> None:
-    """redis-py 8 gives connections a 5 s socket timeout: a 6 s wait must still end in
+    """A wait longer than the connection's socket timeout (redis-py 8 gives connections 5 s;
+    1 s here, set in the URL, so the test waits 1.5 s instead of 6) must still end in
     WaitTimeout (sync and async clients), not in a socket timeout."""
     import asyncio
 
     from producer import AsyncClient, WaitTimeout
 
     job = client.submit(prompt="nobody serves this queue")
+    url = redis_server.url + "?socket_timeout=1"
 
     def sync_wait() -> float:
-        t0 = time.monotonic()
-        with pytest.raises(WaitTimeout):
-            client.wait(job.id, timeout=6)
-        return time.monotonic() - t0
-
-    async def async_wait() -> float:
-        async with AsyncClient.from_url(redis_server.url, queue=queue) as ac:
+        with Client.from_url(url, queue=queue) as c:
             t0 = time.monotonic()
             with pytest.raises(WaitTimeout):
-                await ac.wait(job.id, timeout=6)
+                c.wait(job.id, timeout=1.5)
+            return time.monotonic() - t0
+
+    async def async_wait() -> float:
+        async with AsyncClient.from_url(url, queue=queue) as ac:
+            t0 = time.monotonic()
+            with pytest.raises(WaitTimeout):
+                await ac.wait(job.id, timeout=1.5)
             return time.monotonic() - t0
 
     took = await asyncio.gather(asyncio.to_thread(sync_wait), async_wait())
-    assert all(5.9 <= t < 7.5 for t in took), took
+    assert all(1.4 <= t < 3.0 for t in took), took
+    # With nothing in the URL the slices stay under redis-py's 5 s likewise.
+    from producer.connection import connection_kwargs
+    from producer.protocol import block_slice
+
+    assert block_slice(6.0, connection_kwargs(client.redis)) < 5.0

@@ -9,11 +9,14 @@ more than its capacity.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import random
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,6 @@ import redis
 
 from producer import Client, JobResult, JobStatus, QueueKeys
 from producer.keys import GROUP
-from slotfill.testing.fleet import WorkerProcess
 from slotfill.testing.inproc import InprocWorker
 from slotfill.testing.redis_server import RedisServer
 
@@ -44,37 +46,56 @@ def _starved_steps(steps_file: Path, results: list[JobResult], slots: int
     return steps, window, starved
 
 
+def _serve_backlog(w: InprocWorker, url: str, queue: str, seed: int, jobs: int,
+                   max_tokens: tuple[int, int], timeout: float = 120,
+                   beside: AbstractContextManager[object] | None = None) -> list[JobResult]:
+    """Start ``w``, submit ``jobs`` jobs at once (outputs of ``max_tokens`` lo..hi tokens,
+    seeded), wait for every result (with ``beside`` running meanwhile), then drain ``w``."""
+    c = Client.from_url(url, queue=queue)
+    try:
+        w.start().wait_ready(60)
+        rng = random.Random(seed)
+        with beside or contextlib.nullcontext():
+            ids = c.submit_many([{"prompt": "x", "max_tokens": rng.randint(*max_tokens)}
+                                 for _ in range(jobs)])
+            return [c.wait(i, timeout=timeout) for i in ids]
+    finally:
+        w.stop()
+        c.close()
+
+
+@contextlib.contextmanager
+def _peak_pel(r: redis.Redis, queue: str, peak: dict[str, int]) -> Iterator[None]:
+    """Sample the consumers' pending entries (the PEL) every 2 ms; the highest in ``peak``."""
+    stop = threading.Event()
+    stream = QueueKeys.for_queue(queue).stream("normal")
+
+    def sample() -> None:
+        while not stop.is_set():
+            for c_info in r.xinfo_consumers(stream, GROUP):
+                peak["pel"] = max(peak["pel"], int(c_info["pending"]))
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        sampler.join()
+
+
 @pytest.mark.parametrize("admission", ["fixed", "engine"])
 def test_backlog_keeps_every_slot_busy(redis_server: RedisServer, r: redis.Redis,
                                        queue: str, tmp_path: Path, admission: str) -> None:
     steps_file = tmp_path / "steps.jsonl"
     w = InprocWorker(redis_server.url, "refill", queue=queue, engine="sim", sim_step_ms=4,
                      max_num_seqs=SLOTS, headroom=HEADROOM, step_log=str(steps_file),
-                     admission=admission).start()
-    try:
-        w.wait_ready(60)
-        c = Client.from_url(redis_server.url, queue=queue)
-        rng = random.Random(3)
-        peak = {"pel": 0}
-        stop = threading.Event()
-        keys = QueueKeys.for_queue(queue)
-
-        def sample_pel() -> None:
-            while not stop.is_set():
-                for c_info in r.xinfo_consumers(keys.stream("normal"), GROUP):
-                    peak["pel"] = max(peak["pel"], int(c_info["pending"]))
-                time.sleep(0.002)
-
-        sampler = threading.Thread(target=sample_pel)
-        sampler.start()
-        # ~700 engine steps of backlog (the window below needs more than 200).
-        ids = c.submit_many([{"prompt": "x", "max_tokens": rng.randint(4, 40)}
-                             for _ in range(500)])
-        results = [c.wait(i, timeout=120) for i in ids]
-        stop.set()
-        sampler.join()
-    finally:
-        w.stop()
+                     admission=admission)
+    peak = {"pel": 0}
+    # ~700 engine steps of backlog (the window below needs more than 200).
+    results = _serve_backlog(w, redis_server.url, queue, seed=3, jobs=500, max_tokens=(4, 40),
+                             beside=_peak_pel(r, queue, peak))
     steps, window, starved = _starved_steps(steps_file, results, SLOTS)
     # The engine rule keeps the shallowest ready queue (what the engine reports waiting, no
     # more): with 4 ms steps in the test's own process (a sampler thread beside it) a few
@@ -97,18 +118,12 @@ def test_a_batch_where_many_finish_per_step_stays_full(
     what was left waiting), never timed."""
     slots = 128
     steps_file = tmp_path / "steps.jsonl"
-    w = WorkerProcess(redis_server.url, "wide", tmp_path / "w.log", queue=queue, engine="sim",
-                      sim_step_ms=40, max_num_seqs=slots, headroom=8,
-                      step_log=str(steps_file)).start()
-    try:
-        w.wait_ready(60)
-        c = Client.from_url(redis_server.url, queue=queue)
-        rng = random.Random(5)
-        ids = c.submit_many([{"prompt": "x", "max_tokens": rng.randint(4, 36)}
-                             for _ in range(2400)])
-        results = [c.wait(i, timeout=300) for i in ids]
-    finally:
-        w.stop()
+    # 20 ms steps (a GPU's at 1,024 slots are ~40 ms): the same finishes per step in half
+    # the time, and a Redis read is a larger share of a step, so no easier to keep full.
+    w = InprocWorker(redis_server.url, "wide", queue=queue, engine="sim", sim_step_ms=20,
+                     max_num_seqs=slots, headroom=8, step_log=str(steps_file))
+    results = _serve_backlog(w, redis_server.url, queue, seed=5, jobs=2400, max_tokens=(4, 36),
+                             timeout=300)
     _, window, free = _starved_steps(steps_file, results, slots)
     assert free / len(window) <= 0.05, (free, len(window))
 
@@ -131,16 +146,8 @@ def test_a_job_that_leaves_during_a_read_is_replaced_without_waiting_for_it(
     steps_file = tmp_path / "steps.jsonl"
     w = InprocWorker(redis_server.url, "overtake", queue=queue, engine="sim", sim_step_ms=4,
                      max_num_seqs=SLOTS, headroom=HEADROOM, step_log=str(steps_file),
-                     admission="fixed").start()
-    try:
-        w.wait_ready(60)
-        c = Client.from_url(redis_server.url, queue=queue)
-        rng = random.Random(5)
-        ids = c.submit_many([{"prompt": "x", "max_tokens": rng.randint(2, 12)}
-                             for _ in range(600)])
-        results = [c.wait(i, timeout=120) for i in ids]
-    finally:
-        w.stop()
+                     admission="fixed")
+    results = _serve_backlog(w, redis_server.url, queue, seed=5, jobs=600, max_tokens=(2, 12))
     assert all(res.status is JobStatus.succeeded for res in results)
     reads = [json.loads(line) for line in
              (tmp_path / "steps.jsonl.reads.jsonl").read_text().splitlines()]

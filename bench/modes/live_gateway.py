@@ -10,18 +10,14 @@ mode out.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import aiohttp
-import httpx
 
-from bench.modes.live_serve import body, read_sse
+from bench.modes.live_serve import body, http_child, read_sse
 from bench.modes.live_slotfill import QUEUE
 from bench.modes.openloop import Sample, Send
 from bench.workload import Request
@@ -32,32 +28,11 @@ from slotfill.testing.redis_server import free_port
 def gateway(redis_url: str, run_dir: Path, ready_timeout: float = 120) -> Iterator[str]:
     """``slotfill gateway`` on the slotfill mode's queue; yields its base URL."""
     port = free_port()
-    log = run_dir / "live-gateway.log"
     env = {**os.environ, "SLOTFILL_REDIS_URL": redis_url, "SLOTFILL_QUEUE": QUEUE,
            "SLOTFILL_GATEWAY_PORT": str(port), "PYTHONUNBUFFERED": "1"}
-    with open(log, "ab") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "slotfill", "gateway"], env=env,
-                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        end = time.monotonic() + ready_timeout
-        while True:
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None or time.monotonic() > end:
-                raise RuntimeError(f"gateway did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.2)
+    with http_child([sys.executable, "-m", "slotfill", "gateway"], env, port,
+                    run_dir / "live-gateway.log", "gateway", ready_timeout, poll_s=0.2) as base:
         yield base
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 def sender(http: aiohttp.ClientSession, base: str, timeout: float) -> Send:

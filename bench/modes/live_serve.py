@@ -71,18 +71,29 @@ def server(cfg: BenchConfig, run_dir: Path, ready_timeout: float = 1800
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = serve_args(cfg, port)
     (run_dir / "live-serve.cmd").write_text(" ".join(args) + "\n")
+    with http_child(args, env, port, log, "vLLM server", ready_timeout) as base:
+        yield base
+
+
+@contextmanager
+def http_child(args: list[str], env: dict[str, str], port: int, log: Path, what: str,
+               ready_timeout: float, poll_s: float = 0.5) -> Iterator[str]:
+    """``args`` as a child in a process group of its own, its output in ``log``; yields its
+    base URL once its ``/health`` answers 200, and stops the group on the way out (the
+    ``serve`` and ``gateway`` live-load modes)."""
     with open(log, "ab") as f:
         proc = subprocess.Popen(args, env=env, stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(proc, base, log, ready_timeout)
+        _wait_ready(proc, base, log, ready_timeout, what, poll_s)
         yield base
     finally:
         _stop(proc)
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], base: str, log: Path, timeout: float) -> None:
+def _wait_ready(proc: subprocess.Popen[bytes], base: str, log: Path, timeout: float,
+                what: str, poll_s: float) -> None:
     end = time.monotonic() + timeout
     while True:
         try:
@@ -92,8 +103,8 @@ def _wait_ready(proc: subprocess.Popen[bytes], base: str, log: Path, timeout: fl
             pass
         if proc.poll() is not None or time.monotonic() > end:
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-            raise RuntimeError(f"vLLM server did not start (exit {proc.poll()}); {log}:\n{tail}")
-        time.sleep(0.5)
+            raise RuntimeError(f"{what} did not start (exit {proc.poll()}); {log}:\n{tail}")
+        time.sleep(poll_s)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -15,9 +16,38 @@ from redis.exceptions import RedisClusterException
 
 from producer.connection import connect, masters
 
+LOWEST_PORT = 10000
+
+
+def ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (net.ipv4.ip_local_port_range)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; elsewhere a guess
+
+
+def port_is_free(port: int) -> bool:
+    """Nothing listens on ``port`` (any address: a metrics endpoint binds 0.0.0.0)."""
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A free port to listen on, below the kernel's ephemeral range. A port that ``bind(0)``
+    hands out comes from the range every outgoing connection draws its source port from, so
+    a client connecting elsewhere could take it before the server meant to listen there
+    binds it: a race that grows with the connections a busy box (a parallel test run)
+    opens."""
+    for _ in range(200):
+        port = random.randint(LOWEST_PORT, ephemeral_low() - 1)
+        if port_is_free(port):
+            return port
+    with socket.socket() as s:  # below the range, nothing free: any free port
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
