@@ -71,8 +71,12 @@ def test_backlog_keeps_the_real_engine_busy(engine_client: Client,
     forgot = [s for s in window if s["running"] < ENGINE_SLOTS and s["waiting"] == 0
               and s["held"] < capacity and not s["reading"]]
     # A step can land between a slot freeing and the pull loop's next read (one event-loop
-    # turn); more than a few such steps would mean the feeder is not event-driven.
-    assert len(forgot) <= max(3, 0.02 * len(window)), (len(forgot), len(window))
+    # turn); more than a few such steps would mean the feeder is not event-driven. 5 %: with
+    # the CPU engine busy on both cores of a shared box the worker's loop goes unscheduled
+    # for stretches in which the engine steps on (155 of 4,112 steps, 3.8 %, in one CI run
+    # on 2026-12-01; 2 % held on quiet boxes); a feeder that waited for a timer instead of
+    # the finish would leave most steps of a refill window short.
+    assert len(forgot) <= max(3, 0.05 * len(window)), (len(forgot), len(window))
     fed = sum(1 for s in window if s["running"] >= ENGINE_SLOTS or s["waiting"] > 0)
     print(f"engine fed on {fed}/{len(window)} backlog steps ({100 * fed / len(window):.0f} %)")
     # The default (adaptive) rule holds at least ``capacity`` and, when finishes come faster
