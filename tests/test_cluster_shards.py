@@ -191,6 +191,15 @@ def test_by_id_calls_find_the_shard(cluster: LocalCluster, r: redis.Redis,
         assert final.status is JobStatus.succeeded
         assert "".join(getattr(e, "text", "") for e in events[:-1]) == final.text
         assert c.result(job.id) == final and c.status(job.id) is JobStatus.succeeded
+        # Both workers listen on every shard's control channel once they have read the
+        # layout (at a heartbeat); before that a cancel is still caught by the lease
+        # renewal, but this test is about the channel (CI once cancelled one that way).
+        for shard in range(layout.n):
+            channel = layout.keys(shard).control
+            node = r.get_node_from_key(channel)
+            wait_until(lambda ch=channel, nd=node: int(r.execute_command(
+                "PUBSUB", "SHARDNUMSUB", ch, target_nodes=nd)[1]) >= 2, timeout=20,
+                what=f"both workers on shard {shard}'s control channel")
         longs = [c.submit("long", max_tokens=400, idempotency_key=_idem_keys(
             layout, shard, 1, "long")[0]) for shard in range(3)]
         assert sorted(_shard_of(r, layout, j.id) for j in longs) == [0, 1, 2]
