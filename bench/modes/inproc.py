@@ -24,15 +24,31 @@ INPROC_MODES = ("offline", "asyncio")
 SPLIT = "offline_split"
 
 
+def _spawn(args: list[str], log: Path, env: dict[str, str] | None = None
+           ) -> subprocess.Popen[bytes]:
+    """``python -m bench.modes.inproc ARGS`` in a session of its own, output to ``log``."""
+    with open(log, "ab") as f:
+        return subprocess.Popen([sys.executable, "-m", "bench.modes.inproc", *args],
+                                stdout=f, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env,
+                                start_new_session=True)
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    """Kill the child if it still runs, and the engine processes it left behind, if any."""
+    if proc.poll() is None:
+        proc.kill()
+    try:
+        os.killpg(proc.pid, 9)
+    except ProcessLookupError:
+        pass
+
+
 def run_inproc(mode: str, run_dir: Path, progress: Callable[[str, int, int], None],
                total: int) -> dict[str, Any]:
     """Run ``mode`` in a child process and return its raw result."""
     log = run_dir / f"{mode}.log"
     progress("starting engine", 0, total)
-    with open(log, "ab") as f:
-        proc = subprocess.Popen([sys.executable, "-m", "bench.modes.inproc", mode, str(run_dir)],
-                                stdout=f, stderr=subprocess.STDOUT, cwd=REPO_ROOT,
-                                start_new_session=True)
+    proc = _spawn([mode, str(run_dir)], log)
     try:
         while proc.poll() is None:
             got = read_progress(run_dir, mode)
@@ -40,12 +56,7 @@ def run_inproc(mode: str, run_dir: Path, progress: Callable[[str, int, int], Non
                 progress("running", *got)
             time.sleep(0.25)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        try:
-            os.killpg(proc.pid, 9)  # engine processes left behind, if any
-        except ProcessLookupError:
-            pass
+        _reap(proc)
     if proc.returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
         raise RuntimeError(f"{mode} exited with {proc.returncode}; log {log}:\n{tail}")
@@ -63,15 +74,10 @@ def run_inproc_split(run_dir: Path, gpus: list[str],
     the merged wall is the longest share's (each share timed from its own start)."""
     k = len(gpus)
     progress("starting engines", 0, total)
-    procs = []
-    for i, gpu in enumerate(gpus):
-        log = run_dir / f"{split_name(i)}.log"
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu.replace("+", ",")}
-        with open(log, "ab") as f:
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "bench.modes.inproc", "offline", str(run_dir), str(i),
-                 str(k)], stdout=f, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env,
-                start_new_session=True))
+    procs = [_spawn(["offline", str(run_dir), str(i), str(k)],
+                    run_dir / f"{split_name(i)}.log",
+                    {**os.environ, "CUDA_VISIBLE_DEVICES": gpu.replace("+", ",")})
+             for i, gpu in enumerate(gpus)]
     try:
         while any(p.poll() is None for p in procs):
             got = [read_progress(run_dir, split_name(i)) for i in range(k)]
@@ -79,12 +85,7 @@ def run_inproc_split(run_dir: Path, gpus: list[str],
             time.sleep(0.25)
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
-            try:
-                os.killpg(p.pid, 9)
-            except ProcessLookupError:
-                pass
+            _reap(p)
     failed = [i for i, p in enumerate(procs) if p.returncode != 0]
     if failed:
         raise RuntimeError(f"{SPLIT}: share(s) {failed} failed; logs in {run_dir}")
