@@ -90,7 +90,8 @@ class Feeder:
         """When the first job since the last read left the engine (the wake delay)."""
         self.trace: RefillTrace | None = None
         """Where each refill's time goes (the bench's breakdown; the runner sets it)."""
-        self._cancels_seen: OrderedDict[str, float] = OrderedDict()
+        # job id -> where its cancel was heard, for a job claimed after the request.
+        self._cancels_seen: OrderedDict[str, str] = OrderedDict()
         """Cancellations heard for jobs not (yet) in flight: a cancel can overtake the reply
         that hands us its job."""
         engine.stats.subscribe(self.state.on_step)
@@ -278,6 +279,8 @@ class Feeder:
             if row.key in h:
                 continue  # our own lease renewal raced a reclaim: it already runs here
             if row.disposition.runs and row.job_id in self._cancels_seen:
+                log.info("job %s cancel requested (%s) before its claim arrived", row.job_id,
+                         self._cancels_seen[row.job_id])
                 row = row.becomes(Disposition.cancelled)
             tokens = self.admission.observe(row.body, not row.disposition.runs)
             task = asyncio.create_task(self.tasks.run(row), name=f"job-{row.key}")
@@ -302,9 +305,11 @@ class Feeder:
             return
         waiting = self.holdings.take_waiting(job_id)
         if waiting is not None:  # it never ran: publish the cancellation at once
+            log.info("job %s cancel requested (%s) while it waited", job_id, source)
             self.launch([waiting.becomes(Disposition.cancelled)])
             return
-        self._cancels_seen[job_id] = time.monotonic()
+        # Every worker on the channel hears every cancel; only the one that claims it acts.
+        self._cancels_seen[job_id] = source
         while len(self._cancels_seen) > CANCELS_REMEMBERED:
             self._cancels_seen.popitem(last=False)
 
