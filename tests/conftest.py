@@ -240,10 +240,12 @@ def _engine_pair(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFac
     (tests/test_faults_kill.py), which SIGKILLs one of them: booted with the session in the
     background, not yet ready. Whatever still runs at the end is killed."""
     d = tmp_path_factory.mktemp("kill-pair")
-    # A long lease: two engines on two busy cores can stall a worker for seconds.
+    # A long lease: two engines on two busy cores can stall a worker for seconds, and a stall
+    # past the lease hands the stalled worker's jobs to its peer before the kill (the test then
+    # counts re-executions that the kill did not cause). CI saw stalls of 10 s and more.
     settings: dict[str, str | int | float] = dict(
         queue="kill-e2e", max_num_seqs=8, headroom=4, max_model_len=2048,
-        max_num_batched_tokens=1024, lease_seconds=10, engine_hang_seconds=300,
+        max_num_batched_tokens=1024, lease_seconds=20, engine_hang_seconds=300,
         heartbeat_seconds=0.5, checkpoint_interval_ms=200)
     pair = {n: _in_background(WorkerProcess(redis_server.url, n, d / f"{n}.log",
                                             step_log=str(d / f"{n}.steps"), **settings).start())
