@@ -19,6 +19,7 @@ import pytest
 import redis
 
 from producer import Client, JobResult, JobStatus, Moved, QueueKeys, TokenDelta
+from producer.shards import read_layout
 from producer.streaming import StreamEvent
 from slotfill.testing.fleet import WorkerProcess
 from slotfill.testing.kill_soak import Fleet, check_invariants, held_by, soak, wait_all_terminal
@@ -376,3 +377,25 @@ def _check_cancel_and_deadline(c: Client, r: redis.Redis, keys: QueueKeys) -> No
     assert 0 < expired.usage.completion_tokens < 1900 and expired.text
     for i in candidates:  # the rest: not run to the end by the drain that follows
         c.cancel(i)
+
+
+def test_kills_on_a_sharded_queue_lose_no_job_and_show_no_duplicate(
+        redis_server: RedisServer, queue: str, tmp_path: Path) -> None:
+    """The many-kills run on a queue split into 3 shards (producer/shards.py): three workers
+    (different home shards) pull every shard; a killed worker's entries are reclaimed on the
+    shard that holds them, and the checker reads every job from its own shard."""
+    rep = soak(redis_server.url, queue, kills=8, jobs=900, log_dir=tmp_path, workers=3,
+               lease=2.0, kill_gap=(1.0, 1.6), slots=8, headroom=4, step_ms=5,
+               tokens=(4, 40), seed=11, shards=3)
+    print("\nsharded kill test:", rep.summary())
+    assert rep.kills == 8 and rep.submitted == 900
+    assert not rep.lost and not rep.duplicate_visible and not rep.wrong, rep.summary()
+    assert rep.statuses == {"succeeded": 900} and rep.completed == 900
+    assert rep.unfinished_entries == 0
+    assert rep.held_at_kills > 0 and rep.re_executions <= rep.held_at_kills, rep.summary()
+    r = redis.Redis.from_url(redis_server.url)
+    layout = read_layout(r, queue)
+    assert layout.n == 3
+    finished = [int(r.hget(k.stats, "finished_succeeded") or 0) for k in layout.all_keys]
+    assert sum(finished) == 900 and min(finished) > 0, finished  # every shard ran jobs
+    assert sorted(c for c in rep.worker_exit_codes.values() if c != -9) == [0, 0, 0]

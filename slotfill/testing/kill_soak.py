@@ -38,7 +38,8 @@ import redis
 
 from producer import Client, QueueFull
 from producer.connection import connect
-from producer.keys import GROUP, QueueKeys
+from producer.keys import GROUP
+from producer.shards import read_layout
 from slotfill.testing.fleet import WorkerProcess
 from slotfill.testing.redis_server import unblock_stream_reads
 
@@ -89,8 +90,9 @@ class Report:
 
 def check_invariants(r: redis.Redis, queue: str, ids: list[str],
                      expected_tokens: dict[str, int] | None = None) -> Report:
-    """Read every job of ``ids`` back and count what the promises forbid."""
-    keys = QueueKeys.for_queue(queue)
+    """Read every job of ``ids`` back (each from its shard, for a sharded queue) and count
+    what the promises forbid."""
+    layout = read_layout(r, queue)
     rep = Report(submitted=len(ids))
     statuses: Counter[str] = Counter()
     codes: Counter[str] = Counter()
@@ -98,6 +100,7 @@ def check_invariants(r: redis.Redis, queue: str, ids: list[str],
         chunk = ids[start:start + 1000]
         pipe = r.pipeline(transaction=False)
         for i in chunk:
+            keys = layout.for_job(i)
             pipe.hmget(keys.job(i), "status", "result", "attempts")
             pipe.llen(keys.done(i))
         replies = pipe.execute()
@@ -127,24 +130,26 @@ def check_invariants(r: redis.Redis, queue: str, ids: list[str],
             if done_len == 1:
                 rep.completed += 1
     rep.statuses, rep.error_codes = dict(statuses), dict(codes)
-    raw_stats: dict[bytes, bytes] = r.hgetall(keys.stats)  # type: ignore[assignment]
-    stats = {k.decode(): int(v) for k, v in raw_stats.items()}
+    stats: Counter[str] = Counter()
+    for keys in layout.every_keys:
+        raw: dict[bytes, bytes] = r.hgetall(keys.stats)  # type: ignore[assignment]
+        stats.update({k.decode(): int(v) for k, v in raw.items()})
     rep.duplicates_suppressed = stats.get("duplicates_suppressed", 0)
     rep.reclaimed = stats.get("reclaimed", 0)
     rep.dead_lettered = stats.get("dead_lettered", 0)
-    rep.unfinished_entries = sum(int(r.xlen(s)) for s in keys.streams)
+    rep.unfinished_entries = sum(int(r.xlen(s)) for k in layout.every_keys for s in k.streams)
     return rep
 
 
 def wait_all_terminal(r: redis.Redis, queue: str, ids: list[str], timeout: float) -> bool:
     """Until every job has a result (checked in pipelined sweeps), or the timeout."""
-    keys = QueueKeys.for_queue(queue)
+    layout = read_layout(r, queue)
     left = list(ids)
     end = time.monotonic() + timeout
     while left and time.monotonic() < end:
         pipe = r.pipeline(transaction=False)
         for i in left:
-            pipe.hexists(keys.job(i), "result")
+            pipe.hexists(layout.for_job(i).job(i), "result")
         left = [i for i, done in zip(left, pipe.execute(), strict=True) if not done]
         if left:
             time.sleep(0.2)
@@ -152,9 +157,9 @@ def wait_all_terminal(r: redis.Redis, queue: str, ids: list[str], timeout: float
 
 
 def held_by(r: redis.Redis, queue: str, consumer: str) -> int:
-    """Entries pending (delivered, unacknowledged) under one consumer."""
+    """Entries pending (delivered, unacknowledged) under one consumer, on every shard."""
     n = 0
-    for stream in QueueKeys.for_queue(queue).streams:
+    for stream in (s for k in read_layout(r, queue).every_keys for s in k.streams):
         try:
             for c in r.xinfo_consumers(stream, GROUP):
                 name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
@@ -286,10 +291,12 @@ def soak(redis_url: str, queue: str, *, kills: int, jobs: int, log_dir: Path,
          tokens: tuple[int, int] = (4, 40), engine: str = "sim", seed: int = 1,
          max_deliveries: int = 3, drain_timeout: float = 300.0,
          extra: dict[str, str | int | float] | None = None,
-         progress: bool = False) -> Report:
+         progress: bool = False, shards: int = 1) -> Report:
     rng = random.Random(seed)
     r = connect(redis_url)
     client = Client.from_url(redis_url, queue=queue)
+    if shards > 1:  # before any worker starts: every worker reads the layout at its start
+        client.configure_queue(shards=shards)
     settings: dict[str, str | int | float] = dict(
         engine=engine, sim_step_ms=step_ms, max_num_seqs=slots, headroom=headroom,
         lease_seconds=lease, max_deliveries=max_deliveries, heartbeat_seconds=0.5,
@@ -353,6 +360,7 @@ def main() -> int:
     ap.add_argument("--queue", default="soak")
     ap.add_argument("--log-dir", default="")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--shards", type=int, default=1, help="split the queue into N shards")
     a = ap.parse_args()
     import tempfile
 
@@ -369,7 +377,8 @@ def main() -> int:
         rep = soak(url, a.queue, kills=a.kills, jobs=a.jobs, log_dir=log_dir,
                    workers=a.workers, lease=a.lease, kill_gap=(a.min_gap, a.max_gap),
                    slots=a.slots, headroom=a.headroom, step_ms=a.step_ms, engine=a.engine,
-                   seed=a.seed, max_deliveries=a.max_deliveries, progress=True)
+                   seed=a.seed, max_deliveries=a.max_deliveries, progress=True,
+                   shards=a.shards)
     finally:
         if server is not None:
             server.stop()
