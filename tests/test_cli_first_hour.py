@@ -192,7 +192,7 @@ def test_job_commands_find_the_queue(redis_server: RedisServer, queue: str,
 
 
 @pytest.mark.engine  # imports vLLM (and torch) into the test process: ~8 s of CPU
-def test_cpu_kv_cache_is_defaulted_only_when_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cpu_build_defaults_are_set_only_when_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("vllm")
     from vllm.platforms import current_platform
 
@@ -201,9 +201,13 @@ def test_cpu_kv_cache_is_defaulted_only_when_unset(monkeypatch: pytest.MonkeyPat
     if not current_platform.is_cpu():
         pytest.skip("the CPU build of vLLM only")
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "7")
-    engine._default_cpu_kv_cache()
+    monkeypatch.setenv("VLLM_USE_AOT_COMPILE", "1")
+    engine._cpu_build_defaults()
     assert os.environ["VLLM_CPU_KVCACHE_SPACE"] == "7"
+    assert os.environ["VLLM_USE_AOT_COMPILE"] == "1"
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
-    engine._default_cpu_kv_cache()
+    monkeypatch.delenv("VLLM_USE_AOT_COMPILE")
+    engine._cpu_build_defaults()
     gib = int(os.environ["VLLM_CPU_KVCACHE_SPACE"])
     assert engine.CPU_KV_MIN_GIB <= gib <= engine.CPU_KV_MAX_GIB
+    assert os.environ["VLLM_USE_AOT_COMPILE"] == "0"
