@@ -6,9 +6,12 @@ The layout lives in the queue's config hash (``slotfill:{Q}:config``): ``shards`
 itself: a queue without these fields is a 1-shard queue and nothing about it changes.
 Shard i > 0 is named ``<Q>.s<i>.<k>`` with the first k whose hash slot lies in the middle
 half of the slot range (r0 + i) mod N of N equal ranges, r0 being Q's own range: N masters
-given equal ranges (``redis-cli --cluster create``) each serve one shard. The names are
-computed once, when an operator writes the layout, and stored, so clients in any language
-only read them.
+given equal ranges (``redis-cli --cluster create``) each serve one shard. Written through a
+cluster client, the names follow the cluster's actual slot map instead: the first k whose
+slot is served by a master holding the fewest shards so far (shard 0 counted), so shards land
+on distinct masters whatever the ranges (a resharded cluster), while there are as many masters
+as shards. The names are computed once, when an operator writes the layout, and stored, so
+clients in any language only read them.
 
 Routing rules (the same in every client):
 
@@ -38,6 +41,7 @@ from typing import Any, TypeVar
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from producer import protocol
+from producer.connection import is_cluster
 from producer.errors import InvalidRequest
 from producer.keys import QueueKeys, valid_queue_name
 from producer.protocol import new_job_id
@@ -78,25 +82,55 @@ def _mid_range(slot: int, part: int, n: int) -> bool:
     return lo + width / 4 <= slot < lo + 3 * width / 4
 
 
-def shard_names(queue: str, n: int) -> list[str]:
-    """The N physical queue names of ``queue`` split N ways (deterministic)."""
+def shard_names(queue: str, n: int, owner: Callable[[str], str] | None = None,
+                masters: Sequence[str] = ()) -> list[str]:
+    """The N physical queue names of ``queue`` split N ways (deterministic). ``owner``: the
+    master serving a physical queue name, and ``masters`` every master (a cluster's slot
+    map); without them, the equal-ranges rule."""
     if not valid_queue_name(queue):
         raise ValueError(f"not a queue name: {queue!r}")
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_SHARDS:
         raise ValueError(f"shards must be a whole number 1..{MAX_SHARDS}, got {n!r}")
+    if owner is not None and len(set(masters)) > 1:
+        return _names_by_owner(queue, n, owner, masters)
     home = slot_range(queue_slot(queue), n)
     names = [queue]
     for i in range(1, n):
         part = (home + i) % n
         for k in range(_NAME_TRIES):
-            name = f"{queue}.s{i}.{k}"
-            if not valid_queue_name(name):
-                raise ValueError(f"queue name {queue!r} is too long to shard ({name!r})")
+            name = _shard_name(queue, i, k)
             if _mid_range(queue_slot(name), part, n):
                 names.append(name)
                 break
         else:  # pragma: no cover - 16384 slots, a quarter of a range always has some
             raise LookupError(f"no shard name for {queue!r} in slot range {part}")
+    return names
+
+
+def _shard_name(queue: str, i: int, k: int) -> str:
+    name = f"{queue}.s{i}.{k}"
+    if not valid_queue_name(name):
+        raise ValueError(f"queue name {queue!r} is too long to shard ({name!r})")
+    return name
+
+
+def _names_by_owner(queue: str, n: int, owner: Callable[[str], str],
+                    masters: Sequence[str]) -> list[str]:
+    """Shard names placed on the masters holding the fewest shards (the cluster's map)."""
+    held = dict.fromkeys(masters, 0)
+    if owner(queue) in held:
+        held[owner(queue)] += 1
+    names = [queue]
+    for i in range(1, n):
+        fewest = min(held.values())
+        for k in range(_NAME_TRIES):
+            name = _shard_name(queue, i, k)
+            if held.get(owner(name), -1) == fewest:
+                held[owner(name)] += 1
+                names.append(name)
+                break
+        else:  # pragma: no cover - every master serves some slots
+            raise LookupError(f"no shard name for {queue!r} on a master with {fewest} shards")
     return names
 
 
@@ -244,7 +278,7 @@ def write_layout(r: Any, queue: str, n: int) -> ShardLayout:
     step reads a shard's own config: ``max_pending`` caps each shard). Shards dropped while
     they hold unfinished jobs are kept as retired (drained, never fed). Returns the layout.
     ``r``: a blocking client."""
-    names = shard_names(queue, n)
+    names = shard_names(queue, n, *_slot_map(r))
     before = read_layout(r, queue)
     retired = tuple(x for x in dict.fromkeys((*before.names[1:], *before.retired))
                     if x not in names and _unfinished(r, x))
@@ -259,6 +293,19 @@ def write_layout(r: Any, queue: str, n: int) -> ShardLayout:
     if n > 1 or retired:
         r.hset(config, mapping=layout.fields())
     return layout
+
+
+def _slot_map(r: Any) -> tuple[Callable[[str], str] | None, list[str]]:
+    """A cluster client's view of which master serves a physical queue, and its masters
+    (from the client's slot cache: no round trip); nothing off a cluster."""
+    if not is_cluster(r):
+        return None, []
+
+    def owner(name: str) -> str:
+        node = r.get_node_from_key(QueueKeys.for_queue(name).base)
+        return f"{node.host}:{node.port}"
+
+    return owner, [f"{m.host}:{m.port}" for m in r.get_primaries()]
 
 
 def _unfinished(r: Any, queue: str) -> int:

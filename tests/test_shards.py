@@ -4,6 +4,7 @@ job id and an idempotency key route, and the layout kept in the queue's config (
 from __future__ import annotations
 
 import zlib
+from collections import Counter
 
 import fakeredis
 import pytest
@@ -37,6 +38,25 @@ def test_every_shard_gets_its_own_slot_range(queue: str, n: int) -> None:
         off = queue_slot(x) - part * width
         assert width / 4 <= off < 3 * width / 4
         assert QueueKeys.for_queue(x).queue == x  # a valid queue name
+
+
+@pytest.mark.parametrize("queue", ["default", "orders", "x"])
+def test_a_cluster_with_unequal_ranges_gets_one_shard_per_master(queue: str) -> None:
+    """A resharded cluster: master A serves slots 0-999, B 1000-1999, C the rest. The
+    equal-ranges rule would put every shard on C; the slot map spreads them."""
+    def owner(name: str) -> str:
+        slot = queue_slot(name)
+        return "A" if slot < 1000 else "B" if slot < 2000 else "C"
+
+    names = shard_names(queue, 3, owner, ["A", "B", "C"])
+    assert names[0] == queue and len(set(names)) == 3
+    assert sorted(owner(x) for x in names) == ["A", "B", "C"]
+    assert names == shard_names(queue, 3, owner, ["A", "B", "C"])  # deterministic
+    # More shards than masters: spread evenly (2, 2, 2 of 6).
+    six = shard_names(queue, 6, owner, ["A", "B", "C"])
+    assert sorted(Counter(owner(x) for x in six).values()) == [2, 2, 2]
+    # One master: nothing to spread over, the equal-ranges rule.
+    assert shard_names(queue, 3, owner, ["A"]) == shard_names(queue, 3)
 
 
 def test_shard_counts_and_names_that_cannot_be() -> None:

@@ -44,8 +44,8 @@ def configure_cmd(
     print(json.dumps({"queue": name, "written": written, "shards": shown}, indent=2))
     masters = [s["master"] for s in shown if "master" in s]
     if len(set(masters)) < len(masters):
-        # Shard 0 keeps the queue's own slot; a cluster whose slot ranges are not equal
-        # can put two shards on one master.
+        # Shards follow the cluster's slot map (producer/shards.py): they share a master
+        # only when the cluster has fewer masters than shards.
         Console(stderr=True).print("[yellow]warning: some shards share a master[/yellow]")
 
 
