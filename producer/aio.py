@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from producer import protocol, shards
+from producer import protocol, shards, waiting
 from producer.acks import AsyncAcks
 from producer.connection import connect_async, connection_kwargs
 from producer.errors import JobNotFound, WaitTimeout
@@ -34,6 +34,7 @@ class AsyncClient:
         self.settings = settings or ClientSettings()
         self._submit = self.redis.register_script(source("submit_job"))
         self._cancel = self.redis.register_script(source("cancel_job"))
+        self._wait_jobs = self.redis.register_script(source("wait_jobs"))
         self._submit_batch = self.redis.register_script(batched("submit_job"))
         self._acks = AsyncAcks(self.redis)
         self._layouts = LayoutCache()
@@ -152,29 +153,86 @@ class AsyncClient:
     async def wait(
         self, job_id: str, timeout: float = 30.0, *, queue: str | None = None
     ) -> JobResult:
+        keys = await self._job_keys(job_id, queue)
         with translated():
-            return await self._wait(job_id, timeout, await self._job_keys(job_id, queue))
+            try:
+                return (await self._wait_many({keys: [job_id]}, timeout))[job_id]
+            except WaitTimeout:
+                raise WaitTimeout(f"job {job_id} not finished after {timeout}s") from None
 
-    async def _wait(self, job_id: str, timeout: float, keys: QueueKeys) -> JobResult:
+    async def wait_many(self, job_ids: Iterable[str], timeout: float = 30.0, *,
+                        queue: str | None = None) -> dict[str, JobResult]:
+        """Same as :meth:`producer.Client.wait_many`."""
+        layout = await self.layout(queue)
+        ids = list(dict.fromkeys(job_ids))
+        with translated():
+            got = await self._wait_many(waiting.by_shard(layout, ids), timeout, layout)
+        return {i: got[i] for i in ids}
+
+    async def _wait_many(self, groups: dict[QueueKeys, list[str]], timeout: float,
+                         layout: ShardLayout | None = None) -> dict[str, JobResult]:
         deadline = time.monotonic() + timeout
-        while True:
-            res = await self._result(job_id, keys)
-            if res is not None:
-                return res
-            if not await self.redis.exists(keys.job(job_id)):
-                raise JobNotFound(job_id)
+        w = waiting.Waiting()
+        for keys, ids in groups.items():
+            await self._register(w, keys, ids, timeout)
+        if w.unknown and layout is not None and layout.sharded:
+            lost, w.unknown = w.unknown, []
+            for job_id in lost:  # not where its id routes (a layout change): look elsewhere
+                for keys in layout.others(job_id):
+                    await self._register(w, keys, [job_id], timeout)
+                    if w.unknown[-1:] != [job_id]:
+                        break
+                    w.unknown.pop()
+                else:
+                    w.unknown.append(job_id)
+        if w.unknown:
+            raise w.not_found()
+        for keys in list(w.pending):
+            await self._drain(w, keys, deadline)
+        if w.missing():
+            raise w.timed_out(timeout)
+        return w.results
+
+    async def _register(self, w: waiting.Waiting, keys: QueueKeys, ids: list[str],
+                        timeout: float) -> None:
+        for start in range(0, len(ids), waiting.REGISTER_CHUNK):
+            part = ids[start:start + waiting.REGISTER_CHUNK]
+            key_list, args = waiting.register_args(keys, w.token, part, timeout)
+            try:
+                w.registered(keys, part, await self._wait_jobs(keys=key_list, args=args))
+            except ResponseError as e:
+                raise protocol.refusal(e) or e from None
+
+    async def _drain(self, w: waiting.Waiting, keys: QueueKeys, deadline: float) -> None:
+        """Same as :meth:`producer.Client._drain`."""
+        key = keys.waiter(w.token)
+        kwargs = connection_kwargs(self.redis)
+        while w.pending.get(keys):
             left = deadline - time.monotonic()
             if left <= 0:
-                raise WaitTimeout(f"job {job_id} not finished after {timeout}s")
-            # In slices shorter than the socket timeout; fractional seconds are fine for
-            # Redis, not for redis-py's stub.
+                await self._read(w, keys, waiting.popped(
+                    await self.redis.lpop(key, len(w.pending[keys]))))
+                return
             try:
-                await self.redis.blmove(
-                    keys.done(job_id), keys.done(job_id),
-                    protocol.block_slice(left, connection_kwargs(self.redis)),  # type: ignore[arg-type]
-                    "LEFT", "LEFT")
-            except RedisTimeoutError:  # a late reply (see Client._wait): the next read decides
+                reply = await self.redis.blmpop(protocol.block_slice(left, kwargs), 1, key,
+                                                direction="LEFT", count=len(w.pending[keys]))
+            except RedisTimeoutError:  # a late reply (busy server): the next round decides
                 continue
+            ids = waiting.popped(reply)
+            if ids:
+                await self._read(w, keys, ids)
+            else:  # a quiet slice: look again (a worker older than wait_jobs pushes nothing)
+                await self._register(w, keys, sorted(w.pending[keys]), left)
+                if w.unknown:
+                    raise w.not_found()
+
+    async def _read(self, w: waiting.Waiting, keys: QueueKeys, ids: list[str]) -> None:
+        if not ids:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hget(keys.job(job_id), "result")
+        w.woken(keys, ids, await pipe.execute())
 
     async def cancel(self, job_id: str, *, queue: str | None = None) -> str:
         keys = await self._job_keys(job_id, queue)
@@ -200,6 +258,7 @@ class AsyncClient:
         end = None if timeout is None else time.monotonic() + timeout
         kwargs = connection_kwargs(self.redis)
         probe = True
+        nap = waiting.Nap()
         while True:
             left = protocol.BLOCK_SLICE_S if end is None else end - time.monotonic()
             if left <= 0:
@@ -216,10 +275,8 @@ class AsyncClient:
                             await self._stream_result(job_id, keys), cursor):
                         yield last
                     return
-                if how == "wait":  # nothing streams (yet): the done list wakes us at the end
-                    await self.redis.blmove(keys.done(job_id), keys.done(job_id),
-                                            min(block, protocol.STREAM_PROBE_S),  # type: ignore[arg-type]
-                                            "LEFT", "LEFT")
+                if how == "wait":  # nothing streams (yet): a waiter registration wakes us
+                    await self._nap(nap, keys, job_id, min(block, protocol.STREAM_PROBE_S))
                     continue
             reply = await self.redis.xread({keys.tokens(job_id): cursor.last_id},
                                            count=READ_COUNT, block=max(1, int(1000 * block)))
@@ -231,6 +288,15 @@ class AsyncClient:
                     yield await self._stream_result(job_id, keys)
                     return
             probe = not reply
+
+    async def _nap(self, nap: waiting.Nap, keys: QueueKeys, job_id: str, block: float) -> None:
+        """Same as :meth:`producer.Client._nap`."""
+        if time.monotonic() >= nap.until:
+            key_list, args = waiting.register_args(keys, nap.token, [job_id], waiting.NAP_S)
+            if (await self._wait_jobs(keys=key_list, args=args))[0] != 1:
+                return
+            nap.until = time.monotonic() + waiting.NAP_S
+        await self.redis.blmpop(block, 1, keys.waiter(nap.token), direction="LEFT", count=1)
 
     async def _stream_result(self, job_id: str, keys: QueueKeys) -> JobResult:
         res = await self._result(job_id, keys)

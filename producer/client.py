@@ -10,7 +10,7 @@ import redis
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from producer import protocol, queue_config, shards
+from producer import protocol, queue_config, shards, waiting
 from producer.acks import run_acked
 from producer.connection import connect, connection_kwargs
 from producer.errors import InvalidRequest, JobNotFound, WaitTimeout
@@ -36,6 +36,7 @@ class Client:
         self.settings = settings or ClientSettings()
         self._submit = self.redis.register_script(source("submit_job"))
         self._cancel = self.redis.register_script(source("cancel_job"))
+        self._wait_jobs = self.redis.register_script(source("wait_jobs"))
         self._submit_batch = self.redis.register_script(batched("submit_job"))
         self._layouts = LayoutCache()
 
@@ -175,31 +176,94 @@ class Client:
         return protocol.parse_result(raw)
 
     def wait(self, job_id: str, timeout: float = 30.0, *, queue: str | None = None) -> JobResult:
-        """Block until the job is finished (no polling: BLMOVE on its done list)."""
+        """Block until the job is finished (no polling: see :meth:`wait_many`)."""
+        keys = self._job_keys(job_id, queue)
         with translated():
-            return self._wait(job_id, timeout, self._job_keys(job_id, queue))
+            try:
+                return self._wait_many({keys: [job_id]}, timeout)[job_id]
+            except WaitTimeout:
+                raise WaitTimeout(f"job {job_id} not finished after {timeout}s") from None
 
-    def _wait(self, job_id: str, timeout: float, keys: QueueKeys) -> JobResult:
+    def wait_many(self, job_ids: Iterable[str], timeout: float = 30.0, *,
+                  queue: str | None = None) -> dict[str, JobResult]:
+        """Block until every job of ``job_ids`` is finished; their results by id, in input
+        order. A few round trips per shard, not per job: one ``wait_jobs`` step returns the
+        results already there and registers a waiter on the rest, whose ends are then
+        popped off one waiter list, and their results read in one pipelined round.
+
+        Raises JobNotFound (its message lists the unknown ids) before blocking when any id
+        has no record, WaitTimeout (``missing``: the ids not finished, ``results``: those
+        that were) when ``timeout`` runs out."""
+        layout = self.layout(queue)
+        ids = list(dict.fromkeys(job_ids))
+        with translated():
+            got = self._wait_many(waiting.by_shard(layout, ids), timeout, layout)
+        return {i: got[i] for i in ids}
+
+    def _wait_many(self, groups: dict[QueueKeys, list[str]], timeout: float,
+                   layout: ShardLayout | None = None) -> dict[str, JobResult]:
         deadline = time.monotonic() + timeout
-        while True:
-            res = self._result(job_id, keys)
-            if res is not None:
-                return res
-            if not self.redis.exists(keys.job(job_id)):
-                raise JobNotFound(job_id)
+        w = waiting.Waiting()
+        for keys, ids in groups.items():
+            self._register(w, keys, ids, timeout)
+        if w.unknown and layout is not None and layout.sharded:
+            lost, w.unknown = w.unknown, []
+            for job_id in lost:  # not where its id routes (a layout change): look elsewhere
+                for keys in layout.others(job_id):
+                    self._register(w, keys, [job_id], timeout)
+                    if w.unknown[-1:] != [job_id]:
+                        break
+                    w.unknown.pop()
+                else:
+                    w.unknown.append(job_id)
+        if w.unknown:
+            raise w.not_found()
+        for keys in list(w.pending):
+            self._drain(w, keys, deadline)
+        if w.missing():
+            raise w.timed_out(timeout)
+        return w.results
+
+    def _register(self, w: waiting.Waiting, keys: QueueKeys, ids: list[str],
+                  timeout: float) -> None:
+        for start in range(0, len(ids), waiting.REGISTER_CHUNK):
+            part = ids[start:start + waiting.REGISTER_CHUNK]
+            key_list, args = waiting.register_args(keys, w.token, part, timeout)
+            try:
+                w.registered(keys, part, self._wait_jobs(keys=key_list, args=args))
+            except ResponseError as e:
+                raise protocol.refusal(e) or e from None
+
+    def _drain(self, w: waiting.Waiting, keys: QueueKeys, deadline: float) -> None:
+        """Pop the ids of ``keys``' registered jobs as they end, until none is left or the
+        deadline passes (then one last look without blocking)."""
+        key = keys.waiter(w.token)
+        kwargs = connection_kwargs(self.redis)
+        while w.pending.get(keys):
             left = deadline - time.monotonic()
             if left <= 0:
-                raise WaitTimeout(f"job {job_id} not finished after {timeout}s")
-            # Rotating the list onto itself wakes every waiter without consuming the signal.
-            # Redis takes fractional seconds here; redis-py's stub says int.
-            block = protocol.block_slice(left, connection_kwargs(self.redis))
+                self._read(w, keys, waiting.popped(self.redis.lpop(key, len(w.pending[keys]))))
+                return
             try:
-                self.redis.blmove(keys.done(job_id), keys.done(job_id), block,  # type: ignore[arg-type]
-                                  "LEFT", "LEFT")
-            except RedisTimeoutError:
-                # The reply came later than the socket timeout, a second after the block
-                # should have ended: a busy server. The next read says whether it answers.
+                reply = self.redis.blmpop(protocol.block_slice(left, kwargs), 1, key,
+                                          direction="LEFT", count=len(w.pending[keys]))
+            except RedisTimeoutError:  # a late reply (busy server): the next round decides
                 continue
+            ids = waiting.popped(reply)
+            if ids:
+                self._read(w, keys, ids)
+            else:  # a quiet slice: look again (a worker older than wait_jobs pushes nothing)
+                self._register(w, keys, sorted(w.pending[keys]), left)
+                if w.unknown:
+                    raise w.not_found()
+
+    def _read(self, w: waiting.Waiting, keys: QueueKeys, ids: list[str]) -> None:
+        if not ids:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hget(keys.job(job_id), "result")
+        w.woken(keys, ids, pipe.execute())
 
     def cancel(self, job_id: str, *, queue: str | None = None) -> str:
         """Cancel a job: ``cancelled`` (was queued), ``requested`` (running: the worker aborts
@@ -233,6 +297,7 @@ class Client:
         end = None if timeout is None else time.monotonic() + timeout
         kwargs = connection_kwargs(self.redis)
         probe = True
+        nap = waiting.Nap()
         while True:
             left = protocol.BLOCK_SLICE_S if end is None else end - time.monotonic()
             if left <= 0:
@@ -247,10 +312,8 @@ class Client:
                 if how == "result":
                     yield from protocol.whole_result(self._stream_result(job_id, keys), cursor)
                     return
-                if how == "wait":  # nothing streams (yet): the done list wakes us at the end
-                    self.redis.blmove(keys.done(job_id), keys.done(job_id),
-                                      min(block, protocol.STREAM_PROBE_S),  # type: ignore[arg-type]
-                                      "LEFT", "LEFT")
+                if how == "wait":  # nothing streams (yet): a waiter registration wakes us
+                    self._nap(nap, keys, job_id, min(block, protocol.STREAM_PROBE_S))
                     continue
             reply = self.redis.xread({keys.tokens(job_id): cursor.last_id}, count=READ_COUNT,
                                      block=max(1, int(1000 * block)))
@@ -262,6 +325,15 @@ class Client:
                     yield self._stream_result(job_id, keys)
                     return
             probe = not reply
+
+    def _nap(self, nap: waiting.Nap, keys: QueueKeys, job_id: str, block: float) -> None:
+        """Block until the job ends or ``block`` passes (registered once per ``NAP_S``)."""
+        if time.monotonic() >= nap.until:
+            key_list, args = waiting.register_args(keys, nap.token, [job_id], waiting.NAP_S)
+            if self._wait_jobs(keys=key_list, args=args)[0] != 1:
+                return  # it ended (or is gone) meanwhile: the next probe reads which
+            nap.until = time.monotonic() + waiting.NAP_S
+        self.redis.blmpop(block, 1, keys.waiter(nap.token), direction="LEFT", count=1)
 
     def _stream_result(self, job_id: str, keys: QueueKeys) -> JobResult:
         res = self._result(job_id, keys)

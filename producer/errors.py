@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from enum import Enum
+from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 
@@ -84,9 +85,18 @@ class JobNotFound(SlotfillError, KeyError):
 
 
 class WaitTimeout(SlotfillError, TimeoutError):
-    """The job did not finish within the wait's timeout; it may still finish later."""
+    """The job did not finish within the wait's timeout; it may still finish later.
+
+    From ``wait_many``: ``missing`` lists the ids not finished, ``results`` holds those that
+    were (both empty from ``wait``)."""
 
     retryable = True
+
+    def __init__(self, message: str, missing: list[str] | None = None,
+                 results: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.missing = missing or []
+        self.results = results or {}
 
 
 class EngineDead(SlotfillError):

@@ -62,8 +62,14 @@ class QueueKeys:
         return f"{self.base}:job:{job_id}"
 
     def done(self, job_id: str) -> str:
-        """List that gets one element when the job is terminal; waiters block on it."""
+        """List that gets one element when the job is terminal, for jobs whose record lacks
+        ``notify=waiters`` (plain ``XADD``, older clients' submit); old waiters block on it."""
         return f"{self.base}:done:{job_id}"
+
+    def waiter(self, token: str) -> str:
+        """List of one waiting client (``wait_jobs``): the terminal steps push the id of each
+        job it registered on; expires a minute after its wait."""
+        return f"{self.base}:waiter:{token}"
 
     def tokens(self, job_id: str) -> str:
         """Stream of a streaming job's output: ``start`` (an attempt begins), ``delta``

@@ -170,8 +170,10 @@ def test_jobs_spread_and_finish_exactly_once(cluster: LocalCluster, r: redis.Red
     served: set[str] = set()
     for j in all_ids:
         k = layout.keys(_shard_of(r, layout, j))
-        attempts, worker = r.hmget(k.job(j), "attempts", "worker")
-        assert attempts == b"1" and r.llen(k.done(j)) == 1, j  # ran once, published once
+        attempts, worker, notify = r.hmget(k.job(j), "attempts", "worker", "notify")
+        # Ran once (published once: the finished counters above); its waiters were woken,
+        # no done list written (notify=waiters).
+        assert attempts == b"1" and notify == b"waiters" and not r.exists(k.done(j)), j
         served.add(worker.decode() if isinstance(worker, bytes) else str(worker))
     assert served <= set(workers) and len(served) == 2  # both workers of Q took part
 
@@ -221,6 +223,28 @@ def test_by_id_calls_find_the_shard(cluster: LocalCluster, r: redis.Redis,
             assert last.status is JobStatus.succeeded
             assert await ac.status(one.id) is JobStatus.succeeded
             assert await ac.cancel(one.id) == "finished"
+
+    asyncio.run(async_side())
+
+
+def test_wait_many_over_every_shard(cluster: LocalCluster, r: redis.Redis,
+                                    layout: ShardLayout,
+                                    workers: dict[str, WorkerProcess]) -> None:
+    """One wait_many over jobs of the three shards (three masters): one wait_jobs step and
+    one waiter list per shard, each on its own master."""
+    with Client.from_url(cluster.url, queue=Q) as c:
+        ids = c.submit_many([{"prompt": f"w{i}", "max_tokens": 8} for i in range(45)])
+        assert sorted({_shard_of(r, layout, j) for j in ids}) == [0, 1, 2]
+        got = c.wait_many(ids, timeout=60)
+        assert list(got) == ids and {v.status for v in got.values()} == {JobStatus.succeeded}
+        with pytest.raises(JobNotFound):
+            c.wait_many([ids[0], "0" * 32], timeout=5)
+
+    async def async_side() -> None:
+        async with AsyncClient.from_url(cluster.url, queue=Q) as ac:
+            more = await ac.submit_many([{"prompt": "a", "max_tokens": 6}] * 15)
+            done = await ac.wait_many(more, timeout=60)
+            assert {v.status for v in done.values()} == {JobStatus.succeeded}
 
     asyncio.run(async_side())
 

@@ -11,6 +11,7 @@ import redis
 from producer import Client
 from producer.keys import GROUP, QueueKeys
 from producer.scripts import source
+from slotfill.testing import signals as watch
 from slotfill.testing.stream_check import check_job, read_stream
 
 
@@ -75,13 +76,15 @@ def _stat(r: redis.Redis, keys: QueueKeys, name: str) -> int:
 def test_a_retried_result_write_is_the_writers_own(r: redis.Redis, client: Client,
                                                    queue: str) -> None:
     keys, job_id, entry = _running(r, client, queue)
+    watch.watch(r, keys, "t-watch", [job_id])
     assert _append(r, keys, job_id, 1, "ab", [1, 2], 0, 1) == 1
     assert _finish(r, keys, job_id, entry, 1, "ab") == 1
     assert _finish(r, keys, job_id, entry, 1, "ab") == 1  # the reply was lost: still ours
     assert _stat(r, keys, "duplicates_suppressed") == 0
     assert _finish(r, keys, job_id, entry, 2, "other") == 0  # a real duplicate
     assert _stat(r, keys, "duplicates_suppressed") == 1
-    assert r.llen(keys.done(job_id)) == 1 and check_job(r, keys, job_id, True) == []
+    assert watch.pushes(r, keys, "t-watch")[job_id] == 1  # published once
+    assert r.llen(keys.done(job_id)) == 0 and check_job(r, keys, job_id, True) == []
 
 
 def test_an_attempt_that_lost_the_job_publishes_nothing(r: redis.Redis, client: Client,

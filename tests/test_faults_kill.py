@@ -21,6 +21,7 @@ import redis
 from producer import Client, JobResult, JobStatus, Moved, QueueKeys, TokenDelta
 from producer.shards import read_layout
 from producer.streaming import StreamEvent
+from slotfill.testing import signals as watch
 from slotfill.testing.fleet import WorkerProcess
 from slotfill.testing.kill_soak import Fleet, check_invariants, held_by, soak, wait_all_terminal
 from slotfill.testing.poll import wait_until
@@ -151,6 +152,7 @@ def test_a_frozen_workers_late_result_is_suppressed_not_shown(
     try:
         a.wait_ready(60)
         job = c.submit(prompt="slow", max_tokens=100)
+        watch.watch(r, keys, "t-watch", [job.id])
         wait_until(lambda: c.status(job.id) is JobStatus.running, interval=0.01,
                    what=f"job {job.id} to run")
         wait_until(lambda: int(r.hget(keys.worker("frozen"), "steps") or 0) > 0,
@@ -162,7 +164,8 @@ def test_a_frozen_workers_late_result_is_suppressed_not_shown(
         a.signal(18)  # SIGCONT: it carries on, unaware
         wait_until(lambda: int(r.hget(keys.stats, "duplicates_suppressed") or 0) >= 1,
                    what="the thawed worker's duplicate to be suppressed")
-        assert r.llen(keys.done(job.id)) == 1
+        # Published once: one push to the waiter registered before, no done list.
+        assert watch.pushes(r, keys, "t-watch")[job.id] == 1 and not r.exists(keys.done(job.id))
         assert c.result(job.id) == res  # still the peer's result
         assert r.xlen(keys.stream("normal")) == 0
         assert a.proc is not None and a.proc.poll() is None  # the late worker lives on

@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from producer import Client, JobStatus, QueueFull, QueueKeys
+from slotfill.testing import signals as watch
 from slotfill.testing.fleet import WorkerProcess
 from slotfill.testing.inproc import InprocWorker
 from slotfill.testing.poll import wait_until
@@ -166,6 +167,7 @@ def test_a_cancelled_queued_job_never_runs(redis_server: RedisServer, client: Cl
         wait_status(client, busy.id, JobStatus.running)
         queued = client.submit(prompt="never", max_tokens=5)
         assert client.status(queued.id) is JobStatus.queued
+        watch.watch(r, QueueKeys.for_queue(queue), "t-watch", [queued.id])
         assert client.cancel(queued.id) == "cancelled"
         after = client.submit(prompt="after", max_tokens=5)
         assert client.wait(after.id, timeout=10).status is JobStatus.succeeded
@@ -173,7 +175,9 @@ def test_a_cancelled_queued_job_never_runs(redis_server: RedisServer, client: Cl
     assert res.status is JobStatus.cancelled
     assert job_field(r, queue, queued.id, "started_at") is None
     assert job_field(r, queue, queued.id, "attempts") == "0"
-    assert r.llen(QueueKeys.for_queue(queue).done(queued.id)) == 1
+    # Its end was pushed once to the waiter registered before it, and no done list is kept.
+    assert watch.pushes(r, QueueKeys.for_queue(queue), "t-watch")[queued.id] == 1
+    assert r.llen(QueueKeys.for_queue(queue).done(queued.id)) == 0
 
 
 def test_a_running_job_is_aborted_within_one_step_of_its_cancellation(
@@ -226,11 +230,16 @@ def test_an_idempotent_submit_runs_once(redis_server: RedisServer, client: Clien
                                         r: redis.Redis, queue: str, tmp_path: Path) -> None:
     with workers(inproc_worker(redis_server.url, queue, "a")):
         a = client.submit(prompt="pay", max_tokens=3, idempotency_key="invoice-7")
+        watch.watch(r, QueueKeys.for_queue(queue), "t-watch", [a.id])
         b = client.submit(prompt="pay", max_tokens=3, idempotency_key="invoice-7")
         res = client.wait(a.id, timeout=10)
         c = client.submit(prompt="pay", max_tokens=3, idempotency_key="invoice-7")
     assert a.id == b.id == c.id and a.created and not b.created and not c.created
-    assert res.attempts == 1 and r.llen(QueueKeys.for_queue(queue).done(a.id)) == 1
+    keys = QueueKeys.for_queue(queue)
+    notify, waiters = r.hmget(keys.job(a.id), "notify", "waiters")
+    assert res.attempts == 1 and watch.problem(
+        a.id, notify, waiters, int(r.llen(keys.done(a.id))), watch.pushes(r, keys, "t-watch"),
+        "t-watch") is None  # published once
     assert stats(r, queue).get("finished_succeeded") == 1
 
 

@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 
 from producer import Client, QueueKeys
 from producer.keys import GROUP
+from slotfill.testing import signals as watch
 from slotfill.testing.redis_server import RedisServer
 from worker.claim import ClaimedJob, Disposition
 from worker.store import Append, WorkerStore
@@ -166,6 +167,7 @@ async def test_jobs_finishing_together_are_written_in_one_script_call(
     ids = client.submit_many([{"prompt": f"p{i}"} for i in range(6)])
     rows = await a.start_jobs(10)
     assert sorted(row.job_id for row in rows) == sorted(ids)
+    watch.watch(r, keys, "t-watch", ids)
 
     async def finish_all() -> list[bool]:
         return list(await asyncio.gather(*(
@@ -175,14 +177,16 @@ async def test_jobs_finishing_together_are_written_in_one_script_call(
     assert await finish_all() == [True] * 6
     assert _evalsha_calls(r) - before == 1  # one step for the six
     assert all(r.hget(keys.job(i), "status") == b"succeeded" for i in ids)
-    assert all(r.lrange(keys.done(i), 0, -1) == [b"succeeded"] for i in ids)
+    assert not any(r.exists(keys.done(i)) for i in ids)  # notify=waiters: no done list
+    assert sorted(r.lrange(keys.waiter("t-watch"), 0, -1)) == sorted(i.encode() for i in ids)
+    assert 0 < r.ttl(keys.waiter("t-watch")) <= watch.WATCH_S + 60
     assert sum(r.xlen(s) for s in keys.streams) == 0  # acknowledged and deleted, each
     assert r.xpending(keys.stream(), GROUP)["pending"] == 0
     assert r.hget(keys.stats, "finished_succeeded") == b"6"
     # Sent again (as after a lost reply): still the writers' own, nothing counted twice.
     assert await finish_all() == [True] * 6
     assert r.hget(keys.stats, "finished_succeeded") == b"6"
-    assert all(r.llen(keys.done(i)) == 1 for i in ids)
+    assert r.llen(keys.waiter("t-watch")) == 6 and not any(r.exists(keys.done(i)) for i in ids)
 
 
 async def test_a_record_that_breaks_the_step_fails_only_its_own_write(

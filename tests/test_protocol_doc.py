@@ -24,7 +24,7 @@ from slotfill.testing.redis_server import RedisServer
 DOC = Path(__file__).resolve().parent.parent / "PROTOCOL.md"
 
 
-CLIENT_SCRIPTS = ("submit_job", "cancel_job", "replay_dead_letter")
+CLIENT_SCRIPTS = ("submit_job", "cancel_job", "replay_dead_letter", "wait_jobs")
 """Every script a backend in another language calls: each must be in the document."""
 
 
@@ -41,6 +41,20 @@ def doc_scripts() -> dict[str, str]:
 
 def _submit_lua() -> str:
     return doc_scripts()["submit_job"]
+
+
+def _raw_wait(r: redis.Redis, q: str, job_id: str, timeout: int) -> Any:
+    """PROTOCOL.md, "Reading the result": register with wait_jobs, block on the waiter list,
+    then read the result."""
+    token = secrets.token_hex(16)
+    waiter, job = f"slotfill:{{{q}}}:waiter:{token}", f"slotfill:{{{q}}}:job:{job_id}"
+    (got,) = r.eval(doc_scripts()["wait_jobs"], 2, waiter, job, token, timeout, job_id)
+    if got == 1:
+        popped = r.blpop([waiter], timeout)
+        assert popped is not None and popped[1] == job_id.encode()
+        got = r.hget(job, "result")
+    assert got not in (0, None)
+    return json.loads(got)
 
 
 @pytest.mark.parametrize("name", CLIENT_SCRIPTS)
@@ -68,12 +82,9 @@ def test_raw_commands_drive_a_job_end_to_end(r: redis.Redis, engine_worker: Work
     assert [x.decode() for x in reply] == ["ok", job_id]
     assert r.hget(f"slotfill:{{{q}}}:job:{job_id}", "status") in (b"queued", b"running",
                                                                   b"succeeded")
-    done = f"slotfill:{{{q}}}:done:{job_id}"
-    if r.hget(f"slotfill:{{{q}}}:job:{job_id}", "result") is None:
-        assert r.blmove(done, done, 60, "LEFT", "LEFT") is not None
-    # A second waiter still sees the signal (rotation does not consume it).
-    assert r.blmove(done, done, 1, "LEFT", "LEFT") is not None
-    result = json.loads(r.hget(f"slotfill:{{{q}}}:job:{job_id}", "result"))
+    result = _raw_wait(r, q, job_id, 60)
+    # A second waiter, registered after the end, gets the result at once.
+    assert _raw_wait(r, q, job_id, 1) == result
     assert result["status"] == "succeeded" and result["usage"]["completion_tokens"] == 7
     assert r.hget(f"slotfill:{{{q}}}:job:{job_id}", "status") == b"succeeded"
     assert r.ttl(f"slotfill:{{{q}}}:job:{job_id}") > 0
@@ -115,7 +126,4 @@ def test_raw_commands_route_a_job_to_its_shard(r: redis.Redis, redis_server: Red
         body = json.dumps({"prompt": "from another language", "max_tokens": 3})
         assert [x.decode() for x in r.eval(_submit_lua(), 7, *keys, job_id, body, "")] == [
             "ok", job_id]
-        done = f"slotfill:{{{q}}}:done:{job_id}"
-        assert r.blmove(done, done, 30, "LEFT", "LEFT") is not None
-        result = json.loads(r.hget(f"slotfill:{{{q}}}:job:{job_id}", "result") or b"{}")
-        assert result["status"] == "succeeded"
+        assert _raw_wait(r, q, job_id, 30)["status"] == "succeeded"

@@ -23,7 +23,8 @@ if KEYS[1] ~= base .. ":job:" .. id or KEYS[2] ~= base .. ":done:" .. id
     or KEYS[4] ~= base .. ":tokens:" .. id then
   return refuse("invalid_key", "KEYS must be queue " .. q .. "'s keys for job " .. id)
 end
-local h = redis.call("HMGET", KEYS[1], "status", "stream", "entry", "queued_at", "streaming")
+local h = redis.call("HMGET", KEYS[1], "status", "stream", "entry", "queued_at", "streaming",
+  "notify", "waiters")
 local st = h[1]
 if not st then return "unknown" end
 if st == "queued" then
@@ -37,8 +38,19 @@ if st == "queued" then
     error = {code = "cancelled", message = "cancelled before it ran", retryable = false}})
   redis.call("HSET", KEYS[1], "status", "cancelled", "result", result, "finished_at", now)
   redis.call("EXPIRE", KEYS[1], ttl)
-  redis.call("RPUSH", KEYS[2], "cancelled")
-  redis.call("EXPIRE", KEYS[2], ttl)
+  if h[6] ~= "waiters" then  -- the done list only where a submitter may block on it
+    redis.call("RPUSH", KEYS[2], "cancelled")
+    redis.call("EXPIRE", KEYS[2], ttl)
+  end
+  -- Wake the waiters wait_jobs registered (as finish_job does; inline: this script is
+  -- copied whole by backends in other languages).
+  for token, deadline in string.gmatch(h[7] or "", "([%w_%-]+)@(%d+)") do
+    local left = tonumber(deadline) - now
+    if left > 0 then
+      redis.call("RPUSH", base .. ":waiter:" .. token, id)
+      redis.call("EXPIRE", base .. ":waiter:" .. token, math.ceil(left) + 60)
+    end
+  end
   if h[5] then
     redis.call("XADD", KEYS[4], "*", "type", "end", "status", "cancelled")
     redis.call("EXPIRE", KEYS[4], ttl)

@@ -95,7 +95,7 @@ local now = queue.now
 local entry = redis.call("XADD", KEYS[1], "*", "id", id, "body", body)
 queue.pending = queue.pending + 1
 local record = {"status", "queued", "queued_at", now, "stream", KEYS[1], "entry", entry,
-  "priority", priority, "attempts", 0}
+  "priority", priority, "attempts", 0, "notify", "waiters"}
 if deadline then
   record[#record + 1] = "deadline"
   record[#record + 1] = string.format("%.17g", deadline)

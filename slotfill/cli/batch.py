@@ -29,11 +29,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from producer import protocol, shards
+from producer import protocol, shards, waiting
 from producer.acks import run_acked
 from producer.keys import Priority, QueueKeys
 from producer.schema import JobResult
-from producer.scripts import batch_args, batched
+from producer.scripts import batch_args, batched, source
 from producer.settings import ClientSettings
 from producer.shards import ShardLayout
 from slotfill.cli.batch_format import (
@@ -115,6 +115,8 @@ class BatchRun:
         self.keys = QueueKeys.for_queue(self.queue)
         self.layout = shards.read_layout(self.r, self.queue)
         self._submit = self.r.register_script(batched("submit_job"))
+        self._wait_jobs = self.r.register_script(source("wait_jobs"))
+        self._token = waiting.new_token()
         self._models: dict[str, str | None] = {}
 
     def model_of(self, worker: str | None) -> str | None:
@@ -190,12 +192,15 @@ class BatchRun:
                 yield cid, None
 
     def wait_any(self, outstanding: dict[str, str], timeout: float) -> None:
-        """Block until the oldest outstanding job finishes, or ``timeout``."""
+        """Block until the oldest outstanding job finishes, or ``timeout`` (a ``wait_jobs``
+        waiter on it; an id pushed for a job collected already only wakes the loop early)."""
         if not outstanding:
             return
         job = next(iter(outstanding.values()))
-        done = self.layout.for_job(job).done(job)
-        self.r.blmove(done, done, timeout, "LEFT", "LEFT")  # type: ignore[arg-type]
+        keys = self.layout.for_job(job)
+        key_list, args = waiting.register_args(keys, self._token, [job], timeout)
+        if self._wait_jobs(keys=key_list, args=args)[0] == 1:
+            self.r.blmpop(timeout, 1, keys.waiter(self._token), direction="LEFT", count=100)
 
 
 def _s(x: Any) -> str:

@@ -10,7 +10,8 @@ whole process group) every few seconds and restarts it under a new consumer name
 least one worker alive at all times. At the end the invariant checker reads every job back:
 
 * lost: submitted, but no terminal result;
-* duplicate visible: a job whose done list got more than one element (a second publish);
+* duplicate visible: a second publish (a done list or the soak's watching waiter got more
+  signals than the job is owed: slotfill/testing/signals.py);
 * wrong: a result whose content does not match its request (the sim engine's output is a
   function of ``max_tokens``);
 * re-executions: sum over jobs of (starts - 1), bounded by the entries the killed workers
@@ -36,10 +37,11 @@ from typing import Any
 
 import redis
 
-from producer import Client, QueueFull
+from producer import Client, QueueFull, waiting
 from producer.connection import connect
 from producer.keys import GROUP
 from producer.shards import read_layout
+from slotfill.testing import signals
 from slotfill.testing.fleet import WorkerProcess
 from slotfill.testing.redis_server import unblock_stream_reads
 
@@ -89,11 +91,14 @@ class Report:
 
 
 def check_invariants(r: redis.Redis, queue: str, ids: list[str],
-                     expected_tokens: dict[str, int] | None = None) -> Report:
+                     expected_tokens: dict[str, int] | None = None,
+                     watch: str | None = None) -> Report:
     """Read every job of ``ids`` back (each from its shard, for a sharded queue) and count
-    what the promises forbid."""
+    what the promises forbid. ``watch``: a waiter's token registered on the jobs as they
+    were submitted (each job it saw running was pushed to it once: testing/signals.py)."""
     layout = read_layout(r, queue)
     rep = Report(submitted=len(ids))
+    pushed = signals.pushes(r, layout.every_keys, watch)
     statuses: Counter[str] = Counter()
     codes: Counter[str] = Counter()
     for start in range(0, len(ids), 1000):
@@ -101,18 +106,19 @@ def check_invariants(r: redis.Redis, queue: str, ids: list[str],
         pipe = r.pipeline(transaction=False)
         for i in chunk:
             keys = layout.for_job(i)
-            pipe.hmget(keys.job(i), "status", "result", "attempts")
+            pipe.hmget(keys.job(i), *signals.fields(["status", "result", "attempts"]))
             pipe.llen(keys.done(i))
         replies = pipe.execute()
         for n, job_id in enumerate(chunk):
-            (status, result, attempts), done_len = replies[2 * n], replies[2 * n + 1]
+            (status, result, attempts, notify, waiters), done_len = replies[2 * n:2 * n + 2]
             starts = int(attempts or 0)
             rep.re_executions += max(0, starts - 1)
             rep.max_starts = max(rep.max_starts, starts)
             if result is None or status is None:
                 rep.lost.append(job_id)
                 continue
-            if done_len != 1:
+            bad = signals.problem(job_id, notify, waiters, done_len, pushed, watch)
+            if bad:
                 rep.duplicate_visible.append(job_id)
             res = json.loads(result)
             st = res["status"]
@@ -127,7 +133,7 @@ def check_invariants(r: redis.Redis, queue: str, ids: list[str],
                 text = " ".join(f"t{k % 997}" for k in range(1, want + 1))
                 if res["usage"]["completion_tokens"] != want or res["text"] != text:
                     rep.wrong.append(job_id)
-            if done_len == 1:
+            if not bad:
                 rep.completed += 1
     rep.statuses, rep.error_codes = dict(statuses), dict(codes)
     stats: Counter[str] = Counter()
@@ -247,7 +253,7 @@ class Fleet:
 
 def _submit_spread(client: Client, rng: random.Random, jobs: int, tokens: tuple[int, int],
                    phase: float, stop: threading.Event, ids: list[str],
-                   expected: dict[str, int]) -> None:
+                   expected: dict[str, int], watch: str) -> None:
     """Submit ``jobs`` jobs in batches of 25 spread over ``phase`` seconds (until ``stop``),
     appending their ids to ``ids`` and their output length to ``expected``."""
     batch = 25
@@ -265,6 +271,7 @@ def _submit_spread(client: Client, rng: random.Random, jobs: int, tokens: tuple[
             time.sleep(0.2)
         for i, q in zip(new, reqs, strict=True):
             expected[i] = int(str(q["max_tokens"]))
+        signals.watch(client.redis, client.layout(), watch, new)
         ids.extend(new)
         sent += len(new)
         time.sleep(per_batch_s)
@@ -308,9 +315,10 @@ def soak(redis_url: str, queue: str, *, kills: int, jobs: int, log_dir: Path,
     t0 = time.monotonic()
     phase = max(1.0, kills * sum(kill_gap) / 2)
     stop = threading.Event()
+    watch = waiting.new_token()
 
     def submitter() -> None:
-        _submit_spread(client, rng, jobs, tokens, phase, stop, ids, expected)
+        _submit_spread(client, rng, jobs, tokens, phase, stop, ids, expected, watch)
 
     fleet.start()
     sub = threading.Thread(target=submitter, name="submitter")
@@ -330,7 +338,7 @@ def soak(redis_url: str, queue: str, *, kills: int, jobs: int, log_dir: Path,
         stop.set()
         sub.join()
         codes = fleet.stop()
-    checked = check_invariants(r, queue, ids, expected if engine == "sim" else None)
+    checked = check_invariants(r, queue, ids, expected if engine == "sim" else None, watch)
     checked.kills, checked.held_at_kills = rep.kills, rep.held_at_kills
     checked.stolen_from_live = max(0, checked.reclaimed - rep.held_at_kills)
     checked.lease_lost_logged = sum(f.read_text(errors="replace").count("lease lost to a peer")

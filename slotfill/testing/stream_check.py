@@ -17,6 +17,7 @@ from typing import Any
 import redis
 
 from producer.keys import QueueKeys
+from slotfill.testing import signals
 
 
 def _s(x: Any) -> str:
@@ -82,13 +83,15 @@ class JobReport:
 
 def check_job(r: redis.Redis, keys: QueueKeys, job_id: str, streaming: bool) -> list[str]:
     """What breaks the invariant for one job (empty: nothing)."""
-    raw = r.hget(keys.job(job_id), "result")
+    raw, notify, waiters = r.hmget(keys.job(job_id), *signals.fields(["result"]))
     if raw is None:
         return ["no result"]
     res = json.loads(raw)
     out = []
-    if r.llen(keys.done(job_id)) != 1:
-        out.append(f"done list holds {r.llen(keys.done(job_id))} signals")
+    bad = signals.problem(job_id, notify, waiters, int(r.llen(keys.done(job_id))),
+                          signals.pushes(r, keys, None), None)
+    if bad:
+        out.append(bad)
     if not streaming:
         return out
     v = read_stream(r, keys.tokens(job_id))

@@ -1,0 +1,121 @@
+"""Pure helpers of the batched wait (``wait_jobs``, PROTOCOL.md "Reading the result"), shared
+by the sync and async clients: grouping ids per shard, building the step's arguments, reading
+its replies and the waiter list's."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from producer.errors import JobNotFound, WaitTimeout
+from producer.keys import QueueKeys
+from producer.schema import JobResult
+from producer.shards import ShardLayout
+
+REGISTER_CHUNK = 1000
+"""Most jobs one ``wait_jobs`` call registers on (the step refuses more)."""
+
+MAX_WAIT_S = 86400
+
+
+def new_token() -> str:
+    """A fresh waiter token: 128 random bits, hex (another client must not guess it)."""
+    return secrets.token_hex(16)
+
+
+def wait_seconds(timeout: float) -> int:
+    """``wait_jobs``' ARGV[2]: whole seconds, one more than the wait, so the registration
+    outlives the client's last block even with clock rounding."""
+    return max(1, min(MAX_WAIT_S, math.ceil(max(0.0, timeout)) + 1))
+
+
+def register_args(keys: QueueKeys, token: str, ids: list[str], timeout: float
+                  ) -> tuple[list[str], list[str | int]]:
+    """KEYS and ARGV of one ``wait_jobs`` call."""
+    return ([keys.waiter(token), *(keys.job(i) for i in ids)],
+            [token, wait_seconds(timeout), *ids])
+
+
+def by_shard(layout: ShardLayout, ids: Iterable[str]) -> dict[QueueKeys, list[str]]:
+    """``ids`` (deduplicated, in order) grouped by the shard their id routes to."""
+    out: dict[QueueKeys, list[str]] = {}
+    for i in dict.fromkeys(ids):
+        out.setdefault(layout.for_job(i) if layout.sharded else layout.keys(0), []).append(i)
+    return out
+
+
+def _s(x: Any) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+@dataclass
+class Waiting:
+    """The state of one batched wait: results got, ids still pending per shard, ids unknown."""
+
+    token: str = field(default_factory=new_token)
+    results: dict[str, JobResult] = field(default_factory=dict)
+    pending: dict[QueueKeys, set[str]] = field(default_factory=dict)
+    unknown: list[str] = field(default_factory=list)
+
+    def registered(self, keys: QueueKeys, ids: list[str], replies: list[Any]) -> None:
+        """Take one ``wait_jobs`` reply: a result, 1 (registered) or 0 (no record) per id."""
+        pending = self.pending.setdefault(keys, set())
+        for job_id, reply in zip(ids, replies, strict=True):
+            if reply == 1:
+                pending.add(job_id)
+                continue
+            pending.discard(job_id)
+            if reply == 0:
+                self.unknown.append(job_id)
+            else:
+                self.results[job_id] = JobResult.model_validate_json(reply)
+
+    def woken(self, keys: QueueKeys, ids: list[str], raws: list[Any]) -> None:
+        """Take the results read for the ids popped off ``keys``' waiter list. A woken job
+        without a result: it expired meanwhile (JobNotFound)."""
+        left = self.pending.setdefault(keys, set())
+        for job_id, raw in zip(ids, raws, strict=True):
+            if job_id not in left:
+                continue  # a repeated push (a reply lost and the step run again)
+            if raw is None:
+                raise JobNotFound(job_id)
+            self.results[job_id] = JobResult.model_validate_json(raw)
+            left.discard(job_id)
+
+    def not_found(self) -> JobNotFound:
+        return JobNotFound(", ".join(self.unknown))
+
+    def missing(self) -> list[str]:
+        return sorted(i for ids in self.pending.values() for i in ids)
+
+    def timed_out(self, timeout: float) -> WaitTimeout:
+        missing = self.missing()
+        return WaitTimeout(f"{len(missing)} job(s) not finished after {timeout}s: "
+                           + ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else ""),
+                           missing, dict(self.results))
+
+
+NAP_S = 30.0
+"""How long a stream reader's registration lasts (it naps in slices of STREAM_PROBE_S)."""
+
+
+@dataclass
+class Nap:
+    """A stream reader's registration on a job that has no token stream yet: made once per
+    ``NAP_S``, so each probe costs one blocking pop, not a registration too."""
+
+    token: str = field(default_factory=new_token)
+    until: float = 0.0
+    """Monotonic time the registration lasts until."""
+
+
+def popped(reply: Any) -> list[str]:
+    """Job ids of a ``BLMPOP`` reply (``[key, [ids]]`` or nil) or an ``LPOP key count`` one."""
+    if not reply:
+        return []
+    if len(reply) == 2 and isinstance(reply[1], list):
+        return [_s(x) for x in reply[1]]
+    return [_s(x) for x in reply]
