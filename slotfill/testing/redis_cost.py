@@ -1,14 +1,15 @@
 """Redis commands and Redis CPU per job lifecycle (submit → result read), from
 ``INFO commandstats`` before and after a run of simulated jobs.
 
-    python -m slotfill.testing.redis_cost --jobs 2000 [--stream] [--single]
+    python -m slotfill.testing.redis_cost --jobs 2000 [--stream] [--single] [--wait-many]
 
 Starts its own redis-server and one simulated worker; submits ``--jobs`` jobs (``submit_many``
 chunks of 100, or one ``submit`` each with ``--single``) and reads every result the way a
-backend does (``wait``). ``all_commands``: every command Redis executed, those inside Lua
-scripts included (``INFO commandstats``); ``--monitor`` also splits what clients sent from
-what scripts ran. Redis CPU is ``INFO cpu`` (user + sys) before/after, per job; the worker's
-idle upkeep (heartbeats, lease renewals) is included.
+backend does (``wait``, one job after another; ``--wait-many``: one ``wait_many`` for all).
+``all_commands``: every command Redis executed, those inside Lua scripts included
+(``INFO commandstats``); ``--monitor`` also splits what clients sent from what scripts ran.
+Redis CPU is ``INFO cpu`` (user + sys) before/after, per job; the worker's idle upkeep
+(heartbeats, lease renewals) is included.
 """
 
 from __future__ import annotations
@@ -62,8 +63,19 @@ class _Monitor(threading.Thread):
                 (self.inner if cmd.get("client_type") == "lua" else self.top)[name] += 1
 
 
+def _lifecycle(c: Client, reqs: list[dict[str, Any]], single: bool, wait_many: bool) -> None:
+    """Submit every job, then read every result."""
+    ids = ([c.submit(request=q).id for q in reqs] if single
+           else c.submit_many(reqs, chunk=100))
+    if wait_many:
+        c.wait_many(ids, timeout=120)
+    else:
+        for i in ids:
+            c.wait(i, timeout=60)
+
+
 def measure(jobs: int, stream: bool, single: bool, log_dir: Path,
-            monitor: bool = False) -> dict[str, Any]:
+            monitor: bool = False, wait_many: bool = False) -> dict[str, Any]:
     (log_dir / "redis").mkdir(parents=True, exist_ok=True)
     with RedisServer(appendfsync="everysec", workdir=str(log_dir / "redis")) as server:
         w = WorkerProcess(server.url, "cost", log_dir / "worker.log", queue="cost",
@@ -84,10 +96,7 @@ def measure(jobs: int, stream: bool, single: bool, log_dir: Path,
                 mon.start()
                 time.sleep(0.3)
             t0 = time.monotonic()
-            ids = ([c.submit(request=q).id for q in reqs] if single
-                   else c.submit_many(reqs, chunk=100))
-            for i in ids:
-                c.wait(i, timeout=60)
+            _lifecycle(c, reqs, single, wait_many)
             seconds = time.monotonic() - t0
             mon.stop.set()
             if monitor:
@@ -102,7 +111,8 @@ def measure(jobs: int, stream: bool, single: bool, log_dir: Path,
                       and k not in mon.inner and k not in ("evalsha", "eval"))
     all_calls = sum(v["calls"] for k, v in stats.items() if k != "config|resetstat")
     out: dict[str, Any] = {
-        "jobs": jobs, "stream": stream, "single_submit": single, "seconds": round(seconds, 1),
+        "jobs": jobs, "stream": stream, "single_submit": single, "wait_many": wait_many,
+        "seconds": round(seconds, 1),
         "all_commands_per_job": round(all_calls / jobs, 2),
         "all_by_name_per_job": {k: round(v["calls"] / jobs, 2) for k, v in sorted(
             stats.items(), key=lambda kv: -kv[1]["calls"]) if v["calls"] / jobs >= 0.01},
@@ -127,11 +137,13 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=2000)
     ap.add_argument("--stream", action="store_true")
     ap.add_argument("--single", action="store_true")
+    ap.add_argument("--wait-many", action="store_true",
+                    help="read the results with one wait_many instead of a wait per job")
     ap.add_argument("--monitor", action="store_true",
                     help="also split client commands from those scripts run (MONITOR)")
     a = ap.parse_args()
     out = measure(a.jobs, a.stream, a.single, Path(tempfile.mkdtemp(prefix="slotfill-cost-")),
-                  a.monitor)
+                  a.monitor, a.wait_many)
     print(json.dumps(out, indent=2))
     return 0
 
