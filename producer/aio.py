@@ -210,29 +210,20 @@ class AsyncClient:
         while w.pending.get(keys):
             left = deadline - time.monotonic()
             if left <= 0:
-                await self._read(w, keys, waiting.popped(
-                    await self.redis.lpop(key, len(w.pending[keys]))))
+                w.woken(keys, await self.redis.lpop(key, len(w.pending[keys])) or [])  # type: ignore[arg-type]
                 return
             try:
                 reply = await self.redis.blmpop(protocol.block_slice(left, kwargs), 1, key,
                                                 direction="LEFT", count=len(w.pending[keys]))
             except RedisTimeoutError:  # a late reply (busy server): the next round decides
                 continue
-            ids = waiting.popped(reply)
-            if ids:
-                await self._read(w, keys, ids)
+            results = waiting.popped(reply)
+            if results:
+                w.woken(keys, results)
             else:  # a quiet slice: look again (a worker older than wait_jobs pushes nothing)
                 await self._register(w, keys, sorted(w.pending[keys]), left)
                 if w.unknown:
                     raise w.not_found()
-
-    async def _read(self, w: waiting.Waiting, keys: QueueKeys, ids: list[str]) -> None:
-        if not ids:
-            return
-        pipe = self.redis.pipeline(transaction=False)
-        for job_id in ids:
-            pipe.hget(keys.job(job_id), "result")
-        w.woken(keys, ids, await pipe.execute())
 
     async def cancel(self, job_id: str, *, queue: str | None = None) -> str:
         keys = await self._job_keys(job_id, queue)

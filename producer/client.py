@@ -189,7 +189,7 @@ class Client:
         """Block until every job of ``job_ids`` is finished; their results by id, in input
         order. A few round trips per shard, not per job: one ``wait_jobs`` step returns the
         results already there and registers a waiter on the rest, whose ends are then
-        popped off one waiter list, and their results read in one pipelined round.
+        popped off one waiter list (their terminal steps push the results there).
 
         Raises JobNotFound (its message lists the unknown ids) before blocking when any id
         has no record, WaitTimeout (``missing``: the ids not finished, ``results``: those
@@ -235,35 +235,27 @@ class Client:
                 raise protocol.refusal(e) or e from None
 
     def _drain(self, w: waiting.Waiting, keys: QueueKeys, deadline: float) -> None:
-        """Pop the ids of ``keys``' registered jobs as they end, until none is left or the
+        """Pop the results of ``keys``' registered jobs as they end, until none is left or the
         deadline passes (then one last look without blocking)."""
         key = keys.waiter(w.token)
         kwargs = connection_kwargs(self.redis)
         while w.pending.get(keys):
             left = deadline - time.monotonic()
             if left <= 0:
-                self._read(w, keys, waiting.popped(self.redis.lpop(key, len(w.pending[keys]))))
+                w.woken(keys, self.redis.lpop(key, len(w.pending[keys])) or [])  # type: ignore[arg-type]
                 return
             try:
                 reply = self.redis.blmpop(protocol.block_slice(left, kwargs), 1, key,
                                           direction="LEFT", count=len(w.pending[keys]))
             except RedisTimeoutError:  # a late reply (busy server): the next round decides
                 continue
-            ids = waiting.popped(reply)
-            if ids:
-                self._read(w, keys, ids)
+            results = waiting.popped(reply)
+            if results:
+                w.woken(keys, results)
             else:  # a quiet slice: look again (a worker older than wait_jobs pushes nothing)
                 self._register(w, keys, sorted(w.pending[keys]), left)
                 if w.unknown:
                     raise w.not_found()
-
-    def _read(self, w: waiting.Waiting, keys: QueueKeys, ids: list[str]) -> None:
-        if not ids:
-            return
-        pipe = self.redis.pipeline(transaction=False)
-        for job_id in ids:
-            pipe.hget(keys.job(job_id), "result")
-        w.woken(keys, ids, pipe.execute())
 
     def cancel(self, job_id: str, *, queue: str | None = None) -> str:
         """Cancel a job: ``cancelled`` (was queued), ``requested`` (running: the worker aborts

@@ -67,8 +67,8 @@ class QueueKeys:
         return f"{self.base}:done:{job_id}"
 
     def waiter(self, token: str) -> str:
-        """List of one waiting client (``wait_jobs``): the terminal steps push the id of each
-        job it registered on; expires a minute after its wait."""
+        """List of one waiting client (``wait_jobs``): the terminal steps push the result of
+        each job it registered on; expires a minute after its wait."""
         return f"{self.base}:waiter:{token}"
 
     def tokens(self, job_id: str) -> str:

@@ -1,6 +1,6 @@
 """Pure helpers of the batched wait (``wait_jobs``, PROTOCOL.md "Reading the result"), shared
 by the sync and async clients: grouping ids per shard, building the step's arguments, reading
-its replies and the waiter list's."""
+its replies and the results popped off the waiter list."""
 
 from __future__ import annotations
 
@@ -73,17 +73,14 @@ class Waiting:
             else:
                 self.results[job_id] = JobResult.model_validate_json(reply)
 
-    def woken(self, keys: QueueKeys, ids: list[str], raws: list[Any]) -> None:
-        """Take the results read for the ids popped off ``keys``' waiter list. A woken job
-        without a result: it expired meanwhile (JobNotFound)."""
+    def woken(self, keys: QueueKeys, raws: list[Any]) -> None:
+        """Take the results popped off ``keys``' waiter list (each names its job)."""
         left = self.pending.setdefault(keys, set())
-        for job_id, raw in zip(ids, raws, strict=True):
-            if job_id not in left:
-                continue  # a repeated push (a reply lost and the step run again)
-            if raw is None:
-                raise JobNotFound(job_id)
-            self.results[job_id] = JobResult.model_validate_json(raw)
-            left.discard(job_id)
+        for raw in raws:
+            res = JobResult.model_validate_json(raw)
+            if res.id in left:  # else: one taken already (it ended while registering again)
+                self.results[res.id] = res
+                left.discard(res.id)
 
     def not_found(self) -> JobNotFound:
         return JobNotFound(", ".join(self.unknown))
@@ -112,10 +109,6 @@ class Nap:
     """Monotonic time the registration lasts until."""
 
 
-def popped(reply: Any) -> list[str]:
-    """Job ids of a ``BLMPOP`` reply (``[key, [ids]]`` or nil) or an ``LPOP key count`` one."""
-    if not reply:
-        return []
-    if len(reply) == 2 and isinstance(reply[1], list):
-        return [_s(x) for x in reply[1]]
-    return [_s(x) for x in reply]
+def popped(reply: Any) -> list[Any]:
+    """The elements of a ``BLMPOP`` reply (``[key, [elements]]`` or nil)."""
+    return list(reply[1]) if reply else []

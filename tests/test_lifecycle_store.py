@@ -178,7 +178,7 @@ async def test_jobs_finishing_together_are_written_in_one_script_call(
     assert _evalsha_calls(r) - before == 1  # one step for the six
     assert all(r.hget(keys.job(i), "status") == b"succeeded" for i in ids)
     assert not any(r.exists(keys.done(i)) for i in ids)  # notify=waiters: no done list
-    assert sorted(r.lrange(keys.waiter("t-watch"), 0, -1)) == sorted(i.encode() for i in ids)
+    assert sorted(watch.pushes(r, keys, "t-watch").elements()) == sorted(ids)
     assert 0 < r.ttl(keys.waiter("t-watch")) <= watch.WATCH_S + 60
     assert sum(r.xlen(s) for s in keys.streams) == 0  # acknowledged and deleted, each
     assert r.xpending(keys.stream(), GROUP)["pending"] == 0

@@ -44,17 +44,19 @@ def _submit_lua() -> str:
 
 
 def _raw_wait(r: redis.Redis, q: str, job_id: str, timeout: int) -> Any:
-    """PROTOCOL.md, "Reading the result": register with wait_jobs, block on the waiter list,
-    then read the result."""
+    """PROTOCOL.md, "Reading the result": register with wait_jobs, then pop the result off
+    the waiter list."""
     token = secrets.token_hex(16)
     waiter, job = f"slotfill:{{{q}}}:waiter:{token}", f"slotfill:{{{q}}}:job:{job_id}"
     (got,) = r.eval(doc_scripts()["wait_jobs"], 2, waiter, job, token, timeout, job_id)
-    if got == 1:
+    if got == 1:  # registered: the job's end pushes its result onto the waiter list
         popped = r.blpop([waiter], timeout)
-        assert popped is not None and popped[1] == job_id.encode()
-        got = r.hget(job, "result")
+        assert popped is not None
+        got = popped[1]
     assert got not in (0, None)
-    return json.loads(got)
+    result = json.loads(got)
+    assert result["id"] == job_id
+    return result
 
 
 @pytest.mark.parametrize("name", CLIENT_SCRIPTS)

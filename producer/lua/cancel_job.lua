@@ -47,7 +47,7 @@ if st == "queued" then
   for token, deadline in string.gmatch(h[7] or "", "([%w_%-]+)@(%d+)") do
     local left = tonumber(deadline) - now
     if left > 0 then
-      redis.call("RPUSH", base .. ":waiter:" .. token, id)
+      redis.call("RPUSH", base .. ":waiter:" .. token, result)
       redis.call("EXPIRE", base .. ":waiter:" .. token, math.ceil(left) + 60)
     end
   end

@@ -47,7 +47,7 @@ if h[9] ~= "waiters" then
   redis.call("RPUSH", KEYS[3], ARGV[3])
   redis.call("EXPIRE", KEYS[3], ARGV[6])
 end
-wake_waiters(KEYS[2], h[10], id, ARGV[5], batch)
+wake_waiters(KEYS[2], h[10], ARGV[4], ARGV[5], batch)
 ack_entry(batch, KEYS[1], ARGV[2], ARGV[1])
 count(batch, KEYS[4], "finished_" .. ARGV[3], 1)
 if h[4] then

@@ -1,9 +1,9 @@
 -- wait_jobs: register a waiter on many jobs of one queue, in one step: returns the results of
 -- those already terminal and registers the caller on the others, so no job can end between
 -- the read and the registration unseen. When a registered job ends, its terminal step pushes
--- the job id onto KEYS[1] (once per registration); block on it with BLPOP / BLMPOP, then
--- HGET each result. A refused call writes nothing and replies "ERR slotfill:<code> <what>"
--- (invalid_argument, invalid_key).
+-- its result JSON (with the job's "id") onto KEYS[1], once per token: pop them with BLMPOP.
+-- A refused call writes nothing and replies "ERR slotfill:<code> <what>" (invalid_argument,
+-- invalid_key).
 -- KEYS[1] slotfill:{Q}:waiter:<token>  KEYS[2..n+1] slotfill:{Q}:job:<id> of each job (n 1..1000)
 -- ARGV[1] token: 1..64 of A-Z a-z 0-9 _ - (unguessable: a fresh random one per wait)
 -- ARGV[2] how long the caller waits: whole seconds 1..86400 (the waiter list expires 60 s after)

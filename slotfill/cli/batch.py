@@ -193,7 +193,7 @@ class BatchRun:
 
     def wait_any(self, outstanding: dict[str, str], timeout: float) -> None:
         """Block until the oldest outstanding job finishes, or ``timeout`` (a ``wait_jobs``
-        waiter on it; an id pushed for a job collected already only wakes the loop early)."""
+        waiter on it; a result pushed for a job collected already only wakes the loop early)."""
         if not outstanding:
             return
         job = next(iter(outstanding.values()))

@@ -3,12 +3,13 @@ result"), checked per job by the invariant checkers (kill_soak, stream_check).
 
 A job whose record says ``notify=waiters`` (submitted with this submit_job) gets no done list;
 any other (plain ``XADD``, an older submit_job) gets exactly one signal there. Either way each
-waiter registered (``wait_jobs``) while the job ran gets its id pushed exactly once: a soak
+waiter registered (``wait_jobs``) while the job ran gets its result pushed once: a soak
 registers a *watch* on every job it submits, and a second publish shows as a second push.
 """
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -39,14 +40,14 @@ def watch(r: redis.Redis, where: QueueKeys | ShardLayout, token: str, ids: list[
 
 def pushes(r: redis.Redis, where: QueueKeys | Iterable[QueueKeys], token: str | None
            ) -> Counter[str]:
-    """How often each job id was pushed onto ``token``'s waiter list (of every queue or
+    """How often each job's result was pushed onto ``token``'s waiter list (of every queue or
     shard of ``where``; no token: none)."""
     if token is None:
         return Counter()
     out: Counter[str] = Counter()
     for keys in ([where] if isinstance(where, QueueKeys) else where):
         raw: list[Any] = r.lrange(keys.waiter(token), 0, -1)  # type: ignore[assignment]
-        out.update(x.decode() if isinstance(x, bytes) else str(x) for x in raw)
+        out.update(str(json.loads(x)["id"]) for x in raw)  # each a result JSON
     return out
 
 
