@@ -155,6 +155,9 @@ class AsyncClient:
     ) -> JobResult:
         keys = await self._job_keys(job_id, queue)
         with translated():
+            done = await self._result(job_id, keys)  # see Client.wait
+            if done is not None:
+                return done
             try:
                 return (await self._wait_many({keys: [job_id]}, timeout))[job_id]
             except WaitTimeout:

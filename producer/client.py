@@ -179,6 +179,11 @@ class Client:
         """Block until the job is finished (no polling: see :meth:`wait_many`)."""
         keys = self._job_keys(job_id, queue)
         with translated():
+            # A plain read first: a job that already ended (often, reading results behind
+            # the workers) costs Redis one HGET, not a script call.
+            done = self._result(job_id, keys)
+            if done is not None:
+                return done
             try:
                 return self._wait_many({keys: [job_id]}, timeout)[job_id]
             except WaitTimeout:

@@ -49,7 +49,7 @@ BLOCK_SLICE_S = 4.0
 
 
 def block_slice(left: float, connection_kwargs: dict[str, Any]) -> float:
-    """Seconds one blocking command (``BLMOVE`` in ``wait``) may block: what is left of the
+    """Seconds one blocking command (``BLMPOP`` in ``wait``) may block: what is left of the
     wait, but shorter than the connection's socket timeout, or the read times out first
     (redis-py 8 gives every connection a 5 s socket timeout unless told otherwise)."""
     timeout = (connection_kwargs.get("socket_timeout")
@@ -205,13 +205,13 @@ def parse_result(raw: Any) -> JobResult | None:
 
 
 STREAM_PROBE_S = 0.5
-"""How long a reader of a job that has no token stream yet waits on its done list before it
+"""How long a reader of a job that has no token stream yet waits on its waiter list before it
 looks again (a job added with a plain ``XADD`` gets its stream only when it starts)."""
 
 
 def stream_probe(job_id: str, status: Any, streaming: Any, stream_exists: Any) -> str:
     """What a token-stream reader does next, from the job's record: ``read`` its stream,
-    ``wait`` (nothing streams yet: block on the done list), or take the ``result`` (the job
+    ``wait`` (nothing streams yet: block on a waiter list), or take the ``result`` (the job
     ended without streaming, or its stream expired). JobNotFound for an unknown job."""
     st = parse_status(status)
     if st is None:

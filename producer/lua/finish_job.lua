@@ -2,7 +2,8 @@
 --- @include "includes/batch"
 --- @include "includes/waiters"
 -- finish_job: running -> succeeded | failed | cancelled | expired, exactly once.
--- KEYS[1] stream  KEYS[2] job hash  KEYS[3] done list (unless notify=waiters)  KEYS[4] stats hash  KEYS[5] dead stream
+-- KEYS[1] stream  KEYS[2] job hash  KEYS[3] done list (written unless notify=waiters)
+-- KEYS[4] stats hash  KEYS[5] dead stream
 -- ARGV[1] entry id  ARGV[2] group  ARGV[3] status  ARGV[4] result JSON  ARGV[5] now
 -- ARGV[6] result TTL seconds  ARGV[7] dead-letter reason ("" = none)  ARGV[8] entry body
 -- ARGV[9] delivery count  KEYS[6] token stream (its ``end`` entry, for a streaming job)
