@@ -47,10 +47,6 @@ def by_shard(layout: ShardLayout, ids: Iterable[str]) -> dict[QueueKeys, list[st
     return out
 
 
-def _s(x: Any) -> str:
-    return x.decode() if isinstance(x, bytes) else str(x)
-
-
 @dataclass
 class Waiting:
     """The state of one batched wait: results got, ids still pending per shard, ids unknown."""

@@ -123,6 +123,9 @@ def test_a_job_runs_end_to_end_over_tls_with_restricted_acl_users(
         w.wait_ready(60)
         ids = c.submit_many([{"prompt": f"secret {i}", "max_tokens": 5} for i in range(20)])
         assert all(c.wait(i, timeout=20).status is JobStatus.succeeded for i in ids)
+        more = c.submit_many([{"prompt": f"batch {i}", "max_tokens": 5} for i in range(8)])
+        assert {r.status for r in c.wait_many(more, timeout=20).values()} == {
+            JobStatus.succeeded}  # wait_jobs, BLMPOP: allowed to the client user
         again = c.submit(prompt="idem", max_tokens=3, idempotency_key="k1")
         assert c.submit(prompt="idem", max_tokens=3, idempotency_key="k1").id == again.id
         long = c.submit(prompt="long", max_tokens=400)
