@@ -130,8 +130,9 @@ def submit_call(
         *keys.streams,
         keys.config,
     ]
+    # "waiters": this client waits with wait_jobs, so the job needs no done list.
     args: list[str | int | float] = [
-        job_id, body, settings.idempotency_ttl if idempotency_key else ""]
+        job_id, body, settings.idempotency_ttl if idempotency_key else "", "waiters"]
     return key_list, args
 
 

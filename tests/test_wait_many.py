@@ -98,6 +98,28 @@ def test_a_record_without_notify_still_gets_its_done_list(client: Client, r: red
     assert not r.exists(keys.done(new))
 
 
+def test_the_notify_argument_is_the_submitters_choice(client: Client, r: redis.Redis,
+                                                      queue: str,
+                                                      inproc: Callable[..., Any]) -> None:
+    """A caller of submit_job written to the earlier protocol (3 ARGV) keeps the done list it
+    blocks on; ARGV[4] other than "waiters" or empty is refused and writes nothing."""
+    keys = QueueKeys.for_queue(queue)
+    key_list = [keys.stream("normal"), keys.job("raw1"), keys.idempotency("-"), *keys.streams,
+                keys.config]
+    body = '{"prompt": "raw", "max_tokens": 3, "ignore_eos": true}'
+    with pytest.raises(ResponseError) as e:
+        r.eval(source("submit_job"), 7, *key_list, "raw1", body, "", "done")
+    assert "invalid_argument" in str(e.value) and not r.exists(keys.job("raw1"))
+    assert [x.decode() for x in r.eval(source("submit_job"), 7, *key_list, "raw1", body, "")
+            ] == ["ok", "raw1"]
+    assert r.hget(keys.job("raw1"), "notify") is None
+    inproc("a").wait_ready()
+    done = wait_until(lambda: r.lrange(keys.done("raw1"), 0, -1), timeout=30,
+                      what="the done list of a job submitted without ARGV[4]")
+    assert done == [b"succeeded"]
+    assert client.wait("raw1", timeout=5).status is JobStatus.succeeded
+
+
 def test_the_async_client_waits_many(redis_server: RedisServer, queue: str,
                                      inproc: Callable[..., Any]) -> None:
     inproc("a", max_num_seqs=4, headroom=0).wait_ready()

@@ -8,6 +8,9 @@
 -- ARGV[1] job id: 1..128 of A-Z a-z 0-9 _ -
 -- ARGV[2] body: a JSON object in UTF-8; "priority", "stream" and "deadline" are read here
 -- ARGV[3] idempotency key TTL: whole seconds 1..31536000, or "" for no idempotency key
+-- ARGV[4] (may be left out) how the job's end is announced: "waiters" = only to waiters
+-- registered with wait_jobs, no done list; "" or left out = the done list as well (what a
+-- client that blocks on slotfill:{Q}:done:<id> needs)
 -- Returns {"ok", id} | {"exists", job id} (the idempotency key or the job id is taken: the
 -- existing job is left as it is) | {"full", pending count} (nothing written: retry later)
 -- Run by a batched call (producer/scripts.py) it gets the batch's shared table, alone nil:
@@ -17,8 +20,13 @@ local batch = ...
 local function refuse(code, what)
   return redis.error_reply("ERR slotfill:" .. code .. " " .. what)
 end
-if #KEYS ~= 7 or #ARGV ~= 3 then return refuse("invalid_argument", "want 7 KEYS, 3 ARGV") end
-local id, body, idem_ttl = ARGV[1], ARGV[2], ARGV[3]
+if #KEYS ~= 7 or (#ARGV ~= 3 and #ARGV ~= 4) then
+  return refuse("invalid_argument", "want 7 KEYS, 3 or 4 ARGV")
+end
+local id, body, idem_ttl, notify = ARGV[1], ARGV[2], ARGV[3], ARGV[4] or ""
+if notify ~= "" and notify ~= "waiters" then
+  return refuse("invalid_argument", "ARGV[4] must be \"waiters\" or empty")
+end
 if #id < 1 or #id > 128 or string.find(id, "[^%w_%-]") then
   return refuse("invalid_argument", "job id must be 1..128 of A-Z a-z 0-9 _ -")
 end
@@ -95,7 +103,11 @@ local now = queue.now
 local entry = redis.call("XADD", KEYS[1], "*", "id", id, "body", body)
 queue.pending = queue.pending + 1
 local record = {"status", "queued", "queued_at", now, "stream", KEYS[1], "entry", entry,
-  "priority", priority, "attempts", 0, "notify", "waiters"}
+  "priority", priority, "attempts", 0}
+if notify ~= "" then
+  record[#record + 1] = "notify"
+  record[#record + 1] = notify
+end
 if deadline then
   record[#record + 1] = "deadline"
   record[#record + 1] = string.format("%.17g", deadline)
