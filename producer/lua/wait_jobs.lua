@@ -1,3 +1,4 @@
+--- @include "includes/terminal"
 -- wait_jobs: register a waiter on many jobs of one queue, in one step: returns the results of
 -- those already terminal and registers the caller on the others, so no job can end between
 -- the read and the registration unseen. When a registered job ends, its terminal step pushes
@@ -37,7 +38,6 @@ for i = 2, #KEYS do
     return refuse("invalid_key", "KEYS[" .. i .. "] is not queue " .. q .. "'s job " .. id)
   end
 end
-local terminal = {succeeded = true, failed = true, cancelled = true, expired = true}
 local now = tonumber(redis.call("TIME")[1])
 local mine = token .. "@" .. (now + tonumber(secs))
 local out = {}
@@ -45,7 +45,7 @@ for i = 2, #KEYS do
   local h = redis.call("HMGET", KEYS[i], "status", "result", "waiters")
   if not h[1] then
     out[i - 1] = 0
-  elseif terminal[h[1]] then
+  elseif is_terminal(h[1]) then
     out[i - 1] = h[2] or 0
   else
     -- The record's waiters: "<token>@<deadline>" items; those whose wait is over are dropped,
