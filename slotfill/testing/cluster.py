@@ -4,7 +4,6 @@ by ``redis-cli --cluster create``."""
 
 from __future__ import annotations
 
-import random
 import shutil
 import subprocess
 import tempfile
@@ -13,7 +12,13 @@ from pathlib import Path
 
 import redis
 
-from slotfill.testing.redis_server import LOWEST_PORT, RedisServer, ephemeral_low, port_is_free
+from slotfill.testing.redis_server import (
+    PORT_PERIOD,
+    RedisServer,
+    candidate_port,
+    ephemeral_low,
+    port_is_free,
+)
 
 
 class LocalCluster:
@@ -115,15 +120,16 @@ class LocalCluster:
 
 def cluster_port() -> int:
     """A free port whose cluster bus port (+10000) is free too, both below the kernel's
-    ephemeral range when it leaves room (``free_port``)."""
+    ephemeral range when it leaves room (``free_port``); under pytest-xdist both are the
+    worker's own (``candidate_port``: the bus is one ``PORT_PERIOD`` above)."""
     for _ in range(200):
-        port = random.randint(LOWEST_PORT, max(LOWEST_PORT + 1, ephemeral_low() - BUS_OFFSET - 1))
+        port = candidate_port(ephemeral_low() - BUS_OFFSET)
         if port_is_free(port) and port_is_free(port + BUS_OFFSET):
             return port
     raise RuntimeError("no free port pair for a cluster node")
 
 
-BUS_OFFSET = 10000
+BUS_OFFSET = PORT_PERIOD  # Redis's: a node's bus port is its port + 10000
 
 
 def _slot_ranges(c: redis.Redis, port: int) -> list[tuple[int, int]]:
