@@ -43,3 +43,17 @@ def test_outside_xdist_every_port_of_the_range_is_drawn(monkeypatch: pytest.Monk
         assert all(LOWEST_PORT <= p < BELOW for p in ports)
         offsets = {(p - LOWEST_PORT) % PORT_PERIOD for p in ports}
         assert min(offsets) < PORT_PERIOD // 10 and max(offsets) > PORT_PERIOD * 9 // 10
+
+
+def test_a_cluster_node_never_gets_another_nodes_port_or_bus(monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    """The nodes' ports are all chosen before any node listens: a free-port check alone let
+    one node take another's bus port (that node then failed to start)."""
+    from slotfill.testing import cluster
+
+    first = cluster.cluster_port()
+    taken = {first, first + BUS_OFFSET}
+    offers = iter([first, first + BUS_OFFSET, first - BUS_OFFSET, first + 1])
+    monkeypatch.setattr(cluster, "candidate_port", lambda below: next(offers))
+    monkeypatch.setattr(cluster, "port_is_free", lambda port: True)
+    assert cluster.cluster_port(taken) == first + 1
