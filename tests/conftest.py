@@ -197,13 +197,13 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     """pytest-xdist tells the scheduler a test's group by a suffix on its node id, which
     pytest 9.2's structured ids no longer take (pytest-xdist issue 1386: the group is
     silently spread over the workers); until xdist sets it again, it is set here."""
-    if not _xdist_worker(session.config):
-        return
-    from _pytest.nodeid import NodeId  # pytest >= 9.2
-
     suffix = f"@{ENGINE_GROUP}"
-    for item in session.items:
-        if _in_engine_group(item) and not item.nodeid.endswith(suffix):
+    unnamed = [item for item in session.items if _xdist_worker(session.config)
+               and _in_engine_group(item) and not item.nodeid.endswith(suffix)]
+    if unnamed:  # only pytest >= 9.2 has the module
+        from _pytest.nodeid import NodeId
+
+        for item in unnamed:
             item._id = NodeId.parse(item.nodeid + suffix)
 
 
