@@ -181,14 +181,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's, which names each test's group
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Real-engine tests run last, so the shared engines boot while the others run (see
     ``_boot_shared_engines``); tests that boot engines of their own come at the very end.
-    The sort is stable: file order otherwise. The engine and fault tests form one
-    pytest-xdist group."""
+    The sort is stable: file order otherwise. Under pytest-xdist the engine and fault tests
+    form one group (without xdist its marker is unknown)."""
     items.sort(key=_phase)
     for item in items:
-        if _in_engine_group(item):
+        if _xdist_worker(config) and _in_engine_group(item):
             item.add_marker(pytest.mark.xdist_group(ENGINE_GROUP))
 
 
