@@ -27,6 +27,8 @@ from slotfill.testing.redis_server import RedisServer
 if TYPE_CHECKING:  # the worker runtime: not on a light install (.ci/floors.sh)
     from slotfill.testing.inproc import InprocWorker
 
+pytest_plugins = ["tests.xdist_kit"]
+
 _queue_ids = itertools.count()
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -151,60 +153,12 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
         _shared_engines.clear()
 
 
-ENGINE_GROUP = "engines"
-"""The pytest-xdist group of the engine and fault tests: one worker runs them all, in the
-order above, and boots each engine once (``--dist loadgroup``)."""
-
-
-def _in_engine_group(item: pytest.Item) -> bool:
-    return any(item.get_closest_marker(m) is not None for m in ("engine", "fault"))
-
-
-def _xdist_worker(config: pytest.Config) -> bool:
-    return hasattr(config, "workerinput")
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """Under pytest-xdist (``-n``) the engine group stays on one worker: the default ``load``
-    becomes ``loadgroup`` (the same for every other test: no group), and the modes that
-    would spread the group (each worker booting the engines) are refused."""
-    dist = getattr(config.option, "dist", "no")  # absent: no xdist installed
-    if _xdist_worker(config):
-        # A worker parses the command line again (``-n 2`` alone reads as no --dist), and
-        # names each test's group only with this set.
-        config.option.loadgroup = True
-    elif dist == "load":
-        config.option.dist = "loadgroup"
-    elif dist not in ("no", "loadgroup"):
-        raise pytest.UsageError(f"--dist {dist}: this suite runs with --dist loadgroup "
-                                "(its engine and fault tests on one worker)")
-
-
 @pytest.hookimpl(tryfirst=True)  # before xdist's, which names each test's group
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Real-engine tests run last, so the shared engines boot while the others run (see
     ``_boot_shared_engines``); tests that boot engines of their own come at the very end.
-    The sort is stable: file order otherwise. Under pytest-xdist the engine and fault tests
-    form one group (without xdist its marker is unknown)."""
+    The sort is stable: file order otherwise."""
     items.sort(key=_phase)
-    for item in items:
-        if _xdist_worker(config) and _in_engine_group(item):
-            item.add_marker(pytest.mark.xdist_group(ENGINE_GROUP))
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's, which sends the ids to the scheduler
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """pytest-xdist tells the scheduler a test's group by a suffix on its node id, which
-    pytest 9.2's structured ids no longer take (pytest-xdist issue 1386: the group is
-    silently spread over the workers); until xdist sets it again, it is set here."""
-    suffix = f"@{ENGINE_GROUP}"
-    unnamed = [item for item in session.items if _xdist_worker(session.config)
-               and _in_engine_group(item) and not item.nodeid.endswith(suffix)]
-    if unnamed:  # only pytest >= 9.2 has the module
-        from _pytest.nodeid import NodeId
-
-        for item in unnamed:
-            item._id = NodeId.parse(item.nodeid + suffix)
 
 
 @pytest.fixture(scope="session")
@@ -259,7 +213,10 @@ def _boot_shared_engines(request: pytest.FixtureRequest) -> None:
     needs them: their 30-60 s boots then overlap the tests that run before the engine tests.
     Likewise the kill test's pair and the bench's smoke run (two engines of its own). Under
     pytest-xdist a worker learns its tests one batch at a time: ``_boot_with_group``."""
-    if not _xdist_worker(request.config):
+    # Imported here, not at the top: pytest registers (and assert-rewrites) the plugin first.
+    from tests.xdist_kit import xdist_worker
+
+    if not xdist_worker(request.config):
         _boot(request, request.session.items)
 
 
@@ -271,11 +228,13 @@ def _boot_with_group(request: pytest.FixtureRequest) -> None:
     """Under pytest-xdist, the worker that runs the engine group's first test (a fault test
     when any is selected) boots what the group needs; the group's other tests follow on that
     worker while the other workers run the rest."""
-    if (_group_booted or not _xdist_worker(request.config)
-            or not _in_engine_group(request.node)):
+    from tests.xdist_kit import in_engine_group, xdist_worker
+
+    if (_group_booted or not xdist_worker(request.config)
+            or not in_engine_group(request.node)):
         return
     _group_booted.append(True)
-    _boot(request, [item for item in request.session.items if _in_engine_group(item)])
+    _boot(request, [item for item in request.session.items if in_engine_group(item)])
 
 
 def _boot(request: pytest.FixtureRequest, items: list[pytest.Item]) -> None:
