@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup setup-test setup-bench demo test lint typecheck pytest bench compose-check clean
+.PHONY: setup setup-test setup-bench demo test test-fast lint typecheck pytest bench compose-check clean
 
 setup:
 	@bash scripts/setup.sh demo
@@ -30,6 +30,10 @@ pytest: setup-test
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck pytest
+
+# The inner loop: no vLLM, no process kills; two pytest-xdist workers (README, Tests).
+test-fast: setup-test
+	$(BIN)/python -m pytest -q -n 2 -m "not engine and not fault"
 
 bench: setup-bench
 	$(BIN)/python -m bench $(ARGS)

@@ -27,6 +27,8 @@ from slotfill.testing.redis_server import RedisServer
 if TYPE_CHECKING:  # the worker runtime: not on a light install (.ci/floors.sh)
     from slotfill.testing.inproc import InprocWorker
 
+pytest_plugins = ["tests.xdist_kit"]
+
 _queue_ids = itertools.count()
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -151,7 +153,8 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
         _shared_engines.clear()
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+@pytest.hookimpl(tryfirst=True)  # before xdist's, which names each test's group
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Real-engine tests run last, so the shared engines boot while the others run (see
     ``_boot_shared_engines``); tests that boot engines of their own come at the very end.
     The sort is stable: file order otherwise."""
@@ -208,8 +211,34 @@ def _feature_engine(redis_server: RedisServer, tmp_path_factory: pytest.TempPath
 def _boot_shared_engines(request: pytest.FixtureRequest) -> None:
     """Start the shared engine workers with the session's first test when a selected test
     needs them: their 30-60 s boots then overlap the tests that run before the engine tests.
-    Likewise the kill test's pair and the bench's smoke run (two engines of its own)."""
-    used = set().union(*(getattr(item, "fixturenames", ()) for item in request.session.items))
+    Likewise the kill test's pair and the bench's smoke run (two engines of its own). Under
+    pytest-xdist a worker learns its tests one batch at a time: ``_boot_with_group``."""
+    # Imported here, not at the top: pytest registers (and assert-rewrites) the plugin first.
+    from tests.xdist_kit import xdist_worker
+
+    if not xdist_worker(request.config):
+        _boot(request, request.session.items)
+
+
+_group_booted: list[bool] = []
+
+
+@pytest.fixture(autouse=True)
+def _boot_with_group(request: pytest.FixtureRequest) -> None:
+    """Under pytest-xdist, the worker that runs the engine group's first test (a fault test
+    when any is selected) boots what the group needs; the group's other tests follow on that
+    worker while the other workers run the rest."""
+    from tests.xdist_kit import in_engine_group, xdist_worker
+
+    if (_group_booted or not xdist_worker(request.config)
+            or not in_engine_group(request.node)):
+        return
+    _group_booted.append(True)
+    _boot(request, [item for item in request.session.items if in_engine_group(item)])
+
+
+def _boot(request: pytest.FixtureRequest, items: list[pytest.Item]) -> None:
+    used = set().union(*(getattr(item, "fixturenames", ()) for item in items))
     if {"engine_worker", "engine_client"} & used:
         request.getfixturevalue("_session_engine")
     if {"feature_worker", "feature_client"} & used:
@@ -217,7 +246,7 @@ def _boot_shared_engines(request: pytest.FixtureRequest) -> None:
     # What only the last tests use starts early only when tests without engines run first
     # to overlap it: with -m engine alone nothing would, and it would only take CPU from
     # the shared engines' tests (test_engine_e2e's dry-step bound is sensitive to load).
-    if not any(_phase(item) == 0 for item in request.session.items):
+    if not any(_phase(item) == 0 for item in items):
         return
     if "engine_pair" in used:
         request.getfixturevalue("_engine_pair")

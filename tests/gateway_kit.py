@@ -4,7 +4,6 @@ one simulated-engine worker and one gateway for the whole session."""
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -19,18 +18,14 @@ from slotfill.gateway.app import create_app
 from slotfill.gateway.settings import GatewaySettings, hash_key
 from slotfill.testing.fleet import WorkerProcess
 from slotfill.testing.poll import wait_until
-from slotfill.testing.redis_server import RedisServer
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from slotfill.testing.redis_server import RedisServer, free_port
 
 
 class GatewayThread:
     def __init__(self, redis_url: str, queue: str, client: dict[str, Any] | None = None,
                  **settings: Any) -> None:
+        # The test kit's free_port, not bind(0): below the ephemeral range and, under
+        # pytest-xdist, from this worker's share of the ports.
         self.port = free_port()
         self.queue = queue
         self.key, self.other_key, self.other_queue = KEY, OTHER_KEY, OTHER_QUEUE

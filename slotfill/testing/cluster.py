@@ -4,7 +4,6 @@ by ``redis-cli --cluster create``."""
 
 from __future__ import annotations
 
-import random
 import shutil
 import subprocess
 import tempfile
@@ -13,7 +12,13 @@ from pathlib import Path
 
 import redis
 
-from slotfill.testing.redis_server import LOWEST_PORT, RedisServer, ephemeral_low, port_is_free
+from slotfill.testing.redis_server import (
+    PORT_PERIOD,
+    RedisServer,
+    candidate_port,
+    ephemeral_low,
+    port_is_free,
+)
 
 
 class LocalCluster:
@@ -29,11 +34,14 @@ class LocalCluster:
                  f"cluster-node-timeout {node_timeout_ms}", "repl-diskless-sync-delay 0",
                  *(extra or [])]
         self.nodes: list[RedisServer] = []
+        taken: set[int] = set()
         for i in range(masters * (1 + replicas_per_master)):
             d = self.dir / f"n{i}"
             d.mkdir()
+            port = cluster_port(taken)
+            taken |= {port, port + BUS_OFFSET}
             self.nodes.append(RedisServer(appendfsync=appendfsync, extra=lines, workdir=str(d),
-                                          port=cluster_port(), priority_boost=False))
+                                          port=port, priority_boost=False))
 
     @property
     def url(self) -> str:
@@ -113,17 +121,22 @@ class LocalCluster:
         self.stop()
 
 
-def cluster_port() -> int:
+def cluster_port(taken: set[int] | frozenset[int] = frozenset()) -> int:
     """A free port whose cluster bus port (+10000) is free too, both below the kernel's
-    ephemeral range when it leaves room (``free_port``)."""
+    ephemeral range when it leaves room (``free_port``); under pytest-xdist both are the
+    worker's own (``candidate_port``: the bus is one ``PORT_PERIOD`` above). Neither may be
+    in ``taken``: the ports (and buses) of the cluster's other nodes, chosen before any of
+    them listens (seen: one node's port was another's bus, and that node failed to start)."""
     for _ in range(200):
-        port = random.randint(LOWEST_PORT, max(LOWEST_PORT + 1, ephemeral_low() - BUS_OFFSET - 1))
+        port = candidate_port(ephemeral_low() - BUS_OFFSET)
+        if {port, port + BUS_OFFSET} & taken:
+            continue
         if port_is_free(port) and port_is_free(port + BUS_OFFSET):
             return port
     raise RuntimeError("no free port pair for a cluster node")
 
 
-BUS_OFFSET = 10000
+BUS_OFFSET = PORT_PERIOD  # Redis's: a node's bus port is its port + 10000
 
 
 def _slot_ranges(c: redis.Redis, port: int) -> list[tuple[int, int]]:

@@ -37,6 +37,33 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+PORT_PERIOD = 10000
+"""Ports are shared out among pytest-xdist workers by their offset in a period this wide: a
+Redis Cluster node's bus port (its port + 10000) then belongs to the same worker as the node."""
+
+
+def _xdist_share() -> tuple[int, int]:
+    """``(n, m)``: this process is pytest-xdist worker ``gw<n>`` of ``m`` (its children inherit
+    the variables xdist sets); ``(0, 1)`` outside xdist."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    n = worker.removeprefix("gw")
+    if n.isdigit() and count.isdigit() and int(n) < int(count):
+        return int(n), int(count)
+    return 0, 1
+
+
+def candidate_port(below: int) -> int:
+    """A random port from ``LOWEST_PORT`` up to ``below`` (exclusive, when the range leaves
+    room) that is this process's to try. Under pytest-xdist each worker draws from its own
+    share: the check that a port is free and the bind that takes it are not one step, and two
+    workers checking the same port at once would both start a server there."""
+    n, m = _xdist_share()
+    offset = random.randrange(n * PORT_PERIOD // m, (n + 1) * PORT_PERIOD // m)
+    laps = max(1, -(-(below - LOWEST_PORT - offset) // PORT_PERIOD))
+    return LOWEST_PORT + offset + PORT_PERIOD * random.randrange(laps)
+
+
 def free_port() -> int:
     """A free port to listen on, below the kernel's ephemeral range. A port that ``bind(0)``
     hands out comes from the range every outgoing connection draws its source port from, so
@@ -44,7 +71,7 @@ def free_port() -> int:
     binds it: a race that grows with the connections a busy box (a parallel test run)
     opens."""
     for _ in range(200):
-        port = random.randint(LOWEST_PORT, ephemeral_low() - 1)
+        port = candidate_port(ephemeral_low())
         if port_is_free(port):
             return port
     with socket.socket() as s:  # below the range, nothing free: any free port
