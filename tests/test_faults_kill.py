@@ -82,7 +82,9 @@ def test_twenty_kills_lose_no_job_and_show_no_duplicate(
     assert rep.statuses == {"succeeded": 1500} and rep.completed == 1500
     assert rep.unfinished_entries == 0
     assert rep.held_at_kills > 0  # the kills hit workers holding jobs
-    assert rep.re_executions <= rep.held_at_kills, rep.summary()
+    # Every re-execution has a cause: an entry a killed worker held, or one a worker starved
+    # of CPU past its 2 s lease lost to a peer while alive (it logs that; seen under load).
+    assert rep.re_executions <= rep.held_at_kills + rep.lease_lost_logged, rep.summary()
     killed = [c for c in rep.worker_exit_codes.values() if c == -9]
     assert len(killed) == 20
     assert sorted(c for c in rep.worker_exit_codes.values() if c != -9) == [0, 0]
@@ -395,7 +397,8 @@ def test_kills_on_a_sharded_queue_lose_no_job_and_show_no_duplicate(
     assert not rep.lost and not rep.duplicate_visible and not rep.wrong, rep.summary()
     assert rep.statuses == {"succeeded": 900} and rep.completed == 900
     assert rep.unfinished_entries == 0
-    assert rep.held_at_kills > 0 and rep.re_executions <= rep.held_at_kills, rep.summary()
+    assert rep.held_at_kills > 0, rep.summary()
+    assert rep.re_executions <= rep.held_at_kills + rep.lease_lost_logged, rep.summary()
     r = redis.Redis.from_url(redis_server.url)
     layout = read_layout(r, queue)
     assert layout.n == 3

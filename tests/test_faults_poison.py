@@ -69,13 +69,18 @@ RAW_POISON: dict[str, tuple[dict[str, Any], str]] = {
 }
 
 
+LEASE_S = 5
+"""The one worker's lease: an entry that is not failed on its first read comes back only
+after it (reclaimed), so a result sooner than this was given on the first read."""
+
+
 @pytest.fixture
 def sim_fleet(redis_server: RedisServer, queue: str) -> Iterator[InprocWorker]:
     """One worker, in-process: nothing here may kill it (that is what is checked)."""
     with InprocWorker(redis_server.url, "poison-eater", queue=queue, engine="sim",
                       sim_step_ms=5, max_num_seqs=4, headroom=2, max_model_len=MAX_MODEL_LEN,
                       max_payload_bytes=MAX_PAYLOAD, heartbeat_seconds=0.5,
-                      lease_seconds=5) as w:
+                      lease_seconds=LEASE_S) as w:
         yield w
 
 
@@ -115,7 +120,8 @@ def test_every_kind_of_poison_gets_a_typed_error_and_harms_nobody(
         status, got, seconds = table[name]
         want_status = "expired" if code == "expired" else "failed"
         assert (status, got) == (want_status, code), name
-        assert seconds < 1.0, (name, seconds)
+        # On its first read (not a timing goal: a loaded box took 1.005 s once).
+        assert seconds < LEASE_S, (name, seconds)
         res = client.result(added[name][0])
         assert res is not None and res.error is not None and res.error.message, name
     # Neighbours unharmed; the duplicated id has exactly one result, from its first entry.
@@ -196,14 +202,15 @@ def test_an_engine_killing_request_is_isolated_and_dead_lettered_alone(
     (twice alone) and is dead-lettered; every neighbour succeeds."""
     # Queued before any worker starts, so the first read takes the poison with neighbours
     # (submitted while workers pull, it could be read alone, and then its first crash is
-    # already charged to it: two deaths instead of three).
+    # already charged to it: two deaths instead of three). A worker may then die before it
+    # was seen ready: the fleet is not waited for, the supervisor loop restarts it.
     ids = client.submit_many([{"prompt": f"n{i}", "max_tokens": 30} for i in range(5)]
                              + [{"prompt": f"please {poison} now", "max_tokens": 30}]
                              + [{"prompt": f"m{i}", "max_tokens": 30} for i in range(6)])
     before, bad, after = ids[:5], ids[5], ids[6:]
     fleet = Fleet(redis_server.url, queue, tmp_path, 2, engine="sim", sim_step_ms=20,
                   max_num_seqs=4, headroom=2, lease_seconds=1.5, heartbeat_seconds=0.5,
-                  max_deliveries=3, engine_hang_seconds=1.0).start()
+                  max_deliveries=3, engine_hang_seconds=1.0).start(wait=False)
     try:
         exits = _run_until_done(fleet, r, queue, [*before, bad, *after], timeout=60,
                                 exits_expected=3)

@@ -290,7 +290,9 @@ def test_sigterm_finishes_in_flight_work_within_the_grace_period(
         redis_server: RedisServer, client: Client, queue: str, tmp_path: Path) -> None:
     """SIGTERM runs the handler the worker registered (in-process: the same handler, called
     by the test; a real SIGTERM to a process: the next test)."""
-    a = inproc_worker(redis_server.url, queue, "a", grace_seconds=10)
+    # A lease longer than the drain: with the default 2 s, a test process starved of CPU for
+    # 2 s let b2 reclaim a job a was still finishing (seen once, under load): a second run.
+    a = inproc_worker(redis_server.url, queue, "a", grace_seconds=10, lease_seconds=10)
     with workers(a):
         ids = client.submit_many([{"prompt": "x", "max_tokens": 50 + 10 * k}
                                   for k in range(12)])
@@ -302,7 +304,7 @@ def test_sigterm_finishes_in_flight_work_within_the_grace_period(
         # a holds 6 (its capacity); the other 6 wait in Redis.
         held = wait_until(six_held, what="a to hold 6 jobs")
         assert len(held) == 6
-        b = inproc_worker(redis_server.url, queue, "b2")
+        b = inproc_worker(redis_server.url, queue, "b2", lease_seconds=10)
         b.wait_ready(30)
         assert a.stop(30) == 0
         results = {i: client.wait(i, timeout=30) for i in ids}

@@ -28,6 +28,7 @@ import json
 import random
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -43,7 +44,7 @@ from producer.keys import GROUP
 from producer.shards import read_layout
 from slotfill.testing import signals
 from slotfill.testing.fleet import WorkerProcess
-from slotfill.testing.redis_server import unblock_stream_reads
+from slotfill.testing.redis_server import RedisServer, unblock_stream_reads
 
 # -- the invariant checker -----------------------------------------------------------------
 
@@ -196,10 +197,11 @@ class Fleet:
         return WorkerProcess(self.redis_url, name, self.log_dir / f"{name}.log",
                              **self.settings)
 
-    def start(self, timeout: float = 120.0) -> Fleet:
+    def start(self, timeout: float = 120.0, wait: bool = True) -> Fleet:
+        """Start every worker; with ``wait``, until each is ready."""
         for w in self.workers:
             w.start()
-        for w in self.workers:
+        for w in self.workers if wait else ():
             w.wait_ready(timeout)
         return self
 
@@ -370,10 +372,6 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--shards", type=int, default=1, help="split the queue into N shards")
     a = ap.parse_args()
-    import tempfile
-
-    from slotfill.testing.redis_server import RedisServer
-
     server = None
     url = a.redis_url
     if not url:
