@@ -1,4 +1,3 @@
---- @include "includes/terminal"
 -- wait_jobs: register a waiter on many jobs of one queue, in one step: returns the results of
 -- those already terminal and registers the caller on the others, so no job can end between
 -- the read and the registration unseen. When a registered job ends, its terminal step pushes
@@ -45,8 +44,10 @@ for i = 2, #KEYS do
   local h = redis.call("HMGET", KEYS[i], "status", "result", "waiters")
   if not h[1] then
     out[i - 1] = 0
-  elseif is_terminal(h[1]) then
-    out[i - 1] = h[2] or 0
+  elseif h[2] then
+    -- A record has its result exactly when it is terminal (each terminal step writes both in
+    -- one HSET): no copy of the terminal statuses here, in a script other clients run as is.
+    out[i - 1] = h[2]
   else
     -- The record's waiters: "<token>@<deadline>" items; those whose wait is over are dropped,
     -- and at most 32 kept (the newest), so a job cannot collect them without bound.
