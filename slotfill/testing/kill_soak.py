@@ -17,7 +17,7 @@ least one worker alive at all times. At the end the invariant checker reads ever
 * re-executions: sum over jobs of (starts - 1), bounded by the entries the killed workers
   held at their deaths (each such entry can be started again once per kill).
 
-The tests (tests/test_faults_kill.py) run the same code with fewer kills. Prints a JSON
+The tests (tests/test_faults_soak.py) run the same code with fewer kills. Prints a JSON
 report; exit code 1 when an invariant fails.
 """
 
