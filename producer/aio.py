@@ -178,16 +178,9 @@ class AsyncClient:
         w = waiting.Waiting()
         for keys, ids in groups.items():
             await self._register(w, keys, ids, timeout)
-        if w.unknown and layout is not None and layout.sharded:
-            lost, w.unknown = w.unknown, []
-            for job_id in lost:  # not where its id routes (a layout change): look elsewhere
-                for keys in layout.others(job_id):
-                    await self._register(w, keys, [job_id], timeout)
-                    if w.unknown[-1:] != [job_id]:
-                        break
-                    w.unknown.pop()
-                else:
-                    w.unknown.append(job_id)
+        # Not where its id routes (a layout change): look on the other shards.
+        for keys, job_id in w.relocations(layout):
+            await self._register(w, keys, [job_id], timeout)
         if w.unknown:
             raise w.not_found()
         for keys in list(w.pending):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +77,23 @@ class Waiting:
             if res.id in left:  # else: one taken already (it ended while registering again)
                 self.results[res.id] = res
                 left.discard(res.id)
+
+    def relocations(self, layout: ShardLayout | None) -> Iterator[tuple[QueueKeys, str]]:
+        """The shards to register an unknown id on next, for a sharded layout: every other
+        shard in turn (a job of an older layout), until one knows it. The caller registers
+        each pair it is given (one ``wait_jobs`` call) before asking for the next; ids no
+        shard knows stay in ``unknown``."""
+        if not self.unknown or layout is None or not layout.sharded:
+            return
+        lost, self.unknown = self.unknown, []
+        for job_id in lost:
+            for keys in layout.others(job_id):
+                yield keys, job_id
+                if self.unknown[-1:] != [job_id]:
+                    break  # found there: registered, or its result taken
+                self.unknown.pop()
+            else:
+                self.unknown.append(job_id)
 
     def not_found(self) -> JobNotFound:
         return JobNotFound(", ".join(self.unknown))

@@ -10,7 +10,7 @@ import fakeredis
 import pytest
 import redis
 
-from producer import Client, ClientSettings, InvalidRequest
+from producer import Client, ClientSettings, InvalidRequest, JobNotFound
 from producer.keys import QueueKeys
 from producer.shards import (
     ShardLayout,
@@ -142,6 +142,17 @@ def test_a_job_of_an_older_layout_is_still_found(fake_r: redis.Redis) -> None:
     ids = [c.submit("x", max_tokens=2).id for _ in range(12)]
     c.configure_queue(shards=2)
     assert all(c.status(j).value == "queued" for j in ids)
+    # wait_many too: ids that route elsewhere now are registered on the shard that has them
+    # (cancelled here, so their results come back without blocking); one no shard has is
+    # reported as not found.
+    assert {c.cancel(j) for j in ids} == {"cancelled"}
+    moved = [j for j in ids if c.layout().for_job(j) != c.layout().keys(0)
+             and not fake_r.exists(c.layout().for_job(j).job(j))]
+    assert moved
+    got = c.wait_many(ids, timeout=2)
+    assert list(got) == ids and {r.status.value for r in got.values()} == {"cancelled"}
+    with pytest.raises(JobNotFound):
+        c.wait_many([*ids, "f" * 32], timeout=2)
 
 
 def test_a_worker_reads_its_home_shard_first() -> None:
