@@ -63,7 +63,8 @@ class QueueKeys:
 
     def done(self, job_id: str) -> str:
         """List that gets one element when the job is terminal, for jobs whose record lacks
-        ``notify=waiters`` (plain ``XADD``, older clients' submit); old waiters block on it."""
+        ``notify=waiters`` (plain ``XADD``, ``submit_job`` without its ARGV[4]): clients of the
+        earlier protocol block on it."""
         return f"{self.base}:done:{job_id}"
 
     def waiter(self, token: str) -> str:

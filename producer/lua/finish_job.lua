@@ -42,8 +42,8 @@ end
 redis.call("HSET", KEYS[2], unpack(write))
 if h[7] or h[8] then redis.call("HDEL", KEYS[2], "cancel_requested", "solo_run") end
 redis.call("EXPIRE", KEYS[2], ARGV[6])
--- The done list only for a job whose submitter may block on it (plain XADD, an older
--- submit_job): one submitted with notify=waiters wakes its registered waiters alone.
+-- The done list only for a job whose submitter may block on it (plain XADD, submit_job
+-- without ARGV[4]): one submitted with notify=waiters wakes its registered waiters alone.
 if h[9] ~= "waiters" then
   redis.call("RPUSH", KEYS[3], ARGV[3])
   redis.call("EXPIRE", KEYS[3], ARGV[6])
