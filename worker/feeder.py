@@ -90,10 +90,9 @@ class Feeder:
         """When the first job since the last read left the engine (the wake delay)."""
         self.trace: RefillTrace | None = None
         """Where each refill's time goes (the bench's breakdown; the runner sets it)."""
-        # job id -> where its cancel was heard, for a job claimed after the request.
         self._cancels_seen: OrderedDict[str, str] = OrderedDict()
-        """Cancellations heard for jobs not (yet) in flight: a cancel can overtake the reply
-        that hands us its job."""
+        """Cancellations heard for jobs not (yet) in flight, by job id: where each was heard
+        (a cancel can overtake the reply that hands us its job)."""
         engine.stats.subscribe(self.state.on_step)
         engine.stats.subscribe(self._on_step)
 
