@@ -33,6 +33,7 @@ from collections.abc import Callable
 from producer.errors import EngineDead
 from producer.schema import JobStatus
 from worker.admission import Admission
+from worker.cancelling import cancel_and_wait
 from worker.claim import ClaimedJob, Disposition
 from worker.engines.base import Engine, Step
 from worker.in_flight import Holdings, InFlight
@@ -227,8 +228,7 @@ class Feeder:
         try:
             await asyncio.wait({waiter, freed}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for t in (waiter, freed):
-                t.cancel()
+            await cancel_and_wait((waiter, freed))
             await asyncio.gather(waiter, freed, return_exceptions=True)
         self._slot_freed.clear()
 

@@ -30,6 +30,7 @@ from producer.redis_errors import error_code, is_transient, unavailable
 from producer.scripts import batch_args, batched, source
 from producer.shards import LAYOUT_FIELDS, parse_layout
 from worker.appends import Append as Append
+from worker.cancelling import cancel_and_wait
 from worker.claim import ClaimedJob, Disposition, decode
 from worker.coalesce import Coalesced
 from worker.shard_set import ShardSet
@@ -219,8 +220,7 @@ class WorkerStore:
         try:
             done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for t in waits:
-                t.cancel()
+            await cancel_and_wait(waits)
             await asyncio.gather(*waits, return_exceptions=True)
         for t in done:
             t.result()  # an outage on a shard reaches the loop's backoff
