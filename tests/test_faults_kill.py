@@ -237,7 +237,7 @@ def test_killing_a_real_engine_worker_mid_generation_loses_nothing(
         rep = check_invariants(r, queue, everything)
         assert not rep.lost and not rep.duplicate_visible and not rep.wrong, rep.summary()
         assert rep.statuses == {"succeeded": KILL_JOBS + 1} and rep.unfinished_entries == 0
-        assert 0 < rep.re_executions <= held
+        assert 0 < rep.re_executions <= held + _claims_unanswered(b)
         results = {i: c.result(i) for i in everything}
         for i in ids:
             res = results[i]
@@ -259,6 +259,12 @@ def test_killing_a_real_engine_worker_mid_generation_loses_nothing(
         if b is not None:
             assert b.stop(60) == 0
     assert b is not None and r.exists(QueueKeys.for_queue(queue).worker(b.consumer)) == 0
+
+
+def _claims_unanswered(w: WorkerProcess) -> int:
+    """Pulls of ``w`` that Redis did not answer in time: each may have claimed a job whose
+    reply was lost, which the worker then reclaims after the lease (one start more)."""
+    return w.log_path.read_text(errors="replace").count("pull: redis unavailable")
 
 
 def _kill_mid_generation(r: redis.Redis, keys: QueueKeys, a: WorkerProcess, ids: list[str],

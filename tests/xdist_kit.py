@@ -1,7 +1,9 @@
 """pytest-xdist for this suite (a pytest plugin: ``pytest_plugins`` in tests/conftest.py):
 the engine and fault tests form one group, which one worker runs in the usual order and for
-which it boots each engine once (tests/conftest.py, ``_boot_with_group``); the other workers
-run the rest."""
+which it boots each engine once (tests/conftest.py, ``_boot_with_group``); the tests of a
+module that starts servers for the whole module (a module-scoped fixture: a Redis Cluster,
+worker processes) form a group of their own, so one worker starts them once; the other
+workers run the rest."""
 
 from __future__ import annotations
 
@@ -14,6 +16,21 @@ usual order, and boots each engine once (``--dist loadgroup``)."""
 
 def in_engine_group(item: pytest.Item) -> bool:
     return any(item.get_closest_marker(m) is not None for m in ("engine", "fault"))
+
+
+def _uses_module_fixture(item: pytest.Item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)  # pytest's; absent: no grouping, still correct
+    defs = getattr(info, "name2fixturedefs", {})
+    return any(d.scope in ("module", "package") for ds in defs.values() for d in ds)
+
+
+def group_of(item: pytest.Item) -> str | None:
+    """The xdist group of ``item``: the engine group, its module's, or none (any worker)."""
+    if in_engine_group(item):
+        return ENGINE_GROUP
+    if _uses_module_fixture(item):
+        return item.path.stem
+    return None
 
 
 def xdist_worker(config: pytest.Config) -> bool:
@@ -38,10 +55,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's, which names each test's group
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The group's marker, on xdist workers only (without xdist the marker is unknown)."""
+    """The groups' markers, on xdist workers only (without xdist the marker is unknown)."""
+    if not xdist_worker(config):
+        return
     for item in items:
-        if xdist_worker(config) and in_engine_group(item):
-            item.add_marker(pytest.mark.xdist_group(ENGINE_GROUP))
+        group = group_of(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's, which sends the ids to the scheduler
@@ -49,11 +69,13 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     """pytest-xdist tells the scheduler a test's group by a suffix on its node id, which
     pytest 9.2's structured ids no longer take (pytest-xdist issue 1386: the group is
     silently spread over the workers); until xdist sets it again, it is set here."""
-    suffix = f"@{ENGINE_GROUP}"
-    unnamed = [item for item in session.items if xdist_worker(session.config)
-               and in_engine_group(item) and not item.nodeid.endswith(suffix)]
+    if not xdist_worker(session.config):
+        return
+    unnamed = [(item, suffix) for item in session.items
+               if (group := group_of(item)) is not None
+               and not item.nodeid.endswith(suffix := f"@{group}")]
     if unnamed:  # only pytest >= 9.2 has the module
         from _pytest.nodeid import NodeId
 
-        for item in unnamed:
+        for item, suffix in unnamed:
             item._id = NodeId.parse(item.nodeid + suffix)
