@@ -380,8 +380,7 @@ class Feeder:
         while h.jobs and (left_s := end - time.monotonic()) > 0:
             await asyncio.wait([f.task for f in h.jobs.values()], timeout=left_s)
         left = list(h.jobs.values())
-        for f in left:
-            f.task.cancel()
+        await cancel_and_wait([f.task for f in left])
         await asyncio.gather(*(f.task for f in left), return_exceptions=True)
         rows = [f.row for f in left] + list(h.solo_waiting)
         h.solo_waiting.clear()

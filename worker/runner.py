@@ -16,14 +16,14 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 from producer.connection import connect_async
 from producer.errors import EngineDead
 from producer.redis_errors import is_config_error, is_transient
 from worker import upkeep
+from worker.cancelling import cancel_and_wait
 from worker.engines.base import Engine
 from worker.feeder import Feeder
 from worker.ops import install as install_ops
@@ -90,20 +90,6 @@ def _being_cancelled() -> bool:
     task = asyncio.current_task()
     cancelling = getattr(task, "cancelling", None)  # Python >= 3.11
     return bool(cancelling()) if cancelling is not None else False
-
-
-async def _cancel_all(tasks: Iterable[asyncio.Task[Any]]) -> None:
-    """Cancel until every task has ended: one that swallowed its cancellation (inside a
-    library call) gets it again instead of holding the exit forever."""
-    tasks = list(tasks)
-    pending = set(tasks)
-    while pending:
-        for t in pending:
-            t.cancel()
-        _, pending = await asyncio.wait(pending, timeout=1.0)
-    for t in tasks:  # retrieved, so asyncio does not report them as never retrieved
-        if not t.cancelled():
-            t.exception()
 
 
 def _duties(feeder: Feeder, store: WorkerStore, settings: WorkerSettings
@@ -219,7 +205,7 @@ async def serve(settings: WorkerSettings, engine: Engine | None = None, *,
                  settings.grace_seconds)
         handed_back = await feeder.drain(settings.grace_seconds)
         log.info("drained; %d unfinished jobs handed back for reclaim", handed_back)
-    await _cancel_all((*tasks.values(), stopper, dead))
+    await cancel_and_wait((*tasks.values(), stopper, dead))
     if code == EXIT_OK:
         try:
             await store.drop_heartbeat()

@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 
 from producer.connection import is_cluster
 from producer.errors import EngineDead
+from worker.cancelling import cancel_and_wait
 from worker.claim import ClaimedJob
 from worker.engines.base import StepStats
 from worker.in_flight import Holdings
@@ -71,8 +72,7 @@ async def listen_for_cancels_on(redis: aioredis.Redis, channels: Callable[[], li
                         t.result()  # a listener's failure reaches the worker's retry loop
                     break
         finally:
-            for t in tasks:
-                t.cancel()
+            await cancel_and_wait(tasks)
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
