@@ -161,8 +161,16 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Real-engine tests run last, so the shared engines boot while the others run (see
     ``_boot_shared_engines``); tests that boot engines of their own come at the very end.
+    Before the others: the long units (``slow`` tests, modules that start servers for all
+    their tests), so under pytest-xdist no worker starts one when the rest are nearly done.
     The sort is stable: file order otherwise."""
-    items.sort(key=_phase)
+    from tests.xdist_kit import ENGINE_GROUP, group_of
+
+    def long_unit(item: pytest.Item) -> bool:
+        return (item.get_closest_marker("slow") is not None
+                or group_of(item) not in (None, ENGINE_GROUP))
+
+    items.sort(key=lambda item: (_phase(item), not long_unit(item)))
 
 
 @pytest.fixture(scope="session")

@@ -145,13 +145,28 @@ def test_text_prompts_are_seeded_corpus_text_of_about_the_asked_length() -> None
 
 
 def test_text_model_is_llama_2_7b_shaped_with_a_32k_tokenizer() -> None:
-    pytest.importorskip("transformers")
-    from transformers import AutoTokenizer
-
+    """The committed files, read with the tokenizers library (transformers imports torch:
+    ~5 s here); the load through transformers, as vLLM does it, is the engine test below."""
+    tokenizers = pytest.importorskip("tokenizers")
     cfg = json.loads((TEXT_MODEL / "config.json").read_text())
     assert (cfg["vocab_size"], cfg["hidden_size"], cfg["num_hidden_layers"],
             cfg["num_attention_heads"], cfg["intermediate_size"],
             cfg["max_position_embeddings"]) == (32000, 4096, 32, 32, 11008, 4096)
+    tok_cfg = json.loads((TEXT_MODEL / "tokenizer_config.json").read_text())
+    tok = tokenizers.Tokenizer.from_file(str(TEXT_MODEL / "tokenizer.json"))
+    assert tok.get_vocab_size(with_added_tokens=True) == 32000
+    assert (tok.token_to_id(tok_cfg["bos_token"]), tok.token_to_id(tok_cfg["eos_token"]),
+            cfg["bos_token_id"], cfg["eos_token_id"]) == (1, 2, 1, 2)
+    ids = tok.encode("The worker pulls jobs from Redis.").ids
+    assert ids[0] == 1 and tok.decode(ids, skip_special_tokens=True) == (
+        "The worker pulls jobs from Redis.")
+
+
+@pytest.mark.engine  # transformers imports torch, which the engine tests' process has
+def test_transformers_loads_the_text_tokenizer_as_vllm_does() -> None:
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(str(TEXT_MODEL))
     assert len(tok) == 32000 and (tok.bos_token_id, tok.eos_token_id) == (1, 2)
     ids = tok.encode("The worker pulls jobs from Redis.")

@@ -12,7 +12,8 @@ RECANCEL_S = 0.02
 
 async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]]) -> None:
     """Cancel ``tasks`` and return once every one has ended; their errors stay in the tasks,
-    marked as retrieved (asyncio does not report them as never retrieved).
+    marked as retrieved (asyncio does not report them as never retrieved). A cancel of the
+    caller meanwhile is raised once they have ended.
 
     The cancel is repeated until it takes: on Python before 3.12, ``asyncio.wait_for``,
     which redis-py's asyncio connection puts around every send when a socket timeout is
@@ -22,18 +23,19 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]]) -> None:
     worker did not wake on waited ~2.1 s instead of ~0.03 s)."""
     tasks = list(tasks)
     pending = {t for t in tasks if not t.done()}
-    for t in pending:  # the caller may itself be cancelled while it waits here
-        t.add_done_callback(_retrieve)
+    interrupted = False
     while pending:
         for t in pending:
             t.cancel()
-        _, pending = await asyncio.wait(pending, timeout=RECANCEL_S)
+        try:
+            _, pending = await asyncio.wait(pending, timeout=RECANCEL_S)
+        except asyncio.CancelledError:
+            # The caller is cancelled too (a worker stopping): end the tasks first, as
+            # ``asyncio.gather`` would by passing the cancel on; else one left running dies
+            # with the event loop, inside redis-py ("coroutine ignored GeneratorExit").
+            interrupted = True
     for t in tasks:
-        _retrieve(t)
-
-
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    """Mark the outcome of a task nobody may await any more as seen (no "exception was never
-    retrieved" once Redis goes away under it)."""
-    if not task.cancelled():
-        task.exception()
+        if not t.cancelled():
+            t.exception()  # seen: not reported as "exception was never retrieved"
+    if interrupted:
+        raise asyncio.CancelledError
