@@ -31,9 +31,10 @@ pytest: setup-test
 
 test: lint typecheck pytest
 
-# The inner loop: no vLLM, no process kills; two pytest-xdist workers (README, Tests).
+# The inner loop: no vLLM, no process kills; three pytest-xdist workers on two cores: its tests
+# mostly wait on Redis and timers (README, Tests).
 test-fast: setup-test
-	$(BIN)/python -m pytest -q -n 2 -m "not engine and not fault"
+	$(BIN)/python -m pytest -q -n 3 -m "not engine and not fault"
 
 bench: setup-bench
 	$(BIN)/python -m bench $(ARGS)
