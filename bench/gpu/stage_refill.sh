@@ -5,10 +5,11 @@
 #   bash bench/gpu/stage_refill.sh 256    # 256 slots: offline; slotfill (checkpoints on, the
 #                     # default 1000 ms, ids read from vLLM's output processor); slotfill with
 #                     # checkpoints off; slotfill with checkpoints from intermediate outputs
+#   bash bench/gpu/stage_refill.sh 512    # 512 slots: offline; slotfill (16,384 batched tokens)
 #   bash bench/gpu/stage_refill.sh 1024   # 1,024 slots: offline; slotfill
-#   bash bench/gpu/stage_refill.sh all    # both
+#   bash bench/gpu/stage_refill.sh all    # 256 and 1,024
 # Four engine starts at 256 and two at 1,024 (each ~35-85 s, plus its run): run the parts as
-# two device calls. Request counts: N256 (default 1500), N1024 (default 4000). VARIANTS: the
+# two device calls. Request counts: N256 (default 1500), N512 (default 3000), N1024 (default 4000). VARIANTS: the
 # 256-slot checkpoint variants to run (default "ckpt0 ckpt-outputs"; "" runs none). Each run prints
 # "refill breakdown ..." lines; the JSON rows carry them under refill_breakdown.
 set -uo pipefail
@@ -33,15 +34,17 @@ sweep() {  # sweep NAME SLOTS BATCHED_TOKENS REQUESTS MODES [extra flags]
     --results-dir "$R" --out "$R/$name" "$@" 2>&1 | tee "$R/$name.log" | tail -25
 }
 
-case "$part" in 256|1024|all) ;; *) echo "unknown part $part (256, 1024 or all)"; exit 2 ;; esac
-if [ "$part" != 1024 ]; then
+case "$part" in 256|512|1024|all) ;; *) echo "unknown part $part (256, 512, 1024 or all)"; exit 2 ;; esac
+if [ "$part" = 512 ]; then
+  sweep sizes-512 512 16384 "${N512:-3000}" offline,slotfill
+elif [ "$part" != 1024 ]; then
   sweep sizes-256 256 8192 "${N256:-1500}" offline,slotfill
   case " ${VARIANTS-ckpt0 ckpt-outputs} " in *" ckpt0 "*)
     sweep sizes-256-ckpt0 256 8192 "${N256:-1500}" slotfill --checkpoint-interval-ms 0 ;; esac
   case " ${VARIANTS-ckpt0 ckpt-outputs} " in *" ckpt-outputs "*)
     sweep sizes-256-ckpt-outputs 256 8192 "${N256:-1500}" slotfill --checkpoint-outputs ;; esac
 fi
-if [ "$part" != 256 ]; then
+if [ "$part" = 1024 ] || [ "$part" = all ]; then
   sweep sizes-1024 1024 16384 "${N1024:-4000}" offline,slotfill
 fi
 grep -h "refill breakdown" "$R"/*.log
