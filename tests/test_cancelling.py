@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import gc
 
-from worker.cancelling import cancel_and_wait
+from worker.cancelling import CLEANUP_S, cancel_and_wait
 
 
 async def _drops_first_cancel(blocked: asyncio.Event) -> None:
@@ -77,3 +77,22 @@ async def _cancel_one_that_fails() -> None:
     await asyncio.sleep(0.01)
     await cancel_and_wait([task])
     assert task.done() and not task.cancelled()  # its error is in it (not read here)
+
+
+async def test_a_task_that_cleans_up_is_not_cut_short() -> None:
+    """Tasks that clean up when cancelled (a job aborting its engine request) get
+    ``CLEANUP_S`` before another cancel, so a cleanup shorter than that completes."""
+    cleaned = asyncio.Event()
+
+    async def cleans_up() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.1)  # e.g. the engine's abort of the request
+            cleaned.set()
+            raise
+
+    task = asyncio.ensure_future(cleans_up())
+    await asyncio.sleep(0.01)
+    await asyncio.wait_for(cancel_and_wait([task], CLEANUP_S), 10)
+    assert task.cancelled() and cleaned.is_set()

@@ -7,13 +7,19 @@ from collections.abc import Iterable
 from typing import Any
 
 RECANCEL_S = 0.02
-"""How long a cancelled task gets to end before it is cancelled again."""
+"""How long a cancelled task gets to end before it is cancelled again: for tasks that only
+wait on Redis (nothing to clean up)."""
+CLEANUP_S = 1.0
+"""The same for tasks that clean up when cancelled (a job aborting its engine request, a
+listener closing its connection): a second cancel would cut that short."""
 
 
-async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]]) -> None:
+async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]],
+                          every_s: float = RECANCEL_S) -> None:
     """Cancel ``tasks`` and return once every one has ended; their errors stay in the tasks,
     marked as retrieved (asyncio does not report them as never retrieved). A cancel of the
-    caller meanwhile is raised once they have ended.
+    caller meanwhile is raised once they have ended. Those still running are cancelled
+    again every ``every_s``.
 
     The cancel is repeated until it takes: on Python before 3.12, ``asyncio.wait_for``,
     which redis-py's asyncio connection puts around every send when a socket timeout is
@@ -28,7 +34,7 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Future[Any]]) -> None:
         for t in pending:
             t.cancel()
         try:
-            _, pending = await asyncio.wait(pending, timeout=RECANCEL_S)
+            _, pending = await asyncio.wait(pending, timeout=every_s)
         except asyncio.CancelledError:
             # The caller is cancelled too (a worker stopping): end the tasks first, as
             # ``asyncio.gather`` would by passing the cancel on; else one left running dies

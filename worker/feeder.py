@@ -33,7 +33,7 @@ from collections.abc import Callable
 from producer.errors import EngineDead
 from producer.schema import JobStatus
 from worker.admission import Admission
-from worker.cancelling import cancel_and_wait
+from worker.cancelling import CLEANUP_S, cancel_and_wait
 from worker.claim import ClaimedJob, Disposition
 from worker.engines.base import Engine, Step
 from worker.in_flight import Holdings, InFlight
@@ -380,7 +380,7 @@ class Feeder:
         while h.jobs and (left_s := end - time.monotonic()) > 0:
             await asyncio.wait([f.task for f in h.jobs.values()], timeout=left_s)
         left = list(h.jobs.values())
-        await cancel_and_wait([f.task for f in left])
+        await cancel_and_wait([f.task for f in left], CLEANUP_S)
         await asyncio.gather(*(f.task for f in left), return_exceptions=True)
         rows = [f.row for f in left] + list(h.solo_waiting)
         h.solo_waiting.clear()

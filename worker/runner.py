@@ -23,7 +23,7 @@ from producer.connection import connect_async
 from producer.errors import EngineDead
 from producer.redis_errors import is_config_error, is_transient
 from worker import upkeep
-from worker.cancelling import cancel_and_wait
+from worker.cancelling import CLEANUP_S, cancel_and_wait
 from worker.engines.base import Engine
 from worker.feeder import Feeder
 from worker.ops import install as install_ops
@@ -205,7 +205,7 @@ async def serve(settings: WorkerSettings, engine: Engine | None = None, *,
                  settings.grace_seconds)
         handed_back = await feeder.drain(settings.grace_seconds)
         log.info("drained; %d unfinished jobs handed back for reclaim", handed_back)
-    await cancel_and_wait((*tasks.values(), stopper, dead))
+    await cancel_and_wait((*tasks.values(), stopper, dead), CLEANUP_S)
     if code == EXIT_OK:
         try:
             await store.drop_heartbeat()

@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 
 from producer.connection import is_cluster
 from producer.errors import EngineDead
-from worker.cancelling import cancel_and_wait
+from worker.cancelling import CLEANUP_S, cancel_and_wait
 from worker.claim import ClaimedJob
 from worker.engines.base import StepStats
 from worker.in_flight import Holdings
@@ -72,7 +72,7 @@ async def listen_for_cancels_on(redis: aioredis.Redis, channels: Callable[[], li
                         t.result()  # a listener's failure reaches the worker's retry loop
                     break
         finally:
-            await cancel_and_wait(tasks)
+            await cancel_and_wait(tasks, CLEANUP_S)
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
