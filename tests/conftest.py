@@ -39,9 +39,9 @@ ENGINE_HEADROOM = 4
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """The session's server keeps nothing on disk: no test restarts it, and on this shared
-    disk an AOF write once blocked it past a worker's 5 s socket timeout (the reply of a
-    claim was lost and the job ran once more). The tests of durability start servers with
-    AOF of their own (tests/test_faults_redis.py, tests/test_faults_ha.py)."""
+    disk its AOF fsyncs have lagged ("Asynchronous AOF fsync is taking too long"), one more
+    way for a reply to come late. The tests of durability start servers with AOF of their
+    own (tests/test_faults_redis.py, tests/test_faults_ha.py)."""
     server = RedisServer(appendfsync=None, workdir=str(tmp_path_factory.mktemp("redis")))
     server.start()
     yield server
