@@ -229,7 +229,6 @@ class Feeder:
             await asyncio.wait({waiter, freed}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             await cancel_and_wait((waiter, freed))
-            await asyncio.gather(waiter, freed, return_exceptions=True)
         self._slot_freed.clear()
 
     def request_reclaim(self) -> None:
@@ -381,7 +380,6 @@ class Feeder:
             await asyncio.wait([f.task for f in h.jobs.values()], timeout=left_s)
         left = list(h.jobs.values())
         await cancel_and_wait([f.task for f in left], CLEANUP_S)
-        await asyncio.gather(*(f.task for f in left), return_exceptions=True)
         rows = [f.row for f in left] + list(h.solo_waiting)
         h.solo_waiting.clear()
         if rows:

@@ -221,7 +221,6 @@ class WorkerStore:
             done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:
             await cancel_and_wait(waits)
-            await asyncio.gather(*waits, return_exceptions=True)
         for t in done:
             t.result()  # an outage on a shard reaches the loop's backoff
 

@@ -73,7 +73,6 @@ async def listen_for_cancels_on(redis: aioredis.Redis, channels: Callable[[], li
                     break
         finally:
             await cancel_and_wait(tasks, CLEANUP_S)
-            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def listen_for_cancels(redis: aioredis.Redis, channel: str,
