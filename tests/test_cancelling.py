@@ -24,7 +24,7 @@ async def test_a_task_that_drops_a_cancel_still_ends() -> None:
     stubborn = asyncio.ensure_future(_drops_first_cancel(blocked))
     plain = asyncio.ensure_future(asyncio.sleep(30))
     finished = asyncio.ensure_future(asyncio.sleep(0))
-    await asyncio.sleep(0.01)
+    await finished
     await asyncio.wait_for(cancel_and_wait([stubborn, plain, finished]), 10)
     assert blocked.is_set()  # the first cancel was dropped, a second one ended it
     assert stubborn.cancelled() and plain.cancelled()
@@ -35,7 +35,7 @@ async def test_one_cancel_alone_leaves_such_a_task_running() -> None:
     """Why the helper exists: the single cancel other code relies on."""
     blocked = asyncio.Event()
     stubborn = asyncio.ensure_future(_drops_first_cancel(blocked))
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # the task runs to its first await
     stubborn.cancel()
     await asyncio.wait_for(blocked.wait(), 10)
     assert not stubborn.done()
@@ -48,7 +48,7 @@ async def test_a_cancelled_caller_still_ends_every_task_then_raises() -> None:
     none left to die with the event loop, and the caller's cancel is raised after."""
     blocked = asyncio.Event()
     stubborn = asyncio.ensure_future(_drops_first_cancel(blocked))
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # the task runs to its first await
     caller = asyncio.ensure_future(cancel_and_wait([stubborn]))
     await asyncio.sleep(0)
     caller.cancel()
@@ -61,7 +61,7 @@ async def test_errors_of_the_tasks_are_kept_and_marked_seen() -> None:
     asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: seen.append(ctx))
     await _cancel_one_that_fails()
     for _ in range(3):  # a task's unretrieved error is reported when it is collected
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)
         gc.collect()
     assert not [c for c in seen if "never retrieved" in str(c.get("message", ""))], seen
 
@@ -74,7 +74,7 @@ async def _cancel_one_that_fails() -> None:
             raise ConnectionError("Connection closed by server.") from None
 
     task = asyncio.ensure_future(fails_when_cancelled())
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # the task runs to its first await
     await cancel_and_wait([task])
     assert task.done() and not task.cancelled()  # its error is in it (not read here)
 
@@ -93,6 +93,6 @@ async def test_a_task_that_cleans_up_is_not_cut_short() -> None:
             raise
 
     task = asyncio.ensure_future(cleans_up())
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0)  # the task runs to its first await
     await asyncio.wait_for(cancel_and_wait([task], CLEANUP_S), 10)
     assert task.cancelled() and cleaned.is_set()
