@@ -150,8 +150,7 @@ def check_invariants(r: redis.Redis, queue: str, ids: list[str],
 
 
 def wait_all_terminal(r: redis.Redis, queue: str, ids: list[str], timeout: float) -> bool:
-    """Until every job has a result (pipelined sweeps; one a stalled Redis leaves unanswered
-    is retried: CI saw 10 s without a reply while the jobs ran on), or the timeout."""
+    """Until every job has a result, or the timeout; a sweep a stalled Redis left unanswered reruns."""
     layout = read_layout(r, queue)
     left = list(ids)
     end = time.monotonic() + timeout
