@@ -26,8 +26,10 @@ lint: setup-test
 typecheck: setup-test
 	$(BIN)/mypy
 
+# Three pytest-xdist workers: the engine and fault tests stay on one of them, in order, while
+# the other two run the logic tests (tests/xdist_kit.py; README, Tests).
 pytest: setup-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 3
 
 test: lint typecheck pytest
 

@@ -107,6 +107,11 @@ SHARED_ENGINES = {"engine_worker", "engine_client", "feature_worker", "feature_c
 FEATURES_QUEUE = "features"
 LORA_RANK = 8
 FEATURE_LEASE_S = 4.0
+EAGER = "true"
+"""``enforce_eager`` for every test engine but the session's: vLLM's CPU build then skips the
+inductor compile of its warm-up (~25 s of CPU per boot while the compile cache is cold, as on
+CI, where the session's engines boot at once). The session engine keeps the default, compiled,
+as a user's worker runs."""
 
 
 def _phase(item: pytest.Item) -> int:
@@ -210,6 +215,7 @@ def _feature_engine(redis_server: RedisServer, tmp_path_factory: pytest.TempPath
         lease_seconds=FEATURE_LEASE_S, heartbeat_seconds=0.5, engine_hang_seconds=300,
         priority_scheduling="true",
         max_logprobs=5, lora_dir=str(d / "adapters"), max_loras=1, max_lora_rank=LORA_RANK,
+        enforce_eager=EAGER,
     ).start()
     _in_background(w)
     _shared_engines.append(w)
@@ -287,7 +293,7 @@ def _engine_pair(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFac
     settings: dict[str, str | int | float] = dict(
         queue="kill-e2e", max_num_seqs=8, headroom=4, max_model_len=2048,
         max_num_batched_tokens=1024, lease_seconds=20, engine_hang_seconds=300,
-        heartbeat_seconds=0.5, checkpoint_interval_ms=200)
+        heartbeat_seconds=0.5, checkpoint_interval_ms=200, enforce_eager=EAGER)
     pair = {n: _in_background(WorkerProcess(redis_server.url, n, d / f"{n}.log",
                                             step_log=str(d / f"{n}.steps"), **settings).start())
             for n in ("real-a", "real-b")}

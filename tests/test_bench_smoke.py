@@ -24,7 +24,7 @@ def smoke_command(tmp_path: Path) -> list[str]:
     return [sys.executable, "-m", "bench", "--requests", "40", "--prompt-tokens", "16",
             "--min-prompt-tokens", "4", "--min-output", "4", "--max-output", "24",
             "--max-num-seqs", "8", "--headroom", "4", "--max-model-len", "128",
-            "--max-num-batched-tokens", "512", "--modes", "offline,slotfill",
+            "--max-num-batched-tokens", "512", "--modes", "offline,slotfill", "--enforce-eager",
             "--submit-jobs", "500", "--submit-depth", "1000", "--soak-jobs", "500",
             "--results-dir", str(tmp_path), "--out", str(tmp_path / "smoke")]
 
