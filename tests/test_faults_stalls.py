@@ -238,3 +238,38 @@ def test_a_soak_of_kills_freezes_and_stalls_keeps_every_promise(tmp_path: Path) 
     print(f"\nstall soak: {rep}")
     assert rep.ok(), rep
     assert rep.jobs == 600 and rep.streaming_jobs > 0
+
+
+def test_claims_whose_reply_was_lost_run_at_once_with_no_delivery_counted(
+        own_redis: RedisServer, tmp_path: Path) -> None:
+    """A lone worker with a backlog always has a ``start_jobs`` read on its way; Redis frozen
+    7 s (past the worker's 5 s socket timeout) runs that read when it wakes and its reply is
+    lost. The entries it claimed are the worker's own, unknown to it: it takes them back at
+    once (``reclaim_jobs`` for its own entries) as the same delivery, not a lease (60 s) later
+    as a redelivery."""
+    r = redis.Redis.from_url(own_redis.url)
+    c = Client.from_url(own_redis.url, queue=Q)
+    w = _worker(own_redis.url, "solo", tmp_path, sim_step_ms=2, max_num_seqs=4, headroom=0,
+                lease_seconds=60)
+    try:
+        w.wait_ready(60)
+        ids = c.submit_many([{"prompt": "x", "max_tokens": 2 + k % 3} for k in range(3000)])
+        wait_until(lambda: _stats(r).get("finished_succeeded", 0) >= 100, timeout=60,
+                   what="the worker to get going")
+        assert own_redis.proc is not None
+        _freeze(own_redis.proc.pid, 7.0)
+        thawed = time.monotonic()
+        _wait_all(c, ids, timeout=50)  # well inside the lease
+        took = time.monotonic() - thawed
+        rep = check_jobs(r, Q, ids, streaming=False)
+        stats = _stats(r)
+    finally:
+        w.stop(30)
+    print(f"\nlost claim replies: every job done {took:.1f} s after the thaw, attempts "
+          f"{Counter(rep.attempts.values())}, stats {stats}")
+    assert rep.ok, rep.problems
+    assert stats.get("adopted", 0) > 0, "no claim reply was lost: the test proved nothing"
+    assert stats.get("reclaimed", 0) == 0, stats
+    keys = QueueKeys.for_queue(Q)
+    history = [json.loads(h) for i in ids if (h := r.hget(keys.job(i), "history"))]
+    assert all(e.get("delivery", 1) == 1 for h in history for e in h), history[:3]

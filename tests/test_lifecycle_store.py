@@ -219,3 +219,29 @@ async def test_an_append_redis_refuses_raises_its_error(
     r.set(keys.tokens(rows[1].job_id), "not a stream")
     with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
         await a.append_tokens([Append(row, "a", "[1]", 0, 1, 1) for row in rows], 100, 60, 60)
+
+
+async def test_a_claim_whose_reply_was_lost_is_taken_back_by_its_own_worker_alone(
+        stores: tuple[WorkerStore, WorkerStore], client: Client, r: redis.Redis,
+        queue: str) -> None:
+    """``reclaim_jobs`` with ``own``: only the caller's entries idle that long, as the same
+    delivery and a new attempt; a peer's, and the caller's renewed ones, stay where they are."""
+    a, b = stores
+    lost, held, peers = (client.submit(prompt=p) for p in ("lost", "held", "peer"))
+    [lost_row] = await a.start_jobs(1)  # its reply "lost": a does not hold it
+    [held_row] = await a.start_jobs(1)
+    [peer_row] = await b.start_jobs(1)
+    assert [x.job_id for x in (lost_row, held_row, peer_row)] == [lost.id, held.id, peers.id]
+    await asyncio.sleep(0.05)
+    assert await a.renew_leases([held_row]) == ["ok"]
+    [taken] = await a.reclaim_jobs(5, 0.04, 3, solo_allowed=True, own=True)
+    assert (taken.job_id, taken.deliveries, taken.attempts) == (lost.id, 1, 2)
+    assert taken.disposition is Disposition.run
+    assert owner(r, queue, lost_row.entry) == ("a", 1)  # no delivery counted
+    assert owner(r, queue, peer_row.entry) == ("b", 1)
+    keys = QueueKeys.for_queue(queue)
+    assert json.loads(r.hget(keys.job(lost.id), "history") or "[]")[-1]["event"] == "adopted"
+    assert r.hget(keys.stats, "adopted") == b"1" and r.hget(keys.stats, "reclaimed") is None
+    with pytest.raises(redis.ResponseError, match="invalid_argument"):
+        r.evalsha(a._reclaim.sha, 3, *keys.streams, GROUP, "a", 1, "0", keys.base, 0, 3, 1,
+                  3, 0, 9, "mine")

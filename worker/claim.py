@@ -4,6 +4,7 @@
 flat field/value pairs; :func:`decode` turns them into a frozen :class:`ClaimedJob` whose
 :class:`Disposition` says what the worker does with it. A reply that lacks a field or names an
 unknown disposition is a bug in the scripts: it raises, it is never guessed at.
+:class:`LostClaims` tracks claims that may have run in Redis with their reply lost.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any
+
+from redis.exceptions import ResponseError
 
 
 class Disposition(str, Enum):
@@ -92,3 +95,31 @@ def decode_one(flat: list[Any]) -> ClaimedJob:
 def decode(raw: list[Any]) -> list[ClaimedJob]:
     """A script's reply (a list of claims) as typed records."""
     return [decode_one(flat) for flat in raw]
+
+
+@dataclass
+class LostClaims:
+    """Whether a claim of ours (``start_jobs``, ``reclaim_jobs``) may have run in Redis with
+    its reply lost (a timeout, a dropped connection): its entries are then pending to this
+    worker, which does not know them. Sweeps for them (``reclaim_jobs`` with ``own``: entries
+    idle ``idle_s``) go on until one begins ``idle_s`` after the first ended: the lost claim
+    ran before that first sweep's reply came back (it reached Redis first), so by then its
+    entries have been idle ``idle_s``, while those this worker holds were renewed just before
+    each sweep."""
+
+    idle_s: float = 0.5
+    due: bool = False
+    _first_done: float | None = None
+
+    def failed(self, e: BaseException) -> None:
+        """A claim call failed with ``e``: an error reply ran nothing, any other failure (a
+        timeout, a dropped connection) may have run it."""
+        if not isinstance(e, ResponseError):
+            self.due = True
+            self._first_done = None
+
+    def swept(self, started: float, done: float) -> None:
+        if self._first_done is None:
+            self._first_done = done
+        elif started >= self._first_done + self.idle_s:
+            self.due = False

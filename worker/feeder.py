@@ -35,6 +35,7 @@ from producer.schema import JobStatus
 from worker.admission import Admission
 from worker.cancelling import CLEANUP_S, cancel_and_wait
 from worker.claim import ClaimedJob, Disposition
+from worker.crash_report import report_crash
 from worker.engines.base import Engine, Step
 from worker.in_flight import Holdings, InFlight
 from worker.job_task import JobTasks, Published
@@ -48,7 +49,6 @@ log = logging.getLogger("slotfill.worker")
 
 IDLE_BLOCK_S = 2.0
 """Longest blocking read while the queue is empty (wakes earlier on any new entry)."""
-CRASH_REPORT_TIMEOUT_S = 3.0
 _REPORT_ERRORS: tuple[type[Exception], ...] = (asyncio.TimeoutError, *REDIS_ERRORS)
 FORGET_CONSUMERS_AFTER_S = 3600.0
 """Consumers (dead workers) silent this long with nothing pending leave the group."""
@@ -81,6 +81,7 @@ class Feeder:
         self.fatal: BaseException | None = None
         self.dead = asyncio.Event()
         self.reclaim_due = False
+        self.lost_claims = store.lost_claims
         self._parked = False
         """The pull loop waits because admission said to read nothing."""
         self._slot_freed = asyncio.Event()
@@ -125,28 +126,37 @@ class Feeder:
                 self._parked = True
                 await self._wait_slot()
                 self._parked = False
-            elif not (self.reclaim_due and await self._reclaim()):
+            elif not (self.reclaim_due and await self._reclaim()) and not (
+                    self.lost_claims.due and await self._reclaim(own=True)):
                 await self._read()
         if self.fatal is not None:
             await self.dead.wait()  # the crash report is written before the worker exits
 
-    async def _reclaim(self) -> bool:
+    async def _reclaim(self, own: bool = False) -> bool:
         """One reclaim sweep; True when it took something over. Our own entries are renewed
         first, in the same turn of the loop: however long this worker (or Redis) stalled,
-        the sweep never finds a job that runs here idle and takes it from itself."""
-        self.reclaim_due = False
+        the sweep never finds a job that runs here idle and takes it from itself. ``own``:
+        the sweep for our claims whose reply was lost (``LostClaims``)."""
+        if own and self._overtake is not None and not self._overtake.done():
+            return False  # a read's claims are on their way: never taken twice
+        if not own:
+            self.reclaim_due = False
+        started = time.monotonic()
         self.state.reading = True
         try:
             held = self.holdings.rows()
             if held:
                 self.lease_report(held, await self.store.renew_leases(held))
             rows = await self.store.reclaim_jobs(
-                self.free(), self.settings.lease_seconds, self.settings.max_deliveries,
-                solo_allowed=True, forget_after_s=FORGET_CONSUMERS_AFTER_S)
+                self.free(), self.lost_claims.idle_s if own else self.settings.lease_seconds,
+                self.settings.max_deliveries, solo_allowed=True,
+                forget_after_s=0.0 if own else FORGET_CONSUMERS_AFTER_S, own=own)
         finally:
             self.state.reading = False
+        if own:
+            self.lost_claims.swept(started, time.monotonic())
         if rows:
-            self._take_reclaimed(rows)
+            self._take_reclaimed(rows, own)
         return bool(rows)
 
     async def _read(self) -> None:
@@ -240,13 +250,17 @@ class Feeder:
         self.state.pulling = False
         self._slot_freed.set()
 
-    def _take_reclaimed(self, rows: list[ClaimedJob]) -> None:
-        self.counters.reclaimed += len(rows)
+    def _take_reclaimed(self, rows: list[ClaimedJob], own: bool = False) -> None:
+        if own:
+            self.counters.adopted += len(rows)
+        else:
+            self.counters.reclaimed += len(rows)
         fresh = []
         for r in rows:
             alone = r.disposition is Disposition.run_alone
-            log.info("job %s reclaimed (delivery %d%s)", r.job_id, r.deliveries,
-                     ", runs alone" if alone else "")
+            log.info("job %s %s (delivery %d%s)", r.job_id,
+                     "taken back: its claim's reply was lost" if own else "reclaimed",
+                     r.deliveries, ", runs alone" if alone else "")
             if self.holdings.holds(r.key):
                 continue  # our own entry (our renewal was late): it already runs here
             if alone:
@@ -350,16 +364,10 @@ class Feeder:
         self.tasks.background(self._report_crash(inside, waiting))
 
     async def _report_crash(self, inside: list[ClaimedJob], waiting: list[ClaimedJob]) -> None:
-        """Report the jobs that were inside the dead engine and give every held entry back
-        for a peer's next sweep. Best effort: without Redis they are reclaimed after the
-        lease anyway (unreported: no evidence against any of them)."""
-        lease = self.settings.lease_seconds
+        """Best effort (worker/crash_report.py), then ``dead``."""
         try:
-            n = await asyncio.wait_for(self.store.release(
-                inside, lease, "engine_crash", alone=len(inside) == 1), CRASH_REPORT_TIMEOUT_S)
-            n += await asyncio.wait_for(self.store.release(waiting, lease, "handed_back"),
-                                        CRASH_REPORT_TIMEOUT_S)
-            self.counters.released += n
+            self.counters.released += await report_crash(
+                self.store, self.settings.lease_seconds, inside, waiting)
             log.error("engine dead: %d jobs were inside%s; given back for reclaim",
                       len(inside), " (alone: charged the loss)" if len(inside) == 1 else "")
         except _REPORT_ERRORS as err:

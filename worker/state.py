@@ -17,6 +17,8 @@ class Counters:
     results: dict[str, int] = field(default_factory=dict)
     duplicates: int = 0
     reclaimed: int = 0
+    adopted: int = 0
+    """Own entries taken back after the reply of the claim that gave them was lost."""
     dead_lettered: int = 0
     output_tokens: int = 0
     max_in_flight: int = 0
@@ -60,3 +62,4 @@ class FeederState:
         """A subscriber to the engine's steps."""
         if not step.full and step.waiting == 0 and self.backlog:
             self.starved_steps += 1
+

@@ -31,7 +31,7 @@ from producer.scripts import batch_args, batched, source
 from producer.shards import LAYOUT_FIELDS, parse_layout
 from worker.appends import Append as Append
 from worker.cancelling import cancel_and_wait
-from worker.claim import ClaimedJob, Disposition, decode
+from worker.claim import ClaimedJob, Disposition, LostClaims, decode
 from worker.coalesce import Coalesced
 from worker.shard_set import ShardSet
 
@@ -110,6 +110,8 @@ class WorkerStore:
         """The queue's own keys (shard 0): config, heartbeats."""
         self.consumer = consumer
         self.shards = ShardSet(queue, consumer)
+        self.lost_claims = LostClaims()
+        """Claims of ours that may have run with their reply lost (the pull loop sweeps)."""
         """Every shard's keys, home first (one: the queue itself, until ``load_layout``)."""
         self._cluster = is_cluster(redis_client)
         self.clock_offset = 0.0
@@ -163,7 +165,8 @@ class WorkerStore:
                 rows += decode(await self._start(
                     keys=keys.streams,
                     args=[GROUP, self.consumer, count - len(rows), repr(self.now()), keys.base]))
-            except SHARD_ERRORS:
+            except SHARD_ERRORS as e:
+                self.lost_claims.failed(e)
                 if not rows:
                     raise
                 break  # keep what is claimed (else it waits out a lease); the next read retries
@@ -173,11 +176,13 @@ class WorkerStore:
 
     @_redis_call
     async def reclaim_jobs(self, count: int, lease_seconds: float, max_deliveries: int,
-                           solo_allowed: bool, forget_after_s: float = 0.0) -> list[ClaimedJob]:
+                           solo_allowed: bool, forget_after_s: float = 0.0,
+                           own: bool = False) -> list[ClaimedJob]:
         """Take over entries idle past the lease, on every shard. At most one claim to run
         alone, and only when ``solo_allowed``; jobs past the poison rule's limits come
         ``poisoned``. ``forget_after_s`` > 0 also deletes consumers silent that long with
-        nothing pending."""
+        nothing pending. ``own``: only this worker's entries (claims whose reply was lost),
+        as the same delivery."""
         rows: list[ClaimedJob] = []
         for keys in self.shards.order:
             solo = solo_allowed and not any(
@@ -188,8 +193,9 @@ class WorkerStore:
                     args=[GROUP, self.consumer, max(0, count - len(rows)), repr(self.now()),
                           keys.base, int(lease_seconds * 1000), max_deliveries, int(solo),
                           SOLO_LOSS_LIMIT, int(forget_after_s * 1000),
-                          max_deliveries * HARD_DELIVERY_FACTOR]))
-            except SHARD_ERRORS:
+                          max_deliveries * HARD_DELIVERY_FACTOR, "own" if own else ""]))
+            except SHARD_ERRORS as e:
+                self.lost_claims.failed(e)
                 if not rows:
                     raise
                 break  # keep what is claimed; the next sweep covers the rest

@@ -6,6 +6,9 @@
 -- ARGV[6] lease in milliseconds  ARGV[7] max deliveries  ARGV[8] solo rows allowed (0 or 1)
 -- ARGV[9] solo loss limit  ARGV[10] idle milliseconds after which a consumer with nothing
 -- pending is forgotten  ARGV[11] hard delivery limit
+-- ARGV[12] (may be left out) "own": take back only the caller's own entries idle ARGV[6] ms,
+-- those a claim of its own gave it whose reply it never got (a timeout, a dropped connection),
+-- as the same delivery: none is counted, and the record's history says "adopted"
 -- Returns claims (see take()); deliveries is the entry's delivery count after this claim.
 --
 -- Culprit isolation (the rule: includes/poison.lua): a job that is ``suspect`` or has been
@@ -16,6 +19,11 @@ local group, consumer, base = ARGV[1], ARGV[2], ARGV[5]
 local now, lease = ARGV[4], tonumber(ARGV[6])
 local max_deliveries, loss_limit = tonumber(ARGV[7]), tonumber(ARGV[9])
 local hard_limit = tonumber(ARGV[11])
+local own = ARGV[12] == "own"
+if ARGV[12] and ARGV[12] ~= "" and not own then
+  return redis.error_reply("ERR slotfill:invalid_argument ARGV[12] must be \"own\" or empty")
+end
+local event = own and "adopted" or "reclaimed"
 local out = {}
 local remaining = tonumber(ARGV[3])
 local solo_left = tonumber(ARGV[8])
@@ -43,19 +51,21 @@ local function reclaim_one(stream, id, deliveries)
   local jid = fields_of(e[1][2])["id"]
   local v = verdict_for(jid, deliveries)
   if v == "run_alone" and solo_left <= 0 then return false end
-  local claimed = redis.call("XCLAIM", stream, group, consumer, lease, id)
+  -- RETRYCOUNT: the delivery count this sweep decided on (one more, or the same for our own).
+  local claimed = redis.call("XCLAIM", stream, group, consumer, lease, id,
+    "RETRYCOUNT", deliveries)
   if #claimed == 0 or not claimed[1] then return false end
-  if valid_job_id(jid) then note_vanished_alone(base .. ":job:" .. jid, now) end
+  if valid_job_id(jid) and not own then note_vanished_alone(base .. ":job:" .. jid, now) end
   local row, disposition = take(base, stream, group, consumer, id, claimed[1][2], now,
     deliveries, v)
   if not row then return false end
   if valid_job_id(jid) then
-    add_history(base .. ":job:" .. jid, {at = tonumber(now), event = "reclaimed",
+    add_history(base .. ":job:" .. jid, {at = tonumber(now), event = event,
       worker = consumer, delivery = deliveries, solo = v == "run_alone"})
   end
   if disposition == "run_alone" then solo_left = solo_left - 1 end
   out[#out + 1] = row
-  redis.call("HINCRBY", base .. ":stats", "reclaimed", 1)
+  redis.call("HINCRBY", base .. ":stats", event, 1)
   return true
 end
 
@@ -63,13 +73,19 @@ for _, stream in ipairs(KEYS) do
   local start = "-"
   local scanned = 0
   while remaining > 0 and scanned < SCAN_LIMIT do
-    local pend = redis.call("XPENDING", stream, group, "IDLE", lease, start, "+", 100)
+    local pend
+    if own then
+      pend = redis.call("XPENDING", stream, group, "IDLE", lease, start, "+", 100, consumer)
+    else
+      pend = redis.call("XPENDING", stream, group, "IDLE", lease, start, "+", 100)
+    end
     if #pend == 0 then break end
     for _, p in ipairs(pend) do
       scanned = scanned + 1
       start = "(" .. p[1]
       if remaining <= 0 then break end
-      if reclaim_one(stream, p[1], tonumber(p[4]) + 1) then remaining = remaining - 1 end
+      local deliveries = tonumber(p[4]) + (own and 0 or 1)
+      if reclaim_one(stream, p[1], deliveries) then remaining = remaining - 1 end
     end
   end
 end

@@ -89,6 +89,7 @@ METRICS: dict[str, str] = {
     "slotfill_queue_dead_letter_size": "gauge",
     "slotfill_queue_finished": "counter",
     "slotfill_queue_reclaimed": "counter",
+    "slotfill_queue_adopted": "counter",
     "slotfill_queue_dead_lettered": "counter",
     "slotfill_queue_duplicates_suppressed": "counter",
     "slotfill_queue_duplicate_entries": "counter",
@@ -329,6 +330,8 @@ class _Collector(Collector):
         yield fin
         for name, key, doc in (
             ("slotfill_queue_reclaimed", "reclaimed", "Entries reclaimed from silent workers"),
+            ("slotfill_queue_adopted", "adopted", "Entries a worker took back after the "
+             "reply of the claim that gave them to it was lost"),
             ("slotfill_queue_dead_lettered", "dead_lettered", "Entries dead-lettered"),
             ("slotfill_queue_duplicates_suppressed", "duplicates_suppressed",
              "Second results for a finished job, suppressed"),
