@@ -16,7 +16,7 @@ from producer import Client, QueueKeys
 from producer.keys import GROUP
 from slotfill.testing import signals as watch
 from slotfill.testing.redis_server import RedisServer
-from worker.claim import ClaimedJob, Disposition
+from worker.claim import ClaimedJob, Disposition, LostClaims
 from worker.store import Append, WorkerStore
 
 
@@ -245,3 +245,22 @@ async def test_a_claim_whose_reply_was_lost_is_taken_back_by_its_own_worker_alon
     with pytest.raises(redis.ResponseError, match="invalid_argument"):
         r.evalsha(a._reclaim.sha, 3, *keys.streams, GROUP, "a", 1, "0", keys.base, 0, 3, 1,
                   3, 0, 9, "mine")
+
+
+def test_lost_claims_are_swept_for_until_a_sweep_begins_idle_s_after_the_first_ended() -> None:
+    lost = LostClaims(idle_s=0.5)
+    lost.failed(redis.ResponseError("READONLY You can't write against a read only replica."))
+    assert not lost.ready(0.0)  # an error reply: the claim ran nothing
+    lost.failed(redis.TimeoutError("Timeout reading from 127.0.0.1:6379"))
+    assert lost.ready(0.0)
+    lost.swept(0.0, 0.1, 0)
+    assert lost.due and not lost.ready(0.2) and lost.ready(0.4)  # sweeps idle_s / 2 apart
+    lost.swept(0.4, 0.45, 0)  # began before 0.1 + 0.5: an entry claimed at 0.1 was not idle yet
+    assert lost.due
+    lost.swept(0.65, 0.7, 2)  # took two (as many as there were free slots): maybe more left
+    assert lost.due
+    lost.swept(0.95, 1.0, 0)
+    assert not lost.due and not lost.ready(5.0)
+    lost.failed(redis.ConnectionError("Connection reset by peer"))
+    lost.swept(6.0, 6.1, 0)  # a new failure: its own first sweep
+    assert lost.due

@@ -102,14 +102,20 @@ class LostClaims:
     """Whether a claim of ours (``start_jobs``, ``reclaim_jobs``) may have run in Redis with
     its reply lost (a timeout, a dropped connection): its entries are then pending to this
     worker, which does not know them. Sweeps for them (``reclaim_jobs`` with ``own``: entries
-    idle ``idle_s``) go on until one begins ``idle_s`` after the first ended: the lost claim
-    ran before that first sweep's reply came back (it reached Redis first), so by then its
-    entries have been idle ``idle_s``, while those this worker holds were renewed just before
-    each sweep."""
+    idle ``idle_s``, as many as there are free slots) go on until one that begins ``idle_s``
+    after the first ended takes nothing: the lost claim ran before that first sweep's reply
+    came back (it reached Redis first), so by then its entries have been idle ``idle_s``,
+    while those this worker holds were renewed just before each sweep. Sweeps are at least
+    ``idle_s / 2`` apart: each renews every held entry first."""
 
     idle_s: float = 0.5
     due: bool = False
     _first_done: float | None = None
+    _last_done: float = float("-inf")
+
+    def ready(self, now: float) -> bool:
+        """A sweep is due now."""
+        return self.due and now - self._last_done >= self.idle_s / 2
 
     def failed(self, e: BaseException) -> None:
         """A claim call failed with ``e``: an error reply ran nothing, any other failure (a
@@ -118,8 +124,9 @@ class LostClaims:
             self.due = True
             self._first_done = None
 
-    def swept(self, started: float, done: float) -> None:
+    def swept(self, started: float, done: float, took: int) -> None:
+        self._last_done = done
         if self._first_done is None:
             self._first_done = done
-        elif started >= self._first_done + self.idle_s:
+        elif started >= self._first_done + self.idle_s and not took:
             self.due = False

@@ -127,7 +127,7 @@ class Feeder:
                 await self._wait_slot()
                 self._parked = False
             elif not (self.reclaim_due and await self._reclaim()) and not (
-                    self.lost_claims.due and await self._reclaim(own=True)):
+                    self.lost_claims.ready(time.monotonic()) and await self._reclaim(True)):
                 await self._read()
         if self.fatal is not None:
             await self.dead.wait()  # the crash report is written before the worker exits
@@ -154,7 +154,7 @@ class Feeder:
         finally:
             self.state.reading = False
         if own:
-            self.lost_claims.swept(started, time.monotonic())
+            self.lost_claims.swept(started, time.monotonic(), len(rows))
         if rows:
             self._take_reclaimed(rows, own)
         return bool(rows)
