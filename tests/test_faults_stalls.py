@@ -253,7 +253,7 @@ def test_claims_whose_reply_was_lost_run_at_once_with_no_delivery_counted(
                 lease_seconds=60)
     try:
         w.wait_ready(60)
-        ids = c.submit_many([{"prompt": "x", "max_tokens": 2 + k % 3} for k in range(3000)])
+        ids = c.submit_many([{"prompt": "x", "max_tokens": 2 + k % 3} for k in range(1500)])
         wait_until(lambda: _stats(r).get("finished_succeeded", 0) >= 100, timeout=60,
                    what="the worker to get going")
         assert own_redis.proc is not None
