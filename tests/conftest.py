@@ -109,8 +109,8 @@ LORA_RANK = 8
 FEATURE_LEASE_S = 4.0
 EAGER = "true"
 """``enforce_eager`` for every test engine but the session's: vLLM's CPU build then skips the
-inductor compile of its warm-up (~25 s of CPU per boot while the compile cache is cold, as on
-CI, where the session's engines boot at once). The session engine keeps the default, compiled,
+inductor compile of its warm-up (one boot: 65 s of CPU with a cold compile cache, as on CI,
+where the session's engines boot at once; 30 s eager). The session engine keeps the default, compiled,
 as a user's worker runs."""
 
 

@@ -125,6 +125,7 @@ class LostClaims:
             self._first_done = None
 
     def swept(self, started: float, done: float, took: int) -> None:
+        """A sweep that began at ``started`` and ended at ``done`` took ``took`` entries."""
         self._last_done = done
         if self._first_done is None:
             self._first_done = done

@@ -62,4 +62,3 @@ class FeederState:
         """A subscriber to the engine's steps."""
         if not step.full and step.waiting == 0 and self.backlog:
             self.starved_steps += 1
-

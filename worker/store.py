@@ -110,9 +110,9 @@ class WorkerStore:
         """The queue's own keys (shard 0): config, heartbeats."""
         self.consumer = consumer
         self.shards = ShardSet(queue, consumer)
+        """Every shard's keys, home first (one: the queue itself, until ``load_layout``)."""
         self.lost_claims = LostClaims()
         """Claims of ours that may have run with their reply lost (the pull loop sweeps)."""
-        """Every shard's keys, home first (one: the queue itself, until ``load_layout``)."""
         self._cluster = is_cluster(redis_client)
         self.clock_offset = 0.0
         """Redis' clock minus this host's, seconds (``sync_clock``)."""
