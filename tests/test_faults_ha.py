@@ -25,7 +25,7 @@ from slotfill.testing.poll import wait_until
 from slotfill.testing.redis_server import RedisServer
 from slotfill.testing.sentinel import SentinelGroup
 
-pytestmark = pytest.mark.fault
+pytestmark = [pytest.mark.fault, pytest.mark.own_worker]
 
 HA_NODE = ["min-replicas-to-write 1", "min-replicas-max-lag 2", "repl-diskless-sync-delay 0"]
 SAFE_CLIENT = {"replica_acks": 1, "replica_ack_timeout_ms": 500}

@@ -13,7 +13,7 @@ from producer.shards import read_layout
 from slotfill.testing.kill_soak import Report, soak
 from slotfill.testing.redis_server import RedisServer
 
-pytestmark = pytest.mark.fault
+pytestmark = [pytest.mark.fault, pytest.mark.own_worker]
 
 
 def _check(rep: Report, jobs: int, kills: int, workers: int) -> None:

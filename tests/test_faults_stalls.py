@@ -23,7 +23,7 @@ from slotfill.testing.poll import wait_until
 from slotfill.testing.redis_server import RedisServer
 from slotfill.testing.stream_check import check_jobs, read_stream
 
-pytestmark = pytest.mark.fault
+pytestmark = [pytest.mark.fault, pytest.mark.own_worker]
 
 Q = "stall"
 

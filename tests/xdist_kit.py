@@ -1,6 +1,7 @@
 """pytest-xdist for this suite (a pytest plugin: ``pytest_plugins`` in tests/conftest.py):
 the engine and fault tests form one group, which one worker runs in the usual order and for
-which it boots each engine once (tests/conftest.py, ``_boot_with_group``); the tests of a
+which it boots each engine once (tests/conftest.py, ``_boot_with_group``); a fault module
+marked ``own_worker`` (long, and no engine) is a group of its own beside it; the tests of a
 module that starts servers for the whole module (a module-scoped fixture: a Redis Cluster,
 worker processes) form a group of their own, so one worker starts them once; the other
 workers run the rest."""
@@ -15,7 +16,8 @@ usual order, and boots each engine once (``--dist loadgroup``)."""
 
 
 def in_engine_group(item: pytest.Item) -> bool:
-    return any(item.get_closest_marker(m) is not None for m in ("engine", "fault"))
+    return (any(item.get_closest_marker(m) is not None for m in ("engine", "fault"))
+            and item.get_closest_marker("own_worker") is None)
 
 
 def _uses_module_fixture(item: pytest.Item) -> bool:
@@ -25,10 +27,11 @@ def _uses_module_fixture(item: pytest.Item) -> bool:
 
 
 def group_of(item: pytest.Item) -> str | None:
-    """The xdist group of ``item``: the engine group, its module's, or none (any worker)."""
+    """The xdist group of ``item``: the engine group, its module's (a module marked
+    ``own_worker``, or one with module-scoped servers), or none (any worker)."""
     if in_engine_group(item):
         return ENGINE_GROUP
-    if _uses_module_fixture(item):
+    if item.get_closest_marker("own_worker") is not None or _uses_module_fixture(item):
         return item.path.stem
     return None
 
