@@ -136,8 +136,8 @@ BACKGROUND_NICE = 10
 LAST_NICE = 19
 """The kill test's pair and the bench's smoke run, needed only at the end: they boot on what
 the shared engines' boots leave (a run where all booted at nice 10 made the first engine
-test wait 95 s for the feature engine), then at ``BACKGROUND_NICE`` once those are ready (left
-at 19, the kill test waited 26 s for its pair)."""
+test wait 95 s for the feature engine), then at ``BACKGROUND_NICE`` once the first of those is
+ready (left at 19, the kill test waited 26 s for its pair)."""
 _late: list[int] = []
 """Process ids whose autogroups are at ``LAST_NICE``."""
 
@@ -148,9 +148,7 @@ def _set_autogroup_nice(pid: int, nice: int) -> None:
 
 
 def _promote_late() -> None:
-    """Once every shared engine is in use, what boots for the last tests gets their share."""
-    if any(w in _backgrounded for w in _shared_engines):
-        return
+    """Once the first shared engine is ready, what boots for the last tests gets their share."""
     while _late:
         _set_autogroup_nice(_late.pop(), BACKGROUND_NICE)
 
