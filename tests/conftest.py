@@ -340,9 +340,8 @@ BENCH_CORE = 1
 def _low_priority() -> None:
     # A session of its own (so its autogroup, kernel.sched_autogroup_enabled=1) at LAST_NICE
     # (then BACKGROUND_NICE: _promote_late), and BACKGROUND_NICE inside it: the background run
-    # takes the CPU the tests leave idle, and a
-    # test that needs the CPU (timed steps, leases) gets it first. Its engines stay on one
-    # core (pin_engine_env).
+    # takes the CPU the tests leave idle, and a test that needs the CPU (timed steps, leases)
+    # gets it first. Its engines stay on one core (pin_engine_env).
     os.sched_setaffinity(0, {engine_core(BENCH_CORE)})
     os.setsid()
     with contextlib.suppress(OSError):
