@@ -23,6 +23,16 @@ import redis
 from producer import Client, ClientSettings
 from slotfill.testing.fleet import WorkerProcess, pin_engine_env
 from slotfill.testing.redis_server import RedisServer
+from tests.engine_priority import (
+    BENCH_CORE,
+    LAST_NICE,
+    engine_core,
+    foreground,
+    in_background,
+    late,
+    low_priority,
+    promote_late,
+)
 
 if TYPE_CHECKING:  # the worker runtime: not on a light install (.ci/floors.sh)
     from slotfill.testing.inproc import InprocWorker
@@ -114,13 +124,6 @@ where the session's engines boot at once; 30 s eager). The session engine keeps 
 as a user's worker runs."""
 
 
-def engine_core(i: int) -> int:
-    """The CPU that the session's ``i``-th engine is held on: engines that run at the same
-    time get different cores (``slotfill.testing.fleet.pin_engine_env`` says why)."""
-    cores = sorted(os.sched_getaffinity(0))
-    return cores[i % len(cores)]
-
-
 def _phase(item: pytest.Item) -> int:
     """0: no real engine; 1: the session's shared engines; 2: tests that boot their own."""
     if item.get_closest_marker("engine") is None:
@@ -130,56 +133,6 @@ def _phase(item: pytest.Item) -> int:
 
 _shared_engines: list[WorkerProcess] = []
 _early_stops: list[threading.Thread] = []
-_backgrounded: list[WorkerProcess] = []
-
-BACKGROUND_NICE = 10
-LAST_NICE = 19
-"""The kill test's pair and the bench's smoke run, needed only at the end: they boot on what
-the shared engines' boots leave (a run where all booted at nice 10 made the first engine
-test wait 95 s for the feature engine), then at ``BACKGROUND_NICE`` once the first of those is
-ready (left at 19, the kill test waited 26 s for its pair)."""
-_late: list[int] = []
-"""Process ids whose autogroups are at ``LAST_NICE``."""
-
-
-def _set_autogroup_nice(pid: int, nice: int) -> None:
-    with contextlib.suppress(OSError):  # no autogroups, or not permitted: default priority
-        Path(f"/proc/{pid}/autogroup").write_text(str(nice))
-
-
-def _promote_late() -> None:
-    """Once the first shared engine is ready, what boots for the last tests gets their share."""
-    while _late:
-        _set_autogroup_nice(_late.pop(), BACKGROUND_NICE)
-
-
-def _in_background(w: WorkerProcess, nice: int = BACKGROUND_NICE) -> WorkerProcess:
-    """Lower the autogroup of ``w``'s session (a session of its own, which the engine
-    processes it starts share; kernel.sched_autogroup_enabled=1) to ``nice`` until a test
-    uses it: its boot then takes the CPU that the tests before it leave idle, and a
-    test that needs the CPU (timed steps, leases) gets it first."""
-    assert w.proc is not None
-    _set_autogroup_nice(w.proc.pid, nice)
-    if nice == LAST_NICE:
-        _late.append(w.proc.pid)
-    _backgrounded.append(w)
-    return w
-
-
-def _foreground(*used: WorkerProcess) -> None:
-    """A worker started in the background runs at the default priority once a test uses it
-    (as in production: measured on this shared box, a worker left at nice 10 beside other
-    sessions' engines stalled past its 10 s lease); the others boot on at theirs."""
-    for w in used:
-        if w not in _backgrounded:
-            continue
-        _backgrounded.remove(w)
-        if w.proc is not None and w.proc.poll() is None:
-            _set_autogroup_nice(w.proc.pid, 0)
-            with contextlib.suppress(ValueError):
-                _late.remove(w.proc.pid)
-
-
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     """After the last test that uses the shared engines, stop them in the background: the
     tests that boot engines of their own then have the CPU, and the shutdown overlaps them."""
@@ -218,7 +171,7 @@ def _session_engine(redis_server: RedisServer, tmp_path_factory: pytest.TempPath
         max_num_batched_tokens=1024, step_log=str(d / "steps.jsonl"),
         lease_seconds=30, engine_hang_seconds=300,
     ).start(cpu=engine_core(0))
-    _in_background(w)
+    in_background(w)
     _shared_engines.append(w)
     yield w
     for t in _early_stops:
@@ -246,7 +199,7 @@ def _feature_engine(redis_server: RedisServer, tmp_path_factory: pytest.TempPath
         max_logprobs=5, lora_dir=str(d / "adapters"), max_loras=1, max_lora_rank=LORA_RANK,
         enforce_eager=EAGER,
     ).start(cpu=engine_core(1))
-    _in_background(w)
+    in_background(w)
     _shared_engines.append(w)
     yield w
     for t in _early_stops:
@@ -305,7 +258,7 @@ def _boot(request: pytest.FixtureRequest, items: list[pytest.Item]) -> None:
 def engine_pair(_engine_pair: dict[str, WorkerProcess]) -> dict[str, WorkerProcess]:
     """The kill test's two real-engine workers (booted with the session), at the default
     priority from now on; not necessarily ready."""
-    _foreground(*_engine_pair.values())
+    foreground(*_engine_pair.values())
     return _engine_pair
 
 
@@ -323,7 +276,7 @@ def _engine_pair(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFac
         queue="kill-e2e", max_num_seqs=8, headroom=4, max_model_len=2048,
         max_num_batched_tokens=1024, lease_seconds=20, engine_hang_seconds=300,
         heartbeat_seconds=0.5, checkpoint_interval_ms=200, enforce_eager=EAGER)
-    pair = {n: _in_background(WorkerProcess(redis_server.url, n, d / f"{n}.log",
+    pair = {n: in_background(WorkerProcess(redis_server.url, n, d / f"{n}.log",
                                             step_log=str(d / f"{n}.steps"),
                                             **settings).start(cpu=engine_core(i)), LAST_NICE)
             for i, n in enumerate(("real-a", "real-b"))}
@@ -331,22 +284,6 @@ def _engine_pair(redis_server: RedisServer, tmp_path_factory: pytest.TempPathFac
     for w in pair.values():
         if w.proc is not None and w.proc.poll() is None:
             w.kill()
-
-
-BENCH_CORE = 1
-"""``engine_core`` of the bench's smoke run (its engines run one after the other)."""
-
-
-def _low_priority() -> None:
-    # A session of its own (so its autogroup, kernel.sched_autogroup_enabled=1) at LAST_NICE
-    # (then BACKGROUND_NICE: _promote_late), and BACKGROUND_NICE inside it: the background run
-    # takes the CPU the tests leave idle, and a test that needs the CPU (timed steps, leases)
-    # gets it first. Its engines stay on one core (pin_engine_env).
-    os.sched_setaffinity(0, {engine_core(BENCH_CORE)})
-    os.setsid()
-    with contextlib.suppress(OSError):
-        Path("/proc/self/autogroup").write_text(str(LAST_NICE))
-    os.nice(BACKGROUND_NICE)
 
 
 @pytest.fixture(scope="session")
@@ -361,10 +298,10 @@ def bench_smoke(tmp_path_factory: pytest.TempPathFactory
     d = tmp_path_factory.mktemp("bench-smoke")
     with open(d / "output.txt", "wb") as log:
         proc = subprocess.Popen(smoke_command(d), cwd=ROOT, stdout=log,
-                                stderr=subprocess.STDOUT, preexec_fn=_low_priority,
+                                stderr=subprocess.STDOUT, preexec_fn=low_priority,
                                 env=pin_engine_env({**os.environ, "COLUMNS": "200"},
                                                    engine_core(BENCH_CORE)))
-    _late.append(proc.pid)
+    late.append(proc.pid)
     yield proc, d
     for sig, wait_s in ((signal.SIGINT, 60.0), (signal.SIGKILL, 10.0)):
         if proc.poll() is not None:
@@ -378,13 +315,13 @@ def bench_smoke(tmp_path_factory: pytest.TempPathFactory
 @pytest.fixture(scope="session")
 def engine_worker(_session_engine: WorkerProcess) -> WorkerProcess:
     """One real vLLM engine (CPU build, generated tiny model) for the whole session."""
-    _foreground(_session_engine)
+    foreground(_session_engine)
     try:
         _session_engine.wait_ready(timeout=600)
     except Exception:
         _session_engine.kill()
         raise
-    _promote_late()
+    promote_late()
     return _session_engine
 
 
@@ -392,13 +329,13 @@ def engine_worker(_session_engine: WorkerProcess) -> WorkerProcess:
 def feature_worker(_feature_engine: WorkerProcess) -> WorkerProcess:
     """The LoRA / priority / logprobs-cap / short-lease engine, ready (stopped with the
     session's engine after the last test that uses the shared engines)."""
-    _foreground(_feature_engine)
+    foreground(_feature_engine)
     try:
         _feature_engine.wait_ready(timeout=600)
     except Exception:
         _feature_engine.kill()
         raise
-    _promote_late()
+    promote_late()
     return _feature_engine
 
 
