@@ -161,8 +161,10 @@ def test_lost_replies_duplicate_no_delta_and_lose_no_callback(
 
 def test_a_frozen_worker_publishes_nothing_its_stream_declared_void(
         own_redis: RedisServer, tmp_path: Path) -> None:
-    """Issue 12 case 4: worker A frozen 6 s (3 x lease) 60 % through its jobs; B takes them
-    over; A thaws (and would finish first). The result is B's, the one its stream shows."""
+    """Issue 12 case 4: worker A frozen half-way through its jobs, for B's start and 2-3
+    leases; B takes them over; A thaws (and would finish first). The result is B's, the one
+    its stream shows. A is frozen before B starts: B's start once took 5 s on a loaded box,
+    and A (4 s of jobs) had finished when it was to be frozen."""
     r = redis.Redis.from_url(own_redis.url)
     c = Client.from_url(own_redis.url, queue=Q)
     a = _worker(own_redis.url, "a", tmp_path, sim_step_ms=10)
@@ -171,13 +173,12 @@ def test_a_frozen_worker_publishes_nothing_its_stream_declared_void(
         a.wait_ready(60)
         ids = [c.submit("x", max_tokens=400 + 5 * k, ignore_eos=True, stream=True).id
                for k in range(4)]
-        _wait_tokens(r, ids, 40)
-        b = _worker(own_redis.url, "b", tmp_path, sim_step_ms=25)
-        b.wait_ready(60)
-        _wait_tokens(r, ids, 240)
+        _wait_tokens(r, ids, 200)
         assert a.proc is not None
         os.kill(a.proc.pid, signal.SIGSTOP)
         try:
+            b = _worker(own_redis.url, "b", tmp_path, sim_step_ms=25)
+            b.wait_ready(60)
             keys = QueueKeys.for_queue(Q)
             wait_until(lambda: all(r.hget(keys.job(i), "worker") == b"b" for i in ids),
                        timeout=30, what="b to take the jobs over")
