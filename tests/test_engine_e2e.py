@@ -59,7 +59,7 @@ def test_backlog_keeps_the_real_engine_busy(engine_client: Client,
     rng = random.Random(2)
     ids = engine_client.submit_many(
         [{"prompt": "refill " * rng.randint(1, 30), "max_tokens": rng.randint(32, 96),
-          "ignore_eos": True} for _ in range(300)])
+          "ignore_eos": True} for _ in range(150)])
     results = [engine_client.wait(i, timeout=300) for i in ids]
     assert all(res.status is JobStatus.succeeded for res in results)
     first = min(res.timings.started_at or 0 for res in results) + 0.2
