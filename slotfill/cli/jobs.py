@@ -111,18 +111,25 @@ def stream_cmd(
 
 def _follow(c: Client, job_id: str, after: str | None, timeout: float) -> int:
     """Print a job's stream: text to stdout, restarts and the final status to stderr.
-    Exit code 0 when it succeeded, 1 when it ended otherwise, 2 on a client error."""
+    Exit code 0 when it succeeded, 1 when it ended otherwise, 2 on a client error.
+    A delta without text is held: the detokenizer holds back the first bytes of a character
+    (the text comes with a later delta), or the worker has no tokenizer, whose output,
+    token ids, is printed when the job ends without text."""
     err = _err()
     last = after or FIRST_ID
+    held: list[int] = []
     try:
         for event in c.stream(job_id, after=last, timeout=timeout):
             if isinstance(event, TokenDelta):
-                # A worker without a tokenizer streams token ids only.
-                sys.stdout.write(event.text if event.text
-                                 else "".join(f"{t} " for t in event.token_ids))
-                sys.stdout.flush()
+                if event.text:
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
+                    held.clear()
+                else:
+                    held.extend(event.token_ids)
                 last = event.entry_id
             elif isinstance(event, Restarted):
+                held.clear()
                 err.print(f"\n[yellow][restarted: attempt {event.attempt} on "
                           f"{event.worker or 'another worker'}; output starts over][/yellow]")
             elif isinstance(event, Moved):
@@ -130,6 +137,8 @@ def _follow(c: Client, job_id: str, after: str | None, timeout: float) -> int:
                           f"{event.worker or 'another worker'} goes on from token "
                           f"{event.at}][/yellow]")
             elif isinstance(event, JobResult):
+                if held and not event.text:
+                    sys.stdout.write("".join(f"{t} " for t in held))
                 sys.stdout.write("\n")
                 note = f": {event.error.message}" if event.error else ""
                 err.print(f"{event.status.value} ({event.finish_reason}, "
