@@ -4,7 +4,7 @@ writes, including the ones without text (no Redis needed: the client's stream is
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, cast
+from typing import cast
 
 import pytest
 
@@ -25,8 +25,8 @@ def _printed(events: list[StreamEvent], capsys: pytest.CaptureFixture[str]) -> t
     return code, capsys.readouterr().out
 
 
-def _delta(text: str, ids: list[int], n: int, **kw: Any) -> TokenDelta:
-    return TokenDelta(text, ids, f"{n}-0", kw.get("attempt", 1), n)
+def _delta(text: str, ids: list[int], n: int, attempt: int = 1) -> TokenDelta:
+    return TokenDelta(text, ids, f"{n}-0", attempt, n)
 
 
 def test_a_held_back_character_prints_as_text_not_as_its_token_ids(
