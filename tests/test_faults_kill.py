@@ -159,7 +159,7 @@ def test_a_frozen_workers_late_result_is_suppressed_not_shown(
 
 KILL_JOBS, KILL_TOKENS = 20, 800
 """The survivor can hold 12 (8 slots + 4 headroom): the victim gets the rest (at least 8)
-and is killed about a second in (its jobs ~30 tokens on), far from their end. What the
+and is killed about a second in (its jobs a few dozen tokens on), far from their end. What the
 survivor generates sets the test's length: 24 jobs of 1,900 tokens took it ~115 s here."""
 RESUME_TOKENS = 800
 """The streaming greedy job the victim runs too (resumed from its checkpoint)."""
